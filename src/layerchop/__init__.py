@@ -1,0 +1,3 @@
+"""LayerChop: reproducible LLM compression research (Just CHOP and baselines)."""
+
+__version__ = "0.1.0"

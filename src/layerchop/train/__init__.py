@@ -1,0 +1,1 @@
+"""Continued self-supervised pretraining (Lightning)."""

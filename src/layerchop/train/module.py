@@ -1,0 +1,127 @@
+"""Continued self-supervised pretraining as a thin LightningModule: model + loss + optimizer/schedule.
+
+Distribution lives in :meth:`CausalLMModule.configure_model`: under ``ModelParallelStrategy`` each
+decoder layer and then the root are wrapped with FSDP2 ``fully_shard``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torchmetrics.text import Perplexity
+
+from layerchop.data.prepare import IGNORE_INDEX
+from layerchop.io import DTYPES
+
+
+def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``max_steps`` (the paper's schedule)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(named_params, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices, none on norms and biases (1-D parameters)."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def apply_fsdp2(model: torch.nn.Module, mesh, param_dtype: Optional[str], reduce_dtype: Optional[str]) -> None:
+    """``fully_shard`` every decoder layer, then the root (FSDP2)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from layerchop.prune.chop import decoder_layers
+
+    mp = MixedPrecisionPolicy(
+        param_dtype=DTYPES[param_dtype] if param_dtype else None,
+        reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype else None,
+    )
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+class CausalLMModule(L.LightningModule):
+    """Causal-LM loss on packed sequences.
+
+    Args:
+        model_dir: HF directory with the initial weights (the previous stage's output).
+        cfg: :class:`layerchop.config.TrainConfig`.
+        max_steps: Optimizer steps (token budget / tokens per step).
+        tokens_per_step: Tokens per optimizer step over all devices.
+        model: An already-built model to train instead of loading ``model_dir``.
+    """
+
+    def __init__(self, model_dir: str | Path | None, cfg, max_steps: int, tokens_per_step: int,
+                 model: Optional[torch.nn.Module] = None):
+        super().__init__()
+        self.model_dir = model_dir
+        self.cfg = cfg
+        self.max_steps = max_steps
+        self.tokens_per_step = tokens_per_step
+        self.model = model
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self._t_last: Optional[float] = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        self.model.config.use_cache = False
+        self.model.train()
+        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
+        if mesh is not None:
+            dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+            apply_fsdp2(self.model, dp_mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype)
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        return self.model(input_ids=input_ids, labels=labels, use_cache=False)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self(batch["input_ids"], batch["labels"])  # input_ids_BT, labels_BT
+        loss = out.loss
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # after the optimizer step of an accumulation window: global_step has advanced
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return
+        now = time.perf_counter()
+        step = self.trainer.global_step
+        self.log("train/tokens", float(step * self.tokens_per_step), on_step=True, on_epoch=False)
+        if self._t_last is not None:
+            self.log("train/tokens_per_s", self.tokens_per_step / max(now - self._t_last, 1e-9),
+                     prog_bar=True, on_step=True, on_epoch=False)
+        self._t_last = now
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits_BTV = self(batch["input_ids"]).logits.float()
+        # position t predicts token t+1
+        self.val_ppl.update(logits_BTV[:, :-1], batch["labels"][:, 1:])
+        self.log("val/ppl", self.val_ppl, prog_bar=True, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        groups = param_groups(self.trainer.model.named_parameters(), self.cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=tuple(self.cfg.betas), eps=1e-8)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_lambda(s, self.cfg.warmup_steps, self.max_steps, self.cfg.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

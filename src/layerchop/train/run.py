@@ -1,0 +1,238 @@
+"""Build the Trainer, fit to a token budget (resuming when possible), export a plain HF directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from layerchop.io import atomic_dir, num_params, read_json, read_metadata, tokenizer_fingerprint, write_json
+from layerchop.train.data import PackedDataModule
+from layerchop.train.module import CausalLMModule
+
+
+def check_data_matches_model(prepared_dir: Path, model_dir: Path, tokenizer) -> dict:
+    """Refuse data tokenized with another tokenizer, or sequences longer than the model's context."""
+    counts = read_json(prepared_dir / "counts.json")
+    fp_data = counts["tokenizer_fingerprint"]
+    fp_model = tokenizer_fingerprint(tokenizer)
+    if fp_data != fp_model:
+        raise ValueError(
+            f"{prepared_dir} was tokenized with tokenizer {fp_data}, but {model_dir} uses {fp_model}: "
+            "re-run prepare with this model (download.model) or pick the matching model"
+        )
+    from transformers import AutoConfig
+
+    max_pos = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    if max_pos is not None and counts["seq_len"] > max_pos:
+        raise ValueError(
+            f"prepare.seq_len={counts['seq_len']} is above {model_dir}'s context (max_position_embeddings={max_pos})"
+        )
+    return counts
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict (a collective under FSDP2: call on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def export_hf(config, state_dict: dict[str, torch.Tensor], tokenizer, out: Path, metadata: dict, card: str) -> None:
+    """Save weights into a freshly built model of ``config`` (no FSDP wrapper classes leak into it)."""
+    from transformers import AutoModelForCausalLM
+
+    from layerchop.io import save_model_dir
+
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = fresh.load_state_dict(state_dict, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"export: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    fresh.tie_weights()
+    metadata = {**metadata, "num_params": num_params(fresh)}
+    save_model_dir(fresh, tokenizer, out, metadata=metadata, card=card)
+
+
+class ExportHF(Callback):
+    """At the end of training, write the model as a plain HF directory (rank 0 writes)."""
+
+    def __init__(self, out: Path, tokenizer, metadata: dict, card: str, max_steps: int):
+        self.out, self.tokenizer, self.metadata, self.card = out, tokenizer, metadata, card
+        self.max_steps = max_steps
+        self._t0 = time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: CausalLMModule) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: CausalLMModule) -> None:
+        if trainer.global_step < self.max_steps:
+            # stopped before the token budget: leave no output that looks finished
+            if trainer.is_global_zero:
+                print(f"[train] stopped at step {trainer.global_step} < {self.max_steps}: not exported", flush=True)
+            return
+        sd = full_state_dict(pl_module.model)
+        if trainer.is_global_zero:
+            meta = dict(self.metadata)
+            meta["steps"] = trainer.global_step
+            meta["train_wall_s"] = round(time.perf_counter() - self._t0, 2)
+            meta["train_loss_last"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
+            if "val/ppl" in trainer.callback_metrics:
+                meta["val_ppl_last"] = float(trainer.callback_metrics["val/ppl"])
+            export_hf(pl_module.model.config, sd, self.tokenizer, self.out, meta, self.card)
+        trainer.strategy.barrier()
+
+
+def run_fingerprint(cfg, init_dir: Path, counts: dict) -> str:
+    blob = json.dumps(
+        {"train": dataclasses.asdict(cfg), "init": read_metadata(init_dir), "data": counts["tokenizer_fingerprint"],
+         "splits": {k: v["tokens"] for k, v in counts["splits"].items()}},
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_resume(resume: str, ckpt_dir: Path, fingerprint: str) -> Optional[str]:
+    """``auto``: resume from ``last.ckpt`` of the same run configuration; ``never``; or a path."""
+    stamp = ckpt_dir.parent / "run.json"
+    if resume == "never":
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return None
+    if resume != "auto":
+        if not Path(resume).exists():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        return resume
+    last = ckpt_dir / "last.ckpt"
+    if last.exists() and stamp.exists() and read_json(stamp).get("fingerprint") == fingerprint:
+        print(f"[train] resuming from {last}", flush=True)
+        return str(last)
+    if ckpt_dir.exists():
+        print(f"[train] {ckpt_dir} holds checkpoints of another configuration; starting fresh", flush=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return None
+
+
+def train(
+    init_dir: str | Path,
+    prepared_dir: str | Path,
+    out: str | Path,
+    cfg,
+    *,
+    run_dir: str | Path,
+    resume: str = "auto",
+    log_csv: Optional[str | Path] = None,
+    max_steps_override: Optional[int] = None,
+) -> dict:
+    """Continued pretraining of ``init_dir`` on ``prepared_dir`` until the token budget; export to ``out``.
+
+    Args:
+        init_dir: Initial weights (HF directory).
+        prepared_dir: Prepared data.
+        out: Output HF directory.
+        cfg: :class:`layerchop.config.TrainConfig`.
+        run_dir: Lightning checkpoints and logs of this run (kept between invocations for resume).
+        resume: ``auto`` | ``never`` | path to a Lightning checkpoint.
+        log_csv: Copy the metrics CSV here.
+        max_steps_override: Stop after this many steps (used to make mid-run checkpoints in tests).
+
+    Returns:
+        The metadata written into ``out``.
+    """
+    from transformers import AutoTokenizer
+
+    init_dir, prepared_dir, out, run_dir = Path(init_dir), Path(prepared_dir), Path(out), Path(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    counts = check_data_matches_model(prepared_dir, init_dir, tokenizer)
+    world = cfg.devices * cfg.num_nodes
+    seq_len = int(counts["seq_len"])
+    tokens_per_step = cfg.batch_size * seq_len * cfg.accumulate * world
+    max_steps = max(1, math.ceil(cfg.token_budget / tokens_per_step))
+    if counts["splits"]["train"]["sequences"] < cfg.batch_size:
+        raise ValueError(
+            f"train.batch_size={cfg.batch_size} is larger than the {counts['splits']['train']['sequences']} "
+            "training sequences"
+        )
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_dir = run_dir / "checkpoints"
+    fingerprint = run_fingerprint(cfg, init_dir, counts)
+    ckpt_path = resolve_resume(resume, ckpt_dir, fingerprint)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "run.json", {"fingerprint": fingerprint, "init": str(init_dir)})
+
+    if cfg.strategy == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    else:
+        strategy = "auto"
+
+    init_meta = read_metadata(init_dir)
+    metadata = {
+        **{k: v for k, v in init_meta.items() if k not in ("stage", "steps", "train_loss_last", "val_ppl_last")},
+        "stage": "train",
+        "init": str(init_dir),
+        "tokens_trained": int(init_meta.get("tokens_trained", 0)) + max_steps * tokens_per_step,
+        "tokens_this_stage": max_steps * tokens_per_step,
+        "train": dataclasses.asdict(cfg),
+    }
+    card = (
+        f"# {out.name}\n\nContinued causal-LM pretraining of `{init_dir}` by `layerchop train` for {max_steps} "
+        f"steps x {tokens_per_step} tokens ({max_steps * tokens_per_step} tokens), AdamW lr {cfg.lr}, "
+        f"warmup {cfg.warmup_steps} then cosine to {cfg.min_lr_ratio}x.\n"
+    )
+    callbacks = [
+        ExportHF(out, tokenizer, metadata, card, max_steps),
+        TQDMProgressBar(refresh_rate=1),
+    ]
+    if cfg.ckpt_every:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", every_n_train_steps=cfg.ckpt_every,
+                                         save_last=True, save_top_k=1, auto_insert_metric_name=False))
+    logger = CSVLogger(run_dir, name="logs", version="")
+    val_every = cfg.val_every or max_steps
+    stop_at = min(max_steps, max_steps_override) if max_steps_override else max_steps
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=strategy,
+        precision=cfg.precision,
+        max_steps=stop_at,
+        accumulate_grad_batches=cfg.accumulate,
+        gradient_clip_val=cfg.grad_clip or None,
+        val_check_interval=val_every * cfg.accumulate,
+        check_val_every_n_epoch=None,
+        limit_val_batches=cfg.val_batches,
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=callbacks,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        use_distributed_sampler=False,
+    )
+    dm = PackedDataModule(prepared_dir, cfg.batch_size, cfg.seed, cfg.val_batches, cfg.num_workers)
+    module = CausalLMModule(init_dir, cfg, max_steps=max_steps, tokens_per_step=tokens_per_step)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    wall = time.perf_counter() - t0
+    if trainer.is_global_zero:
+        if log_csv is not None and Path(logger.log_dir, "metrics.csv").exists():
+            Path(log_csv).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(logger.log_dir, "metrics.csv"), log_csv)
+        print(f"[train] {trainer.global_step} steps, {wall:.1f} s, exported {out}", flush=True)
+    return read_metadata(out) if trainer.is_global_zero and out.exists() else {}
