@@ -146,9 +146,13 @@ def prepare(corpus_dir: str | Path, model_dir: str | Path, out: str | Path, cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     dtype = token_dtype(len(tokenizer))
 
-    ds = load_dataset("json", data_files=str(corpus_dir / "documents.jsonl"), split="train")
-    if len(ds) == 0:
-        raise ValueError(f"{corpus_dir}: the corpus is empty (0 documents)")
+    docs_file = corpus_dir / "documents.jsonl"
+    if not docs_file.exists():
+        raise FileNotFoundError(f"{docs_file} not found: run the download stage first")
+    with open(docs_file, encoding="utf-8") as f:
+        if not any(line.strip() for line in f):
+            raise ValueError(f"{docs_file}: the corpus is empty (0 documents); check download.corpus")
+    ds = load_dataset("json", data_files=str(docs_file), split="train")
     assign = split_documents(list(ds["id"]), cfg.val_fraction, cfg.test_fraction, cfg.seed)
 
     hf_logging.set_verbosity_error()  # documents are longer than the model context on purpose

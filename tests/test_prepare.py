@@ -1,0 +1,95 @@
+"""Data preparation: split by document, lossless packing, offline tasks, input errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import tiny_prepare_cfg
+from layerchop.data.prepare import IGNORE_INDEX, PackedDataset, prepare, split_documents
+from layerchop.io import read_json
+
+
+def test_split_is_by_document_deterministic_and_order_free():
+    ids = [f"d{i}" for i in range(50)]
+    a = split_documents(ids, 0.1, 0.1, seed=3)
+    b = split_documents(list(reversed(ids)), 0.1, 0.1, seed=3)
+    c = split_documents(ids, 0.1, 0.1, seed=4)
+    assert a == b
+    assert a != c
+    assert sorted(a) == sorted(ids)
+    counts = {s: sum(v == s for v in a.values()) for s in ("train", "val", "test")}
+    assert counts == {"train": 40, "val": 5, "test": 5}
+    tiny = split_documents(["a", "b", "c"], 0.01, 0.01, seed=0)
+    assert sorted(tiny.values()) == ["test", "train", "val"]
+
+
+def test_split_needs_three_documents():
+    with pytest.raises(ValueError, match="2 document"):
+        split_documents(["a", "b"], 0.1, 0.1, seed=0)
+
+
+def test_packing_loses_no_token(tiny_prepared, tiny_corpus, tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    counts = read_json(tiny_prepared / "counts.json")
+    docs = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(tiny_corpus / "documents.jsonl")}
+    seen_docs = []
+    for split in ("train", "val", "test"):
+        info = counts["splits"][split]
+        seen_docs += info["document_ids"]
+        # the corpus file order within a split is preserved by packing
+        order = [d for d in docs if d in set(info["document_ids"])]
+        expected = []
+        for d in order:
+            expected += tok(docs[d], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ds = PackedDataset(tiny_prepared, split)
+        got = []
+        for i in range(len(ds)):
+            row = ds[i]
+            keep = row["labels"] != IGNORE_INDEX
+            got += row["input_ids"][keep].tolist()
+            assert row["input_ids"].shape == (32,)
+        assert got == expected
+        assert info["tokens"] == len(expected)
+        assert info["sequences"] == -(-len(expected) // 32)
+    assert sorted(seen_docs) == sorted(docs)  # every document in exactly one split
+
+
+def test_offline_tasks_are_well_formed(tiny_prepared):
+    import yaml
+
+    for name in ("heldout_continuation", "heldout_lastword"):
+        cfg = yaml.safe_load(open(tiny_prepared / "tasks" / f"{name}.yaml"))
+        assert cfg["task"] == name and cfg["output_type"] == "multiple_choice"
+        items = [json.loads(line) for line in open(tiny_prepared / "tasks" / f"{name}.jsonl")]
+        assert len(items) == 12
+        for it in items:
+            assert len(it["choices"]) == 4 == len(set(it["choices"]))
+            assert 0 <= it["label"] < 4
+    # the true continuation really continues the passage in the held-out text
+    counts = read_json(tiny_prepared / "counts.json")
+    assert counts["tasks"] == {"heldout_continuation": 12, "heldout_lastword": 12}
+
+
+def test_seq_len_above_context_fails_before_output(tmp_path, tiny_corpus, tiny_dir):
+    with pytest.raises(ValueError, match=r"prepare.seq_len=4096 .*max_position_embeddings=128"):
+        prepare(tiny_corpus, tiny_dir, tmp_path / "p", tiny_prepare_cfg(seq_len=4096))
+    assert not (tmp_path / "p").exists()
+
+
+def test_empty_corpus_fails(tmp_path, tiny_dir):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "documents.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"the corpus is empty \(0 documents\); check download.corpus"):
+        prepare(tmp_path / "c", tiny_dir, tmp_path / "p", tiny_prepare_cfg())
+    assert not (tmp_path / "p").exists()
+
+
+def test_memmap_dtype_is_compact(tiny_prepared):
+    counts = read_json(tiny_prepared / "counts.json")
+    assert counts["dtype"] == "uint16"
+    size = (tiny_prepared / "train.bin").stat().st_size
+    assert size == counts["splits"]["train"]["sequences"] * 32 * np.dtype(np.uint16).itemsize

