@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -110,8 +111,10 @@ def run_fingerprint(cfg, init_dir: Path, counts: dict) -> str:
 def resolve_resume(resume: str, ckpt_dir: Path, fingerprint: str) -> Optional[str]:
     """``auto``: resume from ``last.ckpt`` of the same run configuration; ``never``; or a path."""
     stamp = ckpt_dir.parent / "run.json"
+    logs = ckpt_dir.parent / "logs"
     if resume == "never":
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
         return None
     if resume != "auto":
         if not Path(resume).exists():
@@ -123,8 +126,28 @@ def resolve_resume(resume: str, ckpt_dir: Path, fingerprint: str) -> Optional[st
         return str(last)
     if ckpt_dir.exists():
         print(f"[train] {ckpt_dir} holds checkpoints of another configuration; starting fresh", flush=True)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    shutil.rmtree(logs, ignore_errors=True)
     return None
+
+
+def merge_csv_logs(log_root: Path, dest: Path) -> None:
+    """Concatenate the CSV logs of every (resumed) invocation; a later invocation wins for a step."""
+    rows: dict[tuple[str, str], dict] = {}
+    fields: list[str] = []
+    for f in sorted(log_root.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        with open(f) as fh:
+            reader = csv.DictReader(fh)
+            fields += [c for c in reader.fieldnames or [] if c not in fields]
+            for i, row in enumerate(reader):
+                key = (row.get("step", ""), ",".join(k for k, v in row.items() if v and k != "step"))
+                rows[key] = row
+    ordered = sorted(rows.values(), key=lambda r: int(r.get("step") or 0))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(ordered)
 
 
 def train(
@@ -203,7 +226,7 @@ def train(
     if cfg.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", every_n_train_steps=cfg.ckpt_every,
                                          save_last=True, save_top_k=1, auto_insert_metric_name=False))
-    logger = CSVLogger(run_dir, name="logs", version="")
+    logger = CSVLogger(run_dir, name="logs")  # version_N per invocation, merged at the end
     val_every = cfg.val_every or max_steps
     stop_at = min(max_steps, max_steps_override) if max_steps_override else max_steps
     trainer = L.Trainer(
@@ -231,8 +254,7 @@ def train(
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     wall = time.perf_counter() - t0
     if trainer.is_global_zero:
-        if log_csv is not None and Path(logger.log_dir, "metrics.csv").exists():
-            Path(log_csv).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(logger.log_dir, "metrics.csv"), log_csv)
+        if log_csv is not None:
+            merge_csv_logs(run_dir / "logs", Path(log_csv))
         print(f"[train] {trainer.global_step} steps, {wall:.1f} s, exported {out}", flush=True)
     return read_metadata(out) if trainer.is_global_zero and out.exists() else {}

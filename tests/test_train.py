@@ -1,0 +1,142 @@
+"""Continued pretraining: schedule, golden losses, resume equivalence, FSDP2 on 2 CPU processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from layerchop.config import TrainConfig
+from layerchop.train.module import lr_lambda, param_groups
+from layerchop.train.run import train
+
+GOLDEN = Path(__file__).parent / "golden" / "train_losses.json"
+
+
+def tiny_train_cfg(**kw) -> TrainConfig:
+    base = dict(token_budget=5 * 4 * 32, batch_size=4, accumulate=1, lr=3e-3, warmup_steps=2, precision="32-true",
+                accelerator="cpu", ckpt_every=0, val_batches=1, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(csv_path: Path) -> list[float]:
+    with open(csv_path) as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    lrs = [lr_lambda(s, warmup_steps=10, max_steps=110, min_ratio=0.1) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)
+    assert lrs[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(2)
+    decay, no_decay = param_groups(model.named_parameters(), 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" in names[id(p)] for p in no_decay["params"])
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
+
+def test_seeded_run_reproduces_golden_losses(tmp_path, tiny_dir, tiny_prepared):
+    meta = train(tiny_dir, tiny_prepared, tmp_path / "out", tiny_train_cfg(), run_dir=tmp_path / "run",
+                 log_csv=tmp_path / "log.csv")
+    got = losses(tmp_path / "log.csv")
+    assert len(got) == 5 and meta["steps"] == 5 and meta["tokens_this_stage"] == 640
+    if os.environ.get("LAYERCHOP_WRITE_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"losses": got}, indent=2) + "\n")
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    assert got == pytest.approx(golden, rel=1e-4, abs=1e-4)
+    assert got[-1] < got[0]
+
+
+def test_resume_from_mid_run_checkpoint_matches_uninterrupted(tmp_path, tiny_dir, tiny_prepared):
+    cfg = tiny_train_cfg(token_budget=6 * 4 * 32, ckpt_every=3)
+    train(tiny_dir, tiny_prepared, tmp_path / "a", cfg, run_dir=tmp_path / "run_a", resume="never")
+    # interrupted run: stops at step 3 (checkpoint written, nothing exported), then resumes
+    train(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", max_steps_override=3)
+    assert (tmp_path / "run_b" / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "b").exists()
+    ckpt = torch.load(tmp_path / "run_b" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 3
+    meta = train(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", resume="auto",
+                 log_csv=tmp_path / "b.csv")
+    assert meta["steps"] == 6
+    assert len(losses(tmp_path / "b.csv")) == 6  # the logs of both invocations are merged
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    # and training actually changed the weights
+    init = load_file(tiny_dir / "model.safetensors")
+    assert any(not torch.equal(init[k], a[k]) for k in a)
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path, tiny_prepared, tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerchop.io import save_model_dir
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.add_tokens(["<extra_token>"])
+    save_model_dir(AutoModelForCausalLM.from_pretrained(tiny_dir), tok, tmp_path / "other", metadata={})
+    with pytest.raises(ValueError, match=r"was tokenized with tokenizer [0-9a-f]+, but .*other uses [0-9a-f]+"):
+        train(tmp_path / "other", tiny_prepared, tmp_path / "out", tiny_train_cfg(), run_dir=tmp_path / "run")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"token_budget": 0}, r"train.token_budget=0"),
+        ({"precision": "fp8"}, r"train.precision='fp8'"),
+        ({"strategy": "deepspeed"}, r"train.strategy='deepspeed'"),
+        ({"betas": [0.9]}, r"train.betas=\[0.9\]"),
+    ],
+)
+def test_train_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_fsdp2_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared):
+    """ModelParallelStrategy(data_parallel_size=2) with fully_shard per layer, gloo on CPU, via the CLI."""
+    params = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))
+    params["train"].update(dict(token_budget=6 * 2 * 2 * 32, batch_size=2, lr=3e-3, warmup_steps=1,
+                                precision="32-true", strategy="fsdp", devices=2, accelerator="cpu",
+                                ckpt_every=3, val_batches=1))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "layerchop.cli", "train", "--params", str(tmp_path / "params.yaml"),
+           "--init", str(tiny_dir), "--data", str(tiny_prepared), "--out", str(tmp_path / "out"),
+           "--run-dir", str(tmp_path / "run"), "--log", str(tmp_path / "log.csv")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # two ranks joined the gloo process group
+    got = losses(tmp_path / "log.csv")
+    assert len(got) == 6 and got[-1] < got[0]
+    # the sharded checkpoint is a directory of per-rank shards (distributed checkpoint)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_dir()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False, use_cache=True)
+    assert out.shape == (1, 7)
