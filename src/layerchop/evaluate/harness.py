@@ -55,7 +55,7 @@ RELEASE_FORMATS: dict[str, Callable[[Path, str], list[dict]]] = {"piqa": piqa_ro
 
 def local_mirror_config(task_manager, name: str, data_dir: str | Path, workdir: Path) -> dict[str, Any]:
     """The standard config of task ``name`` with its dataset replaced by local files in ``data_dir``."""
-    from lm_eval.utils import load_yaml_config
+    from lm_eval.tasks._yaml_loader import load_yaml  # the loader lm-eval's TaskFactory uses (0.4.13)
 
     entry = task_manager.task_index.get(name)
     if entry is None or entry.yaml_path is None:
@@ -63,7 +63,7 @@ def local_mirror_config(task_manager, name: str, data_dir: str | Path, workdir: 
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise FileNotFoundError(f"evaluate.local_tasks.{name}: {data_dir} does not exist")
-    cfg = load_yaml_config(str(entry.yaml_path), mode="full")
+    cfg = load_yaml(entry.yaml_path, resolve_func=True)
     data_files = {}
     for split_key in ("test_split", "validation_split"):
         split = cfg.get(split_key)
