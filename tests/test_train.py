@@ -140,3 +140,51 @@ def test_fsdp2_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared):
     with torch.no_grad():
         out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False, use_cache=True)
     assert out.shape == (1, 7)
+
+
+def test_chop_state_keys_renumbers_and_drops():
+    from layerchop.prune.chop import chop_state_keys
+
+    flat = {"model.embed_tokens.weight": 0, "model.layers.0.mlp.w": 1, "model.layers.2.mlp.w": 2,
+            "model.layers.3.mlp.w": 3, "model.layers.12.attn.w": 12, "lm_head.weight": 9}
+    assert chop_state_keys(flat, kept=[0, 3, 12]) == {
+        "model.embed_tokens.weight": 0, "model.layers.0.mlp.w": 1, "model.layers.1.mlp.w": 3,
+        "model.layers.2.attn.w": 12, "lm_head.weight": 9}
+    opt = {"state": {"model.layers.2.mlp.w": {"step": 1}, "model.layers.3.mlp.w": {"step": 2}},
+           "param_groups": [{"lr": 1.0, "params": ["model.layers.2.mlp.w", "model.layers.3.mlp.w"]}]}
+    assert chop_state_keys(opt, kept=[0, 3]) == {
+        "state": {"model.layers.1.mlp.w": {"step": 2}},
+        "param_groups": [{"lr": 1.0, "params": ["model.layers.1.mlp.w"]}]}
+
+
+def test_warm_start_trains_dense_then_chops_with_optimizer_state(tmp_path, tiny_dir, tiny_prepared):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerchop.io import read_metadata, save_model_dir
+    from layerchop.prune.chop import chop_layers
+
+    chopped = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    chop_layers(chopped, [2, 3])
+    save_model_dir(chopped, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "chopped",
+                   metadata={"removed_layers": [2, 3], "chopped_from": str(tiny_dir)})
+    cold = train(tmp_path / "chopped", tiny_prepared, tmp_path / "cold", tiny_train_cfg(token_budget=3 * 4 * 32),
+                 run_dir=tmp_path / "run_cold")
+    warm = train(tmp_path / "chopped", tiny_prepared, tmp_path / "warm",
+                 tiny_train_cfg(token_budget=3 * 4 * 32, warm_start_steps=2), run_dir=tmp_path / "run_warm",
+                 log_csv=tmp_path / "warm.csv")
+    assert warm["tokens_trained"] == cold["tokens_trained"] + 2 * 4 * 32
+    # every parameter of the chopped model starts with the Adam state of 2 warm steps
+    n_params = len(list(chopped.parameters()))
+    assert warm["warm_start_optimizer"] == {"params_with_state": n_params, "steps": [2.0]}
+    assert read_metadata(tmp_path / "warm")["num_hidden_layers"] == 4
+    a = load_file(tmp_path / "cold" / "model.safetensors")
+    b = load_file(tmp_path / "warm" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # the main run starts from the warm-trained weights: its first loss is below the cold run's
+    cold_losses = losses(tmp_path / "run_cold" / "logs" / "version_0" / "metrics.csv")
+    assert losses(tmp_path / "warm.csv")[0] < cold_losses[0]
+
+
+def test_warm_start_needs_a_chopped_init(tmp_path, tiny_dir, tiny_prepared):
+    with pytest.raises(ValueError, match=r"train.warm_start_steps=2 needs --init to be a chopped model"):
+        train(tiny_dir, tiny_prepared, tmp_path / "o", tiny_train_cfg(warm_start_steps=2), run_dir=tmp_path / "r")

@@ -8,6 +8,7 @@ layouts of the removed block (its Figure 5 / Table 6).
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional, Sequence
 
 import torch.nn as nn
@@ -131,3 +132,35 @@ def chop_layers(model: nn.Module, remove: Sequence[int]) -> list[int]:
     if isinstance(layer_types, (list, tuple)) and len(layer_types) == num_layers:
         model.config.layer_types = [layer_types[i] for i in kept]
     return kept
+
+
+_LAYER_KEY = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+def chop_state_keys(state: dict, kept: Sequence[int]) -> dict:
+    """Re-key a name-keyed state (weights or optimizer state) after :func:`chop_layers`.
+
+    Entries of removed layers are dropped; ``layers.<old>.`` becomes ``layers.<new>.`` for kept layers.
+    Works on a flat ``{name: value}`` dict and on torch.distributed's FQN-keyed optimizer state
+    (``{"state": {name: ...}, "param_groups": [{"params": [name, ...], ...}]}``).
+    """
+    new_index = {old: new for new, old in enumerate(kept)}
+
+    def rename(name: str) -> Optional[str]:
+        m = _LAYER_KEY.search(name)
+        if m is None:
+            return name
+        old = int(m.group(2))
+        if old not in new_index:
+            return None
+        return name[: m.start(2)] + str(new_index[old]) + name[m.end(2):]
+
+    if set(state) == {"state", "param_groups"}:
+        out_state = {n2: v for n, v in state["state"].items() if (n2 := rename(n)) is not None}
+        groups = []
+        for g in state["param_groups"]:
+            g = dict(g)
+            g["params"] = [n2 for n in g["params"] if (n2 := rename(n)) is not None]
+            groups.append(g)
+        return {"state": out_state, "param_groups": groups}
+    return {n2: v for n, v in state.items() if (n2 := rename(n)) is not None}

@@ -52,11 +52,13 @@ class PackedDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
     """
 
-    def __init__(self, prepared_dir: str | Path, batch_size: int, seed: int, val_batches: int, num_workers: int = 0):
+    def __init__(self, prepared_dir: str | Path, batch_size: int, seed: int, val_batches: int, num_workers: int = 0,
+                 start_samples: int = 0):
         super().__init__()
+        self.start_samples = start_samples  # per rank, consumed before this fit (warm start)
         self.prepared_dir = Path(prepared_dir)
         self.batch_size, self.seed, self.val_batches, self.num_workers = batch_size, seed, val_batches, num_workers
-        self.consumed_samples = 0  # per rank, restored from checkpoints
+        self.consumed_samples = start_samples  # per rank, restored from checkpoints
         self.train_set: Optional[PackedDataset] = None
         self.val_set: Optional[PackedDataset] = None
 
@@ -78,9 +80,11 @@ class PackedDataModule(L.LightningDataModule):
         # Called when a checkpoint is saved, right after an optimizer step.
         accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
         step = self.trainer.global_step if self.trainer else 0
-        return {"consumed_samples": step * accumulate * self.batch_size, "seed": self.seed}
+        return {"consumed_samples": self.start_samples + step * accumulate * self.batch_size, "seed": self.seed,
+                "start_samples": self.start_samples}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"train.seed={self.seed} differs from the checkpoint's data seed {state['seed']}")
         self.consumed_samples = int(state["consumed_samples"])
+        self.start_samples = 0 if not state.get("start_samples") else int(state["start_samples"])

@@ -68,7 +68,8 @@ class CausalLMModule(L.LightningModule):
     """
 
     def __init__(self, model_dir: str | Path | None, cfg, max_steps: int, tokens_per_step: int,
-                 model: Optional[torch.nn.Module] = None):
+                 model: Optional[torch.nn.Module] = None, constant_after_warmup: bool = False,
+                 optimizer_state: Optional[dict] = None):
         super().__init__()
         self.model_dir = model_dir
         self.cfg = cfg
@@ -77,6 +78,10 @@ class CausalLMModule(L.LightningModule):
         self.model = model
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self._t_last: Optional[float] = None
+        self.constant_after_warmup = constant_after_warmup
+        # FQN-keyed full optimizer state to start from (warm start); ignored when resuming
+        self.optimizer_state = optimizer_state
+        self.warm_optimizer: Optional[dict] = None  # what was loaded from the warm start, for the record
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -118,10 +123,25 @@ class CausalLMModule(L.LightningModule):
         self.val_ppl.update(logits_BTV[:, :-1], batch["labels"][:, 1:])
         self.log("val/ppl", self.val_ppl, prog_bar=True, on_step=False, on_epoch=True)
 
+    def on_train_start(self) -> None:
+        if self.optimizer_state is not None and self.trainer.global_step == 0:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            opt = self.trainer.optimizers[0]
+            set_optimizer_state_dict(self, opt, self.optimizer_state,
+                                     options=StateDictOptions(full_state_dict=True, strict=True))
+            # keep moments and step counts, but restart the learning rate on this run's schedule
+            for group, lr in zip(opt.param_groups, self.lr_schedulers().get_last_lr()):
+                group["lr"] = lr
+            steps = sorted({float(st["step"]) for st in opt.state.values() if "step" in st})
+            self.warm_optimizer = {"params_with_state": len(opt.state), "steps": steps}
+        self.optimizer_state = None
+
     def configure_optimizers(self):
         groups = param_groups(self.trainer.model.named_parameters(), self.cfg.weight_decay)
         opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=tuple(self.cfg.betas), eps=1e-8)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, self.cfg.warmup_steps, self.max_steps, self.cfg.min_lr_ratio)
+            if not self.constant_after_warmup else min(1.0, (s + 1) / max(1, self.cfg.warmup_steps))
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

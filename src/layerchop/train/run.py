@@ -92,6 +92,8 @@ class ExportHF(Callback):
             meta = dict(self.metadata)
             meta["steps"] = trainer.global_step
             meta["train_wall_s"] = round(time.perf_counter() - self._t0, 2)
+            if pl_module.warm_optimizer is not None:
+                meta["warm_start_optimizer"] = pl_module.warm_optimizer
             meta["train_loss_last"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
             if "val/ppl" in trainer.callback_metrics:
                 meta["val_ppl_last"] = float(trainer.callback_metrics["val/ppl"])
@@ -150,6 +152,36 @@ def merge_csv_logs(log_root: Path, dest: Path) -> None:
         writer.writerows(ordered)
 
 
+def warm_start(
+    dense_dir: Path, removed: list[int], prepared_dir: Path, cfg, trainer_kwargs: dict, tokens_per_step: int
+) -> tuple[torch.nn.Module, dict]:
+    """The paper's warm optimizer: ``cfg.warm_start_steps`` steps on the uncompressed model, then chop.
+
+    Returns:
+        The chopped model (with the warm-trained weights of its kept layers) and the FQN-keyed optimizer
+        state of the kept parameters, to continue from.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from layerchop.prune.chop import chop_layers, chop_state_keys
+
+    module = CausalLMModule(dense_dir, cfg, max_steps=cfg.warm_start_steps, tokens_per_step=tokens_per_step,
+                            constant_after_warmup=True)
+    dm = PackedDataModule(prepared_dir, cfg.batch_size, cfg.seed, cfg.val_batches, cfg.num_workers)
+    trainer = L.Trainer(**{**trainer_kwargs, "max_steps": cfg.warm_start_steps, "logger": False,
+                           "callbacks": [TQDMProgressBar(refresh_rate=1)], "limit_val_batches": 0,
+                           "enable_checkpointing": False})
+    trainer.fit(module, datamodule=dm)
+    opt_state = get_optimizer_state_dict(module, trainer.optimizers[0],
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = full_state_dict(module.model)
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
+    model.load_state_dict(weights)
+    kept = chop_layers(model, removed)
+    return model, chop_state_keys(opt_state, kept)
+
+
 def train(
     init_dir: str | Path,
     prepared_dir: str | Path,
@@ -191,6 +223,13 @@ def train(
             "training sequences"
         )
 
+    init_meta = read_metadata(init_dir)
+    if cfg.warm_start_steps and not (init_meta.get("removed_layers") and init_meta.get("chopped_from")):
+        raise ValueError(
+            f"train.warm_start_steps={cfg.warm_start_steps} needs --init to be a chopped model whose "
+            f"{init_dir}/layerchop.json names chopped_from and removed_layers"
+        )
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_dir = run_dir / "checkpoints"
     fingerprint = run_fingerprint(cfg, init_dir, counts)
@@ -205,12 +244,12 @@ def train(
     else:
         strategy = "auto"
 
-    init_meta = read_metadata(init_dir)
+    warm_tokens = cfg.warm_start_steps * tokens_per_step
     metadata = {
         **{k: v for k, v in init_meta.items() if k not in ("stage", "steps", "train_loss_last", "val_ppl_last")},
         "stage": "train",
         "init": str(init_dir),
-        "tokens_trained": int(init_meta.get("tokens_trained", 0)) + max_steps * tokens_per_step,
+        "tokens_trained": int(init_meta.get("tokens_trained", 0)) + warm_tokens + max_steps * tokens_per_step,
         "tokens_this_stage": max_steps * tokens_per_step,
         "train": dataclasses.asdict(cfg),
     }
@@ -229,27 +268,41 @@ def train(
     logger = CSVLogger(run_dir, name="logs")  # version_N per invocation, merged at the end
     val_every = cfg.val_every or max_steps
     stop_at = min(max_steps, max_steps_override) if max_steps_override else max_steps
-    trainer = L.Trainer(
+    common = dict(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=strategy,
         precision=cfg.precision,
-        max_steps=stop_at,
         accumulate_grad_batches=cfg.accumulate,
         gradient_clip_val=cfg.grad_clip or None,
-        val_check_interval=val_every * cfg.accumulate,
-        check_val_every_n_epoch=None,
-        limit_val_batches=cfg.val_batches,
-        num_sanity_val_steps=0,
-        logger=logger,
-        callbacks=callbacks,
         enable_model_summary=False,
         log_every_n_steps=1,
         use_distributed_sampler=False,
+        num_sanity_val_steps=0,
     )
-    dm = PackedDataModule(prepared_dir, cfg.batch_size, cfg.seed, cfg.val_batches, cfg.num_workers)
-    module = CausalLMModule(init_dir, cfg, max_steps=max_steps, tokens_per_step=tokens_per_step)
+    model, opt_state, start_samples = None, None, 0
+    if cfg.warm_start_steps and ckpt_path is None:
+        model, opt_state = warm_start(Path(init_meta["chopped_from"]), init_meta["removed_layers"], prepared_dir,
+                                      cfg, common, tokens_per_step)
+        start_samples = cfg.warm_start_steps * cfg.accumulate * cfg.batch_size
+        if cfg.strategy == "fsdp":  # a fresh strategy object for the second fit
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            common["strategy"] = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    trainer = L.Trainer(
+        **common,
+        max_steps=stop_at,
+        val_check_interval=val_every * cfg.accumulate,
+        check_val_every_n_epoch=None,
+        limit_val_batches=cfg.val_batches,
+        logger=logger,
+        callbacks=callbacks,
+    )
+    dm = PackedDataModule(prepared_dir, cfg.batch_size, cfg.seed, cfg.val_batches, cfg.num_workers,
+                          start_samples=start_samples)
+    module = CausalLMModule(init_dir, cfg, max_steps=max_steps, tokens_per_step=tokens_per_step, model=model,
+                            optimizer_state=opt_state)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     wall = time.perf_counter() - t0

@@ -1,0 +1,73 @@
+"""Configs never drift from code: params files build, dvc.yaml stages parse and point at real files."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from layerchop.cli import build_parser
+from layerchop.config import SECTIONS, load_params, section
+
+REPO = Path(__file__).resolve().parents[1]
+PARAM_FILES = [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*/params.yaml"))]
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_params_file_builds_every_section(path):
+    params = load_params(path)
+    assert set(params) == set(SECTIONS)
+    for name in SECTIONS:
+        section(name, params)
+
+
+def test_unknown_and_bad_keys_name_the_key():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['chop.layuot'\]"):
+        section("chop", {"chop": {"layuot": "input"}})
+    with pytest.raises(ValueError, match=r"chop.layout='diagonal'"):
+        section("chop", {"chop": {"layout": "diagonal"}})
+    with pytest.raises(ValueError, match=r"prepare.seq_len=1"):
+        section("prepare", {"prepare": {"seq_len": 1}})
+    with pytest.raises(ValueError, match=r"prepare.tasks.num_choices=1"):
+        section("prepare", {"prepare": {"tasks": {"num_choices": 1}}})
+    with pytest.raises(ValueError, match=r"evaluate.limit=0"):
+        section("evaluate", {"evaluate": {"limit": 0}})
+
+
+def _expand(stage: dict) -> list[tuple[str, dict]]:
+    """Expand foreach stages the way DVC does (for ${key} / ${item} / ${item.x})."""
+    if "foreach" not in stage:
+        return [("", stage)]
+    items = stage["foreach"]
+    pairs = items.items() if isinstance(items, dict) else [(i, i) for i in items]
+    out = []
+    for key, item in pairs:
+        text = yaml.safe_dump(stage["do"]).replace("${key}", str(key))
+        if isinstance(item, dict):
+            for k, v in item.items():
+                text = text.replace("${item.%s}" % k, str(v))
+        else:
+            text = text.replace("${item}", str(item))
+        out.append((str(key), yaml.safe_load(text)))
+    return out
+
+
+def test_dvc_stages_parse_and_reference_existing_code():
+    dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
+    parser = build_parser()
+    params = load_params(REPO / "params.yaml")
+    for name, stage in dvc["stages"].items():
+        for key, st in _expand(stage):
+            argv = shlex.split(st["cmd"])
+            assert argv[0] == "layerchop", name
+            parser.parse_args(argv[1:])  # exits on unknown arguments
+            for dep in st.get("deps", []):
+                if dep.startswith("src/"):
+                    assert (REPO / dep).exists(), f"{name}@{key}: {dep}"
+            for p in st.get("params", []):
+                node = params
+                for part in p.split("."):
+                    assert part in node, f"{name}@{key}: param {p} is not in params.yaml"
+                    node = node[part]

@@ -1,0 +1,59 @@
+"""Report: the main table is computed from metrics files only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from layerchop.report.tables import latex, markdown, table_rows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _metrics(params, layers, tokens, val, test, accs):
+    m = {"params": params, "layers": layers, "tokens_trained": tokens, "val/ppl": val, "test/ppl": test}
+    for task, (acc, acc_norm) in accs.items():
+        m[f"eval/{task}/acc"] = acc
+        m[f"eval/{task}/acc_norm"] = acc_norm
+    return m
+
+
+def test_table_rows_average_uses_each_tasks_primary_metric():
+    rows = [
+        {"label": "Dense", "metrics": _metrics(134_515_008, 30, 0, 43.2, 41.0,
+                                               {"piqa": (0.60, 0.66), "winogrande": (0.52, 0.50)})},
+        {"label": "Chopped", "metrics": _metrics(81_413_568, 15, 0, 5.1e8, 4.0e8,
+                                                 {"piqa": (0.50, 0.52), "winogrande": (0.49, 0.51)})},
+    ]
+    header, body = table_rows(rows)
+    assert header[-3:] == ["piqa (acc_norm)", "winogrande (acc)", "Avg acc"]
+    assert body[0] == ["Dense", "134.5", "30", "0", "43.20", "41.00", "66.0", "52.0", "59.0"]
+    assert body[1][4:6] == ["5.1e+08", "4e+08"]
+    assert body[1][-1] == "50.5"
+    md = markdown(header, body, "caption")
+    assert md.count("\n|") == 3 and md.endswith("caption\n")
+    tex = latex(header, body, "budget 100%")
+    assert r"\begin{tabular}{lrrrrrrrr}" in tex and r"budget 100\%" in tex
+
+
+def test_report_stage_from_metrics_files(tmp_path):
+    rows = {"dense": "Dense", "layerchop": "LayerChop"}
+    params = yaml.safe_load(open(REPO / "params.yaml"))
+    params["report"]["rows"] = rows
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for name, layers in (("dense", 30), ("layerchop", 15)):
+        d = tmp_path / "eval" / name
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(_metrics(1e8, layers, 10, 50.0, 40.0, {"heldout_lastword": (0.5, 0.6)})))
+    cmd = [sys.executable, "-m", "layerchop.cli", "report", "--params", str(tmp_path / "params.yaml"),
+           "--eval", str(tmp_path / "eval"), "--tables", str(tmp_path / "tables")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "tables" / "main.md").read_text()
+    assert "| LayerChop | 100.0 | 15 |" in md
+    assert "removes 15 of 30 decoder layers (layout `input`: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])" in md
+    assert (tmp_path / "tables" / "main.tex").exists()
