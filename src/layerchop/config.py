@@ -285,6 +285,10 @@ class ReportConfig:
             _fail("report.rows", self.rows, "needs at least one row")
 
 
+_NESTED = {"ModelSourceConfig": ModelSourceConfig, "CorpusSourceConfig": CorpusSourceConfig,
+           "TasksConfig": TasksConfig}
+
+
 def _build(cls, data: dict | None, prefix: str):
     """Instantiate dataclass ``cls`` from a dict, recursing into nested dataclasses."""
     data = dict(data or {})
@@ -294,18 +298,8 @@ def _build(cls, data: dict | None, prefix: str):
         raise ValueError(f"params.yaml: unknown key(s) {[f'{prefix}.{k}' for k in unknown]}")
     kwargs = {}
     for name, value in data.items():
-        f = names[name]
-        ftype = f.type if isinstance(f.type, type) else None
-        nested = {
-            "ModelSourceConfig": ModelSourceConfig,
-            "CorpusSourceConfig": CorpusSourceConfig,
-            "TasksConfig": TasksConfig,
-        }.get(str(f.type))
-        if nested is not None:
-            value = _build(nested, value, f"{prefix}.{name}")
-        elif ftype is None and isinstance(value, dict) and str(f.type).startswith("dict"):
-            value = dict(value)
-        kwargs[name] = value
+        nested = _NESTED.get(str(names[name].type))  # annotations are strings (PEP 563)
+        kwargs[name] = _build(nested, value, f"{prefix}.{name}") if nested else value
     return cls(**kwargs)
 
 

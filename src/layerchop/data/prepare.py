@@ -114,6 +114,26 @@ class PackedDataset(Dataset):
         return {"input_ids": ids, "labels": labels}
 
 
+def check_data_matches_model(prepared_dir: Path, model_dir: Path, tokenizer) -> dict:
+    """Refuse data tokenized with another tokenizer, or sequences longer than the model's context."""
+    counts = read_json(prepared_dir / "counts.json")
+    fp_data = counts["tokenizer_fingerprint"]
+    fp_model = tokenizer_fingerprint(tokenizer)
+    if fp_data != fp_model:
+        raise ValueError(
+            f"{prepared_dir} was tokenized with tokenizer {fp_data}, but {model_dir} uses {fp_model}: "
+            "re-run prepare with this model (download.model) or pick the matching model"
+        )
+    from transformers import AutoConfig
+
+    max_pos = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    if max_pos is not None and counts["seq_len"] > max_pos:
+        raise ValueError(
+            f"prepare.seq_len={counts['seq_len']} is above {model_dir}'s context (max_position_embeddings={max_pos})"
+        )
+    return counts
+
+
 def prepare(corpus_dir: str | Path, model_dir: str | Path, out: str | Path, cfg) -> dict:
     """Tokenize ``corpus_dir/documents.jsonl`` with the tokenizer of ``model_dir`` into ``out``.
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import configparser
 import hashlib
-import io
 import json
 import re
 import subprocess

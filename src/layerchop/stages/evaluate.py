@@ -15,7 +15,7 @@ from layerchop.config import section
 from layerchop.evaluate.harness import flat_task_metrics, zero_shot
 from layerchop.evaluate.perplexity import perplexity
 from layerchop.io import atomic_dir, load_model, load_tokenizer, num_params, read_metadata, write_json
-from layerchop.train.run import check_data_matches_model
+from layerchop.data.prepare import check_data_matches_model
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -17,29 +17,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
-from layerchop.io import atomic_dir, num_params, read_json, read_metadata, tokenizer_fingerprint, write_json
+from layerchop.data.prepare import check_data_matches_model
+from layerchop.io import num_params, read_json, read_metadata, write_json
 from layerchop.train.data import PackedDataModule
 from layerchop.train.module import CausalLMModule
-
-
-def check_data_matches_model(prepared_dir: Path, model_dir: Path, tokenizer) -> dict:
-    """Refuse data tokenized with another tokenizer, or sequences longer than the model's context."""
-    counts = read_json(prepared_dir / "counts.json")
-    fp_data = counts["tokenizer_fingerprint"]
-    fp_model = tokenizer_fingerprint(tokenizer)
-    if fp_data != fp_model:
-        raise ValueError(
-            f"{prepared_dir} was tokenized with tokenizer {fp_data}, but {model_dir} uses {fp_model}: "
-            "re-run prepare with this model (download.model) or pick the matching model"
-        )
-    from transformers import AutoConfig
-
-    max_pos = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
-    if max_pos is not None and counts["seq_len"] > max_pos:
-        raise ValueError(
-            f"prepare.seq_len={counts['seq_len']} is above {model_dir}'s context (max_position_embeddings={max_pos})"
-        )
-    return counts
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -141,7 +122,7 @@ def merge_csv_logs(log_root: Path, dest: Path) -> None:
         with open(f) as fh:
             reader = csv.DictReader(fh)
             fields += [c for c in reader.fieldnames or [] if c not in fields]
-            for i, row in enumerate(reader):
+            for row in reader:
                 key = (row.get("step", ""), ",".join(k for k, v in row.items() if v and k != "step"))
                 rows[key] = row
     ordered = sorted(rows.values(), key=lambda r: int(r.get("step") or 0))

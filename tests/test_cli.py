@@ -1,0 +1,64 @@
+"""Stage entry points: bad input exits non-zero with a message naming the key, and writes nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, overrides: dict, *argv):
+    params = yaml.safe_load(open(REPO / "params.yaml"))
+    for dotted, value in overrides.items():
+        node = params
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "layerchop.cli", *argv[:1], "--params", str(tmp_path / "params.yaml"), *argv[1:]]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"chop.indices": [0, 2]}, "chop.indices=[0, 2] removes the first (0) or last (5) layer"),
+        ({"chop.indices": [2, 2]}, "chop.indices=[2, 2]: duplicate indices [2]"),
+        ({"chop.indices": [1, 2, 3, 4, 5, 0]}, "removes every one of the 6 layers"),
+        ({"chop.layout": "middle", "chop.num_remove": 7}, "chop.num_remove=7 removes every one of the 6 layers"),
+    ],
+)
+def test_chop_rejects_bad_specs_before_writing(tmp_path, tiny_dir, overrides, message):
+    proc = _run(tmp_path, overrides, "chop", "--model", str(tiny_dir), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_chop_cli_prints_removed_indices(tmp_path, tiny_dir):
+    proc = _run(tmp_path, {"chop.layout": "max-gap", "chop.num_remove": 2}, "chop", "--model", str(tiny_dir),
+                "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert "[chop] removed layers [2, 4] of 6; kept [0, 1, 3, 5]" in proc.stdout
+
+
+def test_unknown_source_and_bad_budget_exit_nonzero(tmp_path):
+    proc = _run(tmp_path, {"download.model.source": "llama-9000"}, "download", "model", "--out", str(tmp_path / "m"))
+    assert proc.returncode == 2 and "download.model.source='llama-9000'" in proc.stderr
+    proc = _run(tmp_path, {"download.corpus.source": "hub", "download.corpus.hub_path": "allenai/c4",
+                           "download.corpus.token_budget": 0}, "download", "corpus", "--out", str(tmp_path / "c"))
+    assert proc.returncode == 2 and "download.corpus.token_budget=0" in proc.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
+
+
+def test_prepare_seq_len_above_context_exits_nonzero(tmp_path, tiny_dir, tiny_corpus):
+    proc = _run(tmp_path, {"prepare.seq_len": 100000}, "prepare", "--corpus", str(tiny_corpus), "--model",
+                str(tiny_dir), "--out", str(tmp_path / "p"))
+    assert proc.returncode == 2 and "prepare.seq_len=100000" in proc.stderr
+    assert not (tmp_path / "p").exists()
