@@ -1,0 +1,155 @@
+"""One calibration driver for every one-shot solver (magnitude, Wanda, SparseGPT).
+
+The model is run decoder layer by decoder layer on the calibration sequences, as in the Wanda and
+SparseGPT reference implementations:
+
+1. the inputs of layer 0 are captured (embeddings, plus the keyword arguments the model passes its
+   layers: rotary position embeddings, masks);
+2. for each layer: move it to ``device``; forward hooks on its linears feed ``add_batch``; every linear
+   of the layer is pruned from the statistics of this one pass; the *pruned* layer is run again to
+   produce the inputs of the next layer; the layer goes back to its original device.
+
+Memory stays bounded by one decoder layer plus the calibration activations ``[num, T, D]``, so a 7B
+model can be pruned with only one layer on the GPU. Embeddings, norms and the LM head are never pruned.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from layerchop.prune.chop import decoder_layers
+from layerchop.prune.solvers import SOLVERS
+from layerchop.prune.sparsity import Pattern
+
+
+class _Stop(Exception):
+    pass
+
+
+def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """Attention and MLP projections of one decoder layer, by name relative to the layer."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: nn.Module, calib_NT: torch.Tensor, device: torch.device, batch_size: int):
+    """Hidden states entering decoder layer 0 ``[N, T, D]`` and the keyword arguments it receives."""
+    layers = decoder_layers(model)
+    captured: dict = {"h": [], "kwargs": None}
+
+    def hook(module, args, kwargs):
+        h = args[0] if args else kwargs.pop("hidden_states")
+        captured["h"].append(h.detach())
+        if captured["kwargs"] is None:
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    # everything before layer 0 (embeddings, rotary) must sit on the device for this pass
+    model.get_input_embeddings().to(device)
+    inner = model.get_decoder()
+    if hasattr(inner, "rotary_emb"):
+        inner.rotary_emb.to(device)
+    try:
+        for i in range(0, calib_NT.shape[0], batch_size):
+            try:
+                model(input_ids=calib_NT[i : i + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(captured["h"]), captured["kwargs"]
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    calib_NT: torch.Tensor,
+    method: str,
+    pattern: Pattern,
+    *,
+    device: Optional[str | torch.device] = None,
+    batch_size: int = 8,
+    solver_kwargs: Optional[dict] = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Prune every linear of every decoder layer in place.
+
+    Args:
+        model: A HF causal LM (its layers may live on the CPU).
+        calib_NT: Calibration token ids ``[num_sequences, seq_len]`` (from the train split).
+        method: ``magnitude`` | ``wanda`` | ``sparsegpt``.
+        pattern: Sparsity pattern.
+        device: Where each layer is processed (default: where the embeddings are).
+        batch_size: Calibration sequences per forward.
+        solver_kwargs: Extra arguments of the solver (SparseGPT ``blocksize``, ``percdamp``).
+
+    Returns:
+        ``({parameter name: bool mask}, stats)`` where stats has per-module and overall sparsity.
+    """
+    if method not in SOLVERS:
+        raise ValueError(f"prune.method={method!r}: choose one of {sorted(SOLVERS)}")
+    device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+    model.eval()
+    layers = decoder_layers(model)
+    prefix = _layers_prefix(model, layers)
+    inps, kwargs = capture_layer0_inputs(model, calib_NT, device, batch_size)
+    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+    masks: dict[str, torch.Tensor] = {}
+    per_module: dict[str, float] = {}
+    for li, layer in enumerate(tqdm(layers, desc=f"{method} {pattern}", unit="layer")):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        linears = prunable_linears(layer)
+        extra = (solver_kwargs or {}) if method == "sparsegpt" else {}
+        solvers = {n: SOLVERS[method](lin, **extra) for n, lin in linears.items()}
+        handles = [lin.register_forward_hook(lambda m, i, o, s=solvers[n]: s.add_batch(i[0].detach(), o))
+                   for n, lin in linears.items()]
+        for i in range(0, inps.shape[0], batch_size):
+            layer(inps[i : i + batch_size], **kwargs)
+        for h in handles:
+            h.remove()
+        for name, solver in solvers.items():
+            mask = solver.prune(pattern)
+            solver.free()
+            full = f"{prefix}.{li}.{name}.weight"
+            masks[full] = mask.cpu()
+            per_module[full] = float(mask.float().mean())
+        outs = []
+        for i in range(0, inps.shape[0], batch_size):
+            out = layer(inps[i : i + batch_size], **kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        inps = torch.cat(outs)
+        layer.to(home)
+    total = sum(m.numel() for m in masks.values())
+    zeros = sum(int(m.sum()) for m in masks.values())
+    stats = {"per_module": per_module, "overall_pruned_fraction": zeros / max(total, 1),
+             "pruned_params": zeros, "prunable_params": total}
+    return masks, stats
+
+
+def _to(v, device):
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, tuple):
+        return tuple(_to(x, device) for x in v)
+    return v
+
+
+def _layers_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise RuntimeError("decoder layers not found among the model's modules")
+
+
+def calibration_batch(dataset, num: int, seed: int) -> torch.Tensor:
+    """``num`` packed training sequences chosen with ``seed`` → ``[num, T]`` token ids."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset), generator=g)[:num].tolist()
+    if len(idx) < num:
+        raise ValueError(f"prune.calibration.num_sequences={num} exceeds the {len(dataset)} training sequences")
+    return torch.stack([dataset[i]["input_ids"] for i in idx])

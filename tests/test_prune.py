@@ -1,0 +1,105 @@
+"""One-shot pruning: N:M and unstructured masks, identity at sparsity 0, reconstruction-error ordering,
+Wanda's score on a hand-computed example."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import make_tiny_llama
+from layerchop.prune.calibrate import prune_model
+from layerchop.prune.solvers import SOLVERS, wanda_score
+from layerchop.prune.sparsity import Pattern, select_mask
+
+METHODS = ["magnitude", "wanda", "sparsegpt"]
+
+
+def _calib(n=8, t=16, seed=0):
+    return torch.randint(3, 300, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_pattern_parsing_and_errors():
+    assert Pattern.parse("2:4") == Pattern("nm", 0.5, 2, 4)
+    assert Pattern.parse("unstructured:0.5") == Pattern("unstructured", 0.5)
+    for bad in ("4:2", "0:4", "half", "unstructured:1.5", "unstructured"):
+        with pytest.raises(ValueError, match="prune pattern"):
+            Pattern.parse(bad)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("spec", ["2:4", "4:8"])
+def test_nm_masks_have_exactly_n_zeros_per_group(method, spec):
+    pattern = Pattern.parse(spec)
+    model = make_tiny_llama(3, seed=3)
+    masks, stats = prune_model(model, _calib(), method, pattern, batch_size=4)
+    params = dict(model.named_parameters())
+    assert len(masks) == 3 * 7  # q, k, v, o, gate, up, down in each layer
+    assert all("embed" not in k and "lm_head" not in k and "norm" not in k for k in masks)
+    for name, mask in masks.items():
+        groups = mask.reshape(mask.shape[0], -1, pattern.m)
+        assert torch.all(groups.sum(-1) == pattern.n), name
+        assert torch.all(params[name][mask] == 0), name
+    assert stats["overall_pruned_fraction"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_unstructured_masks_hit_the_ratio_in_every_row(method, ratio):
+    model = make_tiny_llama(2, seed=4)
+    masks, _ = prune_model(model, _calib(), method, Pattern.parse(f"unstructured:{ratio}"), batch_size=4)
+    for name, mask in masks.items():
+        assert torch.all(mask.sum(1) == round(ratio * mask.shape[1])), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sparsity_zero_leaves_the_model_unchanged(method):
+    model = make_tiny_llama(2, seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masks, stats = prune_model(model, _calib(), method, Pattern.parse("unstructured:0"), batch_size=4)
+    assert stats["pruned_params"] == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def _reconstruction_error(method: str, W: torch.Tensor, X: torch.Tensor, pattern: Pattern) -> float:
+    lin = nn.Linear(W.shape[1], W.shape[0], bias=False)
+    lin.weight.data.copy_(W)
+    solver = SOLVERS[method](lin)
+    solver.add_batch(X, lin(X))
+    solver.prune(pattern)
+    return float(torch.linalg.norm(X @ W.t() - X @ lin.weight.data.t()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("spec", ["unstructured:0.5", "2:4"])
+def test_reconstruction_error_sparsegpt_le_wanda_le_magnitude(seed, spec):
+    g = torch.Generator().manual_seed(seed)
+    num_in, num_out, num_tokens = 64, 48, 1024
+    # correlated inputs whose feature scales span ~e^±3 (as in LLM activations). With e^±4.5
+    # (exp(1.5 N(0,1))) the float32 Hessian is so ill-conditioned that SparseGPT with 1 % damping lost
+    # to Wanda on all three seeds: see experiments/LOG.md.
+    mix = torch.randn(num_in, num_in, generator=g) / num_in ** 0.5 + torch.eye(num_in)
+    scale = torch.exp(torch.randn(num_in, generator=g))
+    X = (torch.randn(num_tokens, num_in, generator=g) @ mix) * scale
+    W = torch.randn(num_out, num_in, generator=g)
+    pattern = Pattern.parse(spec)
+    err = {m: _reconstruction_error(m, W, X, pattern) for m in METHODS}
+    assert err["sparsegpt"] <= err["wanda"] <= err["magnitude"], err
+
+
+def test_wanda_score_hand_computed():
+    W = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    X = torch.tensor([[6.0, 1.0], [8.0, 0.0]])  # feature norms: ||X_0|| = 10, ||X_1|| = 1
+    sq = (X ** 2).sum(0)
+    score = wanda_score(W, sq)
+    torch.testing.assert_close(score, torch.tensor([[10.0, 2.0], [30.0, 0.5]]))
+    # Wanda prunes column 1 of row 0, where magnitude would prune column 0
+    assert select_mask(score, Pattern.parse("unstructured:0.5")).tolist() == [[False, True], [False, True]]
+    assert select_mask(W.abs(), Pattern.parse("unstructured:0.5")).tolist() == [[True, False], [False, True]]
+    lin = nn.Linear(2, 2, bias=False)
+    lin.weight.data.copy_(W)
+    solver = SOLVERS["wanda"](lin)
+    solver.add_batch(X, None)
+    solver.prune(Pattern.parse("unstructured:0.5"))
+    assert lin.weight.data.tolist() == [[1.0, 0.0], [3.0, 0.0]]
