@@ -58,9 +58,15 @@ def test_packing_loses_no_token(tiny_prepared, tiny_corpus, tiny_dir):
     assert sorted(seen_docs) == sorted(docs)  # every document in exactly one split
 
 
-def test_offline_tasks_are_well_formed(tiny_prepared):
+def test_offline_tasks_are_well_formed(tiny_prepared, tiny_corpus):
     import yaml
 
+    counts = read_json(tiny_prepared / "counts.json")
+    assert counts["tasks"] == {"heldout_continuation": 12, "heldout_lastword": 12}
+    docs = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(tiny_corpus / "documents.jsonl")}
+    test_ids = counts["splits"]["test"]["document_ids"]
+    test_words = " ".join(" ".join(docs[d].split()) for d in test_ids)
+    test_lines = [" ".join(line.split()) for d in test_ids for line in docs[d].splitlines()]
     for name in ("heldout_continuation", "heldout_lastword"):
         cfg = yaml.safe_load(open(tiny_prepared / "tasks" / f"{name}.yaml"))
         assert cfg["task"] == name and cfg["output_type"] == "multiple_choice"
@@ -69,9 +75,15 @@ def test_offline_tasks_are_well_formed(tiny_prepared):
         for it in items:
             assert len(it["choices"]) == 4 == len(set(it["choices"]))
             assert 0 <= it["label"] < 4
-    # the true continuation really continues the passage in the held-out text
-    counts = read_json(tiny_prepared / "counts.json")
-    assert counts["tasks"] == {"heldout_continuation": 12, "heldout_lastword": 12}
+            true = it["choices"][it["label"]]
+            if name == "heldout_continuation":
+                # the true continuation follows the passage in the held-out (test) text
+                assert f"{it['context']} {true}" in test_words
+                assert all(len(c.split()) == 4 for c in it["choices"])
+            else:
+                # the passage ends one word before the end of a held-out line, and that word is the answer
+                assert any(line.rstrip(".,;:!?'\"-)").endswith(f"{it['context'].split()[-1]} {true}")
+                           for line in test_lines)
 
 
 def test_seq_len_above_context_fails_before_output(tmp_path, tiny_corpus, tiny_dir):
