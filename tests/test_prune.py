@@ -103,3 +103,70 @@ def test_wanda_score_hand_computed():
     solver.add_batch(X, None)
     solver.prune(Pattern.parse("unstructured:0.5"))
     assert lin.weight.data.tolist() == [[1.0, 0.0], [3.0, 0.0]]
+
+
+def test_pruned_model_round_trips_with_its_masks(tmp_path, tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerchop.io import read_metadata
+    from layerchop.prune.masks import MASKS_FILE, load_masks, save_pruned_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    masks, stats = prune_model(model, _calib(), "wanda", Pattern.parse("2:4"), batch_size=4)
+    save_pruned_model_dir(model, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "p", masks=masks,
+                          metadata={"method": "wanda", "pattern": "2:4", "sparsity": stats})
+    assert (tmp_path / "p" / MASKS_FILE).exists() and not (tmp_path / "p" / "hf").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    back = load_masks(tmp_path / "p")
+    assert back.keys() == masks.keys()
+    params = dict(loaded.named_parameters())
+    for k, m in back.items():
+        assert torch.equal(m, masks[k])
+        assert torch.all(params[k][m] == 0)
+    assert read_metadata(tmp_path / "p")["pattern"] == "2:4"
+
+
+def test_sparse_continued_pretraining_keeps_masks_fixed(tmp_path, tiny_dir, tiny_prepared):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerchop.prune.masks import MASKS_FILE, MaskEnforcer, load_masks, save_pruned_model_dir
+    from layerchop.train import run as train_run
+    from test_train import tiny_train_cfg
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    masks, _ = prune_model(model, _calib(), "magnitude", Pattern.parse("2:4"), batch_size=4)
+    save_pruned_model_dir(model, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "p", masks=masks,
+                          metadata={"method": "magnitude", "pattern": "2:4"})
+    seen = []  # masked non-zeros right after every optimizer step (after the callback ran)
+    original = train_run.KeepMasks.on_train_batch_end
+
+    def spy(self, trainer, pl_module, outputs, batch, batch_idx):
+        original(self, trainer, pl_module, outputs, batch, batch_idx)
+        seen.append(self.enforcer.num_masked_nonzero())
+
+    train_run.KeepMasks.on_train_batch_end = spy
+    try:
+        meta = train_run.train(tmp_path / "p", tiny_prepared, tmp_path / "out",
+                               tiny_train_cfg(token_budget=4 * 4 * 32, weight_decay=0.1),
+                               run_dir=tmp_path / "run")
+    finally:
+        train_run.KeepMasks.on_train_batch_end = original
+    assert seen == [0, 0, 0, 0]
+    assert meta["masked_nonzero_after_training"] == 0 and meta["pattern"] == "2:4"
+    assert (tmp_path / "out" / MASKS_FILE).exists()
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    init = load_file(tmp_path / "p" / "model.safetensors")
+    for k, m in load_masks(tmp_path / "out").items():
+        assert torch.all(out[k][m] == 0), k
+    # unmasked weights did train
+    assert any(not torch.equal(out[k][~m], init[k][~m]) for k, m in masks.items())
+    # without the callback, the same optimizer would move pruned weights (momentum + weight decay)
+    dense_like = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    enforcer = MaskEnforcer(dense_like, masks)
+    with torch.no_grad():
+        for p in dense_like.parameters():
+            p.add_(0.01)
+    assert enforcer.num_masked_nonzero() > 0
+    enforcer.apply()
+    assert enforcer.num_masked_nonzero() == 0

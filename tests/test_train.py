@@ -115,8 +115,29 @@ def test_train_config_errors(kwargs, match):
         TrainConfig(**kwargs)
 
 
-def test_fsdp2_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared):
-    """ModelParallelStrategy(data_parallel_size=2) with fully_shard per layer, gloo on CPU, via the CLI."""
+@pytest.fixture(scope="module")
+def pruned_2of4_dir(tmp_path_factory, tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerchop.prune.calibrate import prune_model
+    from layerchop.prune.masks import save_pruned_model_dir
+    from layerchop.prune.sparsity import Pattern
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    calib = torch.randint(3, 300, (8, 16), generator=torch.Generator().manual_seed(0))
+    masks, _ = prune_model(model, calib, "wanda", Pattern.parse("2:4"), batch_size=4)
+    out = tmp_path_factory.mktemp("pruned") / "wanda-2of4"
+    save_pruned_model_dir(model, AutoTokenizer.from_pretrained(tiny_dir), out, masks=masks,
+                          metadata={"method": "wanda", "pattern": "2:4"})
+    return out
+
+
+@pytest.mark.parametrize("init", ["dense", "wanda-2of4"])
+def test_fsdp2_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared, pruned_2of4_dir, init):
+    """ModelParallelStrategy(data_parallel_size=2) with fully_shard per layer, gloo on CPU, via the CLI.
+
+    With a pruned init, the sharded (DTensor) parameters keep their masks through training."""
+    init_dir = tiny_dir if init == "dense" else pruned_2of4_dir
     params = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))
     params["train"].update(dict(token_budget=6 * 2 * 2 * 32, batch_size=2, lr=3e-3, warmup_steps=1,
                                 precision="32-true", strategy="fsdp", devices=2, accelerator="cpu",
@@ -124,7 +145,7 @@ def test_fsdp2_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "layerchop.cli", "train", "--params", str(tmp_path / "params.yaml"),
-           "--init", str(tiny_dir), "--data", str(tiny_prepared), "--out", str(tmp_path / "out"),
+           "--init", str(init_dir), "--data", str(tiny_prepared), "--out", str(tmp_path / "out"),
            "--run-dir", str(tmp_path / "run"), "--log", str(tmp_path / "log.csv")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -140,6 +161,14 @@ def test_fsdp2_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared):
     with torch.no_grad():
         out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False, use_cache=True)
     assert out.shape == (1, 7)
+    if init != "dense":
+        from layerchop.prune.masks import load_masks
+
+        params = dict(model.named_parameters())
+        masks = load_masks(tmp_path / "out")
+        assert masks and all(torch.all(params[k][m] == 0) for k, m in masks.items())
+        init_w = load_file(init_dir / "model.safetensors")
+        assert any(not torch.equal(params[k].detach()[~m], init_w[k][~m]) for k, m in masks.items())
 
 
 def test_chop_state_keys_renumbers_and_drops():

@@ -15,6 +15,7 @@ from layerchop.config import section
 from layerchop.evaluate.harness import flat_task_metrics, zero_shot
 from layerchop.evaluate.perplexity import perplexity
 from layerchop.io import atomic_dir, load_model, load_tokenizer, num_params, read_metadata, write_json
+from layerchop.prune.masks import nonzero_params
 from layerchop.data.prepare import check_data_matches_model
 
 
@@ -34,6 +35,7 @@ def main(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     metrics: dict = {
         "params": num_params(model),
+        "nonzero_params": nonzero_params(model),
         "layers": int(model.config.num_hidden_layers),
         "tokens_trained": int(meta.get("tokens_trained", 0)),
     }

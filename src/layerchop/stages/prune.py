@@ -15,9 +15,9 @@ import argparse
 import time
 
 from layerchop.data.prepare import PackedDataset, check_data_matches_model
-from layerchop.io import atomic_dir, load_model, load_tokenizer, num_params, read_metadata, save_model_dir
+from layerchop.io import load_model, load_tokenizer, num_params, read_metadata
 from layerchop.prune.calibrate import calibration_batch, prune_model
-from layerchop.prune.masks import nonzero_params, save_masks
+from layerchop.prune.masks import nonzero_params, save_pruned_model_dir
 from layerchop.prune.sparsity import Pattern
 
 
@@ -64,13 +64,7 @@ def main(args: argparse.Namespace) -> None:
     card = (f"# {args.method} {pattern} of `{args.model}`\n\nOne-shot pruning of every attention and MLP "
             f"projection; {stats['overall_pruned_fraction']:.3f} of their weights are zero. Masks: "
             "`sparsity_masks.safetensors`.\n")
-    with atomic_dir(args.out) as tmp:  # weights and masks appear together or not at all
-        inner = tmp / "hf"
-        save_model_dir(model, tokenizer, inner, metadata=meta, card=card)
-        save_masks(inner, masks)
-        for f in inner.iterdir():
-            f.rename(tmp / f.name)
-        inner.rmdir()
+    save_pruned_model_dir(model, tokenizer, args.out, masks=masks, metadata=meta, card=card)
     print(f"[prune] {args.method} {pattern}: {stats['overall_pruned_fraction']:.4f} of "
           f"{stats['prunable_params']:,} prunable weights zeroed in {wall:.1f} s")
 

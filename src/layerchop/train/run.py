@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from layerchop.data.prepare import check_data_matches_model
 from layerchop.io import num_params, read_json, read_metadata, write_json
+from layerchop.prune.masks import MaskEnforcer, load_masks, save_pruned_model_dir
 from layerchop.train.data import PackedDataModule
 from layerchop.train.module import CausalLMModule
 
@@ -34,7 +35,8 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def export_hf(config, state_dict: dict[str, torch.Tensor], tokenizer, out: Path, metadata: dict, card: str) -> None:
+def export_hf(config, state_dict: dict[str, torch.Tensor], tokenizer, out: Path, metadata: dict, card: str,
+              masks: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Save weights into a freshly built model of ``config`` (no FSDP wrapper classes leak into it)."""
     from transformers import AutoModelForCausalLM
 
@@ -48,15 +50,20 @@ def export_hf(config, state_dict: dict[str, torch.Tensor], tokenizer, out: Path,
         raise RuntimeError(f"export: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
     fresh.tie_weights()
     metadata = {**metadata, "num_params": num_params(fresh)}
-    save_model_dir(fresh, tokenizer, out, metadata=metadata, card=card)
+    if masks is not None:
+        save_pruned_model_dir(fresh, tokenizer, out, masks=masks, metadata=metadata, card=card)
+    else:
+        save_model_dir(fresh, tokenizer, out, metadata=metadata, card=card)
 
 
 class ExportHF(Callback):
     """At the end of training, write the model as a plain HF directory (rank 0 writes)."""
 
-    def __init__(self, out: Path, tokenizer, metadata: dict, card: str, max_steps: int):
+    def __init__(self, out: Path, tokenizer, metadata: dict, card: str, max_steps: int,
+                 masks: Optional[dict[str, torch.Tensor]] = None):
         self.out, self.tokenizer, self.metadata, self.card = out, tokenizer, metadata, card
         self.max_steps = max_steps
+        self.masks = masks
         self._t0 = time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: CausalLMModule) -> None:
@@ -78,8 +85,27 @@ class ExportHF(Callback):
             meta["train_loss_last"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
             if "val/ppl" in trainer.callback_metrics:
                 meta["val_ppl_last"] = float(trainer.callback_metrics["val/ppl"])
-            export_hf(pl_module.model.config, sd, self.tokenizer, self.out, meta, self.card)
+            if self.masks is not None:
+                meta["masked_nonzero_after_training"] = sum(int(torch.count_nonzero(sd[k][m]))
+                                                            for k, m in self.masks.items())
+            export_hf(pl_module.model.config, sd, self.tokenizer, self.out, meta, self.card, masks=self.masks)
         trainer.strategy.barrier()
+
+
+class KeepMasks(Callback):
+    """Sparse continued pretraining: masked weights stay exactly zero after every optimizer step."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]):
+        self.masks = masks
+        self.enforcer: Optional[MaskEnforcer] = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: CausalLMModule) -> None:
+        self.enforcer = MaskEnforcer(pl_module.model, self.masks)
+        self.enforcer.apply()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: CausalLMModule, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # right after an optimizer step
+            self.enforcer.apply()
 
 
 def run_fingerprint(cfg, init_dir: Path, counts: dict) -> str:
@@ -205,6 +231,9 @@ def train(
         )
 
     init_meta = read_metadata(init_dir)
+    masks = load_masks(init_dir)  # a one-shot pruned model: sparse continued pretraining, masks fixed
+    if masks is not None and cfg.warm_start_steps:
+        raise ValueError(f"train.warm_start_steps={cfg.warm_start_steps} does not apply to a pruned (masked) --init")
     if cfg.warm_start_steps and not (init_meta.get("removed_layers") and init_meta.get("chopped_from")):
         raise ValueError(
             f"train.warm_start_steps={cfg.warm_start_steps} needs --init to be a chopped model whose "
@@ -240,9 +269,11 @@ def train(
         f"warmup {cfg.warmup_steps} then cosine to {cfg.min_lr_ratio}x.\n"
     )
     callbacks = [
-        ExportHF(out, tokenizer, metadata, card, max_steps),
+        ExportHF(out, tokenizer, metadata, card, max_steps, masks=masks),
         TQDMProgressBar(refresh_rate=1),
     ]
+    if masks is not None:
+        callbacks.insert(0, KeepMasks(masks))
     if cfg.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step{step}", every_n_train_steps=cfg.ckpt_every,
                                          save_last=True, save_top_k=1, auto_insert_metric_name=False))
