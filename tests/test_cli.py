@@ -62,3 +62,20 @@ def test_prepare_seq_len_above_context_exits_nonzero(tmp_path, tiny_dir, tiny_co
                 str(tiny_dir), "--out", str(tmp_path / "p"))
     assert proc.returncode == 2 and "prepare.seq_len=100000" in proc.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_prune_stage_writes_masks_and_metadata(tmp_path, tiny_dir, tiny_prepared):
+    from layerchop.io import read_metadata
+    from layerchop.prune.masks import load_masks
+
+    proc = _run(tmp_path, {"prune.num_calibration": 4}, "prune", "--method", "sparsegpt", "--pattern", "2of4",
+                "--model", str(tiny_dir), "--data", str(tiny_prepared), "--out", str(tmp_path / "p"))
+    assert proc.returncode == 0, proc.stderr
+    meta = read_metadata(tmp_path / "p")
+    assert meta["method"] == "sparsegpt" and meta["pattern"] == "2:4"
+    assert meta["calibration"] == {"split": "train", "num_sequences": 4, "seq_len": 32, "seed": 0}
+    assert meta["sparsity"]["overall_pruned_fraction"] == 0.5
+    assert len(load_masks(tmp_path / "p")) == len(meta["pruned_modules"]) == 6 * 7
+    bad = _run(tmp_path, {}, "prune", "--method", "wanda", "--pattern", "3of2", "--model", str(tiny_dir),
+               "--data", str(tiny_prepared), "--out", str(tmp_path / "q"))
+    assert bad.returncode == 2 and "prune pattern '3of2'" in bad.stderr and not (tmp_path / "q").exists()

@@ -37,7 +37,19 @@ def test_unknown_and_bad_keys_name_the_key():
 
 
 def _expand(stage: dict) -> list[tuple[str, dict]]:
-    """Expand foreach stages the way DVC does (for ${key} / ${item} / ${item.x})."""
+    """Expand foreach and matrix stages the way DVC does (for ${key} / ${item} / ${item.x})."""
+    if "matrix" in stage:
+        import itertools
+
+        names = list(stage["matrix"])
+        body = {k: v for k, v in stage.items() if k != "matrix"}
+        out = []
+        for combo in itertools.product(*(stage["matrix"][n] for n in names)):
+            text = yaml.safe_dump(body)
+            for n, v in zip(names, combo):
+                text = text.replace("${item.%s}" % n, str(v))
+            out.append(("-".join(map(str, combo)), yaml.safe_load(text)))
+        return out
     if "foreach" not in stage:
         return [("", stage)]
     items = stage["foreach"]
@@ -71,3 +83,16 @@ def test_dvc_stages_parse_and_reference_existing_code():
                 for part in p.split("."):
                     assert part in node, f"{name}@{key}: param {p} is not in params.yaml"
                     node = node[part]
+
+
+def test_every_evaluated_model_is_produced_by_a_stage():
+    """evaluate@X reads data/models/X: some stage must write it."""
+    dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
+    outs, needed = set(), set()
+    for name, stage in dvc["stages"].items():
+        for key, st in _expand(stage):
+            for o in st.get("outs", []):
+                outs.add(o if isinstance(o, str) else next(iter(o)))
+            if name == "evaluate":
+                needed.add(f"data/models/{key}")
+    assert needed <= outs, sorted(needed - outs)

@@ -57,3 +57,25 @@ def test_report_stage_from_metrics_files(tmp_path):
     assert "| LayerChop | 100.0 | 15 |" in md
     assert "removes 15 of 30 decoder layers (layout `input`: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])" in md
     assert (tmp_path / "tables" / "main.tex").exists()
+
+
+def test_figure1_stage_from_metrics_files(tmp_path):
+    rows = {"dense": "Dense", "layerchop": "LayerChop", "wanda-2of4": "Wanda 2:4"}
+    params = yaml.safe_load(open(REPO / "params.yaml"))
+    params["report"]["oneshot_rows"] = rows
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for name, layers, nonzero, ppl in (("dense", 30, 134e6, 90.0), ("layerchop", 15, 81e6, 180.0),
+                                       ("wanda-2of4", 30, 81.1e6, 340.0)):
+        d = tmp_path / "eval" / name
+        d.mkdir(parents=True)
+        m = _metrics(134.5e6 if layers == 30 else 81.4e6, layers, 0, ppl, ppl / 2, {"heldout_lastword": (0.5, 0.6)})
+        m["nonzero_params"] = nonzero
+        (d / "metrics.json").write_text(json.dumps(m))
+    cmd = [sys.executable, "-m", "layerchop.cli", "figure1", "--params", str(tmp_path / "params.yaml"),
+           "--eval", str(tmp_path / "eval"), "--tables", str(tmp_path / "t"), "--figures", str(tmp_path / "f")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "t" / "oneshot.md").read_text()
+    assert "| Wanda 2:4 | 134.5 | 81.1 | 30 | 0 | 340.00 | 170.00 | 60.0 |" in md
+    for ext in ("png", "pdf"):
+        assert (tmp_path / "f" / f"fig1_oneshot_vs_layerchop.{ext}").stat().st_size > 1000

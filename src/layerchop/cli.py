@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-STAGES = ("download", "prepare", "chop", "train", "evaluate", "report")
+STAGES = ("download", "prepare", "chop", "prune", "train", "evaluate", "report", "figure1")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -160,6 +160,31 @@ class ChopConfig:
 
 
 @dataclass
+class PruneConfig:
+    """The ``prune`` section: one-shot baselines (method and pattern come from the dvc.yaml matrix)."""
+
+    num_calibration: int = 32
+    """Calibration sequences sampled from the train split (the papers: 128 x 2048 tokens of C4)."""
+    calibration_seed: int = 0
+    """Seed of the calibration sample."""
+    batch_size: int = 8
+    """Calibration sequences per forward."""
+    device: str = "cpu"
+    """Where each decoder layer is processed (the rest of the model stays where it was loaded)."""
+    blocksize: int = 128
+    """SparseGPT: columns per block."""
+    percdamp: float = 0.01
+    """SparseGPT: dampening as a fraction of the mean Hessian diagonal."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_calibration", "batch_size", "blocksize"):
+            if getattr(self, key) <= 0:
+                _fail(f"prune.{key}", getattr(self, key), "must be > 0")
+        if not 0 <= self.percdamp < 1:
+            _fail("prune.percdamp", self.percdamp, "must be in [0, 1)")
+
+
+@dataclass
 class TrainConfig:
     """The ``train`` section: continued self-supervised pretraining."""
 
@@ -279,10 +304,22 @@ class ReportConfig:
         "dense_cpt": "Dense + continued pretraining (control)",
     })
     """Evaluation directory name -> row label, in table order."""
+    oneshot_rows: dict[str, str] = field(default_factory=lambda: {
+        "dense": "Dense",
+        "layerchop": "LayerChop + continued pretraining",
+        "wanda-4of8": "Wanda 4:8",
+        "wanda-2of4": "Wanda 2:4",
+        "sparsegpt-4of8": "SparseGPT 4:8",
+        "sparsegpt-2of4": "SparseGPT 2:4",
+        "sparsegpt-2of4_cpt": "SparseGPT 2:4 + continued pretraining",
+    })
+    """Rows of Figure 1 and ``paper/tables/oneshot.md``: evaluation directory name -> label."""
 
     def __post_init__(self) -> None:
         if not self.rows:
             _fail("report.rows", self.rows, "needs at least one row")
+        if not self.oneshot_rows:
+            _fail("report.oneshot_rows", self.oneshot_rows, "needs at least one row")
 
 
 _NESTED = {"ModelSourceConfig": ModelSourceConfig, "CorpusSourceConfig": CorpusSourceConfig,
@@ -307,6 +344,7 @@ SECTIONS = {
     "download": DownloadConfig,
     "prepare": PrepareConfig,
     "chop": ChopConfig,
+    "prune": PruneConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from layerchop.evaluate.harness import PRIMARY_METRIC
 
@@ -22,6 +22,12 @@ def task_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return cols
 
 
+def average_accuracy(metrics: dict[str, Any], cols: list[tuple[str, str]]) -> Optional[float]:
+    """Mean of the primary metric over ``cols``; None if any task is missing."""
+    accs = [metrics.get(f"eval/{t}/{m}") for t, m in cols]
+    return None if not accs or any(a is None for a in accs) else sum(accs) / len(accs)
+
+
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells. ``rows``: ``[{"label": str, "metrics": dict}]``."""
     cols = task_columns(rows)
@@ -31,15 +37,14 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         m = r["metrics"]
         accs = [m.get(f"eval/{t}/{metric}") for t, metric in cols]
-        present = [a for a in accs if a is not None]
-        avg = sum(present) / len(present) if present and len(present) == len(accs) else None
+        avg = average_accuracy(m, cols)
         cells = [
             r["label"],
             f"{m['params'] / 1e6:.1f}",
             str(m["layers"]),
             f"{m['tokens_trained']:,}",
-            _fmt_ppl(m.get("val/ppl")),
-            _fmt_ppl(m.get("test/ppl")),
+            fmt_ppl(m.get("val/ppl")),
+            fmt_ppl(m.get("test/ppl")),
         ]
         cells += ["–" if a is None else f"{100 * a:.1f}" for a in accs]
         cells.append("–" if avg is None else f"{100 * avg:.1f}")
@@ -47,7 +52,7 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def _fmt_ppl(x) -> str:
+def fmt_ppl(x) -> str:
     if x is None or not math.isfinite(x):
         return "–"
     return f"{x:.3g}" if x >= 1e4 else f"{x:.2f}"

@@ -3,7 +3,7 @@
 Example::
 
     layerchop prune --method wanda --pattern 2of4 --model data/models/dense --data data/prepared \
-        --out data/models/wanda-2of4 --num-calibration 32
+        --out data/models/wanda-2of4
 
 The output is a plain HF directory whose weights contain the zeros, plus ``sparsity_masks.safetensors``
 and the method, pattern, calibration and achieved sparsity in ``layerchop.json``.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from layerchop.config import section
 from layerchop.data.prepare import PackedDataset, check_data_matches_model
 from layerchop.io import load_model, load_tokenizer, num_params, read_metadata
 from layerchop.prune.calibrate import calibration_batch, prune_model
@@ -27,24 +28,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="dense model directory")
     p.add_argument("--data", required=True, help="prepared data (calibration from its train split)")
     p.add_argument("--out", required=True, help="pruned model directory")
-    p.add_argument("--num-calibration", type=int, default=32, help="calibration sequences (paper: 128)")
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    p.add_argument("--device", default="cpu", help="where each decoder layer is processed")
-    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT block size")
-    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening")
 
 
 def main(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    cfg = section("prune", path=args.params)
     pattern = Pattern.parse(args.pattern)  # validate before any work
     tokenizer = load_tokenizer(args.model)
     check_data_matches_model(Path(args.data), Path(args.model), tokenizer)
-    calib = calibration_batch(PackedDataset(args.data, "train"), args.num_calibration, args.seed)
+    calib = calibration_batch(PackedDataset(args.data, "train"), cfg.num_calibration, cfg.calibration_seed)
     model = load_model(args.model, dtype=read_metadata(args.model).get("dtype", "float32"))
     t0 = time.perf_counter()
-    masks, stats = prune_model(model, calib, args.method, pattern, device=args.device,
-                               solver_kwargs={"blocksize": args.blocksize, "percdamp": args.percdamp})
+    masks, stats = prune_model(model, calib, args.method, pattern, device=cfg.device,
+                               batch_size=cfg.batch_size,
+                               solver_kwargs={"blocksize": cfg.blocksize, "percdamp": cfg.percdamp})
     wall = time.perf_counter() - t0
     meta = {
         **{k: v for k, v in read_metadata(args.model).items() if k in ("source", "dtype", "tokens_trained")},
@@ -52,9 +50,9 @@ def main(args: argparse.Namespace) -> None:
         "method": args.method,
         "pattern": str(pattern),
         "pruned_from": args.model,
-        "calibration": {"split": "train", "num_sequences": args.num_calibration, "seq_len": int(calib.shape[1]),
-                        "seed": args.seed},
-        "solver": {"blocksize": args.blocksize, "percdamp": args.percdamp} if args.method == "sparsegpt" else {},
+        "calibration": {"split": "train", "num_sequences": cfg.num_calibration, "seq_len": int(calib.shape[1]),
+                        "seed": cfg.calibration_seed},
+        "solver": {"blocksize": cfg.blocksize, "percdamp": cfg.percdamp} if args.method == "sparsegpt" else {},
         "pruned_modules": sorted(masks),
         "sparsity": stats,
         "num_params": num_params(model),
@@ -67,18 +65,3 @@ def main(args: argparse.Namespace) -> None:
     save_pruned_model_dir(model, tokenizer, args.out, masks=masks, metadata=meta, card=card)
     print(f"[prune] {args.method} {pattern}: {stats['overall_pruned_fraction']:.4f} of "
           f"{stats['prunable_params']:,} prunable weights zeroed in {wall:.1f} s")
-
-
-if __name__ == "__main__":
-    # Not yet registered in layerchop.cli / dvc.yaml (wiring the one-shot baselines into the pipeline is
-    # the open part of issue 4), so this module parses its own arguments.
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m layerchop.stages.prune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(parser)
-    try:
-        main(parser.parse_args())
-    except (ValueError, FileNotFoundError) as e:
-        print(f"layerchop prune: error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -1,0 +1,46 @@
+"""Stage ``figure1``: Figure 1 (perplexity vs average accuracy) and ``oneshot.md``, from metrics files only.
+
+Example::
+
+    layerchop figure1 --eval data/eval --tables paper/tables --figures paper/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from layerchop.config import load_params, section
+from layerchop.io import read_json
+from layerchop.report.oneshot import figure1, oneshot_table
+from layerchop.report.tables import latex, markdown
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", required=True, help="directory of <row>/metrics.json")
+    p.add_argument("--tables", required=True, help="output directory for oneshot.md / oneshot.tex")
+    p.add_argument("--figures", required=True, help="output directory for fig1_oneshot_vs_layerchop.{png,pdf}")
+
+
+def main(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    cfg, train = section("report", params), section("train", params)
+    rows = []
+    for name, label in cfg.oneshot_rows.items():
+        path = Path(args.eval) / name / "metrics.json"
+        if not path.exists():
+            raise FileNotFoundError(f"report.oneshot_rows: {name!r} has no {path}")
+        rows.append({"name": name, "label": label, "metrics": read_json(path)})
+    caption = (
+        "One-shot pruning (Wanda, SparseGPT; 50 % of every attention and MLP projection, N:M along the input "
+        f"dimension) against LayerChop (50 % of the layers, then {train.token_budget:,} tokens of continued "
+        "pretraining) and SparseGPT 2:4 with the same continued pretraining, masks fixed. Non-zero counts "
+        "include embeddings and norms; accuracy (%) averaged over the zero-shot tasks."
+    )
+    header, body = oneshot_table(rows)
+    out = Path(args.tables)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "oneshot.md").write_text(markdown(header, body, caption))
+    (out / "oneshot.tex").write_text(latex(header, body, caption, label="tab:oneshot"))
+    figure1(rows, Path(args.figures) / "fig1_oneshot_vs_layerchop")
+    print((out / "oneshot.md").read_text())
