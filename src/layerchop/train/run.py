@@ -108,10 +108,26 @@ class KeepMasks(Callback):
             self.enforcer.apply()
 
 
+def code_fingerprint() -> str:
+    """Hash of the code a training run executes, and of the library versions it runs on."""
+    import lightning
+    import transformers
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "train").glob("*.py")) + [root / "data" / "prepare.py", root / "prune" / "masks.py",
+                                                      root / "prune" / "chop.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    h.update(f"{torch.__version__} {lightning.__version__} {transformers.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
 def run_fingerprint(cfg, init_dir: Path, counts: dict) -> str:
+    """Identity of a training run: a checkpoint is resumed only by the same run (config, init, data, code)."""
     blob = json.dumps(
         {"train": dataclasses.asdict(cfg), "init": read_metadata(init_dir), "data": counts["tokenizer_fingerprint"],
-         "splits": {k: v["tokens"] for k, v in counts["splits"].items()}},
+         "splits": {k: v["tokens"] for k, v in counts["splits"].items()}, "code": code_fingerprint()},
         sort_keys=True, default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
