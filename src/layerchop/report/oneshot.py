@@ -40,13 +40,13 @@ def figure1(rows: list[dict[str, Any]], out_stem: Path) -> None:
         if avg is None or m.get("val/ppl") is None:
             continue
         marker = "*" if name == "dense" else "o" if "layerchop" in name else "s" if name.endswith("_cpt") else "^"
-        ax.scatter(m["val/ppl"], 100 * avg, marker=marker, s=90 if marker == "*" else 50, zorder=3)
-        ax.annotate(r["label"], (m["val/ppl"], 100 * avg), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.scatter(m["val/ppl"], 100 * avg, marker=marker, s=110 if marker == "*" else 60, zorder=3, label=r["label"])
     ax.set_xscale("log")
     ax.set_xlabel("validation perplexity (log scale)")
     ax.set_ylabel("average zero-shot accuracy (%)")
     ax.set_title("One-shot pruning vs LayerChop", fontsize=10)
     ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
     fig.tight_layout()
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
