@@ -10,6 +10,19 @@ from typing import Any, Optional
 from layerchop.evaluate.harness import PRIMARY_METRIC
 
 
+def load_rows(eval_dir: str | Path, rows: dict[str, str], key: str) -> list[dict[str, Any]]:
+    """``[{"name", "label", "metrics"}]`` from ``<eval_dir>/<name>/metrics.json`` for each row of ``key``."""
+    from layerchop.io import read_json
+
+    out = []
+    for name, label in rows.items():
+        path = Path(eval_dir) / name / "metrics.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{key}: {name!r} has no {path}")
+        out.append({"name": name, "label": label, "metrics": read_json(path)})
+    return out
+
+
 def task_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(task, metric) pairs present in any row, primary metric per task, sorted by task."""
     tasks = sorted({k.split("/")[1] for r in rows for k in r["metrics"] if k.startswith("eval/")})

@@ -11,9 +11,8 @@ import argparse
 from pathlib import Path
 
 from layerchop.config import load_params, section
-from layerchop.io import read_json
 from layerchop.report.oneshot import figure1, oneshot_table
-from layerchop.report.tables import latex, markdown
+from layerchop.report.tables import load_rows, latex, markdown
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -25,12 +24,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     cfg, train = section("report", params), section("train", params)
-    rows = []
-    for name, label in cfg.oneshot_rows.items():
-        path = Path(args.eval) / name / "metrics.json"
-        if not path.exists():
-            raise FileNotFoundError(f"report.oneshot_rows: {name!r} has no {path}")
-        rows.append({"name": name, "label": label, "metrics": read_json(path)})
+    rows = load_rows(args.eval, cfg.oneshot_rows, "report.oneshot_rows")
     caption = (
         "One-shot pruning (Wanda, SparseGPT; 50 % of every attention and MLP projection, N:M along the input "
         f"dimension) against LayerChop (50 % of the layers, then {train.token_budget:,} tokens of continued "

@@ -11,9 +11,8 @@ import argparse
 from pathlib import Path
 
 from layerchop.config import load_params, section
-from layerchop.io import read_json
 from layerchop.prune.chop import removed_indices
-from layerchop.report.tables import latex, markdown, table_rows, training_curves
+from layerchop.report.tables import load_rows, latex, markdown, table_rows, training_curves
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -27,12 +26,7 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     cfg = section("report", params)
     chop, train = section("chop", params), section("train", params)
-    rows = []
-    for name, label in cfg.rows.items():
-        path = Path(args.eval) / name / "metrics.json"
-        if not path.exists():
-            raise FileNotFoundError(f"report.rows: {name!r} has no {path}")
-        rows.append({"name": name, "label": label, "metrics": read_json(path)})
+    rows = load_rows(args.eval, cfg.rows, "report.rows")
     dense_layers = max(r["metrics"]["layers"] for r in rows)
     removed = removed_indices(dense_layers, layout=chop.layout, num_remove=chop.num_remove, indices=chop.indices)
     how = f"layout `{chop.layout}`" if chop.indices is None else "explicit indices"
