@@ -66,13 +66,26 @@ def _expand(stage: dict) -> list[tuple[str, dict]]:
     return out
 
 
+def _interpolate_params(cmd: str, params: dict) -> str:
+    """``${section.key}`` in a command, from params.yaml (DVC templating)."""
+    import re
+
+    def value(m):
+        node = params
+        for part in m.group(1).split("."):
+            node = node[part]
+        return str(node)
+
+    return re.sub(r"\$\{([A-Za-z0-9_.]+)\}", value, cmd)
+
+
 def test_dvc_stages_parse_and_reference_existing_code():
     dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
     parser = build_parser()
     params = load_params(REPO / "params.yaml")
     for name, stage in dvc["stages"].items():
         for key, st in _expand(stage):
-            argv = shlex.split(st["cmd"])
+            argv = shlex.split(_interpolate_params(st["cmd"], params))
             assert argv[0] == "layerchop", name
             parser.parse_args(argv[1:])  # exits on unknown arguments
             for dep in st.get("deps", []):
@@ -95,4 +108,6 @@ def test_every_evaluated_model_is_produced_by_a_stage():
                 outs.add(o if isinstance(o, str) else next(iter(o)))
             if name == "evaluate":
                 needed.add(f"data/models/{key}")
+            if name == "curve":
+                needed |= {f"data/models/fig4-{key}", f"data/snapshots/fig4-{key}"}
     assert needed <= outs, sorted(needed - outs)

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-STAGES = ("download", "prepare", "chop", "prune", "train", "evaluate", "report", "figure1")
+STAGES = ("download", "prepare", "chop", "prune", "train", "evaluate", "curve", "report", "figure1", "figure4")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -188,8 +188,10 @@ class PruneConfig:
 class TrainConfig:
     """The ``train`` section: continued self-supervised pretraining."""
 
-    token_budget: int = 163_840
-    """Training tokens (stopping criterion): steps = budget / tokens per optimizer step."""
+    token_budget: Optional[int] = 163_840
+    """Training tokens: steps = ceil(budget / tokens per optimizer step). Null when ``flop_budget`` is set."""
+    flop_budget: Optional[float] = None
+    """Training FLOPs instead of tokens: steps = floor(budget / measured FLOPs per step) (never exceeded)."""
     batch_size: int = 8
     """Sequences per micro-batch per device."""
     accumulate: int = 1
@@ -234,7 +236,20 @@ class TrainConfig:
     """DataLoader workers."""
 
     def __post_init__(self) -> None:
-        positive = ("token_budget", "batch_size", "accumulate", "devices", "num_nodes", "val_batches")
+        if (self.token_budget is None) == (self.flop_budget is None):
+            _fail("train.token_budget", self.token_budget,
+                  f"set exactly one of train.token_budget and train.flop_budget (flop_budget={self.flop_budget!r})")
+        if self.flop_budget is not None:
+            if isinstance(self.flop_budget, str):  # '8e13' is a string to YAML 1.1; 8.0e+13 is a float
+                try:
+                    self.flop_budget = float(self.flop_budget)
+                except ValueError:
+                    _fail("train.flop_budget", self.flop_budget, "must be a number")
+            if not self.flop_budget > 0:
+                _fail("train.flop_budget", self.flop_budget, "must be > 0")
+        positive = ("batch_size", "accumulate", "devices", "num_nodes", "val_batches")
+        if self.token_budget is not None:
+            positive = ("token_budget",) + positive
         for key in positive:
             if getattr(self, key) <= 0:
                 _fail(f"train.{key}", getattr(self, key), "must be > 0")
@@ -259,6 +274,69 @@ class TrainConfig:
             v = getattr(self, key)
             if v is not None and v not in ("float32", "bfloat16", "float16"):
                 _fail(f"train.{key}", v, "choose float32, bfloat16, float16 or null")
+
+
+@dataclass
+class DistillConfig:
+    """The ``distill`` section: CHOP + distill loss weights (the paper's terms; see ``train/distill.py``)."""
+
+    w_lm: float = 1.0
+    """Weight of the student's causal-LM cross-entropy."""
+    w_kl: float = 1.0
+    """Weight of KL(teacher || student) on next-token distributions."""
+    w_hid: float = 1.0
+    """Weight of sum_k MSE(H_t^{m(k)}, H_s^k W_hid^k) over decoder-layer outputs."""
+    w_att: float = 1.0
+    """Weight of sum_k MSE(A_t^{m(k)}, A_s^k) over attention-block outputs."""
+    w_emb: float = 1.0
+    """Weight of MSE(E_t, E_s W_emb) over the embedding tables."""
+    temperature: float = 1.0
+    """Softmax temperature of the KL term (which is multiplied by temperature^2)."""
+    chunk_tokens: int = 1024
+    """Tokens per block of logits in the LM/KL computation (memory: chunk_tokens x vocabulary)."""
+
+    def __post_init__(self) -> None:
+        weights = ("w_lm", "w_kl", "w_hid", "w_att", "w_emb")
+        for key in weights:
+            if getattr(self, key) < 0:
+                _fail(f"distill.{key}", getattr(self, key), "must be >= 0")
+        if not any(getattr(self, k) for k in weights):
+            _fail("distill.w_lm", self.w_lm, "every loss weight is 0")
+        if not self.temperature > 0:
+            _fail("distill.temperature", self.temperature, "must be > 0")
+        if self.chunk_tokens <= 0:
+            _fail("distill.chunk_tokens", self.chunk_tokens, "must be > 0")
+
+
+@dataclass
+class Figure4Config:
+    """The ``figure4`` section: LayerChop vs LayerChop + distill at equal training compute."""
+
+    flop_budget: float = 8.0e13
+    """Training FLOPs of each arm (both start from the same chopped model)."""
+    snapshots: int = 3
+    """Intermediate models per arm, evenly spaced in steps, evaluated for the curves (plus start and end)."""
+    gpu: str = "A100"
+    """Accelerator the FLOPs are converted to hours on (the paper reports A100-hours)."""
+    gpu_peak_flops: float = 312.0e12
+    """Its dense bf16 peak (FLOP/s): A100 312 TFLOP/s."""
+    mfu: float = 0.4
+    """Assumed model-FLOPs utilisation for that conversion."""
+
+    def __post_init__(self) -> None:
+        for key in ("flop_budget", "gpu_peak_flops"):
+            v = getattr(self, key)
+            if isinstance(v, str):
+                try:
+                    setattr(self, key, float(v))
+                except ValueError:
+                    _fail(f"figure4.{key}", v, "must be a number")
+            if not getattr(self, key) > 0:
+                _fail(f"figure4.{key}", v, "must be > 0")
+        if self.snapshots < 0:
+            _fail("figure4.snapshots", self.snapshots, "must be >= 0")
+        if not 0 < self.mfu <= 1:
+            _fail("figure4.mfu", self.mfu, "must be in (0, 1]")
 
 
 @dataclass
@@ -346,6 +424,8 @@ SECTIONS = {
     "chop": ChopConfig,
     "prune": PruneConfig,
     "train": TrainConfig,
+    "distill": DistillConfig,
+    "figure4": Figure4Config,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,
 }

@@ -8,15 +8,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
 from layerchop.config import section
-from layerchop.evaluate.harness import flat_task_metrics, zero_shot
-from layerchop.evaluate.perplexity import perplexity
-from layerchop.io import atomic_dir, load_model, load_tokenizer, num_params, read_metadata, write_json
-from layerchop.prune.masks import nonzero_params
-from layerchop.data.prepare import check_data_matches_model
+from layerchop.evaluate.suite import evaluate_model
+from layerchop.io import atomic_dir, write_json
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -26,27 +21,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    cfg = section("evaluate", path=args.params)
-    data = Path(args.data)
-    tokenizer = load_tokenizer(args.model)
-    check_data_matches_model(data, Path(args.model), tokenizer)
-    model = load_model(args.model, dtype=cfg.dtype).to(cfg.device)
-    meta = read_metadata(args.model)
-    t0 = time.perf_counter()
-    metrics: dict = {
-        "params": num_params(model),
-        "nonzero_params": nonzero_params(model),
-        "layers": int(model.config.num_hidden_layers),
-        "tokens_trained": int(meta.get("tokens_trained", 0)),
-    }
-    for split in ("val", "test"):
-        ppl = perplexity(model, data, split, cfg.ppl_max_sequences, cfg.batch_size, cfg.device)
-        metrics[f"{split}/ppl"] = ppl["ppl"]
-        metrics[f"{split}/ppl_tokens"] = ppl["tokens"]
-    results = zero_shot(model, tokenizer, cfg.tasks, include_path=data / "tasks", local_tasks=cfg.local_tasks,
-                        batch_size=cfg.batch_size, limit=cfg.limit, seed=cfg.seed, device=cfg.device)
-    metrics.update(flat_task_metrics(results))
-    metrics["eval_wall_s"] = round(time.perf_counter() - t0, 1)
+    metrics, results = evaluate_model(args.model, args.data, section("evaluate", path=args.params))
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "results.json", results)
         write_json(tmp / "metrics.json", metrics)

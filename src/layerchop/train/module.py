@@ -7,7 +7,6 @@ decoder layer and then the root are wrapped with FSDP2 ``fully_shard``.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,21 +27,24 @@ def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_ratio: float) ->
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(named_params, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices, none on norms and biases (1-D parameters)."""
+def param_groups(named_params, weight_decay: float, no_decay_prefixes: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices, none on norms and biases (1-D parameters) nor on parameters with a
+    name component in ``no_decay_prefixes`` (e.g. ``"hid_proj."`` matches ``model.hid_proj.0.weight``)."""
     decay, no_decay = [], []
-    for _, p in named_params:
+    for name, p in named_params:
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        excluded = any(f".{pre}" in f".{name}" for pre in no_decay_prefixes)
+        (decay if p.ndim >= 2 and not excluded else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
 
 
-def apply_fsdp2(model: torch.nn.Module, mesh, param_dtype: Optional[str], reduce_dtype: Optional[str]) -> None:
-    """``fully_shard`` every decoder layer, then the root (FSDP2)."""
+def apply_fsdp2(model: torch.nn.Module, mesh, param_dtype: Optional[str], reduce_dtype: Optional[str],
+                layers=None) -> None:
+    """``fully_shard`` every decoder layer (``layers``, default: the model's own), then the root (FSDP2)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from layerchop.prune.chop import decoder_layers
@@ -51,13 +53,26 @@ def apply_fsdp2(model: torch.nn.Module, mesh, param_dtype: Optional[str], reduce
         param_dtype=DTYPES[param_dtype] if param_dtype else None,
         reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype else None,
     )
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model) if layers is None else layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict (a collective under FSDP2: call on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 class CausalLMModule(L.LightningModule):
     """Causal-LM loss on packed sequences.
+
+    Tokens, FLOPs and device-seconds are counted by :class:`layerchop.train.callbacks.ComputeMeter`.
 
     Args:
         model_dir: HF directory with the initial weights (the previous stage's output).
@@ -66,6 +81,8 @@ class CausalLMModule(L.LightningModule):
         tokens_per_step: Tokens per optimizer step over all devices.
         model: An already-built model to train instead of loading ``model_dir``.
     """
+
+    no_decay_prefixes: tuple[str, ...] = ()
 
     def __init__(self, model_dir: str | Path | None, cfg, max_steps: int, tokens_per_step: int,
                  model: Optional[torch.nn.Module] = None, constant_after_warmup: bool = False,
@@ -77,7 +94,6 @@ class CausalLMModule(L.LightningModule):
         self.tokens_per_step = tokens_per_step
         self.model = model
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
-        self._t_last: Optional[float] = None
         self.constant_after_warmup = constant_after_warmup
         # FQN-keyed full optimizer state to start from (warm start); ignored when resuming
         self.optimizer_state = optimizer_state
@@ -105,17 +121,12 @@ class CausalLMModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # after the optimizer step of an accumulation window: global_step has advanced
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
-            return
-        now = time.perf_counter()
-        step = self.trainer.global_step
-        self.log("train/tokens", float(step * self.tokens_per_step), on_step=True, on_epoch=False)
-        if self._t_last is not None:
-            self.log("train/tokens_per_s", self.tokens_per_step / max(now - self._t_last, 1e-9),
-                     prog_bar=True, on_step=True, on_epoch=False)
-        self._t_last = now
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # after an optimizer step
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def export_state(self):
+        """``(config, full state dict)`` of the model to export; a collective under FSDP2."""
+        return self.model.config, full_state_dict(self.model)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits_BTV = self(batch["input_ids"]).logits.float()
@@ -138,7 +149,7 @@ class CausalLMModule(L.LightningModule):
         self.optimizer_state = None
 
     def configure_optimizers(self):
-        groups = param_groups(self.trainer.model.named_parameters(), self.cfg.weight_decay)
+        groups = param_groups(self.trainer.model.named_parameters(), self.cfg.weight_decay, self.no_decay_prefixes)
         opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=tuple(self.cfg.betas), eps=1e-8)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, self.cfg.warmup_steps, self.max_steps, self.cfg.min_lr_ratio)

@@ -1,0 +1,43 @@
+"""The evaluation suite of one model directory: perplexity on val/test and zero-shot accuracy."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from layerchop.data.prepare import check_data_matches_model
+from layerchop.evaluate.harness import flat_task_metrics, zero_shot
+from layerchop.evaluate.perplexity import perplexity
+from layerchop.io import load_model, load_tokenizer, num_params, read_metadata
+from layerchop.prune.masks import nonzero_params
+
+
+def evaluate_model(model_dir: str | Path, data: str | Path, cfg) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate ``model_dir`` on prepared ``data`` with :class:`layerchop.config.EvaluateConfig` ``cfg``.
+
+    Returns:
+        ``(metrics, results)``: flat DVC metrics (``val/ppl``, ``eval/<task>/<metric>``, ...) and
+        lm-eval's raw results.
+    """
+    data = Path(data)
+    tokenizer = load_tokenizer(model_dir)
+    check_data_matches_model(data, Path(model_dir), tokenizer)
+    model = load_model(model_dir, dtype=cfg.dtype).to(cfg.device)
+    meta = read_metadata(model_dir)
+    t0 = time.perf_counter()
+    metrics: dict[str, Any] = {
+        "params": num_params(model),
+        "nonzero_params": nonzero_params(model),
+        "layers": int(model.config.num_hidden_layers),
+        "tokens_trained": int(meta.get("tokens_trained", 0)),
+    }
+    for split in ("val", "test"):
+        ppl = perplexity(model, data, split, cfg.ppl_max_sequences, cfg.batch_size, cfg.device)
+        metrics[f"{split}/ppl"] = ppl["ppl"]
+        metrics[f"{split}/ppl_tokens"] = ppl["tokens"]
+    results = zero_shot(model, tokenizer, cfg.tasks, include_path=data / "tasks", local_tasks=cfg.local_tasks,
+                        batch_size=cfg.batch_size, limit=cfg.limit, seed=cfg.seed, device=cfg.device)
+    metrics.update(flat_task_metrics(results))
+    metrics["eval_wall_s"] = round(time.perf_counter() - t0, 1)
+    return metrics, results

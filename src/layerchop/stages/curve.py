@@ -1,0 +1,59 @@
+"""Stage ``curve``: evaluate a training run along the way (its snapshots, then its final model).
+
+Each point carries the compute spent to reach it (tokens, FLOPs, device-seconds) from the model's
+``layerchop.json``, so curves can be drawn against compute.
+
+Example::
+
+    layerchop curve --snapshots data/snapshots/fig4-distill --final data/models/fig4-distill \
+        --data data/prepared --out data/eval/fig4-distill
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from layerchop.config import section
+from layerchop.evaluate.suite import evaluate_model
+from layerchop.io import atomic_dir, read_metadata, write_json
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshots", required=True, help="directory of step_XXXXXX model directories")
+    p.add_argument("--final", required=True, help="the run's final model directory")
+    p.add_argument("--data", required=True, help="prepared data directory")
+    p.add_argument("--out", required=True, help="output directory (curve.json, metrics.json of the final model)")
+
+
+def run_points(snapshots: Path, final: Path) -> list[Path]:
+    """Snapshots in step order, then the final model."""
+    snaps = sorted(snapshots.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if snapshots.exists() else []
+    for d in snaps + [final]:
+        if not (d / "config.json").exists():
+            raise FileNotFoundError(f"{d}: not a model directory (no config.json)")
+    return snaps + [final]
+
+
+def main(args: argparse.Namespace) -> None:
+    cfg = section("evaluate", path=args.params)
+    dirs = run_points(Path(args.snapshots), Path(args.final))
+    points = []
+    for d in tqdm(dirs, desc="curve", unit="model"):
+        metrics, _ = evaluate_model(d, args.data, cfg)
+        meta = read_metadata(d)
+        compute = meta.get("compute")
+        if compute is None:
+            raise ValueError(f"{d}/layerchop.json has no 'compute' record (not written by `layerchop train`)")
+        points.append({"model": str(d), "step": compute["steps"], "tokens": compute["tokens"],
+                       "flops": compute["flops"], "device_s": compute["device_s"], "metrics": metrics})
+        print(f"[curve] step {compute['steps']}: val/ppl {metrics['val/ppl']:.2f}", flush=True)
+    final_meta = read_metadata(dirs[-1])
+    final = {**points[-1]["metrics"], **{f"compute/{k}": v for k, v in final_meta["compute"].items()
+                                         if isinstance(v, (int, float))}}
+    with atomic_dir(args.out) as tmp:
+        write_json(tmp / "curve.json", {"objective": final_meta.get("objective", "lm"), "points": points,
+                                        "compute": final_meta["compute"], "distill": final_meta.get("distill")})
+        write_json(tmp / "metrics.json", final)

@@ -1,0 +1,56 @@
+"""Stage ``figure4``: LayerChop vs LayerChop + distill at equal training FLOPs (Figure 4, ``distill.md``).
+
+Reads only metrics files: each arm's ``curve.json`` (evaluations along the run, with the compute spent
+to reach each point) and the chopped start's ``metrics.json``.
+
+Example::
+
+    layerchop figure4 --curves data/eval/fig4-layerchop/curve.json data/eval/fig4-distill/curve.json \
+        --start data/eval/chopped/metrics.json --tables paper/tables --figures paper/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from layerchop.config import load_params, section
+from layerchop.io import read_json
+from layerchop.report.compute import distill_tables, figure4, load_arms
+from layerchop.report.tables import markdown
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curves", nargs="+", required=True, help="curve.json of each arm")
+    p.add_argument("--start", required=True, help="metrics.json of the shared chopped start")
+    p.add_argument("--tables", required=True, help="output directory for distill.md")
+    p.add_argument("--figures", required=True, help="output directory for fig4_distill_vs_layerchop.{png,pdf}")
+
+
+def main(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    cfg, distill, train = section("figure4", params), section("distill", params), section("train", params)
+    for c in args.curves:
+        if not Path(c).exists():
+            raise FileNotFoundError(f"--curves: {c} does not exist (run `layerchop curve` first)")
+    arms, cols = load_arms([read_json(c) for c in args.curves], read_json(args.start))
+    header, body, pheader, points = distill_tables(arms, cfg, cols)
+    weights = ", ".join(f"{k} {getattr(distill, k)}" for k in ("w_lm", "w_kl", "w_hid", "w_att", "w_emb"))
+    caption = (
+        f"Both arms start from the same chopped model and train to the same budget of {cfg.flop_budget:.3g} FLOPs "
+        f"(each stops at the last whole step within it), AdamW peak lr {train.lr}, warmup {train.warmup_steps}, "
+        f"cosine to {train.min_lr_ratio}x over each arm's own steps, batch {train.batch_size} x "
+        f"{train.accumulate}. Distillation loss weights: {weights}; KL temperature {distill.temperature}; the "
+        f"teacher is the uncompressed model. FLOPs: matmul FLOPs of one step measured with torch's FLOP counter "
+        f"(student forward + backward, plus the teacher's forward for distillation). {cfg.gpu}-hours assume "
+        f"{cfg.gpu_peak_flops / 1e12:.0f} TFLOP/s peak at {cfg.mfu:.0%} MFU (an assumption, not a measurement); "
+        f"device-hours and s/step are measured wall time of the optimizer steps on the machine that ran the "
+        f"pipeline. Accuracy (%) from lm-evaluation-harness, metric per task in brackets."
+    )
+    text = markdown(header, body, caption)
+    text += "\n### Evaluations along the runs\n\n" + markdown(pheader, points, "Step 0 is the shared chopped model.")
+    out = Path(args.tables)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "distill.md").write_text(text)
+    figure4(arms, Path(args.figures) / "fig4_distill_vs_layerchop", cfg.gpu)
+    print(text)

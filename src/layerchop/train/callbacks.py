@@ -1,0 +1,194 @@
+"""Callbacks shared by every training module: compute accounting, HF export, snapshots, fixed masks."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from layerchop.io import num_params
+from layerchop.prune.masks import MaskEnforcer, save_pruned_model_dir
+
+FLOP_CONVENTION = (
+    "matmul FLOPs (2 per multiply-add) counted by torch.utils.flop_counter (lightning measure_flops) on a "
+    "meta-device copy of one micro-batch: forward + backward of the trained model, plus the frozen teacher's "
+    "forward when distilling; full T x T attention; elementwise ops not counted"
+)
+
+
+def _after_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+
+
+class ComputeMeter(Callback):
+    """Counts tokens, FLOPs and wall-clock device-seconds of training, and logs them every step.
+
+    ``train/tokens`` and ``train/flops`` are cumulative; ``train/device_s`` is the summed wall time of the
+    optimizer steps (forward, backward, optimizer; not validation or checkpointing) times the number of
+    devices. The time survives resumption through the callback's checkpoint state.
+
+    Args:
+        tokens_per_step: Tokens per optimizer step over all devices.
+        flops_per_step: Training FLOPs per optimizer step over all devices (:mod:`layerchop.train.flops`).
+        world: Number of devices.
+        offset: Compute spent before this run's first step (the warm start): ``{"tokens", "flops",
+            "train_s"}``.
+    """
+
+    def __init__(self, tokens_per_step: int, flops_per_step: int, world: int, offset: Optional[dict] = None):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_step
+        self.world = world
+        self.offset = {"tokens": 0, "flops": 0, "train_s": 0.0, **(offset or {})}
+        self.train_s = 0.0  # this run's optimizer-step wall time, all invocations
+        self._t0: Optional[float] = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not _after_optimizer_step(trainer, batch_idx) or self._t0 is None:
+            return
+        dt = time.perf_counter() - self._t0
+        self.train_s += dt
+        s = self.summary(trainer.global_step)
+        pl_module.log("train/tokens", float(s["tokens"]), on_step=True, on_epoch=False)
+        pl_module.log("train/flops", float(s["flops"]), on_step=True, on_epoch=False)
+        pl_module.log("train/device_s", s["device_s"], on_step=True, on_epoch=False)
+        pl_module.log("train/s_per_step", dt, on_step=True, on_epoch=False)
+        pl_module.log("train/tokens_per_s", self.tokens_per_step / max(dt, 1e-9), prog_bar=True, on_step=True,
+                      on_epoch=False)
+
+    def summary(self, step: int) -> dict[str, Any]:
+        """Compute after ``step`` optimizer steps of this run (plus the offset)."""
+        return {
+            "steps": step,
+            "tokens": self.offset["tokens"] + step * self.tokens_per_step,
+            "flops": self.offset["flops"] + step * self.flops_per_step,
+            "flops_per_step": self.flops_per_step,
+            "tokens_per_step": self.tokens_per_step,
+            "devices": self.world,
+            "train_s": round(self.offset["train_s"] + self.train_s, 3),
+            "device_s": round((self.offset["train_s"] + self.train_s) * self.world, 3),
+            "s_per_step": round(self.train_s / step, 4) if step else None,
+            "warm_start": {k: v for k, v in self.offset.items()} if self.offset["flops"] else None,
+            "flop_convention": FLOP_CONVENTION,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_s": self.train_s, "offset": dict(self.offset)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_s = float(state_dict["train_s"])
+        self.offset = dict(state_dict["offset"])
+
+
+def export_hf(config, state_dict: dict[str, torch.Tensor], tokenizer, out: Path, metadata: dict, card: str,
+              masks: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Save weights into a freshly built model of ``config`` (no FSDP wrapper classes leak into it)."""
+    from transformers import AutoModelForCausalLM
+
+    from layerchop.io import save_model_dir
+
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = fresh.load_state_dict(state_dict, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"export: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    fresh.tie_weights()
+    metadata = {**metadata, "num_params": num_params(fresh)}
+    if masks is not None:
+        save_pruned_model_dir(fresh, tokenizer, out, masks=masks, metadata=metadata, card=card)
+    else:
+        save_model_dir(fresh, tokenizer, out, metadata=metadata, card=card)
+
+
+class _Exporter(Callback):
+    def __init__(self, tokenizer, metadata: dict, card: str, meter: ComputeMeter,
+                 masks: Optional[dict[str, torch.Tensor]] = None):
+        self.tokenizer, self.metadata, self.card, self.meter, self.masks = tokenizer, metadata, card, meter, masks
+
+    def export(self, trainer: L.Trainer, pl_module, out: Path) -> None:
+        """Gather the full state (every rank), write ``out`` on rank 0, wait for it."""
+        config, sd = pl_module.export_state()
+        if trainer.is_global_zero:
+            step = trainer.global_step
+            compute = self.meter.summary(step)
+            meta = dict(self.metadata)
+            meta["steps"] = step
+            meta["compute"] = compute
+            meta["tokens_this_stage"] = compute["tokens"] - self.meter.offset["tokens"]
+            meta["tokens_trained"] = int(meta.get("tokens_before", 0)) + compute["tokens"]
+            if pl_module.warm_optimizer is not None:
+                meta["warm_start_optimizer"] = pl_module.warm_optimizer
+            meta["train_loss_last"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
+            if "val/ppl" in trainer.callback_metrics:
+                meta["val_ppl_last"] = float(trainer.callback_metrics["val/ppl"])
+            if self.masks is not None:
+                meta["masked_nonzero_after_training"] = sum(int(torch.count_nonzero(sd[k][m]))
+                                                            for k, m in self.masks.items())
+            export_hf(config, sd, self.tokenizer, out, meta, self.card, masks=self.masks)
+        trainer.strategy.barrier()
+
+
+class ExportHF(_Exporter):
+    """At the end of training, write the model as a plain HF directory (rank 0 writes).
+
+    Nothing is written when training stopped before ``max_steps``, so no partial output looks finished.
+    """
+
+    def __init__(self, out: Path, tokenizer, metadata: dict, card: str, max_steps: int, meter: ComputeMeter,
+                 masks: Optional[dict[str, torch.Tensor]] = None):
+        super().__init__(tokenizer, metadata, card, meter, masks)
+        self.out, self.max_steps = out, max_steps
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_step < self.max_steps:
+            if trainer.is_global_zero:
+                print(f"[train] stopped at step {trainer.global_step} < {self.max_steps}: not exported", flush=True)
+            return
+        self.export(trainer, pl_module, self.out)
+
+
+def snapshot_steps(max_steps: int, num: int) -> list[int]:
+    """``num`` evenly spaced optimizer steps strictly before ``max_steps`` (the final model is the output)."""
+    return sorted({round(max_steps * i / (num + 1)) for i in range(1, num + 1)} - {0, max_steps})
+
+
+class Snapshots(_Exporter):
+    """Export the model as a HF directory ``root/step_XXXXXX`` at given optimizer steps, for intermediate
+    evaluations. A snapshot that already exists (a resumed run) is kept."""
+
+    def __init__(self, root: Path, steps: list[int], tokenizer, metadata: dict, card: str, meter: ComputeMeter,
+                 masks: Optional[dict[str, torch.Tensor]] = None):
+        super().__init__(tokenizer, {**metadata, "snapshot": True}, card, meter, masks)
+        self.root, self.steps = Path(root), set(steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if _after_optimizer_step(trainer, batch_idx) and step in self.steps:
+            out = self.root / f"step_{step:06d}"
+            if not out.exists():
+                self.export(trainer, pl_module, out)
+
+
+class KeepMasks(Callback):
+    """Sparse continued pretraining: masked weights stay exactly zero after every optimizer step."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]):
+        self.masks = masks
+        self.enforcer: Optional[MaskEnforcer] = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.enforcer = MaskEnforcer(pl_module.model, self.masks)
+        self.enforcer.apply()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if _after_optimizer_step(trainer, batch_idx):  # right after an optimizer step
+            self.enforcer.apply()

@@ -1,0 +1,335 @@
+"""CHOP + distill: continued pretraining of a chopped student with an uncompressed, frozen teacher.
+
+Loss (the paper's terms, each weight from the ``distill`` section of ``params.yaml``)::
+
+    w_lm  * CE(student)
+  + w_kl  * tau^2 * KL(teacher || student)                  next-token distributions, temperature tau
+  + w_hid * sum_k MSE(H_t^{m(k)}, H_s^k W_hid^k)              decoder-layer outputs, learned projections
+  + w_att * sum_k MSE(A_t^{m(k)}, A_s^k)                      attention-block outputs (after o_proj)
+  + w_emb * MSE(E_t, E_s W_emb)                              embedding tables, learned projection
+
+``m(k)`` sends student layer ``k`` to the teacher layer it was copied from (the chop metadata). Activations
+are captured with forward hooks, so SDPA/flash attention work unchanged (no attention matrices). The LM
+and KL terms come from the final hidden states in token chunks (:func:`layerchop.train.losses.chunked_lm_kl`).
+
+The student and the projections live in :class:`DistillStudent`, which is what the optimizer, the
+checkpoints and FSDP2 see; the teacher is held outside the module tree, so it is never trained, never
+checkpointed, and Lightning's ``.train()`` never reaches it. Only the student is exported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from layerchop.data.prepare import IGNORE_INDEX
+from layerchop.prune.chop import decoder_layers
+from layerchop.train.losses import chunked_lm_kl, embedding_mse, layer_sum_mse
+from layerchop.train.module import CausalLMModule, apply_fsdp2, full_state_dict
+
+
+def layer_map(student_meta: dict, num_student_layers: int, num_teacher_layers: int) -> list[int]:
+    """Teacher layer for each student layer, from the chop metadata (identity for an unchopped student).
+
+    Raises:
+        ValueError: when the metadata does not describe a chop of a ``num_teacher_layers``-layer model
+            into ``num_student_layers`` layers.
+    """
+    removed = student_meta.get("removed_layers")
+    if not removed:
+        if num_student_layers != num_teacher_layers:
+            raise ValueError(
+                f"student has {num_student_layers} layers, teacher {num_teacher_layers}, and the student's "
+                "layerchop.json names no removed_layers to map one onto the other"
+            )
+        return list(range(num_student_layers))
+    before = int(student_meta.get("num_layers_before", num_teacher_layers))
+    if before != num_teacher_layers:
+        raise ValueError(f"the student was chopped from a {before}-layer model; the teacher has "
+                         f"{num_teacher_layers} layers")
+    kept = [i for i in range(num_teacher_layers) if i not in set(removed)]
+    if len(kept) != num_student_layers:
+        raise ValueError(f"removed_layers={removed} leaves {len(kept)} layers; the student has {num_student_layers}")
+    return kept
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return decoder.norm
+
+
+class Capture:
+    """Forward hooks keeping decoder-layer outputs, attention-block outputs and the final normed hidden."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[int], hidden: bool, attention: bool):
+        blocks = decoder_layers(model)
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.attn: dict[int, torch.Tensor] = {}
+        self.final: Optional[torch.Tensor] = None
+        self.handles = []
+        for i in layers:
+            if hidden:
+                self.handles.append(blocks[i].register_forward_hook(self._keep(self.hidden, i)))
+            if attention:
+                self.handles.append(blocks[i].self_attn.register_forward_hook(self._keep(self.attn, i)))
+        self.handles.append(final_norm(model).register_forward_hook(self._keep_final))
+
+    @staticmethod
+    def _keep(store: dict, i: int):
+        def hook(module, args, output):
+            store[i] = output[0] if isinstance(output, tuple) else output  # [B, T, D]
+
+        return hook
+
+    def _keep_final(self, module, args, output) -> None:
+        self.final = output
+
+    def clear(self) -> None:
+        self.hidden.clear()
+        self.attn.clear()
+        self.final = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _identity_or_default(d_in: int, d_out: int) -> nn.Linear:
+    proj = nn.Linear(d_in, d_out, bias=False)
+    if d_in == d_out:
+        with torch.no_grad():
+            nn.init.eye_(proj.weight)
+    return proj
+
+
+@dataclasses.dataclass
+class TeacherOut:
+    """What the student's forward needs from the teacher (no gradients)."""
+
+    capture: Capture
+    head_VD: Optional[torch.Tensor]
+    embed_VD: Optional[torch.Tensor]
+
+
+class DistillStudent(nn.Module):
+    """The student plus the learned projections; its ``forward`` computes every loss term.
+
+    Everything that touches the student's root-level weights (embedding, final norm, head) happens inside
+    this module's ``forward``, so under FSDP2 (this module is the root) they are unsharded when used.
+
+    Args:
+        student: HF causal LM.
+        teacher_hidden: Teacher hidden size (projections are ``D_s -> D_t``, identity when equal).
+        mapping: Teacher layer of each student layer.
+        cfg: :class:`layerchop.config.DistillConfig`.
+    """
+
+    def __init__(self, student: nn.Module, teacher_hidden: int, mapping: Sequence[int], cfg):
+        super().__init__()
+        self.student = student
+        self.cfg = cfg
+        self.mapping = list(mapping)
+        d_s = student.config.hidden_size
+        n = len(decoder_layers(student))
+        if len(self.mapping) != n:
+            raise ValueError(f"layer map has {len(self.mapping)} entries for a {n}-layer student")
+        if cfg.w_att and d_s != teacher_hidden:
+            raise ValueError(f"distill.w_att={cfg.w_att} needs equal hidden sizes (student {d_s}, teacher "
+                             f"{teacher_hidden}): the attention term has no projection")
+        self.hid_proj = nn.ModuleList([_identity_or_default(d_s, teacher_hidden) for _ in range(n)])
+        self.emb_proj = _identity_or_default(d_s, teacher_hidden)
+        self.capture = Capture(student, range(n), hidden=bool(cfg.w_hid), attention=bool(cfg.w_att))
+
+    @property
+    def config(self):
+        return self.student.config
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                teacher: Optional[TeacherOut] = None, use_cache: bool = False):
+        if teacher is None:  # plain LM forward (validation)
+            return self.student(input_ids=input_ids, labels=labels, use_cache=False)
+        input_ids_BT, labels_BT = input_ids, labels
+        cfg = self.cfg
+        B, T = input_ids_BT.shape
+        real_BT = labels_BT != IGNORE_INDEX  # real tokens (the packed tail is padding)
+        targets_BT = torch.cat([labels_BT[:, 1:], torch.full_like(labels_BT[:, :1], IGNORE_INDEX)], dim=1)
+        self.capture.clear()
+        no_logits = torch.zeros(0, dtype=torch.long, device=input_ids_BT.device)
+        self.student(input_ids=input_ids_BT, logits_to_keep=no_logits, use_cache=False)
+        cap_s, cap_t = self.capture, teacher.capture
+        terms: dict[str, torch.Tensor] = {}
+        total = None
+        if cfg.w_lm or cfg.w_kl:
+            h_s = cap_s.final.reshape(B * T, -1)
+            h_t = cap_t.final.reshape(B * T, -1) if cfg.w_kl else None
+            total, lm, kl = chunked_lm_kl(
+                h_s, self.student.get_output_embeddings().weight, targets_BT.reshape(-1),
+                h_t_ND=h_t, w_t_VD=teacher.head_VD, kl_mask_N=real_BT.reshape(-1),
+                temperature=cfg.temperature, w_lm=cfg.w_lm, w_kl=cfg.w_kl, chunk=cfg.chunk_tokens,
+            )
+            if cfg.w_lm:
+                terms["lm"] = lm
+            if cfg.w_kl:
+                terms["kl"] = kl
+        extra = []
+        if cfg.w_hid:
+            terms["hid"] = layer_sum_mse([cap_s.hidden[k] for k in range(len(self.mapping))],
+                                         [cap_t.hidden[m] for m in self.mapping], list(self.hid_proj), real_BT)
+            extra.append(cfg.w_hid * terms["hid"])
+        if cfg.w_att:
+            terms["att"] = layer_sum_mse([cap_s.attn[k] for k in range(len(self.mapping))],
+                                         [cap_t.attn[m] for m in self.mapping], None, real_BT)
+            extra.append(cfg.w_att * terms["att"])
+        if cfg.w_emb:
+            terms["emb"] = embedding_mse(teacher.embed_VD, self.student.get_input_embeddings().weight, self.emb_proj)
+            extra.append(cfg.w_emb * terms["emb"])
+        for e in extra:
+            total = e if total is None else total + e
+        cap_s.clear()
+        return total, {k: v.detach() for k, v in terms.items()}
+
+
+def _fsdp_call(module: nn.Module, name: str) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        getattr(module, name)()
+
+
+def distill_step(student: DistillStudent, teacher: nn.Module, teacher_capture: Capture,
+                 input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Teacher forward (no grad), then the student's forward with every loss term.
+
+    Returns:
+        ``(total, terms)``: the weighted loss and the detached unweighted terms by name.
+    """
+    cfg = student.cfg
+    teacher_capture.clear()
+    need_teacher = bool(cfg.w_kl or cfg.w_hid or cfg.w_att or cfg.w_emb)
+    if need_teacher:
+        with torch.no_grad():
+            no_logits = torch.zeros(0, dtype=torch.long, device=input_ids_BT.device)
+            teacher(input_ids=input_ids_BT, logits_to_keep=no_logits, use_cache=False)
+    # the teacher's head and embedding are used inside the student's forward: keep them gathered until then
+    _fsdp_call(teacher, "unshard")
+    try:
+        out = TeacherOut(
+            teacher_capture,
+            head_VD=teacher.get_output_embeddings().weight.detach() if cfg.w_kl else None,
+            embed_VD=teacher.get_input_embeddings().weight.detach() if cfg.w_emb else None,
+        )
+        total, terms = student(input_ids_BT, labels_BT, teacher=out)
+    finally:
+        _fsdp_call(teacher, "reshard")
+        teacher_capture.clear()
+    return total, terms
+
+
+def teacher_capture(teacher: nn.Module, mapping: Sequence[int], cfg) -> Capture:
+    return Capture(teacher, sorted(set(mapping)), hidden=bool(cfg.w_hid), attention=bool(cfg.w_att))
+
+
+def freeze(teacher: nn.Module) -> nn.Module:
+    teacher.eval()
+    teacher.requires_grad_(False)
+    teacher.config.use_cache = False
+    return teacher
+
+
+def distill_step_flops(student_config, teacher_config, mapping: Sequence[int], cfg, batch_size: int,
+                       seq_len: int) -> int:
+    """Measured FLOPs of one distillation micro-batch: student forward + backward (with projections and
+    the chunked head) and teacher forward."""
+    from layerchop.train.flops import measure, meta_model
+
+    with torch.device("meta"):
+        student = DistillStudent(meta_model(student_config), teacher_config.hidden_size, mapping, cfg)
+    teacher = freeze(meta_model(teacher_config))
+    cap = teacher_capture(teacher, mapping, cfg)
+    x_BT = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    return measure(lambda: distill_step(student, teacher, cap, x_BT, x_BT)[0])
+
+
+class DistillModule(CausalLMModule):
+    """:class:`CausalLMModule` with a frozen teacher and the distillation loss.
+
+    Shares the data module, optimizer, schedule, logging, compute accounting and export with the
+    continued-pretraining module; overrides only the model construction and the training loss.
+
+    Args:
+        model_dir: The chopped student's initial weights.
+        teacher_dir: The uncompressed teacher.
+        cfg: :class:`layerchop.config.TrainConfig`.
+        distill_cfg: :class:`layerchop.config.DistillConfig`.
+        mapping: Teacher layer of each student layer (:func:`layer_map`).
+        student, teacher: Already-built models to use instead of loading the directories (tests).
+    """
+
+    no_decay_prefixes = ("hid_proj.", "emb_proj.")  # the projections start at identity: no pull to zero
+
+    def __init__(self, model_dir, teacher_dir, cfg, distill_cfg, mapping: Sequence[int], max_steps: int,
+                 tokens_per_step: int, student: Optional[nn.Module] = None, teacher: Optional[nn.Module] = None):
+        super().__init__(model_dir, cfg, max_steps=max_steps, tokens_per_step=tokens_per_step)
+        self.teacher_dir = teacher_dir
+        self.distill_cfg = distill_cfg
+        self.mapping = list(mapping)
+        self._student_init = student
+        # outside the module tree: no optimizer state, no checkpoint entries, never put in train mode
+        object.__setattr__(self, "teacher", teacher)
+        object.__setattr__(self, "teacher_capture", None)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM
+
+        student = self._student_init
+        if student is None:
+            student = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        teacher = self.teacher
+        if teacher is None:
+            teacher = AutoModelForCausalLM.from_pretrained(self.teacher_dir, dtype=torch.float32)
+        student.config.use_cache = False
+        object.__setattr__(self, "teacher", freeze(teacher))
+        object.__setattr__(self, "teacher_capture", teacher_capture(teacher, self.mapping, self.distill_cfg))
+        self.model = DistillStudent(student, teacher.config.hidden_size, self.mapping, self.distill_cfg)
+        self.model.train()
+        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
+        if mesh is not None:
+            dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+            for m, layers in ((self.model, decoder_layers(student)), (teacher, decoder_layers(teacher))):
+                apply_fsdp2(m, dp_mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype, layers=layers)
+
+    def on_fit_start(self) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self.teacher, FSDPModule):  # FSDP2 already placed the shards
+            self.teacher.to(self.device)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        total, terms = distill_step(self.model, self.teacher, self.teacher_capture, batch["input_ids"],
+                                    batch["labels"])
+        self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False)
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value, on_step=True, on_epoch=False)
+        return total
+
+    def export_state(self):
+        """The student alone (no projections): ``(config, full state dict)``; a collective under FSDP2."""
+        sd = full_state_dict(self.model)
+        prefix = "student."
+        return self.model.student.config, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def load_layer_map(student_dir: str | Path, teacher_dir: str | Path) -> list[int]:
+    """:func:`layer_map` from the two directories' configs and the student's ``layerchop.json``."""
+    from transformers import AutoConfig
+
+    from layerchop.io import read_metadata
+
+    return layer_map(read_metadata(student_dir), AutoConfig.from_pretrained(student_dir).num_hidden_layers,
+                     AutoConfig.from_pretrained(teacher_dir).num_hidden_layers)
