@@ -321,3 +321,22 @@ def test_equal_flop_arms_curves_and_figure4(tmp_path, tiny_dir, tiny_prepared):
     assert f"{kd['tokens']:,}" in table and f"{lm['tokens']:,}" in table
     for ext in ("png", "pdf"):
         assert (tmp_path / "figs" / f"fig4_distill_vs_layerchop.{ext}").stat().st_size > 10_000
+
+
+def test_fsdp2_shards_teacher_and_student(tmp_path, tiny_dir, tiny_prepared):
+    """Inside the 2-rank run: the teacher is fully_shard-ed per layer and at the root (DTensor parameters,
+    about half of them local to each rank), stays in eval mode without gradients, and is unchanged."""
+    import json
+
+    script = Path(__file__).parent / "scripts" / "fsdp_distill_check.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tiny_dir), str(tiny_prepared), str(tmp_path / "out")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    reports = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rep in reports:
+        assert rep["world"] == 2 and rep["steps"] == 2 and rep["loss_finite"]
+        assert rep["teacher_root_fsdp"] and rep["teacher_layers_fsdp"] and rep["teacher_all_dtensor"]
+        assert not rep["teacher_training"] and not rep["teacher_requires_grad"] and rep["teacher_unchanged"]
+        assert rep["student_root_fsdp"] and rep["student_all_dtensor"]
+        assert 0.4 < rep["teacher_local_fraction"] < 0.6 and 0.4 < rep["student_local_fraction"] < 0.6
