@@ -340,3 +340,39 @@ def test_fsdp2_shards_teacher_and_student(tmp_path, tiny_dir, tiny_prepared):
         assert not rep["teacher_training"] and not rep["teacher_requires_grad"] and rep["teacher_unchanged"]
         assert rep["student_root_fsdp"] and rep["student_all_dtensor"]
         assert 0.4 < rep["teacher_local_fraction"] < 0.6 and 0.4 < rep["student_local_fraction"] < 0.6
+
+
+def test_interrupted_distill_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_dir, tiny_prepared):
+    """Projections, optimizer, data position and the compute record come back from the checkpoint;
+    snapshots written before the interruption are kept."""
+    from safetensors.torch import load_file
+
+    from layerchop.io import read_metadata
+    from layerchop.prune.chop import chop_layers
+    from layerchop.train.run import train
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerchop.io import save_model_dir
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    kept = chop_layers(student, [2, 3])
+    chopped = tmp_path / "chopped"
+    save_model_dir(student, AutoTokenizer.from_pretrained(tiny_dir), chopped,
+                   metadata={"removed_layers": [2, 3], "kept_layers": kept, "num_layers_before": 6})
+    cfg = tiny_cfg(token_budget=6 * 4 * 32, ckpt_every=3)
+    kw = dict(objective="distill", teacher_dir=tiny_dir, distill_cfg=DistillConfig(chunk_tokens=50), snapshots=1)
+    train(chopped, tiny_prepared, tmp_path / "a", cfg, run_dir=tmp_path / "run_a", resume="never",
+          snapshot_dir=tmp_path / "snap_a", **kw)
+    train(chopped, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", max_steps_override=4,
+          snapshot_dir=tmp_path / "snap_b", **kw)
+    assert not (tmp_path / "b").exists() and (tmp_path / "run_b" / "snapshots" / "step_000003").exists()
+    meta = train(chopped, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", resume="auto",
+                 snapshot_dir=tmp_path / "snap_b", log_csv=tmp_path / "b.csv", **kw)
+    assert meta["steps"] == 6 and meta["compute"]["flops"] == 6 * meta["compute"]["flops_per_step"]
+    assert meta["compute"]["train_s"] > 0
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert sorted(p.name for p in (tmp_path / "snap_b").iterdir()) == ["step_000003"]
+    assert read_metadata(tmp_path / "snap_b" / "step_000003")["compute"]["steps"] == 3

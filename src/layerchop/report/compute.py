@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from layerchop.report.tables import average_accuracy, fmt_ppl, task_columns
 from layerchop.train.flops import to_gpu_hours
@@ -88,7 +88,3 @@ def load_arms(curves: list[dict[str, Any]], start: dict[str, Any]) -> tuple[list
         arms.append({"label": LABELS.get(c["objective"], c["objective"]), "objective": c["objective"],
                      "compute": c["compute"], "distill": c.get("distill"), "series": arm_series(c, start, cols)})
     return arms, cols
-
-
-def ratio(a: Optional[float], b: Optional[float]) -> str:
-    return "–" if not a or not b else f"{a / b:.2f}"
