@@ -22,6 +22,24 @@ REPO = Path(__file__).resolve().parents[1]
 TERMS = ("lm", "kl", "hid", "att", "emb")
 
 
+def chopped_setup(tmp_path, tiny_dir, train: dict, distill: dict | None = None, **sections):
+    """A params file for the tiny model (2 of 6 layers removed, ``input`` layout) and the chopped model."""
+    from layerchop.cli import main
+
+    params = yaml.safe_load(open(REPO / "params.yaml"))
+    params["chop"] = {"layout": "input", "num_remove": 2, "indices": None}
+    params["train"].update({**dict(batch_size=4, lr=3e-3, warmup_steps=1, precision="32-true", accelerator="cpu",
+                                   ckpt_every=0, val_batches=1), **train})
+    params["distill"].update(distill or {})
+    for name, values in sections.items():
+        params[name].update(values)
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    chopped = tmp_path / "chopped"
+    assert main(["chop", "--params", str(pfile), "--model", str(tiny_dir), "--out", str(chopped)]) == 0
+    return pfile, chopped
+
+
 def test_chunked_lm_kl_equals_unchunked_values_and_gradients():
     g = torch.Generator().manual_seed(0)
     N, D, V = 37, 16, 50
@@ -197,15 +215,7 @@ def test_distill_run_exports_student_snapshots_and_compute(tmp_path, tiny_dir, t
     from layerchop.io import read_json, read_metadata
     from layerchop.train.distill import distill_step_flops
 
-    params = yaml.safe_load(open(REPO / "params.yaml"))
-    params["chop"] = {"layout": "input", "num_remove": 2, "indices": None}
-    params["train"].update(dict(batch_size=4, lr=3e-3, warmup_steps=1, precision="32-true", accelerator="cpu",
-                                ckpt_every=0, val_batches=1))
-    params["distill"] = {**params["distill"], "chunk_tokens": 40}
-    pfile = tmp_path / "params.yaml"
-    pfile.write_text(yaml.safe_dump(params))
-    chopped = tmp_path / "chopped"
-    assert main(["chop", "--params", str(pfile), "--model", str(tiny_dir), "--out", str(chopped)]) == 0
+    pfile, chopped = chopped_setup(tmp_path, tiny_dir, {}, {"chunk_tokens": 40})
     from transformers import AutoConfig
 
     mapping = load_layer_map(chopped, tiny_dir)
@@ -243,18 +253,9 @@ def test_distill_run_exports_student_snapshots_and_compute(tmp_path, tiny_dir, t
 
 def test_fsdp2_distill_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared):
     """Teacher and student both sharded with FSDP2 (ModelParallelStrategy, 2 gloo ranks), via the CLI."""
-    from layerchop.cli import main
-
-    params = yaml.safe_load(open(REPO / "params.yaml"))
-    params["chop"] = {"layout": "input", "num_remove": 2, "indices": None}
-    params["train"].update(dict(token_budget=4 * 2 * 2 * 32, batch_size=2, lr=3e-3, warmup_steps=1,
-                                precision="32-true", strategy="fsdp", devices=2, accelerator="cpu",
-                                ckpt_every=2, val_batches=1))
-    params["distill"] = {**params["distill"], "chunk_tokens": 24}
-    pfile = tmp_path / "params.yaml"
-    pfile.write_text(yaml.safe_dump(params))
-    chopped = tmp_path / "chopped"
-    assert main(["chop", "--params", str(pfile), "--model", str(tiny_dir), "--out", str(chopped)]) == 0
+    pfile, chopped = chopped_setup(tmp_path, tiny_dir, dict(token_budget=4 * 2 * 2 * 32, batch_size=2,
+                                                             strategy="fsdp", devices=2, ckpt_every=2),
+                                   {"chunk_tokens": 24})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "layerchop.cli", "train", "--params", str(pfile), "--objective", "distill",
            "--teacher", str(tiny_dir), "--init", str(chopped), "--data", str(tiny_prepared), "--out",
@@ -284,17 +285,9 @@ def test_equal_flop_arms_curves_and_figure4(tmp_path, tiny_dir, tiny_prepared):
     from layerchop.cli import main
     from layerchop.io import read_json, read_metadata
 
-    params = yaml.safe_load(open(REPO / "params.yaml"))
-    params["chop"] = {"layout": "input", "num_remove": 2, "indices": None}
-    params["train"].update(dict(batch_size=4, lr=3e-3, warmup_steps=1, precision="32-true", accelerator="cpu",
-                                ckpt_every=0, val_batches=1))
-    params["evaluate"].update(dict(ppl_max_sequences=4, limit=8, batch_size=4))
-    params["figure4"]["flop_budget"] = 2.0e9
-    pfile = tmp_path / "params.yaml"
-    pfile.write_text(yaml.safe_dump(params))
+    pfile, chopped = chopped_setup(tmp_path, tiny_dir, {}, evaluate=dict(ppl_max_sequences=4, limit=8, batch_size=4),
+                                   figure4={"flop_budget": 2.0e9})
     P = ["--params", str(pfile)]
-    chopped = tmp_path / "chopped"
-    assert main(["chop", *P, "--model", str(tiny_dir), "--out", str(chopped)]) == 0
     assert main(["evaluate", *P, "--model", str(chopped), "--data", str(tiny_prepared), "--out",
                  str(tmp_path / "eval" / "chopped")]) == 0
     for arm, extra in (("layerchop", ["--objective", "lm"]), ("distill", ["--objective", "distill", "--teacher",
