@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from layerchop.report.tables import average_accuracy, fmt_ppl, task_columns
+from layerchop.report.tables import average_accuracy, fmt_ppl, save_figure, task_columns
 from layerchop.train.flops import to_gpu_hours
 
 LABELS = {"lm": "LayerChop (continued pretraining)", "distill": "LayerChop + distill"}
@@ -45,10 +45,7 @@ def figure4(arms: list[dict[str, Any]], out_stem: Path, gpu: str) -> None:
     fig.suptitle(f"LayerChop vs LayerChop + distill at equal FLOPs ({gpu}-hours: see paper/tables/distill.md)",
                  fontsize=10)
     fig.tight_layout()
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_stem.with_suffix(".png"), dpi=150)
-    fig.savefig(out_stem.with_suffix(".pdf"), metadata={"CreationDate": None})
-    plt.close(fig)
+    save_figure(fig, out_stem)
 
 
 def _gpu_hours(flops: float, cfg) -> str:

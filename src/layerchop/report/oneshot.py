@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from layerchop.report.tables import average_accuracy, fmt_ppl, task_columns
+from layerchop.report.tables import average_accuracy, fmt_ppl, save_figure, task_columns
 
 
 def oneshot_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -48,7 +48,4 @@ def figure1(rows: list[dict[str, Any]], out_stem: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best", framealpha=0.9)
     fig.tight_layout()
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_stem.with_suffix(".png"), dpi=150)
-    fig.savefig(out_stem.with_suffix(".pdf"), metadata={"CreationDate": None})  # byte-stable across runs
-    plt.close(fig)
+    save_figure(fig, out_stem)

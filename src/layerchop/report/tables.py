@@ -94,6 +94,16 @@ def latex(header: list[str], body: list[list[str]], caption: str, label: str = "
     return "\n".join(out) + "\n"
 
 
+def save_figure(fig, out_stem: Path) -> None:
+    """``<stem>.png`` (150 dpi) and a byte-stable ``<stem>.pdf`` (no creation date), then close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_stem.with_suffix(".png"), dpi=150)
+    fig.savefig(out_stem.with_suffix(".pdf"), metadata={"CreationDate": None})
+    plt.close(fig)
+
+
 def read_log(path: Path) -> dict[str, list[tuple[float, float]]]:
     """Series ``{metric: [(tokens, value)]}`` from a Lightning CSV log."""
     series: dict[str, list[tuple[float, float]]] = {}

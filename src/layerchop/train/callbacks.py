@@ -76,7 +76,7 @@ class ComputeMeter(Callback):
             "train_s": round(self.offset["train_s"] + self.train_s, 3),
             "device_s": round((self.offset["train_s"] + self.train_s) * self.world, 3),
             "s_per_step": round(self.train_s / step, 4) if step else None,
-            "warm_start": {k: v for k, v in self.offset.items()} if self.offset["flops"] else None,
+            "warm_start": dict(self.offset) if self.offset["flops"] else None,
             "flop_convention": FLOP_CONVENTION,
         }
 

@@ -150,8 +150,10 @@ class DistillStudent(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 teacher: Optional[TeacherOut] = None, use_cache: bool = False):
-        if teacher is None:  # plain LM forward (validation)
-            return self.student(input_ids=input_ids, labels=labels, use_cache=False)
+        if teacher is None:  # plain LM forward (validation): nothing to capture
+            out = self.student(input_ids=input_ids, labels=labels, use_cache=False)
+            self.capture.clear()
+            return out
         input_ids_BT, labels_BT = input_ids, labels
         cfg = self.cfg
         B, T = input_ids_BT.shape
@@ -175,20 +177,18 @@ class DistillStudent(nn.Module):
                 terms["lm"] = lm
             if cfg.w_kl:
                 terms["kl"] = kl
-        extra = []
         if cfg.w_hid:
             terms["hid"] = layer_sum_mse([cap_s.hidden[k] for k in range(len(self.mapping))],
                                          [cap_t.hidden[m] for m in self.mapping], list(self.hid_proj), real_BT)
-            extra.append(cfg.w_hid * terms["hid"])
         if cfg.w_att:
             terms["att"] = layer_sum_mse([cap_s.attn[k] for k in range(len(self.mapping))],
                                          [cap_t.attn[m] for m in self.mapping], None, real_BT)
-            extra.append(cfg.w_att * terms["att"])
         if cfg.w_emb:
             terms["emb"] = embedding_mse(teacher.embed_VD, self.student.get_input_embeddings().weight, self.emb_proj)
-            extra.append(cfg.w_emb * terms["emb"])
-        for e in extra:
-            total = e if total is None else total + e
+        for name in ("hid", "att", "emb"):
+            if name in terms:
+                weighted = getattr(cfg, f"w_{name}") * terms[name]
+                total = weighted if total is None else total + weighted
         cap_s.clear()
         return total, {k: v.detach() for k, v in terms.items()}
 
@@ -277,8 +277,9 @@ class DistillModule(CausalLMModule):
         self.teacher_dir = teacher_dir
         self.distill_cfg = distill_cfg
         self.mapping = list(mapping)
-        self._student_init = student
-        # outside the module tree: no optimizer state, no checkpoint entries, never put in train mode
+        # outside the module tree: no optimizer state, no checkpoint entries, never put in train mode (the
+        # student enters the tree as part of ``self.model`` in configure_model)
+        object.__setattr__(self, "_student_init", student)
         object.__setattr__(self, "teacher", teacher)
         object.__setattr__(self, "teacher_capture", None)
 
@@ -298,9 +299,8 @@ class DistillModule(CausalLMModule):
         object.__setattr__(self, "teacher_capture", teacher_capture(teacher, self.mapping, self.distill_cfg))
         self.model = DistillStudent(student, teacher.config.hidden_size, self.mapping, self.distill_cfg)
         self.model.train()
-        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
-        if mesh is not None:
-            dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        dp_mesh = self.data_parallel_mesh()
+        if dp_mesh is not None:
             for m, layers in ((self.model, decoder_layers(student)), (teacher, decoder_layers(teacher))):
                 apply_fsdp2(m, dp_mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype, layers=layers)
 

@@ -106,10 +106,16 @@ class CausalLMModule(L.LightningModule):
             self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         self.model.config.use_cache = False
         self.model.train()
-        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
-        if mesh is not None:
-            dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        dp_mesh = self.data_parallel_mesh()
+        if dp_mesh is not None:
             apply_fsdp2(self.model, dp_mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype)
+
+    def data_parallel_mesh(self):
+        """The data-parallel device mesh under ``ModelParallelStrategy``; None otherwise."""
+        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
+        if mesh is None:
+            return None
+        return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
         return self.model(input_ids=input_ids, labels=labels, use_cache=False)

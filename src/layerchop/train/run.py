@@ -96,7 +96,8 @@ def merge_csv_logs(log_root: Path, dest: Path) -> None:
 
 
 def warm_start(
-    dense_dir: Path, removed: list[int], prepared_dir: Path, cfg, trainer_kwargs: dict, tokens_per_step: int
+    dense_dir: Path, removed: list[int], prepared_dir: Path, cfg, trainer_kwargs: dict, tokens_per_step: int,
+    seq_len: int,
 ) -> tuple[torch.nn.Module, dict, dict]:
     """The paper's warm optimizer: ``cfg.warm_start_steps`` steps on the uncompressed model, then chop.
 
@@ -122,7 +123,6 @@ def warm_start(
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - t0
     world = cfg.devices * cfg.num_nodes
-    seq_len = tokens_per_step // (cfg.batch_size * cfg.accumulate * world)
     flops = cfg.warm_start_steps * cfg.accumulate * world * lm_step_flops(
         AutoConfig.from_pretrained(dense_dir), cfg.batch_size, seq_len)
     spent = {"tokens": cfg.warm_start_steps * tokens_per_step, "flops": flops, "train_s": seconds}
@@ -237,9 +237,8 @@ def train(
         from layerchop.train.distill import load_layer_map
 
         mapping = load_layer_map(init_dir, teacher_dir)
-        teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
-        if teacher_tok.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"--teacher {teacher_dir} and --init {init_dir} have different tokenizers")
+        # the teacher must read the same token ids as the data (and so as the student)
+        check_data_matches_model(prepared_dir, teacher_dir, AutoTokenizer.from_pretrained(teacher_dir))
 
     # the budget: tokens, or FLOPs measured for this objective (never exceeded)
     micro_flops = step_flops(objective, init_dir, teacher_dir, distill_cfg, mapping, cfg.batch_size, seq_len)
@@ -307,7 +306,7 @@ def train(
     model, opt_state, start_samples, spent = None, None, 0, None
     if cfg.warm_start_steps and ckpt_path is None:
         model, opt_state, spent = warm_start(Path(init_meta["chopped_from"]), init_meta["removed_layers"],
-                                             prepared_dir, cfg, common, tokens_per_step)
+                                             prepared_dir, cfg, common, tokens_per_step, seq_len)
         start_samples = cfg.warm_start_steps * cfg.accumulate * cfg.batch_size
         if cfg.strategy == "fsdp":  # a fresh strategy object for the second fit
             from lightning.pytorch.strategies import ModelParallelStrategy
