@@ -79,3 +79,38 @@ def test_prune_stage_writes_masks_and_metadata(tmp_path, tiny_dir, tiny_prepared
     bad = _run(tmp_path, {}, "prune", "--method", "wanda", "--pattern", "3of2", "--model", str(tiny_dir),
                "--data", str(tiny_prepared), "--out", str(tmp_path / "q"))
     assert bad.returncode == 2 and "prune pattern '3of2'" in bad.stderr and not (tmp_path / "q").exists()
+
+
+def _train(tmp_path, overrides: dict, init: Path, data: Path, *extra: str):
+    return _run(tmp_path, {"train.precision": "32-true", "train.batch_size": 4, **overrides}, "train",
+                "--init", str(init), "--data", str(data), "--out", str(tmp_path / "out"),
+                "--run-dir", str(tmp_path / "run"), *extra)
+
+
+def test_train_plan_prints_the_resolved_run_and_writes_nothing(tmp_path, tiny_dir, tiny_prepared):
+    import json
+
+    proc = _train(tmp_path, {"train.token_budget": 10 * 4 * 32, "train.warmup_steps": 2}, tiny_dir, tiny_prepared,
+                  "--plan")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])
+    assert (plan["total_steps"], plan["warm_steps"], plan["tokens_per_step"], plan["world"]) == (10, 0, 128, 1)
+    assert plan["flops"] == 10 * plan["flops_per_step"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"train.token_budget": 4 * 4 * 32, "train.warmup_steps": 4},
+         "train.warmup_steps=4 does not fit this run: its budget (train.token_budget=512) buys 4 optimizer steps"),
+        ({"train.token_budget": 10 ** 6},  # far more than the tiny train split: never a silent second epoch
+         "but the train split holds"),
+    ],
+)
+def test_train_budgets_that_cannot_work_exit_2_before_writing(tmp_path, tiny_dir, tiny_prepared, overrides, message):
+    proc = _train(tmp_path, overrides, tiny_dir, tiny_prepared)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert message in line and line.startswith("layerchop train: error:")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()

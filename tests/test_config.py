@@ -111,3 +111,89 @@ def test_every_evaluated_model_is_produced_by_a_stage():
             if name == "curve":
                 needed |= {f"data/models/fig4-{key}", f"data/snapshots/fig4-{key}"}
     assert needed <= outs, sorted(needed - outs)
+
+
+def _keys(node, prefix=""):
+    if isinstance(node, dict) and not (prefix.endswith("rows") or prefix.endswith("local_tasks")):
+        return {k for key, v in node.items() for k in _keys(v, f"{prefix}.{key}" if prefix else key)} | {prefix}
+    return {prefix}
+
+
+def test_rehearsal_is_the_paper_scale_file_key_for_key():
+    paper = load_params(REPO / "experiments" / "paper-scale" / "params.yaml")
+    rehearsal = load_params(REPO / "experiments" / "rehearsal" / "params.yaml")
+    assert _keys(rehearsal) == _keys(paper)
+    # and both name every key the code knows (no key silently falls back to a default)
+    assert _keys(paper) == _keys(load_params(REPO / "params.yaml"))
+    t = section("train", rehearsal)
+    assert (t.strategy, t.launcher, t.simulate_nodes, t.num_nodes, t.devices) == ("fsdp", "torchrun", True, 2, 2)
+    assert (t.fsdp_param_dtype, t.fsdp_reduce_dtype, t.activation_checkpointing) == ("bfloat16", "float32", True)
+    assert t.warm_start_steps > 0 and t.accumulate > 1 and t.max_restarts >= 1
+
+
+def _train_arms(params: dict):
+    """Every training stage of dvc.yaml with this params file: (name, parsed arguments)."""
+    dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
+    parser = build_parser()
+    for name in ("train", "fig4_train"):
+        for key, st in _expand(dvc["stages"][name]):
+            yield f"{name}@{key}", parser.parse_args(shlex.split(_interpolate_params(st["cmd"], params))[1:])
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_training_stage_of_every_params_file_fits_its_budget(path):
+    """The plan checks that need no data, for every train stage dvc.yaml runs with this file: the warm start
+    and the LR warmup fit every arm's budget, only the LayerChop arms warm-start, and (for a streamed corpus)
+    the download budget covers the training tokens."""
+    import copy
+    import dataclasses
+
+    from layerchop.data.sources import known_config
+    from layerchop.prune.chop import removed_indices
+    from layerchop.train.plan import plan_steps
+
+    params = load_params(path)
+    dense = known_config(section("download", params).model)
+    assert dense is not None, f"{path}: no known architecture for download.model"
+    chop = section("chop", params)
+    removed = removed_indices(dense.num_hidden_layers, layout=chop.layout, num_remove=chop.num_remove,
+                              indices=chop.indices)
+    chopped = copy.deepcopy(dense)
+    chopped.num_hidden_layers -= len(removed)
+    kept = [i for i in range(dense.num_hidden_layers) if i not in removed]
+    seq_len = section("prepare", params).seq_len
+    corpus = section("download", params).corpus
+    warm_arms = []
+    for arm, args in _train_arms(params):
+        cfg = section("train", params)
+        if args.flop_budget is not None:
+            cfg = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
+        init = chopped if args.init.endswith("chopped") else dense
+        steps = plan_steps(cfg, seq_len, init, objective=args.objective, warm_steps=cfg.warm_start_steps
+                           if args.warm_start else 0, dense_config=dense, teacher_config=dense,
+                           distill_cfg=section("distill", params), mapping=kept)
+        assert steps.total_steps > cfg.warmup_steps, arm
+        if args.warm_start:
+            warm_arms.append(arm)
+        if corpus.token_budget is not None:  # a streamed corpus: the train split must cover the budget
+            prep = section("prepare", params)
+            train_tokens = corpus.token_budget * (1 - prep.val_fraction - prep.test_fraction)
+            assert steps.total_steps * steps.tokens_per_step <= train_tokens * cfg.max_data_passes, arm
+    assert sorted(warm_arms) == ["fig4_train@layerchop", "train@layerchop"]
+
+
+def test_budgets_that_do_not_fit_are_refused_naming_the_keys():
+    from transformers import LlamaConfig
+
+    from layerchop.config import TrainConfig
+    from layerchop.data.sources import LLAMA2_7B
+    from layerchop.train.plan import plan_steps
+
+    dense = LlamaConfig(**LLAMA2_7B)
+    base = dict(batch_size=4, accumulate=16, devices=8, num_nodes=4, warmup_steps=2000)
+    # the old paper-scale Figure 4 budget: ~1,200 steps of LayerChop, all of them in warmup
+    with pytest.raises(ValueError, match=r"train.warmup_steps=2000 does not fit .*train.flop_budget=1.1e\+20"):
+        plan_steps(TrainConfig(token_budget=None, flop_budget=1.1e20, **base), 2048, dense)
+    with pytest.raises(ValueError, match=r"train.warm_start_steps=500 uses the whole budget \(train.token_budget="):
+        plan_steps(TrainConfig(token_budget=500 * 4 * 16 * 32 * 2048, warm_start_steps=500, **base), 2048, dense,
+                   warm_steps=500, dense_config=dense)

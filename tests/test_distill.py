@@ -187,7 +187,7 @@ def test_training_step_leaves_teacher_bit_identical_and_frozen(tiny_dir, tiny_pr
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     cfg = tiny_cfg()
     module = DistillModule(None, None, cfg, DistillConfig(chunk_tokens=16), mapping, max_steps=2,
-                           tokens_per_step=128, student=student, teacher=teacher)
+                           student=student, teacher=teacher)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0,
                         use_distributed_sampler=False, enable_model_summary=False)
@@ -343,7 +343,7 @@ def test_interrupted_distill_run_resumes_to_the_uninterrupted_result(tmp_path, t
 
     from layerchop.io import read_metadata
     from layerchop.prune.chop import chop_layers
-    from layerchop.train.run import train
+    from layerchop.train.run import run
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from layerchop.io import save_model_dir
@@ -355,12 +355,12 @@ def test_interrupted_distill_run_resumes_to_the_uninterrupted_result(tmp_path, t
                    metadata={"removed_layers": [2, 3], "kept_layers": kept, "num_layers_before": 6})
     cfg = tiny_cfg(token_budget=6 * 4 * 32, ckpt_every=3)
     kw = dict(objective="distill", teacher_dir=tiny_dir, distill_cfg=DistillConfig(chunk_tokens=50), snapshots=1)
-    train(chopped, tiny_prepared, tmp_path / "a", cfg, run_dir=tmp_path / "run_a", resume="never",
+    run(chopped, tiny_prepared, tmp_path / "a", cfg, run_dir=tmp_path / "run_a", resume="never",
           snapshot_dir=tmp_path / "snap_a", **kw)
-    train(chopped, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", max_steps_override=4,
+    run(chopped, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", stop_after=4,
           snapshot_dir=tmp_path / "snap_b", **kw)
-    assert not (tmp_path / "b").exists() and (tmp_path / "run_b" / "snapshots" / "step_000003").exists()
-    meta = train(chopped, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", resume="auto",
+    assert not (tmp_path / "b").exists() and len(list((tmp_path / "run_b").glob("*/snapshots/step_000003"))) == 1
+    meta = run(chopped, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", resume="auto",
                  snapshot_dir=tmp_path / "snap_b", log_csv=tmp_path / "b.csv", **kw)
     assert meta["steps"] == 6 and meta["compute"]["flops"] == 6 * meta["compute"]["flops_per_step"]
     assert meta["compute"]["train_s"] > 0

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import tiny_prepare_cfg
-from layerchop.data.prepare import IGNORE_INDEX, PackedDataset, prepare, split_documents
+from layerchop.data.prepare import IGNORE_INDEX, PackedDataset, prepare, read_splits, split_documents
 from layerchop.io import read_json
 
 
@@ -36,12 +36,14 @@ def test_packing_loses_no_token(tiny_prepared, tiny_corpus, tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     counts = read_json(tiny_prepared / "counts.json")
     docs = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(tiny_corpus / "documents.jsonl")}
+    splits = read_splits(tiny_prepared)
     seen_docs = []
     for split in ("train", "val", "test"):
         info = counts["splits"][split]
-        seen_docs += info["document_ids"]
+        seen_docs += splits[split]
+        assert info["documents"] == len(splits[split])
         # the corpus file order within a split is preserved by packing
-        order = [d for d in docs if d in set(info["document_ids"])]
+        order = [d for d in docs if d in set(splits[split])]
         expected = []
         for d in order:
             expected += tok(docs[d], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -64,7 +66,7 @@ def test_offline_tasks_are_well_formed(tiny_prepared, tiny_corpus):
     counts = read_json(tiny_prepared / "counts.json")
     assert counts["tasks"] == {"heldout_continuation": 12, "heldout_lastword": 12}
     docs = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(tiny_corpus / "documents.jsonl")}
-    test_ids = counts["splits"]["test"]["document_ids"]
+    test_ids = read_splits(tiny_prepared)["test"]
     test_words = " ".join(" ".join(docs[d].split()) for d in test_ids)
     test_lines = [" ".join(line.split()) for d in test_ids for line in docs[d].splitlines()]
     for name in ("heldout_continuation", "heldout_lastword"):
@@ -105,3 +107,27 @@ def test_memmap_dtype_is_compact(tiny_prepared):
     assert counts["dtype"] == "uint16"
     size = (tiny_prepared / "train.bin").stat().st_size
     assert size == counts["splits"]["train"]["sequences"] * 32 * np.dtype(np.uint16).itemsize
+
+
+def test_parallel_shards_pack_the_same_bytes_and_counts_stay_small(tmp_path, tiny_corpus, tiny_dir, tiny_prepared):
+    """num_proc workers tokenizing contiguous shards give byte-identical splits; counts.json does not grow with
+    the number of documents (every rank reads it)."""
+    parallel = tmp_path / "parallel"
+    prepare(tiny_corpus, tiny_dir, parallel, tiny_prepare_cfg(num_proc=2, batch_size=3))
+    for name in ("train.bin", "val.bin", "test.bin", "splits.tsv"):
+        assert (parallel / name).read_bytes() == (tiny_prepared / name).read_bytes(), name
+    a, b = read_json(parallel / "counts.json"), read_json(tiny_prepared / "counts.json")
+    assert a == b
+    assert not (parallel / ".shards").exists()
+    # a corpus 20x larger: counts.json stays the same size (give or take digits)
+    big = tmp_path / "big"
+    big.mkdir()
+    lines = (tiny_corpus / "documents.jsonl").read_text().splitlines()
+    with open(big / "documents.jsonl", "w") as f:
+        for k in range(20):
+            for line in lines:
+                doc = json.loads(line)
+                f.write(json.dumps({**doc, "id": f"{doc['id']}-{k}"}) + "\n")
+    prepare(big, tiny_dir, tmp_path / "big_prepared", tiny_prepare_cfg(num_proc=2))
+    size_small = (tiny_prepared / "counts.json").stat().st_size
+    assert (tmp_path / "big_prepared" / "counts.json").stat().st_size < size_small + 200

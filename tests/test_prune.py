@@ -147,7 +147,7 @@ def test_sparse_continued_pretraining_keeps_masks_fixed(tmp_path, tiny_dir, tiny
 
     train_run.KeepMasks.on_train_batch_end = spy
     try:
-        meta = train_run.train(tmp_path / "p", tiny_prepared, tmp_path / "out",
+        meta = train_run.run(tmp_path / "p", tiny_prepared, tmp_path / "out",
                                tiny_train_cfg(token_budget=4 * 4 * 32, weight_decay=0.1),
                                run_dir=tmp_path / "run")
     finally:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from layerchop.config import TrainConfig
 from layerchop.train.module import lr_lambda, param_groups
-from layerchop.train.run import train
+from layerchop.train.run import run
 
 GOLDEN = Path(__file__).parent / "golden" / "train_losses.json"
 
@@ -54,7 +54,7 @@ def test_no_weight_decay_on_norms_and_biases():
 
 
 def test_seeded_run_reproduces_golden_losses(tmp_path, tiny_dir, tiny_prepared):
-    meta = train(tiny_dir, tiny_prepared, tmp_path / "out", tiny_train_cfg(), run_dir=tmp_path / "run",
+    meta = run(tiny_dir, tiny_prepared, tmp_path / "out", tiny_train_cfg(), run_dir=tmp_path / "run",
                  log_csv=tmp_path / "log.csv")
     got = losses(tmp_path / "log.csv")
     assert len(got) == 5 and meta["steps"] == 5 and meta["tokens_this_stage"] == 640
@@ -67,14 +67,15 @@ def test_seeded_run_reproduces_golden_losses(tmp_path, tiny_dir, tiny_prepared):
 
 def test_resume_from_mid_run_checkpoint_matches_uninterrupted(tmp_path, tiny_dir, tiny_prepared):
     cfg = tiny_train_cfg(token_budget=6 * 4 * 32, ckpt_every=3)
-    train(tiny_dir, tiny_prepared, tmp_path / "a", cfg, run_dir=tmp_path / "run_a", resume="never")
+    run(tiny_dir, tiny_prepared, tmp_path / "a", cfg, run_dir=tmp_path / "run_a", resume="never")
     # interrupted run: stops at step 3 (checkpoint written, nothing exported), then resumes
-    train(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", max_steps_override=3)
-    assert (tmp_path / "run_b" / "checkpoints" / "last.ckpt").exists()
+    run(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", stop_after=3)
+    [ckpt_path] = (tmp_path / "run_b").glob("*/checkpoints/step*.ckpt")  # <run>/<fingerprint>/checkpoints
+    assert ckpt_path.name == "step00000003.ckpt"
     assert not (tmp_path / "b").exists()
-    ckpt = torch.load(tmp_path / "run_b" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
     assert ckpt["global_step"] == 3
-    meta = train(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", resume="auto",
+    meta = run(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", resume="auto",
                  log_csv=tmp_path / "b.csv")
     assert meta["steps"] == 6
     assert len(losses(tmp_path / "b.csv")) == 6  # the logs of both invocations are merged
@@ -97,7 +98,7 @@ def test_tokenizer_mismatch_is_refused(tmp_path, tiny_prepared, tiny_dir):
     tok.add_tokens(["<extra_token>"])
     save_model_dir(AutoModelForCausalLM.from_pretrained(tiny_dir), tok, tmp_path / "other", metadata={})
     with pytest.raises(ValueError, match=r"was tokenized with tokenizer [0-9a-f]+, but .*other uses [0-9a-f]+"):
-        train(tmp_path / "other", tiny_prepared, tmp_path / "out", tiny_train_cfg(), run_dir=tmp_path / "run")
+        run(tmp_path / "other", tiny_prepared, tmp_path / "out", tiny_train_cfg(), run_dir=tmp_path / "run")
     assert not (tmp_path / "out").exists()
 
 
@@ -153,7 +154,8 @@ def test_fsdp2_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared, pruned_2of4_
     got = losses(tmp_path / "log.csv")
     assert len(got) == 6 and got[-1] < got[0]
     # the sharded checkpoint is a directory of per-rank shards (distributed checkpoint)
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_dir()
+    [ckpt] = (tmp_path / "run").glob("*/checkpoints/step*.ckpt")
+    assert ckpt.name == "step00000006.ckpt" and (ckpt / "meta.pt").exists()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -186,34 +188,75 @@ def test_chop_state_keys_renumbers_and_drops():
         "param_groups": [{"lr": 1.0, "params": ["model.layers.1.mlp.w"]}]}
 
 
-def test_warm_start_trains_dense_then_chops_with_optimizer_state(tmp_path, tiny_dir, tiny_prepared):
+def lrs(csv_path: Path) -> list[float]:
+    with open(csv_path) as f:
+        return [float(r["train/lr"]) for r in csv.DictReader(f) if r.get("train/lr")]
+
+
+@pytest.fixture()
+def chopped_dir(tmp_path, tiny_dir) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from layerchop.io import read_metadata, save_model_dir
+    from layerchop.io import save_model_dir
     from layerchop.prune.chop import chop_layers
 
     chopped = AutoModelForCausalLM.from_pretrained(tiny_dir)
     chop_layers(chopped, [2, 3])
     save_model_dir(chopped, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "chopped",
                    metadata={"removed_layers": [2, 3], "chopped_from": str(tiny_dir)})
-    cold = train(tmp_path / "chopped", tiny_prepared, tmp_path / "cold", tiny_train_cfg(token_budget=3 * 4 * 32),
-                 run_dir=tmp_path / "run_cold")
-    warm = train(tmp_path / "chopped", tiny_prepared, tmp_path / "warm",
-                 tiny_train_cfg(token_budget=3 * 4 * 32, warm_start_steps=2), run_dir=tmp_path / "run_warm",
-                 log_csv=tmp_path / "warm.csv")
-    assert warm["tokens_trained"] == cold["tokens_trained"] + 2 * 4 * 32
-    # every parameter of the chopped model starts with the Adam state of 2 warm steps
-    n_params = len(list(chopped.parameters()))
+    return tmp_path / "chopped"
+
+
+def test_warm_start_is_inside_the_budget_and_the_schedule(tmp_path, tiny_dir, tiny_prepared, chopped_dir):
+    """2 warm steps on the dense model + 3 on the chopped one = the 5 steps of the budget, one LR schedule."""
+    from transformers import AutoConfig
+
+    from layerchop.io import read_metadata
+    from layerchop.train.flops import lm_step_flops
+
+    cfg = tiny_train_cfg(token_budget=5 * 4 * 32, warmup_steps=3, warm_start_steps=2)
+    cold = run(chopped_dir, tiny_prepared, tmp_path / "cold", cfg, run_dir=tmp_path / "run_cold",
+               log_csv=tmp_path / "cold.csv")  # no --warm-start: train.warm_start_steps is not inherited
+    warm = run(chopped_dir, tiny_prepared, tmp_path / "warm", cfg, run_dir=tmp_path / "run_warm", warm_start=True,
+               log_csv=tmp_path / "warm.csv")
+    assert cold["steps"] == 5 and cold["compute"]["warm_start"] is None
+    assert warm["steps"] == 3 and warm["tokens_trained"] == cold["tokens_trained"] == 5 * 4 * 32
+    dense_step = lm_step_flops(AutoConfig.from_pretrained(tiny_dir), 4, 32)
+    chopped_step = lm_step_flops(AutoConfig.from_pretrained(chopped_dir), 4, 32)
+    assert warm["compute"]["flops"] == 2 * dense_step + 3 * chopped_step
+    assert warm["compute"]["warm_start"]["tokens"] == 2 * 4 * 32
+    # the chopped run continues the schedule where the warm steps left it (warmup 3 of 5 steps)
+    assert lrs(tmp_path / "warm.csv") == pytest.approx(lrs(tmp_path / "cold.csv")[2:], rel=1e-6)
+    # every parameter of the chopped model starts with the Adam state of the 2 warm steps
+    from transformers import AutoModelForCausalLM
+
+    n_params = len(list(AutoModelForCausalLM.from_pretrained(chopped_dir).parameters()))
     assert warm["warm_start_optimizer"] == {"params_with_state": n_params, "steps": [2.0]}
     assert read_metadata(tmp_path / "warm")["num_hidden_layers"] == 4
     a = load_file(tmp_path / "cold" / "model.safetensors")
     b = load_file(tmp_path / "warm" / "model.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    # the main run starts from the warm-trained weights: its first loss is below the cold run's
-    cold_losses = losses(tmp_path / "run_cold" / "logs" / "version_0" / "metrics.csv")
-    assert losses(tmp_path / "warm.csv")[0] < cold_losses[0]
+    # same batch (the data stream continues after the warm samples), other weights: the warm-trained ones
+    assert losses(tmp_path / "warm.csv")[0] != losses(tmp_path / "cold.csv")[2]
+
+
+def test_warm_start_is_resumed_not_repeated(tmp_path, tiny_dir, tiny_prepared, chopped_dir):
+    """A run killed after its warm start resumes the warm start's final checkpoint (same result)."""
+    cfg = tiny_train_cfg(token_budget=5 * 4 * 32, warm_start_steps=2, ckpt_every=0)
+    ref = run(chopped_dir, tiny_prepared, tmp_path / "a", cfg, run_dir=tmp_path / "run_a", warm_start=True)
+    run(chopped_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", warm_start=True, stop_after=1)
+    [warm_ckpt] = (tmp_path / "run_b").glob("*/warm/step*.ckpt")
+    assert warm_ckpt.name == "step00000002.ckpt"
+    again = run(chopped_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", warm_start=True)
+    assert again["warm_start_optimizer"] == ref["warm_start_optimizer"]
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_warm_start_needs_a_chopped_init(tmp_path, tiny_dir, tiny_prepared):
-    with pytest.raises(ValueError, match=r"train.warm_start_steps=2 needs --init to be a chopped model"):
-        train(tiny_dir, tiny_prepared, tmp_path / "o", tiny_train_cfg(warm_start_steps=2), run_dir=tmp_path / "r")
+    with pytest.raises(ValueError, match=r"--warm-start \(train.warm_start_steps=2\) needs --init to be a chopped"):
+        run(tiny_dir, tiny_prepared, tmp_path / "o", tiny_train_cfg(warm_start_steps=2), run_dir=tmp_path / "r",
+            warm_start=True)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()

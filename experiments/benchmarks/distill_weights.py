@@ -17,7 +17,7 @@ import dataclasses
 from layerchop.config import load_params, section
 from layerchop.evaluate.suite import evaluate_model
 from layerchop.report.tables import average_accuracy
-from layerchop.train.run import train
+from layerchop.train.run import run
 
 VARIANTS = {
     "paper": {},                                                     # every weight 1 (the pipeline's arm)
@@ -43,7 +43,7 @@ def main() -> None:
     for name in args.variants.split(","):
         distill = dataclasses.replace(base, **VARIANTS[name])
         out = f"data/models/kdvar-{name}"
-        meta = train(args.init, args.data, out, cfg, run_dir=f"data/checkpoints/kdvar-{name}",
+        meta = run(args.init, args.data, out, cfg, run_dir=f"data/checkpoints/kdvar-{name}",
                      log_csv=f"data/runs/kdvar-{name}.csv", objective="distill", teacher_dir=args.teacher,
                      distill_cfg=distill)
         metrics, _ = evaluate_model(out, args.data, eval_cfg)

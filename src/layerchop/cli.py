@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import time
@@ -30,14 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv is None:
+        from layerchop.launch import ARGV_ENV
+
+        # a worker started by torchrun gets the stage's arguments from the launching process
+        argv = json.loads(os.environ[ARGV_ENV]) if ARGV_ENV in os.environ else sys.argv[1:]
+    argv = list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # a stage that relaunches itself (torchrun) repeats its own arguments
     mod = importlib.import_module(f"layerchop.stages.{args.stage}")
     t0 = time.perf_counter()
     try:
-        mod.main(args)
+        rc = mod.main(args) or 0
     except (ValueError, FileNotFoundError) as e:
         print(f"layerchop {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    if rc:
+        print(f"layerchop {args.stage}: failed with status {rc}", file=sys.stderr)
+        return rc
     print(f"[{args.stage}] done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 

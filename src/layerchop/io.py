@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -21,12 +23,17 @@ METADATA_FILE = "layerchop.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def tmp_suffix() -> str:
+    """A temporary-name suffix unique across hosts and processes (a PID alone repeats on other nodes)."""
+    return f"tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` only if the block succeeds."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.{tmp_suffix()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -43,7 +50,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (tmp file + rename), sorted keys, trailing newline."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{tmp_suffix()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     tmp.rename(path)
 

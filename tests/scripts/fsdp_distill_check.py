@@ -25,7 +25,7 @@ def main(model_dir: str, prepared: str, out: str) -> None:
     from layerchop.prune.chop import decoder_layers
     from layerchop.train.data import PackedDataModule
     from layerchop.train.distill import DistillModule
-    from layerchop.train.module import full_state_dict
+    from layerchop.train.sharding import full_state_dict
 
     cfg = TrainConfig(token_budget=2 * 2 * 2 * 32, batch_size=2, lr=3e-3, warmup_steps=1, precision="32-true",
                       accelerator="cpu", strategy="fsdp", devices=2, ckpt_every=0, val_batches=1)
@@ -35,7 +35,7 @@ def main(model_dir: str, prepared: str, out: str) -> None:
 
     mapping = chop_layers(student, [2, 3])
     module = DistillModule(None, model_dir, cfg, DistillConfig(chunk_tokens=16), mapping, max_steps=2,
-                           tokens_per_step=128, student=student)
+                           student=student)
     trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=2, logger=False, enable_checkpointing=False,
                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,

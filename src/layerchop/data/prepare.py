@@ -2,7 +2,8 @@
 
 Layout of a prepared directory::
 
-    counts.json           # sizes, seq_len, dtype, tokenizer fingerprint, document ids per split
+    counts.json           # sizes, seq_len, dtype, tokenizer fingerprint (small: read by every rank)
+    splits.tsv            # document id -> split, in corpus order (provenance)
     train.bin val.bin test.bin   # uint16/uint32 [num_sequences, seq_len], row-major
     tasks/                # offline zero-shot tasks (see layerchop.data.tasks)
 
@@ -13,8 +14,10 @@ row of a split is padded and its padding is masked out of the loss, so no token 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ from torch.utils.data import Dataset
 from layerchop.io import read_json, tokenizer_fingerprint
 
 SPLITS = ("train", "val", "test")
+SPLITS_FILE = "splits.tsv"
 IGNORE_INDEX = -100
 
 
@@ -55,32 +59,6 @@ def split_documents(doc_ids: list[str], val_fraction: float, test_fraction: floa
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
-
-
-def pack_documents(
-    docs: Iterable[list[int]], out_path: Path, num_tokens: int, seq_len: int, pad_id: int, dtype: np.dtype
-) -> dict:
-    """Write token lists (already EOS-terminated) into a ``[num_sequences, seq_len]`` memmap.
-
-    Args:
-        docs: Token id lists, streamed.
-        out_path: ``.bin`` file to create.
-        num_tokens: Total number of tokens in ``docs`` (counted beforehand to size the file).
-        seq_len: Row length.
-        pad_id: Fills the tail of the last row.
-        dtype: Storage dtype.
-    """
-    num_sequences = -(-num_tokens // seq_len)
-    mm = np.memmap(out_path, dtype=dtype, mode="w+", shape=(max(num_sequences, 1) * seq_len,))
-    pos = 0
-    for ids in docs:
-        mm[pos : pos + len(ids)] = ids
-        pos += len(ids)
-    assert pos == num_tokens, (pos, num_tokens)
-    mm[pos:] = pad_id
-    mm.flush()
-    del mm
-    return {"tokens": int(num_tokens), "sequences": int(num_sequences)}
 
 
 class PackedDataset(Dataset):
@@ -134,8 +112,73 @@ def check_data_matches_model(prepared_dir: Path, model_dir: Path, tokenizer) -> 
     return counts
 
 
+def _scan_corpus(docs_file: Path) -> tuple[np.ndarray, list[str]]:
+    """Byte offset of every line of ``documents.jsonl`` (plus the end) and the document ids, in file order."""
+    offsets, ids = [0], []
+    with open(docs_file, "rb") as f:
+        for line in f:
+            offsets.append(offsets[-1] + len(line))
+            if line.strip():
+                ids.append(json.loads(line)["id"])
+            else:
+                offsets.pop()
+                offsets[-1] += len(line)  # a blank line belongs to no document
+    return np.asarray(offsets, dtype=np.int64), ids
+
+
+def _read_docs(docs_file: Path, start: int, stop: int) -> Iterator[dict]:
+    with open(docs_file, "rb") as f:
+        f.seek(start)
+        for line in f.read(stop - start).splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+
+_TOKENIZER = None
+
+
+def _pack_shard(job: dict) -> dict:
+    """Tokenize documents ``[first, last)`` of the corpus (a byte range) and append their tokens, EOS-terminated,
+    to one file per split. Runs in a worker process; nothing corpus-sized is held in memory."""
+    global _TOKENIZER
+    if _TOKENIZER is None or _TOKENIZER[0] != job["model_dir"]:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # documents are longer than the model context on purpose
+        _TOKENIZER = (job["model_dir"], AutoTokenizer.from_pretrained(job["model_dir"]))
+    tokenizer = _TOKENIZER[1]
+    dtype, eos, labels = np.dtype(job["dtype"]), job["eos"], job["labels"]
+    out = {s: {"tokens": 0, "documents": 0} for s in SPLITS}
+    files = {s: open(Path(job["dir"]) / f"{s}.{job['shard']:06d}.bin", "wb") for s in SPLITS}
+    try:
+        docs = _read_docs(Path(job["docs_file"]), job["start"], job["stop"])
+        i = 0
+        while True:
+            batch = [d["text"] for _, d in zip(range(job["batch_size"]), docs)]
+            if not batch:
+                break
+            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                split = SPLITS[labels[i]]
+                files[split].write(np.asarray(ids + [eos], dtype=dtype).tobytes())
+                out[split]["tokens"] += len(ids) + 1
+                out[split]["documents"] += 1
+                i += 1
+        assert i == len(labels), (i, len(labels))
+    finally:
+        for f in files.values():
+            f.close()
+    return out
+
+
 def prepare(corpus_dir: str | Path, model_dir: str | Path, out: str | Path, cfg) -> dict:
     """Tokenize ``corpus_dir/documents.jsonl`` with the tokenizer of ``model_dir`` into ``out``.
+
+    Scales to corpora far larger than memory: one pass reads the document ids and line offsets, the split is
+    assigned per document, ``prepare.num_proc`` worker processes tokenize contiguous shards of the file and
+    append each document's tokens (in the storage dtype, never int64) to per-shard files, and each split's
+    file is the concatenation of its shards in corpus order, padded to whole rows. (``datasets.map`` would
+    cache every token id as int64 in Arrow files: ~160 GB at 20B tokens.)
 
     Args:
         corpus_dir: Output of the download stage.
@@ -143,9 +186,10 @@ def prepare(corpus_dir: str | Path, model_dir: str | Path, out: str | Path, cfg)
         out: Prepared directory to create (atomically).
         cfg: :class:`layerchop.config.PrepareConfig`.
     """
-    from datasets import load_dataset
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from layerchop.data.tasks import build_tasks
     from layerchop.io import atomic_dir, write_json
@@ -169,22 +213,12 @@ def prepare(corpus_dir: str | Path, model_dir: str | Path, out: str | Path, cfg)
     docs_file = corpus_dir / "documents.jsonl"
     if not docs_file.exists():
         raise FileNotFoundError(f"{docs_file} not found: run the download stage first")
-    with open(docs_file, encoding="utf-8") as f:
-        if not any(line.strip() for line in f):
-            raise ValueError(f"{docs_file}: the corpus is empty (0 documents); check download.corpus")
-    ds = load_dataset("json", data_files=str(docs_file), split="train")
-    assign = split_documents(list(ds["id"]), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    offsets, ids = _scan_corpus(docs_file)
+    if not ids:
+        raise ValueError(f"{docs_file}: the corpus is empty (0 documents); check download.corpus")
+    assign = split_documents(ids, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    labels = np.asarray([SPLITS.index(assign[d]) for d in ids], dtype=np.uint8)
 
-    hf_logging.set_verbosity_error()  # documents are longer than the model context on purpose
-
-    def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [x + [eos] for x in ids], "length": [len(x) + 1 for x in ids]}
-
-    tok = ds.map(
-        tokenize, batched=True, batch_size=cfg.batch_size, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-        remove_columns=[c for c in ds.column_names if c != "id"], desc="tokenize",
-    )
     counts: dict = {
         "seq_len": cfg.seq_len,
         "dtype": dtype.name,
@@ -194,17 +228,60 @@ def prepare(corpus_dir: str | Path, model_dir: str | Path, out: str | Path, cfg)
         "splits": {},
     }
     with atomic_dir(out) as tmp:
+        shard_dir = tmp / ".shards"
+        shard_dir.mkdir()
+        # contiguous document ranges, several per worker for a useful progress bar
+        num_shards = min(len(ids), max(1, cfg.num_proc) * 8)
+        bounds = np.linspace(0, len(ids), num_shards + 1).astype(int)
+        jobs = [{"model_dir": str(model_dir), "docs_file": str(docs_file), "dir": str(shard_dir), "shard": k,
+                 "start": int(offsets[a]), "stop": int(offsets[b]), "labels": labels[a:b].tolist(),
+                 "batch_size": cfg.batch_size, "dtype": dtype.name, "eos": eos}
+                for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+        bar = tqdm(total=len(ids), desc="tokenize", unit="doc")
+        if cfg.num_proc > 1:
+            import multiprocessing
+
+            with ProcessPoolExecutor(cfg.num_proc, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results = []
+                for job, res in zip(jobs, pool.map(_pack_shard, jobs)):
+                    results.append(res)
+                    bar.update(len(job["labels"]))
+        else:
+            results = []
+            for job in jobs:
+                results.append(_pack_shard(job))
+                bar.update(len(job["labels"]))
+        bar.close()
         for split in SPLITS:
-            rows = [i for i, d in enumerate(tok["id"]) if assign[d] == split]
-            part = tok.select(rows)
-            n_tokens = int(sum(part["length"]))
-            info = pack_documents(
-                (r["input_ids"] for r in part), tmp / f"{split}.bin", n_tokens, cfg.seq_len, pad, dtype
-            )
-            info["documents"] = len(rows)
-            info["document_ids"] = sorted(part["id"])
-            counts["splits"][split] = info
-        test_texts = [r["text"] for r in ds if assign[r["id"]] == "test"]
+            n_tokens = sum(r[split]["tokens"] for r in results)
+            num_sequences = max(-(-n_tokens // cfg.seq_len), 1)
+            with open(tmp / f"{split}.bin", "wb") as dst:
+                for job in jobs:
+                    with open(shard_dir / f"{split}.{job['shard']:06d}.bin", "rb") as src:
+                        shutil.copyfileobj(src, dst, 16 << 20)
+                dst.write(np.full(num_sequences * cfg.seq_len - n_tokens, pad, dtype=dtype).tobytes())
+            split_ids = sorted(d for d, lab in zip(ids, labels) if SPLITS[lab] == split)
+            counts["splits"][split] = {
+                "tokens": int(n_tokens), "sequences": int(-(-n_tokens // cfg.seq_len)),
+                "documents": sum(r[split]["documents"] for r in results),
+                "document_ids_sha256": hashlib.sha256("\n".join(split_ids).encode()).hexdigest(),
+            }
+        shutil.rmtree(shard_dir)
+        with open(tmp / SPLITS_FILE, "w", encoding="utf-8") as f:  # provenance: which document went where
+            for d, lab in zip(ids, labels):
+                f.write(f"{d}\t{SPLITS[lab]}\n")
+        test_texts = [doc["text"] for k in np.flatnonzero(labels == SPLITS.index("test"))
+                      for doc in _read_docs(docs_file, int(offsets[k]), int(offsets[k + 1]))]
         counts["tasks"] = build_tasks(test_texts, tmp / "tasks", cfg.tasks, seed=cfg.seed, final_dir=out / "tasks")
         write_json(tmp / "counts.json", counts)
     return counts
+
+
+def read_splits(prepared_dir: str | Path) -> dict[str, list[str]]:
+    """Document ids of each split, in corpus order (from the prepared directory's ``splits.tsv``)."""
+    out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    with open(Path(prepared_dir) / SPLITS_FILE, encoding="utf-8") as f:
+        for line in f:
+            doc, split = line.rstrip("\n").rsplit("\t", 1)
+            out[split].append(doc)
+    return out

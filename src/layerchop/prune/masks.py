@@ -47,49 +47,72 @@ def save_pruned_model_dir(model, tokenizer, out: str | Path, *, masks: dict[str,
         inner.rmdir()
 
 
+def mask_names(model_dir: str | Path) -> list[str]:
+    """Parameter names the masks file of ``model_dir`` covers, without reading the masks."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(model_dir) / MASKS_FILE), "pt") as f:
+        return list(f.keys())
+
+
 class MaskEnforcer:
     """Keeps pruned weights at exactly zero: ``W *= keep`` for every masked parameter.
 
-    Works on plain and FSDP2-sharded (DTensor) parameters; the keep-masks are sharded like their
-    parameters once and cached.
+    Works on plain and FSDP2-sharded (DTensor) parameters. Each rank reads only the rows of each mask that
+    its shard holds (from the masks file, memory-mapped), so no rank holds every mask of a large model.
 
     Args:
         model: The HF model whose parameter names the masks use.
-        masks: ``{parameter name: bool mask, True = pruned}``.
+        masks: ``{parameter name: bool mask, True = pruned}``, or the path of a ``sparsity_masks.safetensors``.
     """
 
-    def __init__(self, model: torch.nn.Module, masks: dict[str, torch.Tensor]):
+    def __init__(self, model: torch.nn.Module, masks: "dict[str, torch.Tensor] | str | Path"):
+        self.model, self.masks = model, masks
+        names = mask_names(Path(masks).parent) if isinstance(masks, (str, Path)) else list(masks)
         params = dict(model.named_parameters())
-        missing = sorted(set(masks) - set(params))
+        missing = sorted(set(names) - set(params))
         if missing:
             raise ValueError(f"sparsity masks name parameters the model lacks: {missing[:3]}...")
-        self.model, self.masks = model, masks
+        self.names = names
         self._keep: dict[str, torch.Tensor] = {}
+
+    def _rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if isinstance(self.masks, dict):
+            return self.masks[name][start:stop]
+        from safetensors import safe_open
+
+        with safe_open(str(self.masks), "pt") as f:
+            return f.get_slice(name)[start:stop]
 
     def _keep_for(self, name: str, p: torch.Tensor) -> torch.Tensor:
         if name not in self._keep:
-            keep = (~self.masks[name]).to(device=p.device, dtype=p.dtype)
-            from torch.distributed.tensor import DTensor, distribute_tensor
+            from layerchop.train.sharding import local, local_rows
 
-            if isinstance(p, DTensor):
-                keep = distribute_tensor(keep.to(p.device_mesh.device_type), p.device_mesh, p.placements)
-            self._keep[name] = keep
+            start, stop = local_rows(p)
+            self._keep[name] = (~self._rows(name, start, stop)).to(device=local(p).device, dtype=p.dtype)
         return self._keep[name]
 
     @torch.no_grad()
     def apply(self) -> None:
-        for name, p in self.model.named_parameters():
-            if name in self.masks:
-                p.mul_(self._keep_for(name, p))
+        from layerchop.train.sharding import local
+
+        params = dict(self.model.named_parameters())
+        for name in self.names:
+            local(params[name]).mul_(self._keep_for(name, params[name]))
 
     @torch.no_grad()
     def num_masked_nonzero(self) -> int:
-        """Masked entries that are not zero (0 whenever :meth:`apply` ran after the last update)."""
-        from torch.distributed.tensor import DTensor
+        """Masked entries that are not zero on any rank (0 whenever :meth:`apply` ran after the last update).
+        A collective under FSDP2 (an all-reduce of the count)."""
+        from layerchop.train.sharding import is_dtensor, local
 
-        total = 0
-        for name, p in self.model.named_parameters():
-            if name in self.masks:
-                bad = p * (1 - self._keep_for(name, p))
-                total += int(torch.count_nonzero(bad.full_tensor() if isinstance(bad, DTensor) else bad))
-        return total
+        params = dict(self.model.named_parameters())
+        total = torch.zeros((), dtype=torch.long)
+        for name in self.names:
+            p = params[name]
+            total += torch.count_nonzero(local(p) * (1 - self._keep_for(name, p))).cpu()
+        if any(is_dtensor(params[n]) for n in self.names):
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+        return int(total)

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from layerchop.io import num_params
-from layerchop.prune.masks import MaskEnforcer, save_pruned_model_dir
+from layerchop.prune.masks import MaskEnforcer, load_masks, save_pruned_model_dir
 
 FLOP_CONVENTION = (
     "matmul FLOPs (2 per multiply-add) counted by torch.utils.flop_counter (lightning measure_flops) on a "
@@ -110,14 +110,18 @@ def export_hf(config, state_dict: dict[str, torch.Tensor], tokenizer, out: Path,
 
 
 class _Exporter(Callback):
-    def __init__(self, tokenizer, metadata: dict, card: str, meter: ComputeMeter,
-                 masks: Optional[dict[str, torch.Tensor]] = None):
-        self.tokenizer, self.metadata, self.card, self.meter, self.masks = tokenizer, metadata, card, meter, masks
+    """Writes the trained model as a plain HF directory; ``masks_dir`` is the pruned init whose masks file
+    goes beside it (read on rank 0 only, when exporting)."""
+
+    def __init__(self, tokenizer, metadata: dict, card: str, meter: ComputeMeter, masks_dir: Optional[Path] = None):
+        self.tokenizer, self.metadata, self.card, self.meter = tokenizer, metadata, card, meter
+        self.masks_dir = masks_dir
 
     def export(self, trainer: L.Trainer, pl_module, out: Path) -> None:
         """Gather the full state (every rank), write ``out`` on rank 0, wait for it."""
         config, sd = pl_module.export_state()
         if trainer.is_global_zero:
+            masks = load_masks(self.masks_dir) if self.masks_dir is not None else None
             step = trainer.global_step
             compute = self.meter.summary(step)
             meta = dict(self.metadata)
@@ -130,10 +134,10 @@ class _Exporter(Callback):
             meta["train_loss_last"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
             if "val/ppl" in trainer.callback_metrics:
                 meta["val_ppl_last"] = float(trainer.callback_metrics["val/ppl"])
-            if self.masks is not None:
+            if masks is not None:
                 meta["masked_nonzero_after_training"] = sum(int(torch.count_nonzero(sd[k][m]))
-                                                            for k, m in self.masks.items())
-            export_hf(config, sd, self.tokenizer, out, meta, self.card, masks=self.masks)
+                                                            for k, m in masks.items())
+            export_hf(config, sd, self.tokenizer, out, meta, self.card, masks=masks)
         trainer.strategy.barrier()
 
 
@@ -144,8 +148,8 @@ class ExportHF(_Exporter):
     """
 
     def __init__(self, out: Path, tokenizer, metadata: dict, card: str, max_steps: int, meter: ComputeMeter,
-                 masks: Optional[dict[str, torch.Tensor]] = None):
-        super().__init__(tokenizer, metadata, card, meter, masks)
+                 masks_dir: Optional[Path] = None):
+        super().__init__(tokenizer, metadata, card, meter, masks_dir)
         self.out, self.max_steps = out, max_steps
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -166,8 +170,8 @@ class Snapshots(_Exporter):
     evaluations. A snapshot that already exists (a resumed run) is kept."""
 
     def __init__(self, root: Path, steps: list[int], tokenizer, metadata: dict, card: str, meter: ComputeMeter,
-                 masks: Optional[dict[str, torch.Tensor]] = None):
-        super().__init__(tokenizer, {**metadata, "snapshot": True}, card, meter, masks)
+                 masks_dir: Optional[Path] = None):
+        super().__init__(tokenizer, {**metadata, "snapshot": True}, card, meter, masks_dir)
         self.root, self.steps = Path(root), set(steps)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -179,9 +183,13 @@ class Snapshots(_Exporter):
 
 
 class KeepMasks(Callback):
-    """Sparse continued pretraining: masked weights stay exactly zero after every optimizer step."""
+    """Sparse continued pretraining: masked weights stay exactly zero after every optimizer step.
 
-    def __init__(self, masks: dict[str, torch.Tensor]):
+    Args:
+        masks: The masks file (each rank reads the rows of its shards) or a ``{name: mask}`` dict.
+    """
+
+    def __init__(self, masks: "Path | dict[str, torch.Tensor]"):
         self.masks = masks
         self.enforcer: Optional[MaskEnforcer] = None
 
@@ -192,3 +200,47 @@ class KeepMasks(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if _after_optimizer_step(trainer, batch_idx):  # right after an optimizer step
             self.enforcer.apply()
+
+
+class HostMemory(Callback):
+    """Peak host memory (RSS) of every rank: before the model is built, after it is built and sharded, and at
+    the end of training, plus the bytes of the parameters the rank holds. Gathered to rank 0 as
+    :attr:`report` (a list, one dict per rank), for the run's metrics."""
+
+    def __init__(self):
+        self.report: list[dict[str, Any]] = []
+        self._before = 0.0
+        self._built = 0.0
+
+    @staticmethod
+    def _peak_mb() -> float:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._before = self._peak_mb()  # Lightning calls this before configure_model
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._built = self._peak_mb()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import socket
+
+        from layerchop.train.sharding import local
+
+        mine = {
+            "rank": trainer.global_rank, "node": trainer.node_rank, "host": socket.gethostname(),
+            "peak_rss_mb_before_model": round(self._before, 1), "peak_rss_mb_after_model": round(self._built, 1),
+            "peak_rss_mb_end": round(self._peak_mb(), 1),
+            "param_mb_held": round(sum(local(p).numel() * local(p).element_size()
+                                       for p in pl_module.parameters()) / 2**20, 2),
+        }
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            everyone: list = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+        self.report = sorted(everyone, key=lambda r: r["rank"])

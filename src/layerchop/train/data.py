@@ -7,9 +7,9 @@ from typing import Iterator, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from layerchop.data.prepare import PackedDataset
+from layerchop.data.prepare import IGNORE_INDEX, PackedDataset
 
 
 class ResumableSampler(Sampler[int]):
@@ -41,6 +41,29 @@ class ResumableSampler(Sampler[int]):
             j += self.world
 
 
+class RankShard(Dataset):
+    """Rank ``rank`` of ``world``'s share of an evaluation set: items ``rank, rank + world, ...``.
+
+    Every rank gets ``ceil(n / world)`` items, the missing ones replaced by a row whose labels are all
+    ignored, so every rank runs the same number of batches (under FSDP2 each forward is a collective) and a
+    metric summed over ranks (torchmetrics' perplexity) equals the one of the whole set.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world: int):
+        self.dataset, self.rank, self.world = dataset, rank, world
+        self.n = len(dataset)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = i * self.world + self.rank
+        if j < self.n:
+            return self.dataset[j]
+        row = self.dataset[0]
+        return {"input_ids": row["input_ids"], "labels": torch.full_like(row["labels"], IGNORE_INDEX)}
+
+
 class PackedDataModule(L.LightningDataModule):
     """Train/val dataloaders over a prepared directory.
 
@@ -48,7 +71,8 @@ class PackedDataModule(L.LightningDataModule):
         prepared_dir: Output of the prepare stage.
         batch_size: Sequences per micro-batch per device.
         seed: Data-order seed.
-        val_batches: Validation batches (the first ``val_batches * batch_size`` val sequences).
+        val_batches: Validation batches: the first ``val_batches * batch_size`` val sequences, shared out
+            over the ranks.
         num_workers: DataLoader workers.
     """
 
@@ -74,7 +98,10 @@ class PackedDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        return DataLoader(RankShard(self.val_set, rank, world), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers)
 
     def state_dict(self) -> dict:
         # Called when a checkpoint is saved, right after an optimizer step.

@@ -29,7 +29,7 @@ import torch.nn as nn
 from layerchop.data.prepare import IGNORE_INDEX
 from layerchop.prune.chop import decoder_layers
 from layerchop.train.losses import chunked_lm_kl, embedding_mse, layer_sum_mse
-from layerchop.train.module import CausalLMModule, apply_fsdp2, full_state_dict
+from layerchop.train.module import CausalLMModule
 
 
 def layer_map(student_meta: dict, num_student_layers: int, num_teacher_layers: int) -> list[int]:
@@ -63,10 +63,15 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 
 class Capture:
-    """Forward hooks keeping decoder-layer outputs, attention-block outputs and the final normed hidden."""
+    """Forward hooks keeping decoder-layer outputs, attention-block outputs and the final normed hidden.
+
+    Hooks record only while :attr:`active`: with activation checkpointing the layers run again in the
+    backward pass, and those recomputed outputs must not be kept.
+    """
 
     def __init__(self, model: nn.Module, layers: Sequence[int], hidden: bool, attention: bool):
         blocks = decoder_layers(model)
+        self.active = True
         self.hidden: dict[int, torch.Tensor] = {}
         self.attn: dict[int, torch.Tensor] = {}
         self.final: Optional[torch.Tensor] = None
@@ -78,15 +83,16 @@ class Capture:
                 self.handles.append(blocks[i].self_attn.register_forward_hook(self._keep(self.attn, i)))
         self.handles.append(final_norm(model).register_forward_hook(self._keep_final))
 
-    @staticmethod
-    def _keep(store: dict, i: int):
+    def _keep(self, store: dict, i: int):
         def hook(module, args, output):
-            store[i] = output[0] if isinstance(output, tuple) else output  # [B, T, D]
+            if self.active:
+                store[i] = output[0] if isinstance(output, tuple) else output  # [B, T, D]
 
         return hook
 
     def _keep_final(self, module, args, output) -> None:
-        self.final = output
+        if self.active:
+            self.final = output
 
     def clear(self) -> None:
         self.hidden.clear()
@@ -151,17 +157,18 @@ class DistillStudent(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 teacher: Optional[TeacherOut] = None, use_cache: bool = False):
         if teacher is None:  # plain LM forward (validation): nothing to capture
-            out = self.student(input_ids=input_ids, labels=labels, use_cache=False)
-            self.capture.clear()
-            return out
+            self.capture.active = False
+            return self.student(input_ids=input_ids, labels=labels, use_cache=False)
         input_ids_BT, labels_BT = input_ids, labels
         cfg = self.cfg
         B, T = input_ids_BT.shape
         real_BT = labels_BT != IGNORE_INDEX  # real tokens (the packed tail is padding)
         targets_BT = torch.cat([labels_BT[:, 1:], torch.full_like(labels_BT[:, :1], IGNORE_INDEX)], dim=1)
         self.capture.clear()
+        self.capture.active = True
         no_logits = torch.zeros(0, dtype=torch.long, device=input_ids_BT.device)
         self.student(input_ids=input_ids_BT, logits_to_keep=no_logits, use_cache=False)
+        self.capture.active = False  # activation checkpointing re-runs the layers in backward: keep nothing
         cap_s, cap_t = self.capture, teacher.capture
         terms: dict[str, torch.Tensor] = {}
         total = None
@@ -266,14 +273,15 @@ class DistillModule(CausalLMModule):
         cfg: :class:`layerchop.config.TrainConfig`.
         distill_cfg: :class:`layerchop.config.DistillConfig`.
         mapping: Teacher layer of each student layer (:func:`layer_map`).
+        max_steps: Optimizer steps.
         student, teacher: Already-built models to use instead of loading the directories (tests).
     """
 
     no_decay_prefixes = ("hid_proj.", "emb_proj.")  # the projections start at identity: no pull to zero
 
     def __init__(self, model_dir, teacher_dir, cfg, distill_cfg, mapping: Sequence[int], max_steps: int,
-                 tokens_per_step: int, student: Optional[nn.Module] = None, teacher: Optional[nn.Module] = None):
-        super().__init__(model_dir, cfg, max_steps=max_steps, tokens_per_step=tokens_per_step)
+                 student: Optional[nn.Module] = None, teacher: Optional[nn.Module] = None):
+        super().__init__(model_dir, cfg, max_steps=max_steps)
         self.teacher_dir = teacher_dir
         self.distill_cfg = distill_cfg
         self.mapping = list(mapping)
@@ -286,23 +294,37 @@ class DistillModule(CausalLMModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        student = self._student_init
+        from layerchop.train import sharding
+
+        mesh = self.data_parallel_mesh()
+        student, teacher = self._student_init, self.teacher
+        # built here from the directories, not handed in (tests): their weights come from the checkpoints
+        student_built, teacher_built = student is None, teacher is None
         if student is None:
-            student = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        teacher = self.teacher
+            student = (AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32) if mesh is None
+                       else sharding.empty_model(AutoConfig.from_pretrained(self.model_dir)))
         if teacher is None:
-            teacher = AutoModelForCausalLM.from_pretrained(self.teacher_dir, dtype=torch.float32)
+            teacher = (AutoModelForCausalLM.from_pretrained(self.teacher_dir, dtype=torch.float32) if mesh is None
+                       else sharding.empty_model(AutoConfig.from_pretrained(self.teacher_dir)))
         student.config.use_cache = False
+        if self.cfg.activation_checkpointing:
+            sharding.enable_activation_checkpointing(student)
         object.__setattr__(self, "teacher", freeze(teacher))
         object.__setattr__(self, "teacher_capture", teacher_capture(teacher, self.mapping, self.distill_cfg))
         self.model = DistillStudent(student, teacher.config.hidden_size, self.mapping, self.distill_cfg)
         self.model.train()
-        dp_mesh = self.data_parallel_mesh()
-        if dp_mesh is not None:
-            for m, layers in ((self.model, decoder_layers(student)), (teacher, decoder_layers(teacher))):
-                apply_fsdp2(m, dp_mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype, layers=layers)
+        if mesh is None:
+            return
+        for m, layers in ((self.model, decoder_layers(student)), (teacher, decoder_layers(teacher))):
+            sharding.apply_fsdp2(m, mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype, layers=layers)
+            sharding.materialize(m, self.device)
+        if student_built:
+            sharding.load_broadcast(self.model, self.model_dir, prefix="student.",
+                                    not_in_checkpoint=("hid_proj.", "emb_proj."))
+        if teacher_built:
+            sharding.load_broadcast(teacher, self.teacher_dir)
 
     def on_fit_start(self) -> None:
         from torch.distributed.fsdp import FSDPModule
@@ -320,6 +342,8 @@ class DistillModule(CausalLMModule):
 
     def export_state(self):
         """The student alone (no projections): ``(config, full state dict)``; a collective under FSDP2."""
+        from layerchop.train.sharding import full_state_dict
+
         sd = full_state_dict(self.model)
         prefix = "student."
         return self.model.student.config, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

@@ -1,12 +1,14 @@
 """Continued self-supervised pretraining as a thin LightningModule: model + loss + optimizer/schedule.
 
-Distribution lives in :meth:`CausalLMModule.configure_model`: under ``ModelParallelStrategy`` each
-decoder layer and then the root are wrapped with FSDP2 ``fully_shard``.
+Distribution lives in :meth:`CausalLMModule.configure_model`: under ``ModelParallelStrategy`` the model is
+built on the meta device, each decoder layer and then the root are wrapped with FSDP2 ``fully_shard``, each
+rank allocates its shards, and the weights arrive from global rank 0 (:mod:`layerchop.train.sharding`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,7 +17,7 @@ import torch
 from torchmetrics.text import Perplexity
 
 from layerchop.data.prepare import IGNORE_INDEX
-from layerchop.io import DTYPES
+from layerchop.train import sharding
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -42,31 +44,13 @@ def param_groups(named_params, weight_decay: float, no_decay_prefixes: tuple[str
     ]
 
 
-def apply_fsdp2(model: torch.nn.Module, mesh, param_dtype: Optional[str], reduce_dtype: Optional[str],
-                layers=None) -> None:
-    """``fully_shard`` every decoder layer (``layers``, default: the model's own), then the root (FSDP2)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+@dataclass
+class ShardState:
+    """Weights and optimizer state to start from, as this rank's shards keyed by parameter name (the warm
+    start's chopped state; see :mod:`layerchop.train.warm`)."""
 
-    from layerchop.prune.chop import decoder_layers
-
-    mp = MixedPrecisionPolicy(
-        param_dtype=DTYPES[param_dtype] if param_dtype else None,
-        reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype else None,
-    )
-    for layer in decoder_layers(model) if layers is None else layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded CPU state dict (a collective under FSDP2: call on every rank)."""
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, dict[str, torch.Tensor]]
 
 
 class CausalLMModule(L.LightningModule):
@@ -77,38 +61,58 @@ class CausalLMModule(L.LightningModule):
     Args:
         model_dir: HF directory with the initial weights (the previous stage's output).
         cfg: :class:`layerchop.config.TrainConfig`.
-        max_steps: Optimizer steps (token budget / tokens per step).
-        tokens_per_step: Tokens per optimizer step over all devices.
-        model: An already-built model to train instead of loading ``model_dir``.
+        max_steps: Optimizer steps of this fit.
+        schedule_offset: Steps of the same LR schedule already taken before this fit (the warm start).
+        schedule_steps: Length of the whole LR schedule (default: ``schedule_offset + max_steps``).
+        start: Shard-local weights and optimizer state to start from instead of ``model_dir``'s weights.
     """
 
     no_decay_prefixes: tuple[str, ...] = ()
 
-    def __init__(self, model_dir: str | Path | None, cfg, max_steps: int, tokens_per_step: int,
-                 model: Optional[torch.nn.Module] = None, constant_after_warmup: bool = False,
-                 optimizer_state: Optional[dict] = None):
+    def __init__(self, model_dir: str | Path | None, cfg, max_steps: int, *, schedule_offset: int = 0,
+                 schedule_steps: Optional[int] = None, start: Optional[ShardState] = None):
         super().__init__()
         self.model_dir = model_dir
         self.cfg = cfg
         self.max_steps = max_steps
-        self.tokens_per_step = tokens_per_step
-        self.model = model
+        self.schedule_offset = schedule_offset
+        self.schedule_steps = schedule_steps or schedule_offset + max_steps
+        self.model: Optional[torch.nn.Module] = None
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
-        self.constant_after_warmup = constant_after_warmup
-        # FQN-keyed full optimizer state to start from (warm start); ignored when resuming
-        self.optimizer_state = optimizer_state
-        self.warm_optimizer: Optional[dict] = None  # what was loaded from the warm start, for the record
+        object.__setattr__(self, "start", start)  # not a submodule, not checkpointed
+        self.warm_optimizer: Optional[dict] = None  # what the warm start handed over, for the record
 
+    # ------------------------------------------------------------------------------------------ model
     def configure_model(self) -> None:
-        if self.model is None:
-            from transformers import AutoModelForCausalLM
-
-            self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        self.model.config.use_cache = False
+        if self.model is not None:
+            return
+        self.model = self.build_hf_model(self.model_dir, self.start.weights if self.start else None)
         self.model.train()
-        dp_mesh = self.data_parallel_mesh()
-        if dp_mesh is not None:
-            apply_fsdp2(self.model, dp_mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype)
+
+    def build_hf_model(self, model_dir, shard_weights: Optional[dict] = None) -> torch.nn.Module:
+        """The HF model of ``model_dir``: one plain copy on a single device; sharded under FSDP2 (built on
+        the meta device, weights from rank 0 or from ``shard_weights``)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        mesh = self.data_parallel_mesh()
+        if mesh is None:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            model.config.use_cache = False
+            if self.cfg.activation_checkpointing:
+                sharding.enable_activation_checkpointing(model)
+            if shard_weights is not None:
+                sharding.load_local_model_state(model, shard_weights)
+            return model
+        model = sharding.empty_model(AutoConfig.from_pretrained(model_dir))
+        if self.cfg.activation_checkpointing:
+            sharding.enable_activation_checkpointing(model)
+        sharding.apply_fsdp2(model, mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype)
+        sharding.materialize(model, self.device)
+        if shard_weights is not None:
+            sharding.load_local_model_state(model, shard_weights)
+        else:
+            sharding.load_broadcast(model, model_dir)
+        return model
 
     def data_parallel_mesh(self):
         """The data-parallel device mesh under ``ModelParallelStrategy``; None otherwise."""
@@ -117,8 +121,19 @@ class CausalLMModule(L.LightningModule):
             return None
         return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
 
+    def export_state(self):
+        """``(config, full state dict)`` of the model to export; a collective under FSDP2."""
+        return self.model.config, sharding.full_state_dict(self.model)
+
+    # --------------------------------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
         return self.model(input_ids=input_ids, labels=labels, use_cache=False)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # under accumulation, reduce-scatter the gradients once per optimizer step (FSDP2; Lightning's
+        # no-sync only covers DDP)
+        last = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+        sharding.set_gradient_sync(self.model, last or self.cfg.reduce_grads == "micro_batch")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self(batch["input_ids"], batch["labels"])  # input_ids_BT, labels_BT
@@ -130,35 +145,24 @@ class CausalLMModule(L.LightningModule):
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:  # after an optimizer step
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
-    def export_state(self):
-        """``(config, full state dict)`` of the model to export; a collective under FSDP2."""
-        return self.model.config, full_state_dict(self.model)
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits_BTV = self(batch["input_ids"]).logits.float()
-        # position t predicts token t+1
+        # position t predicts token t+1; each rank scores its share, torchmetrics sums over ranks
         self.val_ppl.update(logits_BTV[:, :-1], batch["labels"][:, 1:])
         self.log("val/ppl", self.val_ppl, prog_bar=True, on_step=False, on_epoch=True)
 
     def on_train_start(self) -> None:
-        if self.optimizer_state is not None and self.trainer.global_step == 0:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
+        if self.start is not None and self.trainer.global_step == 0:
             opt = self.trainer.optimizers[0]
-            set_optimizer_state_dict(self, opt, self.optimizer_state,
-                                     options=StateDictOptions(full_state_dict=True, strict=True))
-            # keep moments and step counts, but restart the learning rate on this run's schedule
-            for group, lr in zip(opt.param_groups, self.lr_schedulers().get_last_lr()):
-                group["lr"] = lr
+            n = sharding.load_local_optimizer_state(self.model, opt, self.start.optimizer)
             steps = sorted({float(st["step"]) for st in opt.state.values() if "step" in st})
-            self.warm_optimizer = {"params_with_state": len(opt.state), "steps": steps}
-        self.optimizer_state = None
+            self.warm_optimizer = {"params_with_state": n, "steps": steps}
+        object.__setattr__(self, "start", None)
 
     def configure_optimizers(self):
         groups = param_groups(self.trainer.model.named_parameters(), self.cfg.weight_decay, self.no_decay_prefixes)
         opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=tuple(self.cfg.betas), eps=1e-8)
+        offset, total, cfg = self.schedule_offset, self.schedule_steps, self.cfg
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_lambda(s, self.cfg.warmup_steps, self.max_steps, self.cfg.min_lr_ratio)
-            if not self.constant_after_warmup else min(1.0, (s + 1) / max(1, self.cfg.warmup_steps))
-        )
+            opt, lambda s: lr_lambda(s + offset, cfg.warmup_steps, total, cfg.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

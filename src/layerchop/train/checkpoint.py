@@ -1,0 +1,156 @@
+"""Where a run keeps its state, and checkpoints that a kill can never corrupt.
+
+Layout of a run directory (``--run-dir``)::
+
+    <run_dir>/<fingerprint>/checkpoints/step00000040.ckpt   # resumable state of the (chopped) run
+    <run_dir>/<fingerprint>/warm/step00000500.ckpt          # the warm start's own checkpoints
+    <run_dir>/<fingerprint>/logs/version_N/metrics.csv       # one CSV log per invocation
+    <run_dir>/<fingerprint>/snapshots/step_XXXXXX/           # intermediate HF exports
+
+Everything a run writes sits under its fingerprint (configuration, initial weights, data, code), so a
+checkpoint is only ever resumed by the run that wrote it, and nothing of another configuration is deleted:
+it simply stays in its own directory. A checkpoint is written under a hidden ``.partial`` name by every rank
+(``trainer.save_checkpoint`` is a collective for sharded checkpoints), and global rank 0 renames it into
+place once every rank has finished: a directory rename is atomic, so the newest ``step*.ckpt`` is always
+complete. Only then is the previous one removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+CKPT_GLOB = "step*.ckpt"
+
+
+def global_rank() -> int:
+    """This process's global rank from the launcher's environment (0 when not distributed)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def _step(path: Path) -> int:
+    return int(path.name[len("step"):-len(".ckpt")])
+
+
+def newest_complete(ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint of the highest step in ``ckpt_dir`` (partial ones are hidden and never match)."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = [p for p in ckpt_dir.glob(CKPT_GLOB) if p.name[4:-5].isdigit()]
+    return max(found, key=_step) if found else None
+
+
+class RunLayout:
+    """The directories of one run (one fingerprint) inside ``run_dir``."""
+
+    def __init__(self, run_dir: str | Path, fingerprint: str):
+        self.run_dir = Path(run_dir)
+        self.fingerprint = fingerprint
+        self.root = self.run_dir / fingerprint
+        self.checkpoints = self.root / "checkpoints"
+        self.warm = self.root / "warm"
+        self.logs = self.root / "logs"
+        self.snapshots = self.root / "snapshots"
+
+    def others(self) -> list[Path]:
+        """Run directories of other configurations beside this one (kept, never deleted here)."""
+        if not self.run_dir.is_dir():
+            return []
+        return sorted(p for p in self.run_dir.iterdir() if p.is_dir() and p.name != self.fingerprint
+                      and not p.name.startswith("."))
+
+    def start(self, resume: str) -> Optional[str]:
+        """Decide where training starts and, on global rank 0, prepare the directories.
+
+        ``auto`` resumes the newest complete checkpoint of this fingerprint; ``never`` starts from scratch
+        (rank 0 moves this fingerprint's earlier state aside, it is not deleted); a path resumes that
+        checkpoint. The decision reads only this fingerprint's directory, so every rank reaches the same one.
+        """
+        rank0 = global_rank() == 0
+        if resume not in ("auto", "never"):
+            if not Path(resume).exists():
+                raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+            return resume
+        if resume == "never" and rank0 and self.root.exists():
+            aside = self.run_dir / f"{self.fingerprint}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            self.root.rename(aside)
+            print(f"[train] --resume never: earlier state of this run moved to {aside}", flush=True)
+        found = newest_complete(self.checkpoints) if resume == "auto" else None
+        if rank0:
+            for other in self.others():
+                if other.name.split(".")[0] != self.fingerprint:
+                    print(f"[train] {other} holds state of another configuration (kept)", flush=True)
+            if found:
+                print(f"[train] resuming from {found}", flush=True)
+        return str(found) if found else None
+
+
+class AtomicCheckpoint(Callback):
+    """Save a resumable checkpoint every ``every_n_steps`` optimizer steps (and at the end with
+    ``save_on_train_end``), atomically, keeping the newest ``keep``.
+
+    Args:
+        dirpath: Checkpoint directory.
+        every_n_steps: Interval in optimizer steps (0: only at the end when ``save_on_train_end``).
+        keep: Complete checkpoints to keep.
+        save_on_train_end: Also save the final step (the warm start: its end state must survive a kill).
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, keep: int = 1, save_on_train_end: bool = False):
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.keep = keep
+        self.save_on_train_end = save_on_train_end
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # not after an optimizer step
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self.save_on_train_end and trainer.global_step > 0:
+            self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> Path:
+        step = trainer.global_step
+        final = self.dirpath / f"step{step:08d}.ckpt"
+        if final.exists():
+            return final
+        partial = self.dirpath / f".step{step:08d}.ckpt.partial"
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            _remove(partial)  # left by a run killed while writing this step
+        trainer.strategy.barrier("checkpoint-start")
+        trainer.save_checkpoint(partial)
+        trainer.strategy.barrier("checkpoint-written")
+        if trainer.is_global_zero:
+            os.replace(partial, final)
+            _fsync_dir(self.dirpath)
+            for old in sorted(self.dirpath.glob(CKPT_GLOB), key=_step)[:-self.keep]:
+                _remove(old)
+        trainer.strategy.barrier("checkpoint-published")
+        return final
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,274 @@
+"""A training run resolved once, before anything is built: budget -> steps, FLOPs, warm start, checks.
+
+:func:`resolve` reads the stage's arguments, the ``train`` params and the *metadata* of its inputs (configs,
+``layerchop.json``, ``counts.json``; never weights) into a :class:`RunPlan`. Training is built from that
+object alone, and ``layerchop train --plan`` prints it, so a run that cannot work (a warmup longer than
+the run, a budget the data cannot cover, a warm start on the wrong model) is refused in seconds with the
+key to change, not after hours on a cluster.
+
+Budget semantics: the warm start (``--warm-start``: ``train.warm_start_steps`` optimizer steps on the
+uncompressed model before the chopped run continues) is *inside* the budget and inside one learning-rate
+schedule. With a token budget, ``ceil(budget / tokens per step)`` optimizer steps in all; with a FLOP
+budget, the warm steps cost the dense model's FLOPs and the rest is spent on whole steps of the trained
+model, never exceeding the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+OBJECTIVES = ("lm", "distill")
+# launch-only settings: a run may be resumed with a different launcher or restart count
+LAUNCH_KEYS = ("launcher", "rdzv_endpoint", "simulate_nodes", "max_restarts", "num_workers")
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Optimizer steps and their cost over all devices."""
+
+    tokens_per_step: int
+    flops_per_step: int
+    warm_steps: int
+    warm_flops_per_step: int
+    main_steps: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.warm_steps + self.main_steps
+
+
+def lm_flops(config, batch_size: int, seq_len: int) -> int:
+    from layerchop.train.flops import lm_step_flops
+
+    return lm_step_flops(config, batch_size, seq_len)
+
+
+def plan_steps(cfg, seq_len: int, model_config, *, objective: str = "lm", warm_steps: int = 0,
+               dense_config=None, teacher_config=None, distill_cfg=None, mapping=None) -> Steps:
+    """Steps of a run from its budget, with the checks that need no data.
+
+    Args:
+        cfg: :class:`layerchop.config.TrainConfig`.
+        seq_len: Tokens per sequence (``prepare.seq_len``).
+        model_config: Config of the trained model (the chopped model for LayerChop).
+        objective: ``lm`` or ``distill``.
+        warm_steps: Warm-start steps on the uncompressed model (``dense_config``), inside the budget.
+        teacher_config, distill_cfg, mapping: The distillation teacher, loss weights and layer map.
+
+    Raises:
+        ValueError: naming the keys when the warm start or the LR warmup does not fit the budget.
+    """
+    world = cfg.devices * cfg.num_nodes
+    tokens_per_step = cfg.batch_size * seq_len * cfg.accumulate * world
+    if objective == "distill":
+        from layerchop.train.distill import distill_step_flops
+
+        micro = distill_step_flops(model_config, teacher_config, mapping, distill_cfg, cfg.batch_size, seq_len)
+    else:
+        micro = lm_flops(model_config, cfg.batch_size, seq_len)
+    flops_per_step = micro * cfg.accumulate * world
+    warm_flops = lm_flops(dense_config, cfg.batch_size, seq_len) * cfg.accumulate * world if warm_steps else 0
+    if cfg.flop_budget is not None:
+        left = cfg.flop_budget - warm_steps * warm_flops
+        main = int(left // flops_per_step) if left > 0 else 0
+        budget = f"train.flop_budget={cfg.flop_budget:.4g}"
+        if main < 1 and not warm_steps:
+            raise ValueError(f"{budget} is less than one optimizer step ({flops_per_step:.4g} FLOPs)")
+    else:
+        main = max(1, math.ceil(cfg.token_budget / tokens_per_step)) - warm_steps
+        budget = f"train.token_budget={cfg.token_budget}"
+    if main < 1:
+        raise ValueError(f"train.warm_start_steps={warm_steps} uses the whole budget ({budget}) before the chopped "
+                         "model trains a step: lower train.warm_start_steps or raise the budget")
+    steps = Steps(tokens_per_step, flops_per_step, warm_steps, warm_flops, main)
+    if cfg.warmup_steps >= steps.total_steps:
+        raise ValueError(
+            f"train.warmup_steps={cfg.warmup_steps} does not fit this run: its budget ({budget}) buys "
+            f"{steps.total_steps} optimizer steps, so the learning rate would never leave warmup; lower "
+            "train.warmup_steps or raise the budget"
+        )
+    return steps
+
+
+def check_data(cfg, steps: Steps, train_sequences: int) -> None:
+    """Refuse a budget that needs more passes over the train split than ``train.max_data_passes``."""
+    world = cfg.devices * cfg.num_nodes
+    needed = steps.total_steps * cfg.accumulate * cfg.batch_size * world
+    if needed > cfg.max_data_passes * train_sequences:
+        raise ValueError(
+            f"the budget needs {needed:,} training sequences ({steps.total_steps} steps x {cfg.batch_size} x "
+            f"{cfg.accumulate} x {world} devices) but the train split holds {train_sequences:,} "
+            f"(train.max_data_passes={cfg.max_data_passes}): raise download.corpus.token_budget, lower the "
+            "train budget, or allow more passes with train.max_data_passes"
+        )
+
+
+def code_fingerprint() -> str:
+    """Hash of the code a training run executes, and of the library versions it runs on."""
+    import lightning
+    import transformers
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "train").glob("*.py")) + [root / "data" / "prepare.py", root / "prune" / "masks.py",
+                                                      root / "prune" / "chop.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    h.update(f"{torch.__version__} {lightning.__version__} {transformers.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class RunPlan:
+    """Everything a training run is built from. JSON-able through :meth:`describe`."""
+
+    objective: str
+    init_dir: Path
+    prepared_dir: Path
+    out: Path
+    run_dir: Path
+    cfg: Any
+    steps: Steps
+    seq_len: int
+    train_sequences: int
+    init_meta: dict
+    fingerprint: str
+    distill_cfg: Any = None
+    teacher_dir: Optional[Path] = None
+    dense_dir: Optional[Path] = None
+    removed_layers: list[int] = field(default_factory=list)
+    masks: Optional[Path] = None
+    layer_map: Optional[list[int]] = None
+    snapshot_steps: list[int] = field(default_factory=list)
+
+    @property
+    def world(self) -> int:
+        return self.cfg.devices * self.cfg.num_nodes
+
+    @property
+    def warm_samples_per_rank(self) -> int:
+        """Training sequences each rank consumed in the warm start (the chopped run continues after them)."""
+        return self.steps.warm_steps * self.cfg.accumulate * self.cfg.batch_size
+
+    def budget_text(self) -> str:
+        c = self.cfg
+        return f"{c.flop_budget:.4g} FLOPs" if c.flop_budget is not None else f"{c.token_budget:,} tokens"
+
+    def describe(self) -> dict[str, Any]:
+        s = self.steps
+        return {
+            "objective": self.objective, "init": str(self.init_dir), "data": str(self.prepared_dir),
+            "out": str(self.out), "run_dir": str(self.run_dir / self.fingerprint), "fingerprint": self.fingerprint,
+            "budget": self.budget_text(), "world": self.world, "seq_len": self.seq_len,
+            "tokens_per_step": s.tokens_per_step, "flops_per_step": s.flops_per_step,
+            "warm_steps": s.warm_steps, "warm_flops_per_step": s.warm_flops_per_step, "main_steps": s.main_steps,
+            "total_steps": s.total_steps, "tokens": s.total_steps * s.tokens_per_step,
+            "flops": s.warm_steps * s.warm_flops_per_step + s.main_steps * s.flops_per_step,
+            "warmup_steps": self.cfg.warmup_steps, "train_sequences": self.train_sequences,
+            "dense": str(self.dense_dir) if self.dense_dir else None, "removed_layers": self.removed_layers,
+            "teacher": str(self.teacher_dir) if self.teacher_dir else None, "layer_map": self.layer_map,
+            "masks": str(self.masks) if self.masks else None, "snapshot_steps": self.snapshot_steps,
+            "strategy": self.cfg.strategy, "launcher": self.cfg.launcher,
+            "activation_checkpointing": self.cfg.activation_checkpointing,
+        }
+
+
+def resolve(
+    init_dir: str | Path, prepared_dir: str | Path, out: str | Path, run_dir: str | Path, cfg, *,
+    objective: str = "lm", teacher_dir: Optional[str | Path] = None, distill_cfg=None, warm_start: bool = False,
+    snapshots: int = 0,
+) -> RunPlan:
+    """Resolve a training run (see the module docstring). Reads configs and metadata only.
+
+    Raises:
+        ValueError / FileNotFoundError: for every input that cannot make a run, naming the key or argument.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from layerchop.data.prepare import check_data_matches_model
+    from layerchop.io import read_metadata
+    from layerchop.prune.masks import MASKS_FILE
+    from layerchop.train.callbacks import snapshot_steps
+
+    init_dir, prepared_dir, out, run_dir = Path(init_dir), Path(prepared_dir), Path(out), Path(run_dir)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"--objective {objective!r}: choose one of {list(OBJECTIVES)}")
+    if not (init_dir / "config.json").exists():
+        raise FileNotFoundError(f"--init {init_dir}: not a model directory (no config.json)")
+    if objective == "distill":
+        if teacher_dir is None or distill_cfg is None:
+            raise ValueError("--objective distill needs --teacher (the uncompressed model) and a distill section")
+        teacher_dir = Path(teacher_dir)
+        if not (teacher_dir / "config.json").exists():
+            raise FileNotFoundError(f"--teacher {teacher_dir}: not a model directory (no config.json)")
+    if snapshots < 0:
+        raise ValueError(f"--snapshots {snapshots} must be >= 0")
+    counts = check_data_matches_model(prepared_dir, init_dir, AutoTokenizer.from_pretrained(init_dir))
+    seq_len = int(counts["seq_len"])
+    train_sequences = int(counts["splits"]["train"]["sequences"])
+    if train_sequences < cfg.batch_size:
+        raise ValueError(f"train.batch_size={cfg.batch_size} is larger than the {train_sequences} training sequences")
+
+    init_meta = read_metadata(init_dir)
+    masks = init_dir / MASKS_FILE if (init_dir / MASKS_FILE).exists() else None
+    warm_steps = cfg.warm_start_steps if warm_start else 0
+    dense_dir, removed = None, list(init_meta.get("removed_layers") or [])
+    if warm_steps:
+        if masks is not None:
+            raise ValueError(f"--warm-start (train.warm_start_steps={warm_steps}) does not apply to a pruned "
+                             f"(masked) --init {init_dir}")
+        if objective == "distill":
+            raise ValueError(f"--warm-start (train.warm_start_steps={warm_steps}) is not supported with "
+                             "--objective distill")
+        if not (removed and init_meta.get("chopped_from")):
+            raise ValueError(f"--warm-start (train.warm_start_steps={warm_steps}) needs --init to be a chopped model "
+                             f"whose {init_dir}/layerchop.json names chopped_from and removed_layers")
+        dense_dir = Path(init_meta["chopped_from"])
+        if not (dense_dir / "config.json").exists():
+            raise FileNotFoundError(f"--warm-start: {init_dir}/layerchop.json names chopped_from={dense_dir}, "
+                                    "which is not a model directory")
+        check_data_matches_model(prepared_dir, dense_dir, AutoTokenizer.from_pretrained(dense_dir))
+    mapping, teacher_meta = None, None
+    if objective == "distill":
+        if masks is not None:
+            raise ValueError(f"--objective distill: --init {init_dir} is a masked (one-shot pruned) model; "
+                             "distillation here trains chopped or dense students")
+        from layerchop.train.distill import load_layer_map
+
+        mapping = load_layer_map(init_dir, teacher_dir)
+        # the teacher must read the same token ids as the data (and so as the student)
+        check_data_matches_model(prepared_dir, teacher_dir, AutoTokenizer.from_pretrained(teacher_dir))
+        teacher_meta = read_metadata(teacher_dir)
+
+    steps = plan_steps(
+        cfg, seq_len, AutoConfig.from_pretrained(init_dir), objective=objective, warm_steps=warm_steps,
+        dense_config=AutoConfig.from_pretrained(dense_dir) if dense_dir else None,
+        teacher_config=AutoConfig.from_pretrained(teacher_dir) if teacher_dir else None,
+        distill_cfg=distill_cfg, mapping=mapping,
+    )
+    check_data(cfg, steps, train_sequences)
+
+    identity = {
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LAUNCH_KEYS},
+        "warm_steps": warm_steps, "init": init_meta, "data": counts["tokenizer_fingerprint"],
+        "splits": {k: v["tokens"] for k, v in counts["splits"].items()}, "code": code_fingerprint(),
+        "objective": objective, "snapshots": snapshots,
+    }
+    if objective == "distill":
+        identity.update(teacher=teacher_meta, teacher_dir=str(teacher_dir), distill=dataclasses.asdict(distill_cfg))
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return RunPlan(
+        objective=objective, init_dir=init_dir, prepared_dir=prepared_dir, out=out, run_dir=run_dir, cfg=cfg,
+        steps=steps, seq_len=seq_len, train_sequences=train_sequences, init_meta=init_meta, fingerprint=fingerprint,
+        distill_cfg=distill_cfg, teacher_dir=teacher_dir, dense_dir=dense_dir,
+        removed_layers=removed if warm_steps else [], masks=masks, layer_map=mapping,
+        snapshot_steps=snapshot_steps(steps.main_steps, snapshots) if snapshots else [],
+    )
