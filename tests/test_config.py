@@ -180,6 +180,12 @@ def test_every_training_stage_of_every_params_file_fits_its_budget(path):
             train_tokens = corpus.token_budget * (1 - prep.val_fraction - prep.test_fraction)
             assert steps.total_steps * steps.tokens_per_step <= train_tokens * cfg.max_data_passes, arm
     assert sorted(warm_arms) == ["fig4_train@layerchop", "train@layerchop"]
+    # the one-shot N:M patterns of the prune matrix divide every projection's input width
+    patterns = yaml.safe_load(open(REPO / "dvc.yaml"))["stages"]["prune"]["matrix"]["pattern"]
+    head_dim = getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads
+    for m in (int(p.split("of")[1]) for p in patterns):
+        for width in (dense.hidden_size, dense.intermediate_size, dense.num_attention_heads * head_dim):
+            assert width % m == 0, (m, width)
 
 
 def test_budgets_that_do_not_fit_are_refused_naming_the_keys():

@@ -318,8 +318,10 @@ def test_equal_flop_arms_curves_and_figure4(tmp_path, tiny_dir, tiny_prepared):
 
 
 def test_fsdp2_shards_teacher_and_student(tmp_path, tiny_dir, tiny_prepared):
-    """Inside the 2-rank run: the teacher is fully_shard-ed per layer and at the root (DTensor parameters,
-    about half of them local to each rank), stays in eval mode without gradients, and is unchanged."""
+    """Inside the 2-rank run: the teacher is built on the meta device, fully_shard-ed per layer and at the
+    root (DTensor parameters, about half of them local to each rank), receives exactly the checkpoint's
+    weights from rank 0, stays in eval mode without gradients, and is unchanged. With 2 micro-batches per
+    step, gradients are reduce-scattered once per step (the sharded gradients appear only after the last)."""
     import json
 
     script = Path(__file__).parent / "scripts" / "fsdp_distill_check.py"
@@ -334,6 +336,7 @@ def test_fsdp2_shards_teacher_and_student(tmp_path, tiny_dir, tiny_prepared):
         assert not rep["teacher_training"] and not rep["teacher_requires_grad"] and rep["teacher_unchanged"]
         assert rep["student_root_fsdp"] and rep["student_all_dtensor"]
         assert 0.4 < rep["teacher_local_fraction"] < 0.6 and 0.4 < rep["student_local_fraction"] < 0.6
+        assert rep["grads_after_backward"] == [False, True, False, True]
 
 
 def test_interrupted_distill_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_dir, tiny_prepared):
@@ -370,3 +373,26 @@ def test_interrupted_distill_run_resumes_to_the_uninterrupted_result(tmp_path, t
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     assert sorted(p.name for p in (tmp_path / "snap_b").iterdir()) == ["step_000003"]
     assert read_metadata(tmp_path / "snap_b" / "step_000003")["compute"]["steps"] == 3
+
+
+def test_activation_checkpointing_keeps_no_recomputed_activations(tiny_dir):
+    """With the student's layers recomputed in backward, the capture hooks record only the real forward."""
+    from transformers import AutoModelForCausalLM
+
+    from layerchop.prune.chop import chop_layers
+    from layerchop.train.distill import DistillStudent, distill_step, freeze, teacher_capture
+    from layerchop.train.sharding import enable_activation_checkpointing
+
+    teacher = freeze(AutoModelForCausalLM.from_pretrained(tiny_dir))
+    student = copy.deepcopy(teacher).train()
+    student.requires_grad_(True)
+    mapping = chop_layers(student, [2, 3])
+    enable_activation_checkpointing(student)
+    cfg = DistillConfig(chunk_tokens=16)
+    module = DistillStudent(student, 32, mapping, cfg).train()
+    x = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    total, terms = distill_step(module, teacher, teacher_capture(teacher, mapping, cfg), x, x)
+    total.backward()
+    assert set(terms) == {"lm", "kl", "hid", "att", "emb"}
+    assert module.capture.hidden == {} and module.capture.attn == {} and module.capture.final is None
+    assert all(p.grad is not None for p in student.parameters())

@@ -138,3 +138,20 @@ def test_hub_model_path_is_real_code(tmp_path, monkeypatch, tiny_dir):
     assert ("model", "meta-llama/Llama-2-7b-hf", "abc123") in calls
     assert meta["hub_id"] == "meta-llama/Llama-2-7b-hf" and meta["revision"] == "abc123"
     assert (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_llama2_7b_shape_keeps_the_architecture_at_any_width():
+    from transformers import LlamaConfig
+
+    from layerchop.data.sources import LLAMA2_7B, llama2_7b_shape_config
+
+    full = llama2_7b_shape_config(4096, 32000)
+    ref = LlamaConfig(**LLAMA2_7B)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "tie_word_embeddings",
+                "max_position_embeddings", "rms_norm_eps", "hidden_act"):  # heads: 16 wide at every width
+        assert getattr(full, key) == getattr(ref, key), key
+    for width, mlp in ((64, 176), (128, 344), (512, 1376)):
+        c = llama2_7b_shape_config(width, 300)
+        assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (width, mlp, 32)
+        assert c.num_attention_heads == c.num_key_value_heads and not c.tie_word_embeddings
+        assert c.intermediate_size % 8 == 0  # 2:4 and 4:8 one-shot patterns fit every projection

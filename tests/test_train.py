@@ -260,3 +260,37 @@ def test_warm_start_needs_a_chopped_init(tmp_path, tiny_dir, tiny_prepared):
         run(tiny_dir, tiny_prepared, tmp_path / "o", tiny_train_cfg(warm_start_steps=2), run_dir=tmp_path / "r",
             warm_start=True)
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
+
+
+def test_activation_checkpointing_recomputes_every_layer_with_the_same_gradients():
+    from conftest import make_tiny_llama
+
+    from layerchop.prune.chop import decoder_layers
+    from layerchop.train.sharding import enable_activation_checkpointing
+
+    plain, checkpointed = make_tiny_llama(4).train(), make_tiny_llama(4).train()  # same seed: same weights
+    enable_activation_checkpointing(checkpointed)
+    # transformers checkpoints each layer's forward (its own hooks, e.g. FSDP2's, run once), so count the MLPs
+    # inside; pre-hooks, because the recomputation stops as soon as backward has what it needs
+    calls = []
+    for layer in decoder_layers(checkpointed):
+        layer.mlp.register_forward_pre_hook(lambda module, args: calls.append(module))
+    x = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    for m in (plain, checkpointed):
+        m(input_ids=x, labels=x, use_cache=False).loss.backward()
+    assert len(calls) == 2 * 4  # every layer once forward, once again in the backward pass
+    for (name, p), (_, q) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_budget_beyond_the_data_is_refused_unless_more_passes_are_allowed(tmp_path, tiny_dir, tiny_prepared):
+    from layerchop.io import read_json
+    from layerchop.train.plan import resolve
+
+    sequences = read_json(tiny_prepared / "counts.json")["splits"]["train"]["sequences"]
+    cfg = tiny_train_cfg(token_budget=(sequences // 4 + 1) * 4 * 32)  # one step more than one pass
+    with pytest.raises(ValueError, match=r"train split holds .*train.max_data_passes=1"):
+        resolve(tiny_dir, tiny_prepared, tmp_path / "o", tmp_path / "r", cfg)
+    plan = resolve(tiny_dir, tiny_prepared, tmp_path / "o", tmp_path / "r",
+                   tiny_train_cfg(token_budget=cfg.token_budget, max_data_passes=2))
+    assert plan.steps.total_steps == sequences // 4 + 1

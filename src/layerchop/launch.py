@@ -11,9 +11,10 @@ With ``train.simulate_nodes`` all node agents run on this host (distinct node ra
 other node must run the same command (the agents meet at the rendezvous endpoint); on SLURM clusters the
 batch launcher does that.
 
-``fabric run`` (Lightning's launcher, formerly ``lightning run model``) launches Fabric scripts; this
-project trains with the Lightning ``Trainer``, whose processes come from torchrun, SLURM's ``srun``, or
-Lightning's own subprocess launcher (``launcher: local``), so ``fabric run`` is not one of its launchers.
+``fabric run`` (Lightning's launcher, formerly ``lightning run model``) calls torchrun with a static
+rendezvous (fixed node rank and master address, no restarts) and passes its settings in ``LT_*``
+variables that only ``Fabric`` objects read. It could start these processes, but without restarts or
+simulated nodes, and the ``Trainer`` would ignore its settings; so the stage calls torchrun itself.
 """
 
 from __future__ import annotations

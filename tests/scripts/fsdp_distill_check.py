@@ -27,8 +27,18 @@ def main(model_dir: str, prepared: str, out: str) -> None:
     from layerchop.train.distill import DistillModule
     from layerchop.train.sharding import full_state_dict
 
-    cfg = TrainConfig(token_budget=2 * 2 * 2 * 32, batch_size=2, lr=3e-3, warmup_steps=1, precision="32-true",
-                      accelerator="cpu", strategy="fsdp", devices=2, ckpt_every=0, val_batches=1)
+    cfg = TrainConfig(token_budget=2 * 2 * 2 * 2 * 32, batch_size=2, accumulate=2, lr=3e-3, warmup_steps=1,
+                      precision="32-true", accelerator="cpu", strategy="fsdp", devices=2, ckpt_every=0, val_batches=1)
+
+    class GradsAfterBackward(L.Callback):
+        """Whether the sharded gradients exist after each micro-batch's backward: with one reduce-scatter per
+        optimizer step they appear only after the last micro-batch of each step."""
+
+        seen: list = []
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            self.seen.append(any(p.grad is not None for p in pl_module.model.parameters()))
+
     # a 4-layer student chopped from the 6-layer teacher
     student = AutoModelForCausalLM.from_pretrained(model_dir)
     from layerchop.prune.chop import chop_layers
@@ -36,7 +46,9 @@ def main(model_dir: str, prepared: str, out: str) -> None:
     mapping = chop_layers(student, [2, 3])
     module = DistillModule(None, model_dir, cfg, DistillConfig(chunk_tokens=16), mapping, max_steps=2,
                            student=student)
+    grads = GradsAfterBackward()
     trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=2, logger=False, enable_checkpointing=False,
+                        accumulate_grad_batches=2, callbacks=[grads],
                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -64,6 +76,7 @@ def main(model_dir: str, prepared: str, out: str) -> None:
         "student_all_dtensor": all(isinstance(p, DTensor) for p in module.model.parameters()),
         "student_local_fraction": local_fraction(module.model),
         "loss_finite": bool(torch.isfinite(trainer.callback_metrics["train/loss"])),
+        "grads_after_backward": grads.seen,
     }
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import configparser
 import hashlib
 import json
+import math
 import re
 import subprocess
 import sys
@@ -180,14 +181,21 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
 HEAD_DIM_SHAPE = 16  # head width of the llama2-7b-shape model (Llama-2-7B: 128, too wide for a tiny model)
 
 
+def llama_intermediate_size(hidden_size: int) -> int:
+    """Llama's MLP width rule, ``8/3 x hidden`` rounded up to a multiple of 256 at Llama-2-7B's width (11008
+    for 4096), with the multiple scaled with the width (never below 8, so 2:4 and 4:8 patterns still fit)."""
+    multiple_of = max(8, 256 * hidden_size // LLAMA2_7B["hidden_size"])
+    return multiple_of * math.ceil(int(8 * hidden_size / 3) / multiple_of)
+
+
 def llama2_7b_shape_config(hidden_size: int, vocab_size: int, **token_ids):
-    """Llama-2-7B's architecture (32 layers, MLP 2.6875 x hidden, multi-head attention, untied head, RoPE
+    """Llama-2-7B's architecture (32 layers, Llama's MLP width rule, multi-head attention, untied head, RoPE
     base 10^4, context 4096) at width ``hidden_size``, with heads of :data:`HEAD_DIM_SHAPE`."""
     from transformers import LlamaConfig
 
     return LlamaConfig(**{
         **LLAMA2_7B, "hidden_size": hidden_size,
-        "intermediate_size": hidden_size * LLAMA2_7B["intermediate_size"] // LLAMA2_7B["hidden_size"],
+        "intermediate_size": llama_intermediate_size(hidden_size),
         "num_attention_heads": hidden_size // HEAD_DIM_SHAPE, "num_key_value_heads": hidden_size // HEAD_DIM_SHAPE,
         "vocab_size": vocab_size, **token_ids,
     })

@@ -49,7 +49,8 @@ def empty_model(config) -> nn.Module:
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute every decoder layer in the backward pass (transformers' own gradient checkpointing,
-    non-reentrant, which composes with FSDP2: its pre-forward hook skips the recomputation)."""
+    non-reentrant). transformers checkpoints the layer's ``forward``, so module hooks such as FSDP2's
+    all-gather stay outside the recomputed region (torchtitan's order: checkpoint inside, shard outside)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
