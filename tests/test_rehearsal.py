@@ -83,6 +83,12 @@ def losses_and_val(csv_path: Path) -> tuple[list[float], list[float]]:
             [float(r["val/ppl"]) for r in rows if r.get("val/ppl")])
 
 
+def relative_difference(a: dict, b: dict, init: dict) -> float:
+    """||a - b|| / ||a - init|| over all weights (Frobenius)."""
+    num = sum(((a[k].float() - b[k].float()) ** 2).sum() for k in a).sqrt()
+    return float(num / sum(((a[k].float() - init[k].float()) ** 2).sum() for k in a).sqrt())
+
+
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -114,10 +120,10 @@ def test_four_processes_on_two_nodes_equal_one_process(tmp_path, shape_dirs, tin
                                                                               "model.safetensors"))
     init = load_file(shape_dirs / "chopped" / "model.safetensors")
     a, b = load_file(tmp_path / "four" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
-    update = max_abs_diff(a, init)
-    # float summation order differs (the Adam update amplifies it); a wrong shard, layer or moment would
-    # differ by the size of the update itself
-    assert max_abs_diff(a, b) < 0.02 * update, (max_abs_diff(a, b), update)
+    # float summation order differs, and Adam amplifies it in the rows of rare tokens, so compare the whole
+    # update: observed 3.5e-4 of it; without the warm start the runs differ by 1.3x the update, and a wrong
+    # shard, layer or moment would differ by the order of the update
+    assert relative_difference(a, b, init) < 1e-2
     _, val_four = losses_and_val(tmp_path / "four.csv")
     _, val_one = losses_and_val(tmp_path / "one.csv")
     assert val_four == pytest.approx(val_one, rel=2e-3)  # the same 8 sequences, shared out over 4 ranks
@@ -139,20 +145,29 @@ def kill_rank_when(pattern: str, root: Path, rank: int, stop: threading.Event, k
             killed.append(int(pid))
 
 
-def test_killed_rank_resumes_to_the_uninterrupted_result(tmp_path, shape_dirs, tiny_prepared):
-    """The rehearsal configuration (bf16 FSDP2, activation checkpointing, accumulation, warm start) with one
-    rank killed by SIGKILL after the first checkpoint: torchrun restarts every worker, they resume the newest
-    complete sharded checkpoint, and the final weights equal the uninterrupted run's."""
-    train = dict(token_budget=10 * 2 * 2 * 4 * 32, warm_start_steps=2, ckpt_every=3, val_every=0, max_restarts=1)
-    ref = layerchop_train(rehearsal_params(tmp_path, **train), shape_dirs / "chopped", tiny_prepared,
-                          tmp_path / "ref", "--warm-start")
-    check(ref)
+# the rehearsal configuration (bf16 FSDP2, activation checkpointing, accumulation) with the warm start
+KILL = dict(token_budget=10 * 2 * 2 * 4 * 32, warm_start_steps=4, ckpt_every=2, val_every=0, max_restarts=1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shape_dirs, tiny_prepared) -> Path:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    check(layerchop_train(rehearsal_params(root, **KILL), shape_dirs / "chopped", tiny_prepared, root / "ref",
+                          "--warm-start"))
+    return root
+
+
+@pytest.mark.parametrize("phase", ["warm", "checkpoints"])
+def test_killed_rank_resumes_to_the_uninterrupted_result(tmp_path, shape_dirs, tiny_prepared, uninterrupted, phase):
+    """One rank killed by SIGKILL after the first checkpoint of the warm start (``warm``) or of the chopped
+    run (``checkpoints``): torchrun restarts every worker, they resume the newest complete sharded
+    checkpoint, and the final weights and losses equal the uninterrupted run's."""
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=kill_rank_when, args=("run-killed/*/checkpoints/step*.ckpt", tmp_path, 3, stop,
+    killer = threading.Thread(target=kill_rank_when, args=(f"run-killed/*/{phase}/step*.ckpt", tmp_path, 3, stop,
                                                            killed))
     killer.start()
     try:
-        run = layerchop_train(rehearsal_params(tmp_path, **train), shape_dirs / "chopped", tiny_prepared,
+        run = layerchop_train(rehearsal_params(tmp_path, **KILL), shape_dirs / "chopped", tiny_prepared,
                               tmp_path / "killed", "--warm-start")
     finally:
         stop.set()
@@ -161,9 +176,14 @@ def test_killed_rank_resumes_to_the_uninterrupted_result(tmp_path, shape_dirs, t
     assert len(killed) == 1, "no worker with RANK=3 was found to kill"
     log = run.stdout + run.stderr
     assert "exitcode: -9" in log and "resuming from" in log
-    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    ref = uninterrupted / "ref"
+    a, b = load_file(ref / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
     assert max_abs_diff(a, b) == 0.0
-    assert losses_and_val(tmp_path / "ref.csv")[0] == losses_and_val(tmp_path / "killed.csv")[0]
+    assert losses_and_val(uninterrupted / "ref.csv")[0] == losses_and_val(tmp_path / "killed.csv")[0]
+    meta_ref = json.loads((ref / "layerchop.json").read_text())
+    meta = json.loads((tmp_path / "killed" / "layerchop.json").read_text())
+    assert meta["warm_start_optimizer"] == meta_ref["warm_start_optimizer"]
+    assert meta["compute"]["flops"] == meta_ref["compute"]["flops"]
 
 
 def test_four_process_distillation_in_bf16_with_activation_checkpointing(tmp_path, shape_dirs, tiny_prepared):

@@ -181,11 +181,8 @@ def test_chop_state_keys_renumbers_and_drops():
     assert chop_state_keys(flat, kept=[0, 3, 12]) == {
         "model.embed_tokens.weight": 0, "model.layers.0.mlp.w": 1, "model.layers.1.mlp.w": 3,
         "model.layers.2.attn.w": 12, "lm_head.weight": 9}
-    opt = {"state": {"model.layers.2.mlp.w": {"step": 1}, "model.layers.3.mlp.w": {"step": 2}},
-           "param_groups": [{"lr": 1.0, "params": ["model.layers.2.mlp.w", "model.layers.3.mlp.w"]}]}
-    assert chop_state_keys(opt, kept=[0, 3]) == {
-        "state": {"model.layers.1.mlp.w": {"step": 2}},
-        "param_groups": [{"lr": 1.0, "params": ["model.layers.1.mlp.w"]}]}
+    opt = {"model.layers.2.mlp.w": {"step": 1}, "model.layers.3.mlp.w": {"step": 2}}  # per-parameter state
+    assert chop_state_keys(opt, kept=[0, 3]) == {"model.layers.1.mlp.w": {"step": 2}}
 
 
 def lrs(csv_path: Path) -> list[float]:
@@ -214,7 +211,7 @@ def test_warm_start_is_inside_the_budget_and_the_schedule(tmp_path, tiny_dir, ti
     from layerchop.io import read_metadata
     from layerchop.train.flops import lm_step_flops
 
-    cfg = tiny_train_cfg(token_budget=5 * 4 * 32, warmup_steps=3, warm_start_steps=2)
+    cfg = tiny_train_cfg(token_budget=5 * 4 * 32, warmup_steps=3, warm_start_steps=2, ckpt_every=1)
     cold = run(chopped_dir, tiny_prepared, tmp_path / "cold", cfg, run_dir=tmp_path / "run_cold",
                log_csv=tmp_path / "cold.csv")  # no --warm-start: train.warm_start_steps is not inherited
     warm = run(chopped_dir, tiny_prepared, tmp_path / "warm", cfg, run_dir=tmp_path / "run_warm", warm_start=True,
@@ -236,8 +233,16 @@ def test_warm_start_is_inside_the_budget_and_the_schedule(tmp_path, tiny_dir, ti
     a = load_file(tmp_path / "cold" / "model.safetensors")
     b = load_file(tmp_path / "warm" / "model.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    # same batch (the data stream continues after the warm samples), other weights: the warm-trained ones
-    assert losses(tmp_path / "warm.csv")[0] != losses(tmp_path / "cold.csv")[2]
+    # the data stream continues after the warm samples: the chopped run's checkpoint at its step 3 records
+    # (2 warm + 3) x 4 sequences consumed, as the cold run's at step 5
+    [ckpt] = (tmp_path / "run_warm").glob("*/checkpoints/step00000003.ckpt")
+    [cold_ckpt] = (tmp_path / "run_cold").glob("*/checkpoints/step00000005.ckpt")
+    state = torch.load(ckpt, weights_only=False)["PackedDataModule"]
+    assert state["consumed_samples"] == 5 * 4 == torch.load(cold_ckpt, weights_only=False)[
+        "PackedDataModule"]["consumed_samples"]
+    # and the warm steps' own losses are logged beside the run
+    [warm_log] = (tmp_path / "run_warm").glob("*/warm/logs/version_0/metrics.csv")
+    assert len(losses(warm_log)) == 2
 
 
 def test_warm_start_is_resumed_not_repeated(tmp_path, tiny_dir, tiny_prepared, chopped_dir):

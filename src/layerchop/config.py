@@ -251,8 +251,9 @@ class TrainConfig:
     """Recompute each decoder layer's activations in the backward pass (transformers' gradient checkpointing)."""
     reduce_grads: str = "step"
     """FSDP2 under accumulation: ``step`` reduce-scatters gradients once per optimizer step (each rank keeps
-    the unsharded gradients between micro-batches: a full gradient copy in the param dtype); ``micro_batch``
-    after every micro-batch (sharded gradients only, ``accumulate`` times the communication)."""
+    the unsharded gradients between micro-batches: a full gradient copy, in ``fsdp_reduce_dtype`` when set —
+    27 GB for Llama-2-7B in fp32; ``layerchop train --plan`` estimates it); ``micro_batch`` after every
+    micro-batch (sharded gradients only, ``accumulate`` times the communication)."""
     max_data_passes: int = 1
     """Passes over the train split a budget may take; a budget that needs more is refused before training."""
     launcher: str = "local"

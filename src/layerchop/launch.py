@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 
 ARGV_ENV = "LAYERCHOP_ARGV"
@@ -36,7 +35,7 @@ def under_launcher() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def torchrun_commands(cfg, argv: list[str], run_id: str) -> list[list[str]]:
+def torchrun_commands(cfg, run_id: str) -> list[list[str]]:
     """One torchrun agent command per node this host runs (all of them with ``simulate_nodes``)."""
     agent = [
         sys.executable, "-m", "torch.distributed.run",
@@ -51,13 +50,24 @@ def torchrun_commands(cfg, argv: list[str], run_id: str) -> list[list[str]]:
     return [agent + ["-m", "layerchop.cli"] for _ in range(agents)]
 
 
-def run_torchrun(cfg, argv: list[str]) -> int:
+def rendezvous_id(fingerprint: str) -> str:
+    """The same on every node of one job (each node's stage computes it), different between jobs."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"layerchop-{fingerprint}" + (f"-{job}" if job else "")
+
+
+def run_torchrun(cfg, argv: list[str], run_id: str) -> int:
     """Run the stage ``argv`` (``layerchop`` arguments) under torchrun; return the job's exit status.
+
+    Args:
+        cfg: :class:`layerchop.config.TrainConfig` (topology, rendezvous, restarts).
+        argv: The stage's arguments, repeated by every worker.
+        run_id: Rendezvous id, identical on every node (:func:`rendezvous_id`).
 
     A failing agent (its workers exhausted their restarts) stops the others; SIGINT/SIGTERM to this process
     are passed on to every agent, which stop their workers.
     """
-    cmds = torchrun_commands(cfg, argv, run_id=f"layerchop-{uuid.uuid4().hex[:12]}")
+    cmds = torchrun_commands(cfg, run_id)
     print(f"[launch] torchrun: {cfg.num_nodes} node(s) x {cfg.devices} process(es), "
           f"{len(cmds)} agent(s) on this host, rendezvous {cfg.rdzv_endpoint}, max_restarts {cfg.max_restarts}",
           flush=True)

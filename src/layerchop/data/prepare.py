@@ -127,9 +127,13 @@ def _scan_corpus(docs_file: Path) -> tuple[np.ndarray, list[str]]:
 
 
 def _read_docs(docs_file: Path, start: int, stop: int) -> Iterator[dict]:
+    """Documents of the byte range ``[start, stop)`` (whole lines), one line in memory at a time."""
     with open(docs_file, "rb") as f:
         f.seek(start)
-        for line in f.read(stop - start).splitlines():
+        pos = start
+        while pos < stop:
+            line = f.readline()
+            pos += len(line)
             if line.strip():
                 yield json.loads(line)
 

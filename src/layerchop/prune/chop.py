@@ -138,11 +138,8 @@ _LAYER_KEY = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
 def chop_state_keys(state: dict, kept: Sequence[int]) -> dict:
-    """Re-key a name-keyed state (weights or optimizer state) after :func:`chop_layers`.
-
-    Entries of removed layers are dropped; ``layers.<old>.`` becomes ``layers.<new>.`` for kept layers.
-    Works on a flat ``{name: value}`` dict and on torch.distributed's FQN-keyed optimizer state
-    (``{"state": {name: ...}, "param_groups": [{"params": [name, ...], ...}]}``).
+    """Re-key a ``{parameter name: value}`` state (weights, or per-parameter optimizer state) after
+    :func:`chop_layers`: entries of removed layers are dropped; ``layers.<old>.`` becomes ``layers.<new>.``.
     """
     new_index = {old: new for new, old in enumerate(kept)}
 
@@ -155,12 +152,4 @@ def chop_state_keys(state: dict, kept: Sequence[int]) -> dict:
             return None
         return name[: m.start(2)] + str(new_index[old]) + name[m.end(2):]
 
-    if set(state) == {"state", "param_groups"}:
-        out_state = {n2: v for n, v in state["state"].items() if (n2 := rename(n)) is not None}
-        groups = []
-        for g in state["param_groups"]:
-            g = dict(g)
-            g["params"] = [n2 for n in g["params"] if (n2 := rename(n)) is not None]
-            groups.append(g)
-        return {"state": out_state, "param_groups": groups}
     return {n2: v for n, v in state.items() if (n2 := rename(n)) is not None}

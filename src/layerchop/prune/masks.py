@@ -107,10 +107,11 @@ class MaskEnforcer:
         from layerchop.train.sharding import is_dtensor, local
 
         params = dict(self.model.named_parameters())
-        total = torch.zeros((), dtype=torch.long)
+        device = local(params[self.names[0]]).device if self.names else torch.device("cpu")
+        total = torch.zeros((), dtype=torch.long, device=device)  # on the device: NCCL reduces GPU tensors only
         for name in self.names:
             p = params[name]
-            total += torch.count_nonzero(local(p) * (1 - self._keep_for(name, p))).cpu()
+            total += torch.count_nonzero(local(p) * (1 - self._keep_for(name, p)))
         if any(is_dtensor(params[n]) for n in self.names):
             import torch.distributed as dist
 

@@ -50,7 +50,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from layerchop.launch import run_torchrun, under_launcher
+    from layerchop.launch import rendezvous_id, run_torchrun, under_launcher
     from layerchop.train.plan import resolve
 
     params = load_params(args.params)
@@ -64,12 +64,13 @@ def main(args: argparse.Namespace) -> int:
     distill = section("distill", params) if args.objective == "distill" else None
     plan = resolve(args.init, args.data, args.out, args.run_dir, cfg, objective=args.objective,
                    teacher_dir=args.teacher, distill_cfg=distill, warm_start=args.warm_start,
-                   snapshots=args.snapshots)
+                   snapshots=args.snapshots,
+                   budget_key="--flop-budget (figure4.flop_budget in dvc.yaml)" if args.flop_budget else None)
     if args.plan:
         print(json.dumps(plan.describe(), indent=2))
         return 0
     if cfg.launcher == "torchrun" and not under_launcher():
-        return run_torchrun(cfg, args.argv)
+        return run_torchrun(cfg, args.argv, run_id=rendezvous_id(plan.fingerprint))
 
     from layerchop.train.run import train
 

@@ -178,7 +178,8 @@ class Snapshots(_Exporter):
         step = trainer.global_step
         if _after_optimizer_step(trainer, batch_idx) and step in self.steps:
             out = self.root / f"step_{step:06d}"
-            if not out.exists():
+            # rank 0 decides (the export is a collective; ranks on other hosts may see the directory later)
+            if not trainer.strategy.broadcast(out.exists()):
                 self.export(trainer, pl_module, out)
 
 

@@ -59,6 +59,7 @@ class RunLayout:
         self.warm = self.root / "warm"
         self.logs = self.root / "logs"
         self.snapshots = self.root / "snapshots"
+        self.resume_allowed = True
 
     def others(self) -> list[Path]:
         """Run directories of other configurations beside this one (kept, never deleted here)."""
@@ -73,8 +74,12 @@ class RunLayout:
         ``auto`` resumes the newest complete checkpoint of this fingerprint; ``never`` starts from scratch
         (rank 0 moves this fingerprint's earlier state aside, it is not deleted); a path resumes that
         checkpoint. The decision reads only this fingerprint's directory, so every rank reaches the same one.
+        Workers that torchrun restarted after a failure always resume (``never`` applied to the first attempt).
         """
         rank0 = global_rank() == 0
+        if resume == "never" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume = "auto"
+        self.resume_allowed = resume != "never"  # the warm start's own checkpoints too
         if resume not in ("auto", "never"):
             if not Path(resume).exists():
                 raise FileNotFoundError(f"--resume {resume}: no such checkpoint")

@@ -159,6 +159,12 @@ class CausalLMModule(L.LightningModule):
             self.warm_optimizer = {"params_with_state": n, "steps": steps}
         object.__setattr__(self, "start", None)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["warm_optimizer"] = self.warm_optimizer  # a resumed run exports the same provenance
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.warm_optimizer = checkpoint.get("warm_optimizer")
+
     def configure_optimizers(self):
         groups = param_groups(self.trainer.model.named_parameters(), self.cfg.weight_decay, self.no_decay_prefixes)
         opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=tuple(self.cfg.betas), eps=1e-8)

@@ -52,7 +52,8 @@ def lm_flops(config, batch_size: int, seq_len: int) -> int:
 
 
 def plan_steps(cfg, seq_len: int, model_config, *, objective: str = "lm", warm_steps: int = 0,
-               dense_config=None, teacher_config=None, distill_cfg=None, mapping=None) -> Steps:
+               dense_config=None, teacher_config=None, distill_cfg=None, mapping=None,
+               budget_key: Optional[str] = None) -> Steps:
     """Steps of a run from its budget, with the checks that need no data.
 
     Args:
@@ -62,6 +63,7 @@ def plan_steps(cfg, seq_len: int, model_config, *, objective: str = "lm", warm_s
         objective: ``lm`` or ``distill``.
         warm_steps: Warm-start steps on the uncompressed model (``dense_config``), inside the budget.
         teacher_config, distill_cfg, mapping: The distillation teacher, loss weights and layer map.
+        budget_key: Where the budget was set, for messages (default ``train.token_budget`` / ``train.flop_budget``).
 
     Raises:
         ValueError: naming the keys when the warm start or the LR warmup does not fit the budget.
@@ -79,12 +81,12 @@ def plan_steps(cfg, seq_len: int, model_config, *, objective: str = "lm", warm_s
     if cfg.flop_budget is not None:
         left = cfg.flop_budget - warm_steps * warm_flops
         main = int(left // flops_per_step) if left > 0 else 0
-        budget = f"train.flop_budget={cfg.flop_budget:.4g}"
+        budget = f"{budget_key or 'train.flop_budget'}={cfg.flop_budget:.4g}"
         if main < 1 and not warm_steps:
             raise ValueError(f"{budget} is less than one optimizer step ({flops_per_step:.4g} FLOPs)")
     else:
         main = max(1, math.ceil(cfg.token_budget / tokens_per_step)) - warm_steps
-        budget = f"train.token_budget={cfg.token_budget}"
+        budget = f"{budget_key or 'train.token_budget'}={cfg.token_budget}"
     if main < 1:
         raise ValueError(f"train.warm_start_steps={warm_steps} uses the whole budget ({budget}) before the chopped "
                          "model trains a step: lower train.warm_start_steps or raise the budget")
@@ -148,6 +150,8 @@ class RunPlan:
     masks: Optional[Path] = None
     layer_map: Optional[list[int]] = None
     snapshot_steps: list[int] = field(default_factory=list)
+    num_params: dict[str, int] = field(default_factory=dict)
+    """Parameters of the trained model (``model``), the warm start's dense model and the teacher."""
 
     @property
     def world(self) -> int:
@@ -161,6 +165,21 @@ class RunPlan:
     def budget_text(self) -> str:
         c = self.cfg
         return f"{c.flop_budget:.4g} FLOPs" if c.flop_budget is not None else f"{c.token_budget:,} tokens"
+
+    def memory_per_rank_gb(self) -> dict[str, float]:
+        """Estimated training state per rank in GB, activations excluded: fp32 sharded weights, gradients and two
+        Adam moments of the trained model (the warm start's dense model when larger), the frozen teacher's
+        shards, and under FSDP2 with accumulation and ``reduce_grads: step`` the unsharded gradients each rank
+        accumulates between micro-batches (in ``fsdp_reduce_dtype``, else the param dtype)."""
+        cfg = self.cfg
+        shards = self.world if cfg.strategy == "fsdp" else 1
+        trained = max(self.num_params.get("model", 0), self.num_params.get("dense", 0))
+        out = {"weights_grads_adam": 16 * trained / shards / 1e9,
+               "teacher": 4 * self.num_params.get("teacher", 0) / shards / 1e9, "unsharded_grads": 0.0}
+        if cfg.strategy == "fsdp" and cfg.accumulate > 1 and cfg.reduce_grads == "step":
+            dtype = cfg.fsdp_reduce_dtype or cfg.fsdp_param_dtype or "float32"
+            out["unsharded_grads"] = (2 if dtype in ("bfloat16", "float16") else 4) * trained / 1e9
+        return {k: round(v, 3) for k, v in out.items()}
 
     def describe(self) -> dict[str, Any]:
         s = self.steps
@@ -177,14 +196,15 @@ class RunPlan:
             "teacher": str(self.teacher_dir) if self.teacher_dir else None, "layer_map": self.layer_map,
             "masks": str(self.masks) if self.masks else None, "snapshot_steps": self.snapshot_steps,
             "strategy": self.cfg.strategy, "launcher": self.cfg.launcher,
-            "activation_checkpointing": self.cfg.activation_checkpointing,
+            "activation_checkpointing": self.cfg.activation_checkpointing, "num_params": self.num_params,
+            "memory_per_rank_gb": self.memory_per_rank_gb(),
         }
 
 
 def resolve(
     init_dir: str | Path, prepared_dir: str | Path, out: str | Path, run_dir: str | Path, cfg, *,
     objective: str = "lm", teacher_dir: Optional[str | Path] = None, distill_cfg=None, warm_start: bool = False,
-    snapshots: int = 0,
+    snapshots: int = 0, budget_key: Optional[str] = None,
 ) -> RunPlan:
     """Resolve a training run (see the module docstring). Reads configs and metadata only.
 
@@ -248,11 +268,13 @@ def resolve(
         check_data_matches_model(prepared_dir, teacher_dir, AutoTokenizer.from_pretrained(teacher_dir))
         teacher_meta = read_metadata(teacher_dir)
 
+    configs = {"model": AutoConfig.from_pretrained(init_dir),
+               "dense": AutoConfig.from_pretrained(dense_dir) if dense_dir else None,
+               "teacher": AutoConfig.from_pretrained(teacher_dir) if teacher_dir else None}
     steps = plan_steps(
-        cfg, seq_len, AutoConfig.from_pretrained(init_dir), objective=objective, warm_steps=warm_steps,
-        dense_config=AutoConfig.from_pretrained(dense_dir) if dense_dir else None,
-        teacher_config=AutoConfig.from_pretrained(teacher_dir) if teacher_dir else None,
-        distill_cfg=distill_cfg, mapping=mapping,
+        cfg, seq_len, configs["model"], objective=objective, warm_steps=warm_steps,
+        dense_config=configs["dense"], teacher_config=configs["teacher"],
+        distill_cfg=distill_cfg, mapping=mapping, budget_key=budget_key,
     )
     check_data(cfg, steps, train_sequences)
 
@@ -271,4 +293,13 @@ def resolve(
         distill_cfg=distill_cfg, teacher_dir=teacher_dir, dense_dir=dense_dir,
         removed_layers=removed if warm_steps else [], masks=masks, layer_map=mapping,
         snapshot_steps=snapshot_steps(steps.main_steps, snapshots) if snapshots else [],
+        num_params={k: count_params(c) for k, c in configs.items() if c is not None},
     )
+
+
+def count_params(config) -> int:
+    """Parameters of the architecture of ``config`` (built on the meta device; tied weights counted once)."""
+    from layerchop.io import num_params
+    from layerchop.train.flops import meta_model
+
+    return num_params(meta_model(config))

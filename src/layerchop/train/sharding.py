@@ -51,7 +51,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute every decoder layer in the backward pass (transformers' own gradient checkpointing,
     non-reentrant). transformers checkpoints the layer's ``forward``, so module hooks such as FSDP2's
     all-gather stay outside the recomputed region (torchtitan's order: checkpoint inside, shard outside)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def apply_fsdp2(model: nn.Module, mesh, param_dtype: Optional[str], reduce_dtype: Optional[str],
@@ -162,14 +162,14 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def local_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{parameter name: this rank's shard}`` (a copy; no communication)."""
-    return {name: local(p).detach().clone() for name, p in model.named_parameters()}
+    """``{parameter name: this rank's shard}`` (no copy, no communication)."""
+    return {name: local(p).detach() for name, p in model.named_parameters()}
 
 
 def local_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
-    """The optimizer's per-parameter state keyed by parameter name, each tensor this rank's shard."""
+    """The optimizer's per-parameter state keyed by parameter name, each tensor this rank's shard (no copy)."""
     names = {id(p): name for name, p in model.named_parameters()}
-    return {names[id(p)]: {k: local(v).detach().clone() if torch.is_tensor(v) else v for k, v in st.items()}
+    return {names[id(p)]: {k: local(v).detach() if torch.is_tensor(v) else v for k, v in st.items()}
             for p, st in optimizer.state.items()}
 
 

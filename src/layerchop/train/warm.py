@@ -13,10 +13,13 @@ right after it resumes there instead of starting over.
 
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
 
 from layerchop.prune.chop import chop_state_keys
 from layerchop.train import sharding
@@ -44,12 +47,13 @@ def warm_start(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[], di
     cfg, steps = plan.cfg, plan.steps
     module = CausalLMModule(plan.dense_dir, cfg, max_steps=steps.warm_steps, schedule_steps=steps.total_steps)
     meter = ComputeMeter(steps.tokens_per_step, steps.warm_flops_per_step, plan.world)
-    trainer = L.Trainer(**{**trainer_kwargs(), "max_steps": steps.warm_steps, "logger": False,
+    trainer = L.Trainer(**{**trainer_kwargs(), "max_steps": steps.warm_steps,
+                           "logger": CSVLogger(layout.warm, name="logs"),  # the chopped run's CSV starts after it
                            "limit_val_batches": 0, "enable_checkpointing": False,
                            "callbacks": [meter, AtomicCheckpoint(layout.warm, cfg.ckpt_every, save_on_train_end=True),
                                          TQDMProgressBar(refresh_rate=1)]})
     dm = PackedDataModule(plan.prepared_dir, cfg.batch_size, cfg.seed, cfg.val_batches, cfg.num_workers)
-    resume = newest_complete(layout.warm)
+    resume = newest_complete(layout.warm) if layout.resume_allowed else None
     if resume is not None and trainer.is_global_zero:
         print(f"[train] warm start: resuming from {resume}", flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
@@ -57,8 +61,13 @@ def warm_start(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[], di
         raise RuntimeError(f"the warm start stopped at step {trainer.global_step} of {steps.warm_steps}")
     num_dense = AutoConfig.from_pretrained(plan.dense_dir).num_hidden_layers
     kept = [i for i in range(num_dense) if i not in set(plan.removed_layers)]
+    # references to the kept layers' shards only: the removed layers, the dense module and its Trainer go
     weights = chop_state_keys(sharding.local_model_state(module.model), kept)
     optimizer = chop_state_keys(sharding.local_optimizer_state(module.model, trainer.optimizers[0]), kept)
     spent = {"tokens": steps.warm_steps * steps.tokens_per_step,
              "flops": steps.warm_steps * steps.warm_flops_per_step, "train_s": round(meter.train_s, 3)}
+    del trainer, module, dm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return ShardState(weights, optimizer), spent
