@@ -89,6 +89,106 @@ def test_resume_from_mid_run_checkpoint_matches_uninterrupted(tmp_path, tiny_dir
     assert any(not torch.equal(init[k], a[k]) for k in a)
 
 
+def stage_params(tmp_path: Path) -> Path:
+    """The repository's params.yaml with the train section of :func:`tiny_train_cfg` (for stage subprocesses)."""
+    import dataclasses
+
+    params = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))
+    params["train"].update({k: v for k, v in dataclasses.asdict(tiny_train_cfg()).items() if k in params["train"]})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_run_killed_during_its_export_exports_on_rerun(tmp_path, tiny_dir, tiny_prepared, monkeypatch):
+    """A run that finished its last step but not its export (a kill during the final validation or the export,
+    a full disk) used to restore ``step == max_steps``, skip training, export nothing and die on every re-run.
+    The last step is checkpointed (6 is not a multiple of ckpt_every 4) and the re-run exports it."""
+    import layerchop.train.callbacks as callbacks
+
+    cfg = tiny_train_cfg(token_budget=6 * 4 * 32, ckpt_every=4)
+    ref = run(tiny_dir, tiny_prepared, tmp_path / "a", cfg, run_dir=tmp_path / "run_a")
+    export_hf = callbacks.export_hf
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(callbacks, "export_hf", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b")
+    assert not (tmp_path / "b").exists()
+    [ckpt] = (tmp_path / "run_b").glob("*/checkpoints/step*.ckpt")
+    assert ckpt.name == "step00000006.ckpt"
+    monkeypatch.setattr(callbacks, "export_hf", export_hf)
+    meta = run(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", log_csv=tmp_path / "b.csv")
+    assert meta["steps"] == 6 and meta["tokens_this_stage"] == ref["tokens_this_stage"]
+    assert len(losses(tmp_path / "b.csv")) == 6  # nothing trained twice
+    assert meta["train_loss_last"] == pytest.approx(ref["train_loss_last"], abs=1e-6)  # from the checkpoint
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Planted:
+    """A pickle that touches a file when loaded: what a planted ``step*.ckpt`` would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_refuses_a_planted_pickle(tmp_path, tiny_dir, tiny_prepared, monkeypatch):
+    cfg = tiny_train_cfg(token_budget=6 * 4 * 32, ckpt_every=3)
+    run(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run", stop_after=3)
+    [ckpt] = (tmp_path / "run").glob("*/checkpoints/step*.ckpt")
+    state = torch.load(ckpt, weights_only=True)
+    state["payload"] = Planted(tmp_path / "pwned")
+    torch.save(state, ckpt)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's escape hatch must not reopen it
+    with pytest.raises(Exception, match="Weights only load failed"):
+        run(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "b").exists()
+
+
+def test_one_run_per_run_directory(tmp_path, tiny_dir, tiny_prepared):
+    from layerchop.train.checkpoint import RunLock
+
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(ValueError, match=rf"--run-dir {tmp_path / 'run'}: in use by another run \(pid {os.getpid()}"):
+            run(tiny_dir, tiny_prepared, tmp_path / "out", tiny_train_cfg(), run_dir=tmp_path / "run")
+        # another process: the stage refuses before any work (exit 2, one line naming --run-dir)
+        params = stage_params(tmp_path)
+        proc = subprocess.run([sys.executable, "-m", "layerchop.cli", "train", "--params", str(params), "--init",
+                               str(tiny_dir), "--data", str(tiny_prepared), "--out", str(tmp_path / "out"),
+                               "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"layerchop train: error: --run-dir {tmp_path / 'run'}: "
+                                                                f"in use by another run (pid {os.getpid()}")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing started
+    assert not (tmp_path / "out").exists()
+    meta = run(tiny_dir, tiny_prepared, tmp_path / "out", tiny_train_cfg(), run_dir=tmp_path / "run")
+    assert meta["steps"] == 5  # released: the run goes ahead
+
+
+def test_unwritable_outputs_are_refused_before_training(tmp_path, tiny_dir, tiny_prepared):
+    (tmp_path / "a_file").write_text("not a directory")
+    params = stage_params(tmp_path)
+    base = [sys.executable, "-m", "layerchop.cli", "train", "--params", str(params), "--init", str(tiny_dir),
+            "--data", str(tiny_prepared)]
+    for key, bad, good in (("--out", tmp_path / "a_file" / "model", None),
+                           ("--out", Path("/proc/layerchop-model"), None),
+                           ("--metrics", tmp_path / "a_file" / "m.json", tmp_path / "out")):
+        args = {"--out": str(good or bad), "--run-dir": str(tmp_path / "run")}
+        if key != "--out":
+            args[key] = str(bad)
+        proc = subprocess.run(base + [x for kv in args.items() for x in kv], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"layerchop train: error: {key} {bad}: cannot")
+        assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
 def test_tokenizer_mismatch_is_refused(tmp_path, tiny_prepared, tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

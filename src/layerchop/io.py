@@ -8,11 +8,13 @@ finished.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -28,11 +30,45 @@ def tmp_suffix() -> str:
     return f"tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: str | Path) -> list[Path]:
+    """Remove the temporary siblings of ``out`` (``.<name>.tmp-<host>-<pid>-<id>``) that a killed process of
+    this host left; those of live processes, or of other hosts (whose processes this host cannot see), stay.
+
+    Returns:
+        The paths removed.
+    """
+    out = Path(out)
+    host = socket.gethostname()
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        rest = tmp.name[len(f".{out.name}.tmp-"):]
+        if not rest.startswith(f"{host}-"):
+            continue
+        pid = rest[len(host) + 1:].split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` only if the block succeeds."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.{tmp_suffix()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -46,10 +82,62 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     tmp.rename(out)
 
 
+@contextlib.contextmanager
+def staged(*dests: str | Path) -> Iterator[tuple[Path, ...]]:
+    """Yield one temporary directory per destination directory; the files written into them are moved into
+    their destinations only once the whole block succeeded, so a stage that writes several outputs (tables
+    and figures) publishes all of them or none, and never leaves new files beside stale ones.
+
+    Example::
+
+        with staged("paper/tables", "paper/figures") as (tables, figures):
+            (tables / "main.md").write_text(...)
+            plot(figures / "curves.png")
+    """
+    dests = tuple(Path(d) for d in dests)
+    tmps = []
+    try:
+        for d in dests:
+            d.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(d)
+            tmp = d.with_name(f".{d.name}.{tmp_suffix()}")
+            tmp.mkdir()
+            tmps.append(tmp)
+        yield tuple(tmps)
+        for d, tmp in zip(dests, tmps):
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, d / f.name)
+    finally:
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """Refuse, before any work, an output that cannot be written: ``path``'s nearest existing ancestor must be a
+    directory in which this process can create a file (tried, so read-only mounts and permissions both count).
+
+    Raises:
+        ValueError: naming ``key`` and the path.
+    """
+    path = Path(path).absolute()
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{key} {path}: cannot be created, {parent} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.{tmp_suffix()}")
+    except OSError as e:
+        raise ValueError(f"{key} {path}: cannot write in {parent} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (tmp file + rename), sorted keys, trailing newline."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{tmp_suffix()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     tmp.rename(path)

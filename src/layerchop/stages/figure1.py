@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from layerchop.config import load_params, section
+from layerchop.io import staged
 from layerchop.report.oneshot import figure1, oneshot_table
 from layerchop.report.tables import load_rows, latex, markdown
 
@@ -32,9 +33,8 @@ def main(args: argparse.Namespace) -> None:
         "include embeddings and norms; accuracy (%) averaged over the zero-shot tasks."
     )
     header, body = oneshot_table(rows)
-    out = Path(args.tables)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "oneshot.md").write_text(markdown(header, body, caption))
-    (out / "oneshot.tex").write_text(latex(header, body, caption, label="tab:oneshot"))
-    figure1(rows, Path(args.figures) / "fig1_oneshot_vs_layerchop")
-    print((out / "oneshot.md").read_text())
+    with staged(args.tables, args.figures) as (tables, figures):  # all outputs or none
+        (tables / "oneshot.md").write_text(markdown(header, body, caption))
+        (tables / "oneshot.tex").write_text(latex(header, body, caption, label="tab:oneshot"))
+        figure1(rows, figures / "fig1_oneshot_vs_layerchop")
+    print((Path(args.tables) / "oneshot.md").read_text())

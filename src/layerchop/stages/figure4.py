@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from layerchop.config import load_params, section
-from layerchop.io import read_json
+from layerchop.io import read_json, staged
 from layerchop.report.compute import distill_tables, figure4, load_arms
 from layerchop.report.tables import markdown
 
@@ -49,8 +49,7 @@ def main(args: argparse.Namespace) -> None:
     )
     text = markdown(header, body, caption)
     text += "\n### Evaluations along the runs\n\n" + markdown(pheader, points, "Step 0 is the shared chopped model.")
-    out = Path(args.tables)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distill.md").write_text(text)
-    figure4(arms, Path(args.figures) / "fig4_distill_vs_layerchop", cfg.gpu)
+    with staged(args.tables, args.figures) as (tables, figures):  # all outputs or none
+        (tables / "distill.md").write_text(text)
+        figure4(arms, figures / "fig4_distill_vs_layerchop", cfg.gpu)
     print(text)

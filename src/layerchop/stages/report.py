@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from layerchop.config import load_params, section
+from layerchop.io import staged
 from layerchop.prune.chop import removed_indices
 from layerchop.report.tables import load_rows, latex, markdown, table_rows, training_curves
 
@@ -37,13 +38,14 @@ def main(args: argparse.Namespace) -> None:
         "lm-evaluation-harness, metric per task in brackets; average over tasks."
     )
     header, body = table_rows(rows)
-    out = Path(args.tables)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "main.md").write_text(markdown(header, body, caption))
-    (out / "main.tex").write_text(latex(header, body, caption))
-    print((out / "main.md").read_text())
+    logs = {}
     if args.runs and args.figures:
         logs = {label: Path(args.runs) / f"{name}.csv" for name, label in cfg.rows.items()
                 if (Path(args.runs) / f"{name}.csv").exists()}
+    # the tables and the figure appear together or not at all
+    with staged(args.tables, *([args.figures] if logs else [])) as (tables, *figures):
+        (tables / "main.md").write_text(markdown(header, body, caption))
+        (tables / "main.tex").write_text(latex(header, body, caption))
         if logs:
-            training_curves(logs, Path(args.figures) / "training_curves.png")
+            training_curves(logs, figures[0] / "training_curves.png")
+    print((Path(args.tables) / "main.md").read_text())

@@ -69,6 +69,16 @@ def main(args: argparse.Namespace) -> int:
     if args.plan:
         print(json.dumps(plan.describe(), indent=2))
         return 0
+    if not under_launcher():  # before any work: the outputs can be written, no other run uses --run-dir
+        from layerchop.io import check_writable
+        from layerchop.train.checkpoint import RunLock
+
+        for key, path in (("--out", args.out), ("--run-dir", args.run_dir), ("--log", args.log),
+                          ("--metrics", args.metrics), ("--snapshot-dir", args.snapshot_dir)):
+            if path is not None:
+                check_writable(path, key)
+        with RunLock(args.run_dir):
+            pass
     if cfg.launcher == "torchrun" and not under_launcher():
         return run_torchrun(cfg, args.argv, run_id=rendezvous_id(plan.fingerprint))
 

@@ -131,7 +131,9 @@ class _Exporter(Callback):
             meta["tokens_trained"] = int(meta.get("tokens_before", 0)) + compute["tokens"]
             if pl_module.warm_optimizer is not None:
                 meta["warm_start_optimizer"] = pl_module.warm_optimizer
-            meta["train_loss_last"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
+            last = getattr(self, "last_loss", None)  # a run resumed at its last step logged no loss
+            meta["train_loss_last"] = float(trainer.callback_metrics.get("train/loss",
+                                                                         last if last is not None else float("nan")))
             if "val/ppl" in trainer.callback_metrics:
                 meta["val_ppl_last"] = float(trainer.callback_metrics["val/ppl"])
             if masks is not None:
@@ -144,13 +146,31 @@ class _Exporter(Callback):
 class ExportHF(_Exporter):
     """At the end of training, write the model as a plain HF directory (rank 0 writes).
 
-    Nothing is written when training stopped before ``max_steps``, so no partial output looks finished.
+    Nothing is written when training stopped before ``max_steps``, so no partial output looks finished. A run
+    resumed from a checkpoint of its last step (killed during the final validation or the export) has no
+    step left, so Lightning skips the training loop and ``on_train_end``: it is exported in ``on_fit_end``
+    (the strategy keeps the sharded model there; the single-device one has moved it to the CPU, which the
+    export reads anyway). The last training loss travels in the checkpoint for that case.
     """
 
     def __init__(self, out: Path, tokenizer, metadata: dict, card: str, max_steps: int, meter: ComputeMeter,
                  masks_dir: Optional[Path] = None):
         super().__init__(tokenizer, metadata, card, meter, masks_dir)
         self.out, self.max_steps = out, max_steps
+        self.exported = False
+        self._last_loss: Optional[torch.Tensor] = None
+        self.last_loss: Optional[float] = None  # restored from a checkpoint
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if isinstance(outputs, dict) and "loss" in outputs:  # the micro-batch loss / accumulate (Lightning)
+            self._last_loss = outputs["loss"].detach() * trainer.accumulate_grad_batches
+
+    def state_dict(self) -> dict[str, Any]:
+        loss = float(self._last_loss) if self._last_loss is not None else self.last_loss
+        return {"train_loss_last": loss}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_loss = state_dict.get("train_loss_last")
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.global_step < self.max_steps:
@@ -158,6 +178,14 @@ class ExportHF(_Exporter):
                 print(f"[train] stopped at step {trainer.global_step} < {self.max_steps}: not exported", flush=True)
             return
         self.export(trainer, pl_module, self.out)
+        self.exported = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not self.exported and trainer.global_step >= self.max_steps:
+            if trainer.is_global_zero:
+                print(f"[train] the checkpoint is of the last step ({trainer.global_step}): exporting it", flush=True)
+            self.export(trainer, pl_module, self.out)
+            self.exported = True
 
 
 def snapshot_steps(max_steps: int, num: int) -> list[int]:

@@ -98,6 +98,44 @@ class RunLayout:
         return str(found) if found else None
 
 
+class RunLock:
+    """One run per run directory: global rank 0 holds an exclusive ``flock`` on ``<run_dir>/.lock`` for the
+    block; the kernel releases it when the process ends, however it ends. A second run (another rank 0) is
+    refused at once with a ``ValueError`` naming ``--run-dir`` and the holder; other ranks do nothing."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+        import socket
+
+        if global_rank() != 0:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise ValueError(f"--run-dir {self.path.parent}: in use by another run ({holder}); one run per run "
+                             "directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
 class AtomicCheckpoint(Callback):
     """Save a resumable checkpoint every ``every_n_steps`` optimizer steps (and at the end with
     ``save_on_train_end``), atomically, keeping the newest ``keep``.
@@ -118,7 +156,9 @@ class AtomicCheckpoint(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # not after an optimizer step
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        # and at the last step: a kill during the final validation or the export then loses no training
+        if self.every_n_steps and (trainer.global_step % self.every_n_steps == 0
+                                   or trainer.global_step >= trainer.max_steps):
             self.save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from layerchop.io import read_metadata, write_json
 from layerchop.train.callbacks import ComputeMeter, ExportHF, HostMemory, KeepMasks, Snapshots
-from layerchop.train.checkpoint import AtomicCheckpoint, RunLayout
+from layerchop.train.checkpoint import AtomicCheckpoint, RunLayout, RunLock
 from layerchop.train.data import PackedDataModule
 from layerchop.train.module import CausalLMModule, ShardState
 from layerchop.train.plan import RunPlan
@@ -124,6 +124,11 @@ def train(plan: RunPlan, *, resume: str = "auto", log_csv: Optional[str | Path] 
     Returns:
         The metadata written into ``plan.out`` (``{}`` on other ranks, or when stopped early).
     """
+    with RunLock(plan.run_dir):  # one run per run directory
+        return _train(plan, resume, log_csv, metrics, stop_after, snapshot_dir)
+
+
+def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_dir) -> dict:
     from transformers import AutoTokenizer
 
     cfg, steps = plan.cfg, plan.steps
@@ -165,7 +170,9 @@ def train(plan: RunPlan, *, resume: str = "auto", log_csv: Optional[str | Path] 
                           start_samples=plan.warm_samples_per_rank)
     module = build_module(plan, start)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    # weights_only: a checkpoint holds tensors and plain containers; a planted pickle is refused, whatever
+    # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     wall = time.perf_counter() - t0
     if not trainer.is_global_zero:
         return {}

@@ -56,7 +56,7 @@ def warm_start(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[], di
     resume = newest_complete(layout.warm) if layout.resume_allowed else None
     if resume is not None and trainer.is_global_zero:
         print(f"[train] warm start: resuming from {resume}", flush=True)
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     if trainer.global_step != steps.warm_steps:
         raise RuntimeError(f"the warm start stopped at step {trainer.global_step} of {steps.warm_steps}")
     num_dense = AutoConfig.from_pretrained(plan.dense_dir).num_hidden_layers
