@@ -216,7 +216,9 @@ def test_distill_run_exports_student_snapshots_and_compute(tmp_path, tiny_dir, t
     from layerchop.io import read_json, read_metadata
     from layerchop.train.distill import distill_step_flops
 
-    pfile, chopped = chopped_setup(tmp_path, tiny_dir, {}, {"chunk_tokens": 40})
+    # unequal loss weights, so that the logged total can only equal the weighted sum
+    pfile, chopped = chopped_setup(tmp_path, tiny_dir, {}, {"chunk_tokens": 40, "w_kl": 0.5, "w_hid": 2.0,
+                                                             "w_att": 0.25})
     from transformers import AutoConfig
 
     mapping = load_layer_map(chopped, tiny_dir)
@@ -246,8 +248,12 @@ def test_distill_run_exports_student_snapshots_and_compute(tmp_path, tiny_dir, t
     with open(tmp_path / "log.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(rows) == 6
-    for name in TERMS:
-        assert all(float(r[f"train/loss_{name}"]) >= 0 for r in rows)
+    # the logged total is the weighted sum of the logged terms (a dropped, doubled or unweighted term fails)
+    weights = yaml.safe_load(open(pfile))["distill"]
+    for r in rows:
+        total = sum(weights[f"w_{name}"] * float(r[f"train/loss_{name}"]) for name in TERMS)
+        assert float(r["train/loss"]) == pytest.approx(total, rel=1e-5), r
+    assert all(float(r["train/loss_hid"]) > 0 for r in rows)  # the student's hidden states differ from the teacher's
     flops_logged = [float(r["train/flops"]) for r in csv.DictReader(open(tmp_path / "log.csv")) if r.get("train/flops")]
     assert flops_logged == [k * per_step for k in range(1, 7)]
 

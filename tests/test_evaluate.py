@@ -43,8 +43,39 @@ def test_zero_shot_offline_tasks_through_lm_eval(tiny_dir, tiny_prepared):
     flat = flat_task_metrics(out)
     assert set(flat) == {f"eval/{t}/{m}" for t in ("heldout_continuation", "heldout_lastword")
                          for m in ("acc", "acc_norm")}
-    assert all(0.0 <= v <= 1.0 for v in flat.values())
+    # the same accuracies computed by hand from the task files (lm-eval's rule: the context's trailing spaces
+    # move into the continuation, " " + choice scored as a sum of token log-probabilities; acc_norm divides by
+    # the choice's length in characters): catches a wrong label, a task wired to other items or another model
+    for task in ("heldout_continuation", "heldout_lastword"):
+        acc, acc_norm = hand_accuracy(model, tok, tiny_prepared / "tasks" / f"{task}.jsonl")
+        assert flat[f"eval/{task}/acc"] == pytest.approx(acc, abs=1e-9), task
+        assert flat[f"eval/{task}/acc_norm"] == pytest.approx(acc_norm, abs=1e-9), task
     json.dumps(out)  # results.json must be serialisable
+
+
+@torch.no_grad()
+def hand_accuracy(model, tok, items_file) -> tuple[float, float]:
+    hits, hits_norm, n = 0, 0, 0
+    for line in open(items_file):
+        doc = json.loads(line)
+        lls = []
+        for choice in doc["choices"]:
+            context, continuation = doc["context"], " " + choice
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            ctx = tok(context, add_special_tokens=False)["input_ids"]
+            whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx):]
+            ids = torch.tensor([ctx + cont])
+            logp = F.log_softmax(model(input_ids=ids[:, :-1]).logits[0].float(), dim=-1)
+            lls.append(float(sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(cont))))
+        best = max(range(len(lls)), key=lambda i: lls[i])
+        best_norm = max(range(len(lls)), key=lambda i: lls[i] / len(doc["choices"][i]))
+        hits += best == doc["label"]
+        hits_norm += best_norm == doc["label"]
+        n += 1
+    return hits / n, hits_norm / n
 
 
 def test_unknown_task_names_the_key(tiny_dir, tiny_prepared):
@@ -86,3 +117,30 @@ def test_standard_piqa_on_local_mirror_scores_above_chance(smollm2_dir, piqa_dir
     print(f"PIQA (300 items) acc={res['acc,none']:.3f} acc_norm={res['acc_norm,none']:.3f}")
     # chance is 0.5; SmolLM2-135M-Instruct scores ~0.67 acc_norm on the full split
     assert res["acc_norm,none"] > 0.58
+
+
+def test_perplexity_survives_a_token_with_a_logit_gap_of_120():
+    """A damaged model gives some tokens a log-probability near -120: ``softmax(...).log()`` (torchmetrics'
+    Perplexity) underflows to -inf there and the whole perplexity becomes inf; the NLL sums do not."""
+    from torchmetrics.text import Perplexity
+
+    from layerchop.evaluate.perplexity import TokenPerplexity
+
+    V, T = 8, 100
+    logits = torch.zeros(2, T, V)
+    labels = torch.zeros(2, T, dtype=torch.long)
+    logits[0, 0, 1] = 120.0  # token 0 wants class 0, the model puts 120 nats on class 1
+    labels[1, T // 2:] = IGNORE_INDEX  # padding is not scored
+    expected_nll = F.cross_entropy(logits.double().reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                   reduction="sum") / (T + T // 2)
+    metric = TokenPerplexity()
+    metric.update(logits[:1], labels[:1])
+    metric.update(logits[1:], labels[1:])  # accumulates over batches
+    got = float(metric.compute())
+    assert math.isfinite(got) and got == pytest.approx(math.exp(float(expected_nll)), rel=1e-6)
+    old = Perplexity(ignore_index=IGNORE_INDEX)
+    old.update(logits, labels)
+    assert math.isinf(float(old.compute()))  # the failure this replaces
+    every_token_120 = TokenPerplexity()
+    every_token_120.update(torch.tensor([[[0.0, 120.0]]]), torch.tensor([[0]]))
+    assert float(every_token_120.compute()) == pytest.approx(math.exp(120.0), rel=1e-6)  # beyond float32

@@ -43,13 +43,22 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 
 
 def test_no_weight_decay_on_norms_and_biases():
-    from conftest import make_tiny_llama
+    """On a Llama with attention and MLP biases (a bias-free model could not catch decayed biases), and with
+    a named exclusion (the distillation projections)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = make_tiny_llama(2)
-    decay, no_decay = param_groups(model.named_parameters(), 0.1)
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert all("norm" in names[id(p)] for p in no_decay["params"])
-    assert all(p.ndim == 2 for p in decay["params"])
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, attention_bias=True,
+                                         mlp_bias=True, tie_word_embeddings=False))
+    named = list(model.named_parameters())
+    decay, no_decay = param_groups(named, 0.1, no_decay_prefixes=("lm_head.",))
+    names = {id(p): n for n, p in named}
+    got_no_decay = {names[id(p)] for p in no_decay["params"]}
+    biases = {n for n, _ in named if n.endswith(".bias")}
+    norms = {n for n, _ in named if "norm" in n}
+    assert len(biases) == 2 * 7 and norms  # q, k, v, o, gate, up, down of both layers
+    assert got_no_decay == biases | norms | {"lm_head.weight"}
+    assert {names[id(p)] for p in decay["params"]} == {n for n, _ in named} - got_no_decay
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
 
 

@@ -29,6 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the arguments through which stages write: each is refused up front when it cannot be written
+OUTPUT_ARGS = ("out", "tables", "figures", "run_dir", "log", "metrics", "snapshot_dir", "cache")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every stage: an output that cannot be written (read-only, a file in the way) is refused before any work,
+    with one line naming the argument (:func:`layerchop.io.check_writable`)."""
+    from layerchop.io import check_writable
+
+    for name in OUTPUT_ARGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            check_writable(value, f"--{name.replace('_', '-')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv is None:
@@ -42,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     mod = importlib.import_module(f"layerchop.stages.{args.stage}")
     t0 = time.perf_counter()
     try:
+        check_outputs(args)
         rc = mod.main(args) or 0
     except (ValueError, FileNotFoundError) as e:
         print(f"layerchop {args.stage}: error: {e}", file=sys.stderr)

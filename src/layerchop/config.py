@@ -6,7 +6,12 @@ Every dataclass validates itself in ``__post_init__`` and raises a ``ValueError`
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +24,7 @@ LAYOUTS = ("input", "output", "middle", "max-gap", "both")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 STRATEGIES = ("auto", "fsdp")
 LAUNCHERS = ("local", "torchrun")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
 GRAD_REDUCTIONS = ("step", "micro_batch")
 
 
@@ -77,6 +83,8 @@ class CorpusSourceConfig:
     margin above ``train.token_budget``: the train stage refuses a budget the prepared train split cannot cover)."""
     local_paths: list[str] = field(default_factory=list)
     """``.txt`` (one document per file) or ``.jsonl`` (one document per line) files (source ``local``)."""
+    encoding: str = "utf-8"
+    """Text encoding of the ``local`` files, decoded strictly (a byte that does not decode is an error)."""
 
     def __post_init__(self) -> None:
         if self.source not in CORPUS_SOURCES:
@@ -89,6 +97,10 @@ class CorpusSourceConfig:
             _fail("download.corpus.token_budget", None, "streaming from the hub needs a token budget")
         if self.source == "local" and not self.local_paths:
             _fail("download.corpus.local_paths", self.local_paths, "source 'local' needs files")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            _fail("download.corpus.encoding", self.encoding, "not a text encoding Python knows")
 
 
 @dataclass
@@ -166,8 +178,10 @@ class ChopConfig:
         if self.indices is None:
             if self.layout not in LAYOUTS:
                 _fail("chop.layout", self.layout, f"choose one of {list(LAYOUTS)} or set chop.indices")
-            if self.num_remove < 0:
-                _fail("chop.num_remove", self.num_remove, "must be >= 0")
+            if self.num_remove < 1:
+                _fail("chop.num_remove", self.num_remove, "must be >= 1 (removing nothing is the dense model)")
+        elif not self.indices:
+            _fail("chop.indices", self.indices, "removes no layer (the dense model); give indices or null")
 
 
 @dataclass
@@ -270,12 +284,7 @@ class TrainConfig:
         if (self.token_budget is None) == (self.flop_budget is None):
             _fail("train.token_budget", self.token_budget,
                   f"set exactly one of train.token_budget and train.flop_budget (flop_budget={self.flop_budget!r})")
-        if self.flop_budget is not None:
-            if isinstance(self.flop_budget, str):  # '8e13' is a string to YAML 1.1; 8.0e+13 is a float
-                try:
-                    self.flop_budget = float(self.flop_budget)
-                except ValueError:
-                    _fail("train.flop_budget", self.flop_budget, "must be a number")
+        if self.flop_budget is not None:  # (numbers in scientific notation are numbers: see _typed)
             if not self.flop_budget > 0:
                 _fail("train.flop_budget", self.flop_budget, "must be > 0")
         positive = ("batch_size", "accumulate", "devices", "num_nodes", "val_batches")
@@ -284,6 +293,8 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 _fail(f"train.{key}", getattr(self, key), "must be > 0")
+        if self.accelerator not in ACCELERATORS:
+            _fail("train.accelerator", self.accelerator, f"choose one of {list(ACCELERATORS)}")
         if self.lr <= 0:
             _fail("train.lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -370,14 +381,8 @@ class Figure4Config:
 
     def __post_init__(self) -> None:
         for key in ("flop_budget", "gpu_peak_flops"):
-            v = getattr(self, key)
-            if isinstance(v, str):
-                try:
-                    setattr(self, key, float(v))
-                except ValueError:
-                    _fail(f"figure4.{key}", v, "must be a number")
             if not getattr(self, key) > 0:
-                _fail(f"figure4.{key}", v, "must be > 0")
+                _fail(f"figure4.{key}", getattr(self, key), "must be > 0")
         if self.snapshots < 0:
             _fail("figure4.snapshots", self.snapshots, "must be >= 0")
         if not 0 < self.mfu <= 1:
@@ -445,22 +450,72 @@ class ReportConfig:
             _fail("report.oneshot_rows", self.oneshot_rows, "needs at least one row")
 
 
-_NESTED = {"ModelSourceConfig": ModelSourceConfig, "CorpusSourceConfig": CorpusSourceConfig,
-           "TasksConfig": TasksConfig}
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-3`` and ``1e6`` as strings: numeric strings become numbers."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value) if any(c in value for c in ".eE") else int(value)
+    return value
+
+
+def _typed(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the field type ``tp`` (and converted where that loses nothing).
+
+    One rule for every section: numbers in scientific notation are numbers; an integer field takes only
+    whole numbers; a string, a list or a mapping is never coerced from something else.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _typed(value, inner, key)
+    if dataclasses.is_dataclass(tp):
+        if value is not None and not isinstance(value, dict):
+            _fail(key, value, "must be a mapping of keys")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "must be true or false")
+        return value
+    if tp in (int, float):
+        number = _number(value)
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            _fail(key, value, "must be a number" if tp is float else "must be an integer")
+        if tp is int:
+            if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
+                _fail(key, value, "must be an integer")
+            return int(number)
+        return float(number)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(key, value, "must be a string (quote it in YAML)")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            _fail(key, value, "must be a list")
+        return [_typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(key, value, "must be a mapping")
+        return {_typed(k, args[0], f"{key} (a key)"): _typed(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"config field {key}: unsupported type {tp}")  # a new field type needs a rule here
 
 
 def _build(cls, data: dict | None, prefix: str):
-    """Instantiate dataclass ``cls`` from a dict, recursing into nested dataclasses."""
+    """Instantiate dataclass ``cls`` from a dict, checking every value against its field's type."""
+    if data is not None and not isinstance(data, dict):
+        _fail(prefix, data, "must be a mapping of keys")
     data = dict(data or {})
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints))
     if unknown:
         raise ValueError(f"params.yaml: unknown key(s) {[f'{prefix}.{k}' for k in unknown]}")
-    kwargs = {}
-    for name, value in data.items():
-        nested = _NESTED.get(str(names[name].type))  # annotations are strings (PEP 563)
-        kwargs[name] = _build(nested, value, f"{prefix}.{name}") if nested else value
-    return cls(**kwargs)
+    return cls(**{name: _typed(value, hints[name], f"{prefix}.{name}") for name, value in data.items()})
 
 
 SECTIONS = {
@@ -477,12 +532,34 @@ SECTIONS = {
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read ``params.yaml`` as a plain dict."""
+    """Read ``params.yaml`` as a plain dict, checking every section it has (unknown sections and keys, types,
+    ranges) so that a bad value stops every stage before any work.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file, the line (invalid YAML) or the key.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found (run from the repository root or pass --params)")
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: must be a mapping of sections {list(SECTIONS)}, not a {type(params).__name__}")
+    unknown = sorted(set(map(str, params)) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; the sections are {list(SECTIONS)}")
+    for name in params:
+        section(name, params)
+    return params
 
 
 def section(name: str, params: dict[str, Any] | None = None, path: str | Path = "params.yaml"):

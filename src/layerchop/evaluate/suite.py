@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from layerchop.data.prepare import check_data_matches_model
-from layerchop.evaluate.harness import flat_task_metrics, zero_shot
+from layerchop.evaluate.harness import check_tasks, flat_task_metrics, zero_shot
 from layerchop.evaluate.perplexity import perplexity
 from layerchop.io import load_model, load_tokenizer, num_params, read_metadata
 from layerchop.prune.masks import nonzero_params
@@ -21,6 +21,7 @@ def evaluate_model(model_dir: str | Path, data: str | Path, cfg) -> tuple[dict[s
         lm-eval's raw results.
     """
     data = Path(data)
+    tasks = check_tasks(cfg.tasks, data / "tasks", cfg.local_tasks)  # before the model is loaded
     tokenizer = load_tokenizer(model_dir)
     check_data_matches_model(data, Path(model_dir), tokenizer)
     model = load_model(model_dir, dtype=cfg.dtype).to(cfg.device)
@@ -37,7 +38,8 @@ def evaluate_model(model_dir: str | Path, data: str | Path, cfg) -> tuple[dict[s
         metrics[f"{split}/ppl"] = ppl["ppl"]
         metrics[f"{split}/ppl_tokens"] = ppl["tokens"]
     results = zero_shot(model, tokenizer, cfg.tasks, include_path=data / "tasks", local_tasks=cfg.local_tasks,
-                        batch_size=cfg.batch_size, limit=cfg.limit, seed=cfg.seed, device=cfg.device)
+                        batch_size=cfg.batch_size, limit=cfg.limit, seed=cfg.seed, device=cfg.device,
+                        task_manager=tasks)
     metrics.update(flat_task_metrics(results))
     metrics["eval_wall_s"] = round(time.perf_counter() - t0, 1)
     return metrics, results

@@ -37,15 +37,16 @@ def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
 
 @torch.no_grad()
 def capture_layer0_inputs(model: nn.Module, calib_NT: torch.Tensor, device: torch.device, batch_size: int):
-    """Hidden states entering decoder layer 0 ``[N, T, D]`` and the keyword arguments it receives."""
+    """Hidden states entering decoder layer 0 ``[N, T, D]`` and, per batch of ``batch_size`` sequences, the
+    keyword arguments it receives (the attention mask and position embeddings are shaped by the batch: a
+    last, smaller batch gets its own)."""
     layers = decoder_layers(model)
-    captured: dict = {"h": [], "kwargs": None}
+    captured: dict = {"h": [], "kwargs": []}
 
     def hook(module, args, kwargs):
         h = args[0] if args else kwargs.pop("hidden_states")
         captured["h"].append(h.detach())
-        if captured["kwargs"] is None:
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        captured["kwargs"].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -96,8 +97,8 @@ def prune_model(
     model.eval()
     layers = decoder_layers(model)
     prefix = _layers_prefix(model, layers)
-    inps, kwargs = capture_layer0_inputs(model, calib_NT, device, batch_size)
-    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+    inps, batch_kwargs = capture_layer0_inputs(model, calib_NT, device, batch_size)
+    batch_kwargs = [{k: _to(v, device) for k, v in kw.items()} for kw in batch_kwargs]
     masks: dict[str, torch.Tensor] = {}
     per_module: dict[str, float] = {}
     for li, layer in enumerate(tqdm(layers, desc=f"{method} {pattern}", unit="layer")):
@@ -108,8 +109,8 @@ def prune_model(
         solvers = {n: SOLVERS[method](lin, **extra) for n, lin in linears.items()}
         handles = [lin.register_forward_hook(lambda m, i, o, s=solvers[n]: s.add_batch(i[0].detach(), o))
                    for n, lin in linears.items()]
-        for i in range(0, inps.shape[0], batch_size):
-            layer(inps[i : i + batch_size], **kwargs)
+        for b, i in enumerate(range(0, inps.shape[0], batch_size)):
+            layer(inps[i : i + batch_size], **batch_kwargs[b])
         for h in handles:
             h.remove()
         for name, solver in solvers.items():
@@ -119,8 +120,8 @@ def prune_model(
             masks[full] = mask.cpu()
             per_module[full] = float(mask.float().mean())
         outs = []
-        for i in range(0, inps.shape[0], batch_size):
-            out = layer(inps[i : i + batch_size], **kwargs)
+        for b, i in enumerate(range(0, inps.shape[0], batch_size)):
+            out = layer(inps[i : i + batch_size], **batch_kwargs[b])
             outs.append(out[0] if isinstance(out, tuple) else out)
         inps = torch.cat(outs)
         layer.to(home)

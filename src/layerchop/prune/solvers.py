@@ -18,8 +18,21 @@ import torch.nn as nn
 from layerchop.prune.sparsity import Pattern, select_mask
 
 
+def smallest_over_matrix(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The references' unstructured rule: one threshold over the whole ``score`` tensor, the value at sorted
+    index ``int(numel * ratio)``, and every score ``<=`` it pruned (so one more than ``int(numel * ratio)``,
+    plus ties, exactly as ``prune_magnitude`` in locuslab/wanda and ``fasterprune`` in IST-DASLab/sparsegpt).
+    """
+    if ratio <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)  # (the references would still prune the smallest one)
+    flat = score.flatten()
+    thresh = torch.sort(flat)[0][min(int(flat.numel() * ratio), flat.numel() - 1)]
+    return score <= thresh
+
+
 class Magnitude:
-    """Prune the smallest |W| (no calibration statistics)."""
+    """Prune the smallest |W|: over the whole matrix for unstructured sparsity (one threshold, as in the Wanda
+    repository's magnitude baseline), per group of M for N:M. No calibration statistics."""
 
     def __init__(self, layer: nn.Linear):
         self.layer = layer
@@ -30,7 +43,9 @@ class Magnitude:
     @torch.no_grad()
     def prune(self, pattern: Pattern) -> torch.Tensor:
         W = self.layer.weight
-        mask = select_mask(W.abs().float(), pattern)
+        score = W.abs().float()
+        mask = smallest_over_matrix(score, pattern.ratio) if pattern.kind == "unstructured" else \
+            select_mask(score, pattern)
         W[mask] = 0
         return mask
 
@@ -71,9 +86,9 @@ class SparseGPT:
     """OBS-style pruning with weight reconstruction (Frantar & Alistarh 2023).
 
     Accumulates the Hessian ``H = 2 X Xᵀ / n`` of the layer inputs; columns are processed left to right
-    in blocks; masks are chosen per block from ``w² / [H⁻¹]_jj²`` (per row within the block for
-    unstructured sparsity, so every row reaches the ratio; per group of M for N:M), and the error of
-    each pruned column is spread over the not-yet-processed columns through the inverse Hessian.
+    in blocks; masks are chosen per block from ``w² / [H⁻¹]_jj²`` (unstructured: one threshold over the whole
+    block, all rows × ``blocksize`` columns, as the reference ``fasterprune`` does; N:M: per group of M), and
+    the error of each pruned column is spread over the not-yet-processed columns through the inverse Hessian.
 
     Args:
         layer: The linear to prune.
@@ -122,12 +137,7 @@ class SparseGPT:
             Hinv1 = Hinv[i1:i2, i1:i2]
             d1 = torch.diag(Hinv1)
             if pattern.kind == "unstructured":
-                # cumulative rounding: each row prunes exactly round(ratio * in_f) in total
-                k = round(pattern.ratio * i2) - round(pattern.ratio * i1)
-                mask1 = torch.zeros_like(W1, dtype=torch.bool)
-                if k > 0:
-                    score = W1 ** 2 / d1.unsqueeze(0) ** 2
-                    mask1.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, True)
+                mask1 = smallest_over_matrix(W1 ** 2 / d1.unsqueeze(0) ** 2, pattern.ratio)
             else:
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
             for i in range(count):

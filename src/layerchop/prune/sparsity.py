@@ -57,11 +57,12 @@ def select_mask(score_OI: torch.Tensor, pattern: Pattern) -> torch.Tensor:
         pattern: The sparsity pattern.
 
     Returns:
-        Bool mask ``[out, in]``, True = pruned. Unstructured: exactly ``round(ratio * in)`` per row.
+        Bool mask ``[out, in]``, True = pruned. Unstructured: exactly ``int(ratio * in)`` per row (Wanda's
+        reference: the first ``int(in * ratio)`` of each row's sorted scores).
     """
     out_f, in_f = score_OI.shape
     if pattern.kind == "unstructured":
-        k = round(pattern.ratio * in_f)
+        k = int(pattern.ratio * in_f)
         mask = torch.zeros_like(score_OI, dtype=torch.bool)
         if k > 0:
             idx = torch.topk(score_OI, k, dim=1, largest=False).indices

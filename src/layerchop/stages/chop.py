@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from layerchop.config import section
-from layerchop.io import load_model, load_tokenizer, read_metadata, save_model_dir
+from layerchop.io import check_model_dir, load_model, load_tokenizer, read_metadata, save_model_dir
 from layerchop.prune.chop import chop_layers, removed_indices
 
 
@@ -23,6 +23,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     cfg = section("chop", path=args.params)
+    check_model_dir(args.model, "--model")
     from transformers import AutoConfig
 
     num_layers = AutoConfig.from_pretrained(args.model).num_hidden_layers

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from layerchop.config import section
 from layerchop.evaluate.suite import evaluate_model
-from layerchop.io import atomic_dir, read_metadata, write_json
+from layerchop.io import atomic_dir, check_model_dir, read_metadata, write_json
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -31,9 +31,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run_points(snapshots: Path, final: Path) -> list[Path]:
     """Snapshots in step order, then the final model."""
     snaps = sorted(snapshots.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if snapshots.exists() else []
-    for d in snaps + [final]:
-        if not (d / "config.json").exists():
-            raise FileNotFoundError(f"{d}: not a model directory (no config.json)")
+    for d in snaps:
+        check_model_dir(d, "--snapshots")
+    check_model_dir(final, "--final")
     return snaps + [final]
 
 

@@ -11,7 +11,7 @@ import argparse
 
 from layerchop.config import section
 from layerchop.evaluate.suite import evaluate_model
-from layerchop.io import atomic_dir, write_json
+from layerchop.io import atomic_dir, check_model_dir, write_json
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +21,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    metrics, results = evaluate_model(args.model, args.data, section("evaluate", path=args.params))
+    cfg = section("evaluate", path=args.params)
+    check_model_dir(args.model, "--model")
+    metrics, results = evaluate_model(args.model, args.data, cfg)
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "results.json", results)
         write_json(tmp / "metrics.json", metrics)

@@ -11,6 +11,7 @@ import argparse
 
 from layerchop.config import section
 from layerchop.data.prepare import prepare
+from layerchop.io import check_model_dir
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +21,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    counts = prepare(args.corpus, args.model, args.out, section("prepare", path=args.params))
+    cfg = section("prepare", path=args.params)
+    check_model_dir(args.model, "--model")
+    counts = prepare(args.corpus, args.model, args.out, cfg)
     for split, info in counts["splits"].items():
         print(f"[prepare] {split}: {info['documents']} documents, {info['tokens']} tokens, "
               f"{info['sequences']} sequences")

@@ -16,7 +16,7 @@ import time
 
 from layerchop.config import section
 from layerchop.data.prepare import PackedDataset, check_data_matches_model
-from layerchop.io import load_model, load_tokenizer, num_params, read_metadata
+from layerchop.io import check_model_dir, load_model, load_tokenizer, num_params, read_metadata
 from layerchop.prune.calibrate import calibration_batch, prune_model
 from layerchop.prune.masks import nonzero_params, save_pruned_model_dir
 from layerchop.prune.sparsity import Pattern
@@ -34,6 +34,7 @@ def main(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     cfg = section("prune", path=args.params)
+    check_model_dir(args.model, "--model")
     pattern = Pattern.parse(args.pattern)  # validate before any work
     tokenizer = load_tokenizer(args.model)
     check_data_matches_model(Path(args.data), Path(args.model), tokenizer)

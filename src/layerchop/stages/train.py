@@ -59,6 +59,11 @@ def main(args: argparse.Namespace) -> int:
         if not args.flop_budget > 0:
             raise ValueError(f"--flop-budget {args.flop_budget} must be > 0")
         cfg = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
+    if cfg.accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.accelerator={cfg.accelerator!r}: this machine has no CUDA device")
     if args.snapshots and args.snapshot_dir is None:
         raise ValueError(f"--snapshots {args.snapshots} needs --snapshot-dir")
     distill = section("distill", params) if args.objective == "distill" else None
@@ -69,14 +74,9 @@ def main(args: argparse.Namespace) -> int:
     if args.plan:
         print(json.dumps(plan.describe(), indent=2))
         return 0
-    if not under_launcher():  # before any work: the outputs can be written, no other run uses --run-dir
-        from layerchop.io import check_writable
+    if not under_launcher():  # before any work (and before torchrun starts): no other run uses --run-dir
         from layerchop.train.checkpoint import RunLock
 
-        for key, path in (("--out", args.out), ("--run-dir", args.run_dir), ("--log", args.log),
-                          ("--metrics", args.metrics), ("--snapshot-dir", args.snapshot_dir)):
-            if path is not None:
-                check_writable(path, key)
         with RunLock(args.run_dir):
             pass
     if cfg.launcher == "torchrun" and not under_launcher():

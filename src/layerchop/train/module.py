@@ -14,9 +14,8 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from torchmetrics.text import Perplexity
 
-from layerchop.data.prepare import IGNORE_INDEX
+from layerchop.evaluate.perplexity import TokenPerplexity
 from layerchop.train import sharding
 
 
@@ -78,7 +77,7 @@ class CausalLMModule(L.LightningModule):
         self.schedule_offset = schedule_offset
         self.schedule_steps = schedule_steps or schedule_offset + max_steps
         self.model: Optional[torch.nn.Module] = None
-        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_ppl = TokenPerplexity()
         object.__setattr__(self, "start", start)  # not a submodule, not checkpointed
         self.warm_optimizer: Optional[dict] = None  # what the warm start handed over, for the record
 

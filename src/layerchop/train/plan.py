@@ -214,21 +214,19 @@ def resolve(
     from transformers import AutoConfig, AutoTokenizer
 
     from layerchop.data.prepare import check_data_matches_model
-    from layerchop.io import read_metadata
+    from layerchop.io import check_model_dir, read_metadata
     from layerchop.prune.masks import MASKS_FILE
     from layerchop.train.callbacks import snapshot_steps
 
     init_dir, prepared_dir, out, run_dir = Path(init_dir), Path(prepared_dir), Path(out), Path(run_dir)
     if objective not in OBJECTIVES:
         raise ValueError(f"--objective {objective!r}: choose one of {list(OBJECTIVES)}")
-    if not (init_dir / "config.json").exists():
-        raise FileNotFoundError(f"--init {init_dir}: not a model directory (no config.json)")
+    check_model_dir(init_dir, "--init")
     if objective == "distill":
         if teacher_dir is None or distill_cfg is None:
             raise ValueError("--objective distill needs --teacher (the uncompressed model) and a distill section")
         teacher_dir = Path(teacher_dir)
-        if not (teacher_dir / "config.json").exists():
-            raise FileNotFoundError(f"--teacher {teacher_dir}: not a model directory (no config.json)")
+        check_model_dir(teacher_dir, "--teacher")
     if snapshots < 0:
         raise ValueError(f"--snapshots {snapshots} must be >= 0")
     counts = check_data_matches_model(prepared_dir, init_dir, AutoTokenizer.from_pretrained(init_dir))
@@ -252,9 +250,7 @@ def resolve(
             raise ValueError(f"--warm-start (train.warm_start_steps={warm_steps}) needs --init to be a chopped model "
                              f"whose {init_dir}/layerchop.json names chopped_from and removed_layers")
         dense_dir = Path(init_meta["chopped_from"])
-        if not (dense_dir / "config.json").exists():
-            raise FileNotFoundError(f"--warm-start: {init_dir}/layerchop.json names chopped_from={dense_dir}, "
-                                    "which is not a model directory")
+        check_model_dir(dense_dir, f"--warm-start: {init_dir}/layerchop.json chopped_from")
         check_data_matches_model(prepared_dir, dense_dir, AutoTokenizer.from_pretrained(dense_dir))
     mapping, teacher_meta = None, None
     if objective == "distill":

@@ -1,0 +1,258 @@
+"""Every bad input: exit 2, one line naming the key (or file), nothing written.
+
+Table-driven and in-process (``layerchop.cli.main``), so that many cases stay cheap. Each case is a params
+edit or a file, the stage it is given to, and the text the one-line message must contain.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from layerchop.cli import main
+from layerchop.config import load_params, section
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def edited(params: dict, dotted: str, value) -> dict:
+    node = params
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return params
+
+
+def run_stage(capsys, argv: list[str]) -> tuple[int, str]:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err[-1] if err else ""
+
+
+# (params key, value, message fragment): every one through the chop stage, which must write nothing
+PARAMS_CASES = [
+    ("chop.indices", "12", "chop.indices='12' is invalid: must be a list"),
+    ("chop.indices", [1.7], "chop.indices[0]=1.7 is invalid: must be an integer"),
+    ("chop.indices", [], "chop.indices=[] is invalid: removes no layer"),
+    ("chop.indices", [True], "chop.indices[0]=True is invalid: must be an integer"),
+    ("chop.num_remove", 0, "chop.num_remove=0 is invalid: must be >= 1"),
+    ("chop.num_remove", "three", "chop.num_remove='three' is invalid: must be an integer"),
+    ("chop.layout", 5, "chop.layout=5 is invalid: must be a string"),
+    ("chop.layout", "top", "chop.layout='top' is invalid: choose one of"),
+    ("chop.lyout", "input", "unknown key(s) ['chop.lyout']"),
+    ("train.lr", "fast", "train.lr='fast' is invalid: must be a number"),
+    ("train.lr", True, "train.lr=True is invalid: must be a number"),
+    ("train.batch_size", 2.5, "train.batch_size=2.5 is invalid: must be an integer"),
+    ("train.batch_size", "8x", "train.batch_size='8x' is invalid: must be an integer"),
+    ("train.token_budget", "1e5.5", "train.token_budget='1e5.5' is invalid: must be an integer"),
+    ("train.token_budget", ".nan", "train.token_budget='.nan' is invalid: must be an integer"),
+    ("train.precision", 16, "train.precision=16 is invalid: must be a string"),
+    ("train.activation_checkpointing", "yes", "train.activation_checkpointing='yes' is invalid: must be true or false"),
+    ("train.devices", None, "train.devices=None is invalid: must be an integer"),
+    ("train", 5, "train=5 is invalid: must be a mapping of keys"),
+    ("prepare.seq_len", 1.5, "prepare.seq_len=1.5 is invalid: must be an integer"),
+    ("prepare.tasks", ["a"], "prepare.tasks=['a'] is invalid: must be a mapping of keys"),
+    ("evaluate.tasks", "heldout_lastword", "evaluate.tasks='heldout_lastword' is invalid: must be a list"),
+    ("evaluate.tasks", [3], "evaluate.tasks[0]=3 is invalid: must be a string"),
+    ("evaluate.local_tasks", ["piqa"], "evaluate.local_tasks=['piqa'] is invalid: must be a mapping"),
+    ("report.rows", ["dense"], "report.rows=['dense'] is invalid: must be a mapping"),
+    ("download.model.source", "llama-9000", "download.model.source='llama-9000' is invalid"),
+    ("download.corpus.token_budget", -1, "download.corpus.token_budget=-1 is invalid: must be > 0"),
+    ("figure4.flop_budget", "lots", "figure4.flop_budget='lots' is invalid: must be a number"),
+    ("train.accelerator", "quantum", "train.accelerator='quantum' is invalid: choose one of"),
+    ("evalute.tasks", ["piqa"], "unknown section(s) ['evalute']"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", PARAMS_CASES, ids=[f"{k}={v!r}" for k, v, _ in PARAMS_CASES])
+def test_bad_params_exit_2_naming_the_key_and_write_nothing(tmp_path, tiny_dir, capsys, key, value, message):
+    params = edited(yaml.safe_load(open(REPO / "params.yaml")), key, value)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    rc, line = run_stage(capsys, ["chop", "--params", str(tmp_path / "params.yaml"), "--model", str(tiny_dir),
+                                  "--out", str(tmp_path / "out")])
+    assert rc == 2
+    assert line.startswith("layerchop chop: error: ") and message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+# whole files that are not a params mapping
+FILE_CASES = [
+    ("train:\n  lr: [1, 2\n", "line 3: not valid YAML"),
+    ("- train\n- chop\n", "must be a mapping of sections"),
+    (b"chop:\n  layout: \xe9\n", "not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("text,message", FILE_CASES, ids=["invalid-yaml", "top-level-list", "latin-1"])
+def test_bad_params_files_exit_2_naming_the_file(tmp_path, tiny_dir, capsys, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    rc, line = run_stage(capsys, ["chop", "--params", str(path), "--model", str(tiny_dir), "--out",
+                                  str(tmp_path / "out")])
+    assert rc == 2 and f"{path}" in line and message in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_numbers_in_scientific_notation_are_numbers(tmp_path):
+    """YAML 1.1 reads ``1e-3`` as a string; the config reads it as the number a researcher meant."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  token_budget: 1e6\n  grad_clip: 1\ndownload:\n  corpus:\n"
+                    "    token_budget: 2.4e+10\n")
+    params = load_params(path)
+    assert isinstance(params["train"]["lr"], str)  # what PyYAML gives
+    train = section("train", params)
+    assert train.lr == 0.001 and isinstance(train.lr, float)
+    assert train.token_budget == 1_000_000 and isinstance(train.token_budget, int)
+    assert train.grad_clip == 1.0 and isinstance(train.grad_clip, float)
+    assert section("download", params).corpus.token_budget == 24_000_000_000
+
+
+def test_every_shipped_params_file_passes_the_type_checks():
+    for path in [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*/params.yaml"))]:
+        params = load_params(path)
+        assert set(params) == {"download", "prepare", "chop", "prune", "train", "distill", "figure4", "evaluate",
+                               "report"}, path
+
+
+# ------------------------------------------------------------------ model directories, one check for every stage
+def model_dir_cases(tmp_path: Path, tiny_dir: Path) -> dict[str, tuple[Path, str]]:
+    import shutil
+
+    no_config = tmp_path / "no_config"
+    shutil.copytree(tiny_dir, no_config)
+    (no_config / "config.json").unlink()
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\xff" * 64)
+    return {
+        "missing": (tmp_path / "no" / "such" / "model", "no such model directory"),
+        "hub-id-looking": (Path("meta-llama/Llama-2-7b-hf"), "no such model directory"),
+        "no-config": (no_config, "not a model directory (no config.json)"),
+        "pickle-only": (pickled, "only pickle weights ['pytorch_model.bin']; safetensors only"),
+        "corrupt": (corrupt, "not a readable safetensors file"),
+    }
+
+
+STAGES_WITH_A_MODEL = [
+    ("chop", "--model", ["--out", "{tmp}/out"]),
+    ("prune", "--model", ["--method", "wanda", "--pattern", "2of4", "--data", "{data}", "--out", "{tmp}/out"]),
+    ("evaluate", "--model", ["--data", "{data}", "--out", "{tmp}/out"]),
+    ("prepare", "--model", ["--corpus", "{tmp}/corpus", "--out", "{tmp}/out"]),
+    ("train", "--init", ["--data", "{data}", "--out", "{tmp}/out", "--run-dir", "{tmp}/run"]),
+    ("curve", "--final", ["--snapshots", "{tmp}/snaps", "--data", "{data}", "--out", "{tmp}/out"]),
+]
+
+
+@pytest.mark.parametrize("case", ["missing", "hub-id-looking", "no-config", "pickle-only", "corrupt"])
+def test_bad_model_directories_are_refused_by_every_stage(tmp_path, tiny_dir, tiny_prepared, capsys, case):
+    bad, message = model_dir_cases(tmp_path, tiny_dir)[case]
+    for stage, key, rest in STAGES_WITH_A_MODEL:
+        argv = [stage, "--params", str(REPO / "params.yaml"), key, str(bad)]
+        argv += [a.format(tmp=tmp_path, data=tiny_prepared) for a in rest]
+        rc, line = run_stage(capsys, argv)
+        assert rc == 2, (stage, line)
+        assert line.startswith(f"layerchop {stage}: error: {key} {bad}") and message in line, (stage, line)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists(), stage
+
+
+def test_unknown_task_is_refused_before_the_model_is_loaded(tiny_dir, tiny_prepared, monkeypatch):
+    import dataclasses
+
+    import layerchop.evaluate.suite as suite
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tasks were checked")
+
+    monkeypatch.setattr(suite, "load_model", never)
+    cfg = dataclasses.replace(section("evaluate", load_params(REPO / "params.yaml")), tasks=["heldout_lastword",
+                                                                                           "no_such_task"])
+    with pytest.raises(ValueError, match=r"evaluate.tasks: 'no_such_task' is neither"):
+        suite.evaluate_model(tiny_dir, tiny_prepared, cfg)
+    cfg = dataclasses.replace(cfg, tasks=["piqa"], local_tasks={"piqa": "/no/such/piqa"})
+    with pytest.raises(FileNotFoundError, match=r"evaluate.local_tasks.piqa: /no/such/piqa does not exist"):
+        suite.evaluate_model(tiny_dir, tiny_prepared, cfg)
+
+
+# ------------------------------------------------------------------------------ local corpus files
+CORPUS_CASES = [
+    ("docs.jsonl", b'{"text": "fine"}\n{"text": "broken\n', "docs.jsonl:2: not valid JSON"),
+    ("docs.jsonl", b'{"text": "fine"}\n{"text": 42}\n', "docs.jsonl:2 holds 42, not a string"),
+    ("docs.jsonl", b'{"body": "no text"}\n', "download.corpus.text_field='text': "),
+    ("docs.jsonl", b'["a", "list"]\n', "has no such field (fields: list)"),
+    ("docs.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1"), "download.corpus.encoding='utf-8': "),
+    ("plays.txt", "Ros\u00e9 and caf\u00e9\n".encode("latin-1"), "plays.txt does not decode at byte 3"),
+    ("docs.csv", b"text\nhello\n", "is neither .txt nor .jsonl"),
+]
+
+
+@pytest.mark.parametrize("name,content,message", CORPUS_CASES,
+                         ids=["bad-json", "text-42", "no-field", "not-object", "latin1-jsonl", "latin1-txt", "csv"])
+def test_bad_local_corpus_files_name_the_file_and_line(tmp_path, capsys, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    params = edited(edited(yaml.safe_load(open(REPO / "params.yaml")), "download.corpus.source", "local"),
+                    "download.corpus.local_paths", [str(tmp_path / name)])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    rc, line = run_stage(capsys, ["download", "--params", str(tmp_path / "params.yaml"), "corpus", "--out",
+                                  str(tmp_path / "corpus")])
+    assert rc == 2 and message in line, line
+    assert not (tmp_path / "corpus").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus")]  # no temporary left
+
+
+def test_an_explicit_encoding_reads_latin1(tmp_path):
+    from layerchop.data.sources import local_documents
+
+    (tmp_path / "plays.txt").write_bytes("Ros\u00e9\n".encode("latin-1"))
+    [doc] = local_documents([tmp_path / "plays.txt"], encoding="latin-1")
+    assert doc["text"] == "Ros\u00e9\n"
+    params = {"download": {"corpus": {"source": "local", "local_paths": ["x.txt"], "encoding": "utf-9"}}}
+    with pytest.raises(ValueError, match=r"download.corpus.encoding='utf-9' is invalid"):
+        section("download", params)
+
+
+# --------------------------------------------------------------------- outputs that cannot be written
+OUTPUT_CASES = [
+    ("chop", ["--model", "{model}", "--out", "{bad}"], "--out"),
+    ("prune", ["--method", "wanda", "--pattern", "2of4", "--model", "{model}", "--data", "{data}", "--out", "{bad}"],
+     "--out"),
+    ("evaluate", ["--model", "{model}", "--data", "{data}", "--out", "{bad}"], "--out"),
+    ("report", ["--eval", "{tmp}/eval", "--tables", "{bad}"], "--tables"),
+    ("figure1", ["--eval", "{tmp}/eval", "--tables", "{tmp}/t", "--figures", "{bad}"], "--figures"),
+    ("train", ["--init", "{model}", "--data", "{data}", "--out", "{tmp}/o", "--run-dir", "{bad}"], "--run-dir"),
+    ("train", ["--init", "{model}", "--data", "{data}", "--out", "{tmp}/o", "--run-dir", "{tmp}/r", "--metrics",
+               "{bad}"], "--metrics"),
+    ("download", ["corpus", "--out", "{bad}"], "--out"),
+]
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_unwritable_outputs_are_refused_by_every_stage_before_any_work(tmp_path, tiny_dir, tiny_prepared, capsys,
+                                                                     where):
+    (tmp_path / "a_file").write_text("in the way")
+    bad = tmp_path / "a_file" / "out" if where == "under-a-file" else Path("/proc/layerchop-out")
+    for stage, rest, key in OUTPUT_CASES:
+        argv = [stage, "--params", str(REPO / "params.yaml")]
+        argv += [a.format(model=tiny_dir, data=tiny_prepared, tmp=tmp_path, bad=bad) for a in rest]
+        rc, line = run_stage(capsys, argv)
+        assert rc == 2 and line.startswith(f"layerchop {stage}: error: {key} {bad}: cannot"), (stage, line)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"], stage  # nothing written
+
+
+def test_a_gpu_run_on_a_machine_without_one_is_refused(tmp_path, tiny_dir, tiny_prepared, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    params = edited(yaml.safe_load(open(REPO / "params.yaml")), "train.accelerator", "gpu")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    rc, line = run_stage(capsys, ["train", "--params", str(tmp_path / "params.yaml"), "--init", str(tiny_dir),
+                                  "--data", str(tiny_prepared), "--out", str(tmp_path / "o"), "--run-dir",
+                                  str(tmp_path / "r")])
+    assert rc == 2 and "train.accelerator='gpu': this machine has no CUDA device" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
