@@ -63,6 +63,12 @@ PARAMS_CASES = [
     ("download.corpus.token_budget", -1, "download.corpus.token_budget=-1 is invalid: must be > 0"),
     ("figure4.flop_budget", "lots", "figure4.flop_budget='lots' is invalid: must be a number"),
     ("train.accelerator", "quantum", "train.accelerator='quantum' is invalid: choose one of"),
+    ("train.lr", float("nan"), "train.lr=nan is invalid: must be a finite number"),
+    ("train.weight_decay", float("inf"), "train.weight_decay=inf is invalid: must be a finite number"),
+    ("prepare.seq_len", "256", "prepare.seq_len='256' is invalid: must be an integer"),
+    ("chop.indices", ["12"], "chop.indices[0]='12' is invalid: must be an integer"),
+    ("evaluate.device", "gpu0", "evaluate.device='gpu0' is invalid: not a torch device"),
+    ("prune.device", "tpu-v9", "prune.device='tpu-v9' is invalid: not a torch device"),
     ("evalute.tasks", ["piqa"], "unknown section(s) ['evalute']"),
 ]
 
@@ -249,7 +255,9 @@ def test_a_gpu_run_on_a_machine_without_one_is_refused(tmp_path, tiny_dir, tiny_
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
-    params = edited(yaml.safe_load(open(REPO / "params.yaml")), "train.accelerator", "gpu")
+    params = yaml.safe_load(open(REPO / "params.yaml"))
+    params["train"].update(accelerator="gpu", token_budget=5 * 4 * 32, batch_size=4, accumulate=1, val_batches=1,
+                           warm_start_steps=0, warmup_steps=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     rc, line = run_stage(capsys, ["train", "--params", str(tmp_path / "params.yaml"), "--init", str(tiny_dir),
                                   "--data", str(tiny_prepared), "--out", str(tmp_path / "o"), "--run-dir",

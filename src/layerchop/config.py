@@ -32,6 +32,21 @@ def _fail(key: str, value: Any, why: str) -> None:
     raise ValueError(f"params.yaml: {key}={value!r} is invalid: {why}")
 
 
+def check_device(key: str, device: str, *, available: bool = False) -> None:
+    """``device`` must be a torch device name (``cpu``, ``cuda``, ``cuda:1``, ``mps``); with ``available``, one
+    this machine has (stages check that before any work; configs only the name, so a CPU host can plan)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        _fail(key, device, "not a torch device (cpu, cuda, cuda:N, mps)")
+    if available and kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}={device!r}: this machine has no CUDA device")
+    if available and kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{key}={device!r}: this machine has no MPS device")
+
+
 @dataclass
 class ModelSourceConfig:
     """Where the dense model comes from (``download.model``)."""
@@ -202,6 +217,7 @@ class PruneConfig:
     """SparseGPT: dampening as a fraction of the mean Hessian diagonal."""
 
     def __post_init__(self) -> None:
+        check_device("prune.device", self.device)
         for key in ("num_calibration", "batch_size", "blocksize"):
             if getattr(self, key) <= 0:
                 _fail(f"prune.{key}", getattr(self, key), "must be > 0")
@@ -419,6 +435,7 @@ class EvaluateConfig:
             _fail("evaluate.limit", self.limit, "must be > 0 or null")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             _fail("evaluate.dtype", self.dtype, "choose float32, bfloat16 or float16")
+        check_device("evaluate.device", self.device)
 
 
 @dataclass
@@ -450,13 +467,14 @@ class ReportConfig:
             _fail("report.oneshot_rows", self.oneshot_rows, "needs at least one row")
 
 
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 def _number(value: Any) -> Any:
-    """YAML 1.1 (PyYAML) reads ``1e-3`` and ``1e6`` as strings: numeric strings become numbers."""
-    if isinstance(value, str) and _NUMBER.match(value.strip()):
-        return float(value) if any(c in value for c in ".eE") else int(value)
+    """YAML 1.1 (PyYAML) reads ``1e-3`` and ``1e6`` (an exponent without a dot) as strings: those become
+    numbers. Any other string stays a string (a quoted ``"12"`` is refused, not coerced)."""
+    if isinstance(value, str) and _EXPONENT.match(value.strip()):
+        return float(value)
     return value
 
 
@@ -486,8 +504,10 @@ def _typed(value: Any, tp: Any, key: str) -> Any:
         number = _number(value)
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             _fail(key, value, "must be a number" if tp is float else "must be an integer")
+        if not math.isfinite(number):
+            _fail(key, value, "must be a finite number")
         if tp is int:
-            if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
+            if isinstance(number, float) and not number.is_integer():
                 _fail(key, value, "must be an integer")
             return int(number)
         return float(number)

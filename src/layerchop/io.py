@@ -85,8 +85,9 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def staged(*dests: str | Path) -> Iterator[tuple[Path, ...]]:
     """Yield one temporary directory per destination directory; the files written into them are moved into
-    their destinations only once the whole block succeeded, so a stage that writes several outputs (tables
-    and figures) publishes all of them or none, and never leaves new files beside stale ones.
+    their destinations only once the whole block succeeded, so a stage that fails while writing its outputs
+    (tables and figures) publishes none of them and never leaves new files beside stale ones. (The moves
+    themselves are one ``os.replace`` per file: a kill in those few renames can still leave a mixed set.)
 
     Example::
 

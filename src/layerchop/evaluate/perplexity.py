@@ -28,7 +28,7 @@ class TokenPerplexity(MeanMetric):
     """
 
     def __init__(self, ignore_index: int = IGNORE_INDEX, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(nan_strategy="disable", **kwargs)  # a NaN loss gives a NaN perplexity, not a dropped token
         self.ignore_index = ignore_index
         self.set_dtype(torch.float64)
 

@@ -37,16 +37,16 @@ def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
 
 @torch.no_grad()
 def capture_layer0_inputs(model: nn.Module, calib_NT: torch.Tensor, device: torch.device, batch_size: int):
-    """Hidden states entering decoder layer 0 ``[N, T, D]`` and, per batch of ``batch_size`` sequences, the
-    keyword arguments it receives (the attention mask and position embeddings are shaped by the batch: a
-    last, smaller batch gets its own)."""
+    """Hidden states entering decoder layer 0 ``[N, T, D]`` and the keyword arguments it receives, per batch
+    size (the attention mask and position embeddings are shaped by the batch: a last, smaller batch gets its
+    own; batches of one size share one set, since packed sequences have no padding)."""
     layers = decoder_layers(model)
-    captured: dict = {"h": [], "kwargs": []}
+    captured: dict = {"h": [], "kwargs": {}}
 
     def hook(module, args, kwargs):
         h = args[0] if args else kwargs.pop("hidden_states")
         captured["h"].append(h.detach())
-        captured["kwargs"].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        captured["kwargs"].setdefault(h.shape[0], {k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -97,8 +97,8 @@ def prune_model(
     model.eval()
     layers = decoder_layers(model)
     prefix = _layers_prefix(model, layers)
-    inps, batch_kwargs = capture_layer0_inputs(model, calib_NT, device, batch_size)
-    batch_kwargs = [{k: _to(v, device) for k, v in kw.items()} for kw in batch_kwargs]
+    inps, kwargs_by_size = capture_layer0_inputs(model, calib_NT, device, batch_size)
+    kwargs_by_size = {n: {k: _to(v, device) for k, v in kw.items()} for n, kw in kwargs_by_size.items()}
     masks: dict[str, torch.Tensor] = {}
     per_module: dict[str, float] = {}
     for li, layer in enumerate(tqdm(layers, desc=f"{method} {pattern}", unit="layer")):
@@ -109,8 +109,9 @@ def prune_model(
         solvers = {n: SOLVERS[method](lin, **extra) for n, lin in linears.items()}
         handles = [lin.register_forward_hook(lambda m, i, o, s=solvers[n]: s.add_batch(i[0].detach(), o))
                    for n, lin in linears.items()]
-        for b, i in enumerate(range(0, inps.shape[0], batch_size)):
-            layer(inps[i : i + batch_size], **batch_kwargs[b])
+        for i in range(0, inps.shape[0], batch_size):
+            x = inps[i : i + batch_size]
+            layer(x, **kwargs_by_size[x.shape[0]])
         for h in handles:
             h.remove()
         for name, solver in solvers.items():
@@ -120,8 +121,9 @@ def prune_model(
             masks[full] = mask.cpu()
             per_module[full] = float(mask.float().mean())
         outs = []
-        for b, i in enumerate(range(0, inps.shape[0], batch_size)):
-            out = layer(inps[i : i + batch_size], **batch_kwargs[b])
+        for i in range(0, inps.shape[0], batch_size):
+            x = inps[i : i + batch_size]
+            out = layer(x, **kwargs_by_size[x.shape[0]])
             outs.append(out[0] if isinstance(out, tuple) else out)
         inps = torch.cat(outs)
         layer.to(home)

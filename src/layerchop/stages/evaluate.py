@@ -11,6 +11,7 @@ import argparse
 
 from layerchop.config import section
 from layerchop.evaluate.suite import evaluate_model
+from layerchop.config import check_device
 from layerchop.io import atomic_dir, check_model_dir, write_json
 
 
@@ -22,6 +23,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     cfg = section("evaluate", path=args.params)
+    check_device("evaluate.device", cfg.device, available=True)
     check_model_dir(args.model, "--model")
     metrics, results = evaluate_model(args.model, args.data, cfg)
     with atomic_dir(args.out) as tmp:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from layerchop.config import section
+from layerchop.config import check_device, section
 from layerchop.data.prepare import PackedDataset, check_data_matches_model
 from layerchop.io import check_model_dir, load_model, load_tokenizer, num_params, read_metadata
 from layerchop.prune.calibrate import calibration_batch, prune_model
@@ -34,6 +34,7 @@ def main(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     cfg = section("prune", path=args.params)
+    check_device("prune.device", cfg.device, available=True)
     check_model_dir(args.model, "--model")
     pattern = Pattern.parse(args.pattern)  # validate before any work
     tokenizer = load_tokenizer(args.model)

@@ -59,11 +59,6 @@ def main(args: argparse.Namespace) -> int:
         if not args.flop_budget > 0:
             raise ValueError(f"--flop-budget {args.flop_budget} must be > 0")
         cfg = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
-    if cfg.accelerator in ("gpu", "cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.accelerator={cfg.accelerator!r}: this machine has no CUDA device")
     if args.snapshots and args.snapshot_dir is None:
         raise ValueError(f"--snapshots {args.snapshots} needs --snapshot-dir")
     distill = section("distill", params) if args.objective == "distill" else None
@@ -71,9 +66,14 @@ def main(args: argparse.Namespace) -> int:
                    teacher_dir=args.teacher, distill_cfg=distill, warm_start=args.warm_start,
                    snapshots=args.snapshots,
                    budget_key="--flop-budget (figure4.flop_budget in dvc.yaml)" if args.flop_budget else None)
-    if args.plan:
+    if args.plan:  # a plan needs no GPU (a login node plans a cluster run)
         print(json.dumps(plan.describe(), indent=2))
         return 0
+    if cfg.accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.accelerator={cfg.accelerator!r}: this machine has no CUDA device")
     if not under_launcher():  # before any work (and before torchrun starts): no other run uses --run-dir
         from layerchop.train.checkpoint import RunLock
 

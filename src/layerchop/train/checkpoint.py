@@ -108,10 +108,14 @@ class RunLock:
         self.fd: Optional[int] = None
 
     def __enter__(self) -> "RunLock":
+        import errno
         import fcntl
         import socket
 
-        if global_rank() != 0:
+        # global rank 0 only; a node's own launching process counts as rank 0 of the node, so other nodes
+        # (NODE_RANK / GROUP_RANK / SLURM_NODEID) never take it
+        node = os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or os.environ.get("SLURM_NODEID") or "0"
+        if global_rank() != 0 or node != "0":
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -122,6 +126,13 @@ class RunLock:
             os.close(fd)
             raise ValueError(f"--run-dir {self.path.parent}: in use by another run ({holder}); one run per run "
                              "directory") from None
+        except OSError as e:  # a file system without flock (Lustre without -o flock, some NFS mounts)
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.close(fd)
+            print(f"[train] warning: {self.path.parent} cannot be locked ({e.strerror}); make sure no other run "
+                  "uses this run directory", flush=True)
+            return self
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
