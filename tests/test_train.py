@@ -280,6 +280,16 @@ def test_fsdp2_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared, pruned_2of4_
         assert masks and all(torch.all(params[k][m] == 0) for k, m in masks.items())
         init_w = load_file(init_dir / "model.safetensors")
         assert any(not torch.equal(params[k].detach()[~m], init_w[k][~m]) for k, m in masks.items())
+    else:
+        # as if the export had been killed: the re-run finds the checkpoint of the last step, Lightning skips
+        # the loop, and the sharded model is exported in on_fit_end (a collective on both ranks)
+        (tmp_path / "out").rename(tmp_path / "first")
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert "the checkpoint is of the last step (6): exporting it" in proc.stdout
+        assert len(losses(tmp_path / "log.csv")) == 6  # nothing trained again
+        a, b = load_file(tmp_path / "first" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_chop_state_keys_renumbers_and_drops():
