@@ -230,6 +230,7 @@ OUTPUT_CASES = [
     ("evaluate", ["--model", "{model}", "--data", "{data}", "--out", "{bad}"], "--out"),
     ("report", ["--eval", "{tmp}/eval", "--tables", "{bad}"], "--tables"),
     ("figure1", ["--eval", "{tmp}/eval", "--tables", "{tmp}/t", "--figures", "{bad}"], "--figures"),
+    ("train", ["--init", "{model}", "--data", "{data}", "--out", "{bad}", "--run-dir", "{tmp}/r"], "--out"),
     ("train", ["--init", "{model}", "--data", "{data}", "--out", "{tmp}/o", "--run-dir", "{bad}"], "--run-dir"),
     ("train", ["--init", "{model}", "--data", "{data}", "--out", "{tmp}/o", "--run-dir", "{tmp}/r", "--metrics",
                "{bad}"], "--metrics"),
