@@ -160,6 +160,23 @@ def test_resume_refuses_a_planted_pickle(tmp_path, tiny_dir, tiny_prepared, monk
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "b").exists()
 
 
+def test_resume_auto_refuses_a_checkpoint_linked_from_outside(tmp_path, tiny_dir, tiny_prepared):
+    """``--resume auto`` reads only the run's own state: a ``step*.ckpt`` link to a file elsewhere is refused
+    before anything is loaded (catches an implicit resume of a checkpoint nobody named)."""
+    cfg = tiny_train_cfg(token_budget=6 * 4 * 32, ckpt_every=3)
+    run(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run", stop_after=3)
+    [ckpt] = (tmp_path / "run").glob("*/checkpoints/step*.ckpt")
+    elsewhere = tmp_path / "elsewhere.ckpt"
+    ckpt.rename(elsewhere)
+    (ckpt.parent / "step00000099.ckpt").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match=r"step00000099\.ckpt: links outside the run directory"):
+        run(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "b").exists()
+    # named on the command line, the same file is resumed
+    meta = run(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run2", resume=str(elsewhere))
+    assert meta["steps"] == 6
+
+
 def test_one_run_per_run_directory(tmp_path, tiny_dir, tiny_prepared):
     from layerchop.train.checkpoint import RunLock
 

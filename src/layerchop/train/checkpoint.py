@@ -41,11 +41,22 @@ def _step(path: Path) -> int:
 
 
 def newest_complete(ckpt_dir: Path) -> Optional[Path]:
-    """The checkpoint of the highest step in ``ckpt_dir`` (partial ones are hidden and never match)."""
+    """The checkpoint of the highest step in ``ckpt_dir`` (partial ones are hidden and never match).
+
+    Only state inside the run directory is resumed implicitly: a ``step*.ckpt`` that is a link resolving
+    outside ``ckpt_dir`` is refused with a ``ValueError`` (a checkpoint from elsewhere must be named with
+    ``--resume PATH``)."""
     if not ckpt_dir.is_dir():
         return None
     found = [p for p in ckpt_dir.glob(CKPT_GLOB) if p.name[4:-5].isdigit()]
-    return max(found, key=_step) if found else None
+    if not found:
+        return None
+    newest = max(found, key=_step)
+    inside = ckpt_dir.resolve()
+    if not newest.resolve().is_relative_to(inside):
+        raise ValueError(f"{newest}: links outside the run directory (to {newest.resolve()}); a checkpoint from "
+                         "elsewhere is resumed only when named with --resume PATH")
+    return newest
 
 
 class RunLayout:
