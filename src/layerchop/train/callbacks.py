@@ -273,3 +273,71 @@ class HostMemory(Callback):
         else:
             everyone = [mine]
         self.report = sorted(everyone, key=lambda r: r["rank"])
+
+
+class JobRequeued(Exception):
+    """Raised after a run checkpointed and requeued its SLURM job: the process ends, the requeued job resumes."""
+
+
+class RequeueOnSignal(Callback):
+    """SLURM's warning before the time limit (``--signal=USR1@N``) -> a checkpoint and a requeued job.
+
+    The signal handler only sets a flag. After each optimizer step the ranks agree (one all-reduce of a bool:
+    the signal may reach them at different steps) whether any rank got it; if so, every rank writes the
+    checkpoint of this step (:class:`~layerchop.train.checkpoint.AtomicCheckpoint`, collective), global
+    rank 0 runs ``scontrol requeue``, and training stops (``requeued`` is set). The requeued job resumes from
+    this checkpoint: it is the newest. If SLURM refuses the requeue, training goes on (the checkpoint stays).
+    Replaces Lightning's own SLURM requeue handler (``SLURMEnvironment(auto_requeue=False)``), which writes
+    its checkpoint inside the signal handler, possibly in the middle of a collective.
+    """
+
+    def __init__(self, checkpoint, signum: int | None = None):
+        import signal
+
+        self.checkpoint = checkpoint
+        self.signum = signal.SIGUSR1 if signum is None else signum
+        self.received = False
+        self.requeued = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        self.received = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        import signal
+
+        self._previous = signal.signal(self.signum, self._handler)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not _after_optimizer_step(trainer, batch_idx):
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            return
+        path = self.checkpoint.save(trainer)
+        ok = False
+        if trainer.is_global_zero:
+            from layerchop.launch import requeue_this_job
+
+            print(f"[train] SLURM time-limit signal: checkpoint {path} written; requeueing the job", flush=True)
+            ok = requeue_this_job()
+        ok = trainer.strategy.broadcast(ok, src=0)
+        self.received = False
+        if ok:
+            self.requeued = True
+            trainer.should_stop = True
+
+
+def requeue_callbacks(checkpoints: Path) -> list:
+    """Under a SLURM batch job (:func:`layerchop.launch.under_slurm`): checkpoint into ``checkpoints`` and
+    requeue on the time-limit signal (:class:`RequeueOnSignal`); elsewhere nothing."""
+    from layerchop.launch import under_slurm
+    from layerchop.train.checkpoint import AtomicCheckpoint
+
+    return [RequeueOnSignal(AtomicCheckpoint(checkpoints, 0))] if under_slurm() else []

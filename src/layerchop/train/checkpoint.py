@@ -77,7 +77,7 @@ class RunLayout:
         if not self.run_dir.is_dir():
             return []
         return sorted(p for p in self.run_dir.iterdir() if p.is_dir() and p.name != self.fingerprint
-                      and not p.name.startswith("."))
+                      and not p.name.startswith(".") and p.name != "slurm")  # slurm: the launcher's job files
 
     def start(self, resume: str) -> Optional[str]:
         """Decide where training starts and, on global rank 0, prepare the directories.
