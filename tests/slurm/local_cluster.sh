@@ -10,11 +10,17 @@ CPUS=$(nproc)
 STATE=/var/spool/slurmctld
 PIDS=/run/layerchop-slurm
 
-stop() {
-  for name in slurmd slurmctld munged; do
-    if [ -f "$PIDS/$name.pid" ]; then kill "$(cat "$PIDS/$name.pid")" 2>/dev/null || true; rm -f "$PIDS/$name.pid"; fi
+MARK="# written by layerchop tests/slurm/local_cluster.sh"
+
+stop() {  # only the daemons this script started (their PID files); munged is left running
+  for name in slurmd slurmctld; do
+    if [ -f "$PIDS/$name.pid" ]; then
+      pid=$(cat "$PIDS/$name.pid")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      rm -f "$PIDS/$name.pid"
+    fi
   done
-  pkill -x slurmd 2>/dev/null || true; pkill -x slurmctld 2>/dev/null || true
 }
 
 case "$cmd" in
@@ -28,6 +34,13 @@ esac
 for bin in munged slurmctld slurmd sbatch; do
   command -v "$bin" >/dev/null || { echo "local_cluster.sh: $bin not installed (apt-get install slurm-wlm munge)" >&2; exit 1; }
 done
+if [ -f /etc/slurm/slurm.conf ] && ! grep -qxF "$MARK" /etc/slurm/slurm.conf; then
+  echo "local_cluster.sh: /etc/slurm/slurm.conf exists and is not this script's: not touching a real SLURM" >&2
+  exit 1
+fi
+if [ -f /etc/slurm/slurm.conf ] && [ "$(sinfo -h -o %T 2>/dev/null | head -n1)" = idle ]; then
+  echo "local_cluster.sh: already running (node $H idle)"; exit 0
+fi
 stop
 mkdir -p "$PIDS" /etc/munge /var/log/munge /run/munge /var/lib/munge "$STATE" /var/spool/slurmd /var/log/slurm /etc/slurm
 if [ ! -s /etc/munge/munge.key ]; then
@@ -35,10 +48,11 @@ if [ ! -s /etc/munge/munge.key ]; then
 fi
 chown -R munge:munge /etc/munge /var/log/munge /run/munge /var/lib/munge 2>/dev/null || true
 chmod 0400 /etc/munge/munge.key
-munged --force --pid-file="$PIDS/munged.pid" 2>/dev/null || munged --force
+munge -n 2>/dev/null | unmunge >/dev/null 2>&1 || munged --force
 munge -n | unmunge >/dev/null || { echo "local_cluster.sh: munge does not authenticate" >&2; exit 1; }
 
 cat > /etc/slurm/slurm.conf <<CONF
+$MARK
 ClusterName=local
 SlurmctldHost=$H(127.0.0.1)
 SlurmUser=root
