@@ -80,6 +80,8 @@ PARAMS_CASES = [
     ("slurm.mem", "lots", "slurm.mem='lots' is invalid: a SLURM size"),
     ("slurm.requeue", "yes", "slurm.requeue='yes' is invalid: must be true or false"),
     ("slurm.setup", "module load cuda", "slurm.setup='module load cuda' is invalid: must be a list"),
+    ("prune.launcher", "torchrun", "prune.launcher='torchrun' is invalid: choose one of ['local', 'slurm']"),
+    ("evaluate.launcher", "srun", "evaluate.launcher='srun' is invalid: choose one of ['local', 'slurm']"),
 ]
 
 

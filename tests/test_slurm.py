@@ -227,3 +227,30 @@ def test_failing_job_fails_the_stage_with_its_error(tmp_path, slurm_cluster, sha
     assert "module: cuda/12.4 not found" in proc.stdout
     assert "layerchop train: failed with status 3" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slurm
+def test_one_task_stage_runs_as_a_job_with_the_local_result(tmp_path, slurm_cluster, tiny_dir, tiny_prepared):
+    """``prune.launcher: slurm``: the prune stage submits itself as a one-task job (no time-limit signal: it
+    does not handle one) and writes what the same stage writes locally, byte for byte."""
+    params = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))
+    params["prune"].update(num_calibration=4, batch_size=2)
+    params["slurm"] = {"time": "10", "cpus_per_task": 1, "job_dir": str(tmp_path / "jobs"), "poll_seconds": 0.5}
+    paths = {}
+    for launcher in ("local", "slurm"):
+        params["prune"]["launcher"] = launcher
+        paths[launcher] = tmp_path / f"params-{launcher}.yaml"
+        paths[launcher].write_text(yaml.safe_dump(params))
+    outs = {}
+    for launcher in ("local", "slurm"):
+        outs[launcher] = tmp_path / f"out-{launcher}"
+        proc = subprocess.run([sys.executable, "-m", "layerchop.cli", "prune", "--params", str(paths[launcher]),
+                               "--method", "wanda", "--pattern", "2of4", "--model", str(tiny_dir), "--data",
+                               str(tiny_prepared), "--out", str(outs[launcher])], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env=dvc_env())
+        check(proc)
+    assert "[launch] slurm: job" in proc.stdout and "ended with status 0" in proc.stdout
+    script = (tmp_path / "jobs" / "prune-out-slurm.sbatch").read_text()
+    assert "--ntasks-per-node=1" in script and "--signal" not in script
+    a, b = load_file(outs["local"] / "model.safetensors"), load_file(outs["slurm"] / "model.safetensors")
+    assert max_abs_diff(a, b) == 0.0

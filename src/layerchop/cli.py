@@ -44,6 +44,33 @@ def check_outputs(args: argparse.Namespace) -> None:
             check_writable(value, f"--{name.replace('_', '-')}")
 
 
+# stages of one process that may run as a one-task SLURM job: stage -> the params section with its launcher
+ONE_TASK_STAGES = {"prune": "prune", "evaluate": "evaluate", "curve": "evaluate"}
+
+
+def submit_one_task(args: argparse.Namespace) -> int | None:
+    """``<section>.launcher: slurm`` (see ``ONE_TASK_STAGES``): submit this stage as a one-task batch job (one GPU
+    when the section's ``device`` is CUDA), wait for it and return its status; None to run here."""
+    from pathlib import Path
+
+    from layerchop.config import section
+    from layerchop.launch import batch_script, run_slurm, under_launcher
+
+    name = ONE_TASK_STAGES.get(args.stage)
+    if name is None or under_launcher():
+        return None
+    cfg = section(name, path=args.params)
+    if cfg.launcher != "slurm":
+        return None
+    slurm = section("slurm", path=args.params)
+    job = f"{args.stage}-{Path(args.out).name}"
+    jobs = Path(slurm.job_dir)
+    script = batch_script(job_name=f"layerchop-{job}", nodes=1, tasks_per_node=1,
+                          gpus_per_node=1 if cfg.device.startswith("cuda") else 0, slurm=slurm, argv=args.argv,
+                          log=(jobs / f"{job}.log").resolve(), workdir=Path.cwd(), time_limit_signal=False)
+    return run_slurm(script, jobs / f"{job}.sbatch", jobs / f"{job}.log", poll_seconds=slurm.poll_seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv is None:
@@ -58,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         check_outputs(args)
-        rc = mod.main(args) or 0
+        rc = submit_one_task(args)
+        if rc is None:
+            rc = mod.main(args) or 0
     except (ValueError, FileNotFoundError) as e:
         print(f"layerchop {args.stage}: error: {e}", file=sys.stderr)
         return 2

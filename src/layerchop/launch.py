@@ -121,7 +121,7 @@ def run_torchrun(cfg, argv: list[str], run_id: str) -> int:
 
 
 def batch_script(*, job_name: str, nodes: int, tasks_per_node: int, gpus_per_node: int, slurm, argv: list[str],
-                 log: Path, workdir: Path, python: str = sys.executable) -> str:
+                 log: Path, workdir: Path, python: str = sys.executable, time_limit_signal: bool = True) -> str:
     """The batch script of one stage: ``nodes`` x ``tasks_per_node`` tasks, each one rank of the stage.
 
     Args:
@@ -133,6 +133,8 @@ def batch_script(*, job_name: str, nodes: int, tasks_per_node: int, gpus_per_nod
         log: The job's output file; opened in append mode, so a requeued job adds to it.
         workdir: The directory the stage runs in (the repository, on a file system every node sees).
         python: The interpreter of the environment the stage was started from.
+        time_limit_signal: Ask for ``--signal=USR1@slurm.signal_seconds`` (only stages that handle it: train;
+            SIGUSR1 would end any other stage early).
 
     Every task runs ``python -m layerchop.cli <argv>`` with ``LAYERCHOP_LAUNCHER=slurm``: it trains, reading
     its rank from SLURM's variables (Lightning's ``SLURMEnvironment``). ``--signal=USR1@N`` warns the tasks
@@ -153,7 +155,7 @@ def batch_script(*, job_name: str, nodes: int, tasks_per_node: int, gpus_per_nod
     if slurm.mem:
         opts.append(f"--mem={slurm.mem}")
     opts.append("--requeue" if slurm.requeue else "--no-requeue")
-    if slurm.signal_seconds:
+    if slurm.signal_seconds and time_limit_signal:
         opts.append(f"--signal=USR1@{slurm.signal_seconds}")
     opts += slurm.sbatch_args
     lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in opts), "set -eo pipefail", *slurm.setup,
