@@ -80,8 +80,7 @@ PARAMS_CASES = [
     ("slurm.mem", "lots", "slurm.mem='lots' is invalid: a SLURM size"),
     ("slurm.requeue", "yes", "slurm.requeue='yes' is invalid: must be true or false"),
     ("slurm.setup", "module load cuda", "slurm.setup='module load cuda' is invalid: must be a list"),
-    ("prune.launcher", "torchrun", "prune.launcher='torchrun' is invalid: choose one of ['local', 'slurm']"),
-    ("evaluate.launcher", "srun", "evaluate.launcher='srun' is invalid: choose one of ['local', 'slurm']"),
+    ("slurm.stages", ["train"], "slurm.stages='train' is invalid: choose from ['prune', 'evaluate', 'curve']"),
 ]
 
 
@@ -132,7 +131,7 @@ def test_every_shipped_params_file_passes_the_type_checks():
     for path in [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*/params.yaml"))]:
         params = load_params(path)
         assert set(params) == {"download", "prepare", "chop", "prune", "train", "distill", "figure4", "evaluate",
-                               "report"}, path
+                               "report", "slurm"}, path
 
 
 # ------------------------------------------------------------------ model directories, one check for every stage

@@ -231,14 +231,14 @@ def test_failing_job_fails_the_stage_with_its_error(tmp_path, slurm_cluster, sha
 
 @pytest.mark.slurm
 def test_one_task_stage_runs_as_a_job_with_the_local_result(tmp_path, slurm_cluster, tiny_dir, tiny_prepared):
-    """``prune.launcher: slurm``: the prune stage submits itself as a one-task job (no time-limit signal: it
+    """``slurm.stages: [prune]``: the prune stage submits itself as a one-task job (no time-limit signal: it
     does not handle one) and writes what the same stage writes locally, byte for byte."""
     params = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))
     params["prune"].update(num_calibration=4, batch_size=2)
     params["slurm"] = {"time": "10", "cpus_per_task": 1, "job_dir": str(tmp_path / "jobs"), "poll_seconds": 0.5}
     paths = {}
     for launcher in ("local", "slurm"):
-        params["prune"]["launcher"] = launcher
+        params["slurm"]["stages"] = ["prune"] if launcher == "slurm" else []
         paths[launcher] = tmp_path / f"params-{launcher}.yaml"
         paths[launcher].write_text(yaml.safe_dump(params))
     outs = {}

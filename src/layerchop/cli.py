@@ -44,25 +44,21 @@ def check_outputs(args: argparse.Namespace) -> None:
             check_writable(value, f"--{name.replace('_', '-')}")
 
 
-# stages of one process that may run as a one-task SLURM job: stage -> the params section with its launcher
-ONE_TASK_STAGES = {"prune": "prune", "evaluate": "evaluate", "curve": "evaluate"}
-
-
 def submit_one_task(args: argparse.Namespace) -> int | None:
-    """``<section>.launcher: slurm`` (see ``ONE_TASK_STAGES``): submit this stage as a one-task batch job (one GPU
-    when the section's ``device`` is CUDA), wait for it and return its status; None to run here."""
+    """A stage named in ``slurm.stages``: submit it as a one-task batch job (one GPU when its section's ``device``
+    is CUDA), wait for it and return its status; None to run it here."""
     from pathlib import Path
 
-    from layerchop.config import section
+    from layerchop.config import ONE_TASK_STAGES, load_params, section
     from layerchop.launch import batch_script, run_slurm, under_launcher
 
-    name = ONE_TASK_STAGES.get(args.stage)
-    if name is None or under_launcher():
+    if args.stage not in ONE_TASK_STAGES or under_launcher():
         return None
-    cfg = section(name, path=args.params)
-    if cfg.launcher != "slurm":
+    params = load_params(args.params)
+    slurm = section("slurm", params)
+    if args.stage not in slurm.stages:
         return None
-    slurm = section("slurm", path=args.params)
+    cfg = section(ONE_TASK_STAGES[args.stage], params)
     job = f"{args.stage}-{Path(args.out).name}"
     jobs = Path(slurm.job_dir)
     script = batch_script(job_name=f"layerchop-{job}", nodes=1, tasks_per_node=1,

@@ -24,7 +24,7 @@ LAYOUTS = ("input", "output", "middle", "max-gap", "both")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 STRATEGIES = ("auto", "fsdp")
 LAUNCHERS = ("local", "torchrun", "slurm")
-ONE_TASK_LAUNCHERS = ("local", "slurm")  # stages of one process (prune, evaluate, curve)
+ONE_TASK_STAGES = {"prune": "prune", "evaluate": "evaluate", "curve": "evaluate"}  # stage -> section with `device`
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
 GRAD_REDUCTIONS = ("step", "micro_batch")
 
@@ -216,14 +216,9 @@ class PruneConfig:
     """SparseGPT: columns per block."""
     percdamp: float = 0.01
     """SparseGPT: dampening as a fraction of the mean Hessian diagonal."""
-    launcher: str = "local"
-    """``local`` (this process) or ``slurm`` (the stage submits itself as a one-task batch job, one GPU when
-    ``device`` is CUDA, and waits for it; job settings in the ``slurm`` section)."""
 
     def __post_init__(self) -> None:
         check_device("prune.device", self.device)
-        if self.launcher not in ONE_TASK_LAUNCHERS:
-            _fail("prune.launcher", self.launcher, f"choose one of {list(ONE_TASK_LAUNCHERS)}")
         for key in ("num_calibration", "batch_size", "blocksize"):
             if getattr(self, key) <= 0:
                 _fail(f"prune.{key}", getattr(self, key), "must be > 0")
@@ -433,12 +428,8 @@ class EvaluateConfig:
     """dtype the model is evaluated in."""
     device: str = "cpu"
     """Device for evaluation."""
-    launcher: str = "local"
-    """``local`` or ``slurm``: the ``evaluate`` and ``curve`` stages as one-task batch jobs (see ``prune.launcher``)."""
 
     def __post_init__(self) -> None:
-        if self.launcher not in ONE_TASK_LAUNCHERS:
-            _fail("evaluate.launcher", self.launcher, f"choose one of {list(ONE_TASK_LAUNCHERS)}")
         if self.ppl_max_sequences < 0:
             _fail("evaluate.ppl_max_sequences", self.ppl_max_sequences, "must be >= 0")
         if self.batch_size <= 0:
@@ -506,6 +497,9 @@ class SlurmConfig:
     """Further ``sbatch`` options passed through, e.g. ``["--qos=high", "--constraint=a100"]``."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run at the start of the job before ``srun`` (e.g. ``module load cuda``)."""
+    stages: list[str] = field(default_factory=list)
+    """Stages of one process that run as one-task batch jobs (one GPU when their ``device`` is CUDA): any of
+    ``prune``, ``evaluate``, ``curve``. The train stages choose with ``train.launcher``."""
     job_dir: str = "data/slurm"
     """Batch scripts and logs of the one-task stages (``prune``, ``evaluate``, ``curve``); a train stage keeps its
     own in ``<run-dir>/slurm/``."""
@@ -533,6 +527,9 @@ class SlurmConfig:
                 _fail("slurm.sbatch_args", arg, "set by the launcher (from the stage's geometry and run directory)")
         if any("\n" in line for line in self.setup):
             _fail("slurm.setup", self.setup, "one shell line per entry")
+        for stage in self.stages:
+            if stage not in ONE_TASK_STAGES:
+                _fail("slurm.stages", stage, f"choose from {list(ONE_TASK_STAGES)} (train: train.launcher)")
         if not self.poll_seconds > 0:
             _fail("slurm.poll_seconds", self.poll_seconds, "must be > 0")
 
