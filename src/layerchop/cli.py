@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-STAGES = ("download", "prepare", "chop", "prune", "train", "evaluate", "curve", "report", "figure1", "figure4")
+STAGES = ("download", "prepare", "chop", "prune", "train", "evaluate", "curve", "report", "figure1", "figure4", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if rc:
         print(f"layerchop {args.stage}: failed with status {rc}", file=sys.stderr)
         return rc
-    print(f"[{args.stage}] done in {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.stage != "plan":  # plan's output is the table or JSON alone
+        print(f"[{args.stage}] done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 
 

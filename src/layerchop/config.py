@@ -500,6 +500,8 @@ class SlurmConfig:
     stages: list[str] = field(default_factory=list)
     """Stages of one process that run as one-task batch jobs (one GPU when their ``device`` is CUDA): any of
     ``prune``, ``evaluate``, ``curve``. The train stages choose with ``train.launcher``."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU of the cluster: ``layerchop plan`` refuses a GPU stage whose estimate exceeds it."""
     job_dir: str = "data/slurm"
     """Batch scripts and logs of the one-task stages (``prune``, ``evaluate``, ``curve``); a train stage keeps its
     own in ``<run-dir>/slurm/``."""
@@ -530,6 +532,8 @@ class SlurmConfig:
         for stage in self.stages:
             if stage not in ONE_TASK_STAGES:
                 _fail("slurm.stages", stage, f"choose from {list(ONE_TASK_STAGES)} (train: train.launcher)")
+        if not self.gpu_memory_gb > 0:
+            _fail("slurm.gpu_memory_gb", self.gpu_memory_gb, "must be > 0")
         if not self.poll_seconds > 0:
             _fail("slurm.poll_seconds", self.poll_seconds, "must be > 0")
 
