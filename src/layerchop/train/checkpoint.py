@@ -85,10 +85,13 @@ class RunLayout:
         ``auto`` resumes the newest complete checkpoint of this fingerprint; ``never`` starts from scratch
         (rank 0 moves this fingerprint's earlier state aside, it is not deleted); a path resumes that
         checkpoint. The decision reads only this fingerprint's directory, so every rank reaches the same one.
-        Workers that torchrun restarted after a failure always resume (``never`` applied to the first attempt).
+        Workers that torchrun restarted after a failure, and requeued SLURM jobs, always resume (``never`` applied
+        to the first attempt).
         """
         rank0 = global_rank() == 0
-        if resume == "never" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        restarted = (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+                     or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0)  # a requeued SLURM job
+        if resume == "never" and restarted:
             resume = "auto"
         self.resume_allowed = resume != "never"  # the warm start's own checkpoints too
         if resume not in ("auto", "never"):
