@@ -76,7 +76,7 @@ BROKEN = [
     # 74 GB without checkpointing at batch 4 (under 80 before CUDA's own overhead), so at batch 8
     ({"train__activation_checkpointing": False, "train__batch_size": 8},
      "slurm.gpu_memory_gb=80.0: train@layerchop needs ~"),
-    ({"train__launcher": "local"}, "train.num_nodes=4 with train.launcher='local'"),
+    ({"train__launcher": "local"}, "train.num_nodes=4 is invalid: with train.launcher 'local'"),
     ({"download__corpus__token_budget": 10_000_000_000}, "download.corpus.token_budget=10000000000: train@layerchop"),
     ({"evaluate__batch_size": 256}, "evaluate.batch_size=256: evaluation needs"),
 ]

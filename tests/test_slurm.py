@@ -105,12 +105,34 @@ def test_batch_script_carries_geometry_limits_and_the_stage():
                        "--signal=USR1@900", "--qos=high"]
     body = [line for line in lines if not line.startswith("#")]
     assert body.index("module load cuda/12.4") < body.index("export LAYERCHOP_LAUNCHER=slurm")
+    assert any(line.startswith("export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK") for line in body)
     assert body[-1] == "srun --kill-on-bad-exit=1 /env/bin/python -m layerchop.cli train --init 'data/models/a b' " \
                        "--warm-start"
     cpu = batch_script(job_name="j", nodes=1, tasks_per_node=2, gpus_per_node=0,
                        slurm=SlurmConfig(signal_seconds=0, requeue=False), argv=["train"], log=Path("/l"),
                        workdir=Path("/w"))
     assert "--no-requeue" in cpu and "gpus" not in cpu and "--signal" not in cpu
+
+
+def test_time_limit_signal_never_ends_the_process():
+    """Inside a SLURM job the train stage installs its SIGUSR1 handler first thing: a time-limit warning that
+    arrives outside ``fit`` (loading, between the warm start and the main run, export) sets the flag the next
+    optimizer step reads instead of killing the task (SIGUSR1's default action)."""
+    import signal
+
+    from layerchop.launch import catch_time_limit_signal, clear_time_limit_signal, time_limit_signalled
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        catch_time_limit_signal()
+        assert not time_limit_signalled()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert time_limit_signalled()  # still alive, and the flag is up
+        clear_time_limit_signal()
+        assert not time_limit_signalled()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 @pytest.fixture(scope="module")

@@ -330,6 +330,9 @@ class TrainConfig:
         host, _, port = str(self.rdzv_endpoint).rpartition(":")
         if not host or not port.isdigit():
             _fail("train.rdzv_endpoint", self.rdzv_endpoint, "must be host:port")
+        if self.num_nodes > 1 and self.launcher == "local":
+            _fail("train.num_nodes", self.num_nodes, "with train.launcher 'local' (Lightning starts the processes of "
+                  "one host only): use torchrun or slurm")
         if self.simulate_nodes and self.launcher != "torchrun":
             _fail("train.simulate_nodes", self.simulate_nodes, "needs train.launcher: torchrun")
         for key in ("warmup_steps", "val_every", "ckpt_every", "warm_start_steps", "num_workers", "max_restarts"):

@@ -7,7 +7,8 @@ Memory model of one training rank (bytes; ``P`` parameters of the model being tr
 it under FSDP2, 1 otherwise; ``t = batch_size x seq_len`` tokens per micro-batch; activation bytes ``a`` = 2
 under bf16/fp16 precision, 4 in fp32):
 
-- training state ``16 P / W``: fp32 weights, gradients and the two Adam moments, sharded;
+- training state ``16 P / W``: fp32 weights, gradients and the two Adam moments, sharded (``8 P / W`` under
+  ``bf16-true``, where all four are bf16);
 - unsharded gradients ``g P`` under FSDP2 with accumulation and ``train.reduce_grads: step`` (``g`` the bytes
   of ``fsdp_reduce_dtype``): each rank keeps the full gradients between micro-batches;
 - gathered weights ``2 x`` one decoder layer in the compute dtype (the layer running and the prefetched one);
@@ -43,10 +44,10 @@ def layer_params(config) -> int:
 
 
 def count_params(config) -> int:
-    """Parameters of a Llama-style config (embeddings, untied head unless tied, layers, final norm)."""
-    emb = config.vocab_size * config.hidden_size
-    head = 0 if getattr(config, "tie_word_embeddings", False) else emb
-    return emb + head + config.num_hidden_layers * layer_params(config) + config.hidden_size
+    """Parameters of the architecture (the project's count: :func:`layerchop.train.plan.count_params`)."""
+    from layerchop.train.plan import count_params as count
+
+    return count(config)
 
 
 @dataclass
@@ -94,8 +95,10 @@ def train_memory(config, cfg, seq_len: int, teacher_config=None) -> TrainMemory:
     teacher = 0.0
     if teacher_config is not None:
         teacher = 4 * count_params(teacher_config) / world + teacher_config.num_hidden_layers * t * h * act
+    # fp32 weights, gradients, Adam m and v; bf16-true keeps all four in bf16
+    state_bytes = 8 if cfg.precision == "bf16-true" else 16
     return TrainMemory(
-        state=16 * p / world / 1e9, unsharded_grads=grads / 1e9,
+        state=state_bytes * p / world / 1e9, unsharded_grads=grads / 1e9,
         gathered_layers=(2 * layer_params(config) * compute / 1e9) if fsdp else 0.0,
         activations=(with_ac if cfg.activation_checkpointing else full) / 1e9,
         activations_without_checkpointing=full / 1e9,
@@ -112,8 +115,7 @@ def model_dir_gb(config, dtype: str) -> float:
 
 
 def checkpoint_gb(config) -> float:
-    """A resumable checkpoint: fp32 weights and two Adam moments (12 bytes a parameter); two exist while the
-    next one is written."""
+    """A resumable checkpoint: fp32 weights and two Adam moments (12 bytes a parameter)."""
     return 12 * count_params(config) / 1e9
 
 

@@ -27,6 +27,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -160,6 +161,7 @@ def batch_script(*, job_name: str, nodes: int, tasks_per_node: int, gpus_per_nod
     opts += slurm.sbatch_args
     lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in opts), "set -eo pipefail", *slurm.setup,
              f"export {LAUNCHER_ENV}=slurm",
+             "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK  # srun does not inherit --cpus-per-task (22.05+)",
              'echo "[slurm] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: '
              '$SLURM_NNODES node(s) x $SLURM_NTASKS_PER_NODE task(s), $(date -u +%FT%TZ)"',
              "srun --kill-on-bad-exit=1 " + " ".join(shlex.quote(a) for a in [python, "-m", "layerchop.cli", *argv])]
@@ -173,24 +175,19 @@ def run_slurm(script: str, script_path: Path, log: Path, poll_seconds: float = 2
     SLURM requeues (preemption, or the run's own requeue before its time limit) keeps ``sbatch --wait``
     waiting until the requeued job ends. SIGINT/SIGTERM to this process cancel the job (``scancel``).
     """
-    import threading
+    import shutil
 
     out = out or sys.stdout
+    if shutil.which("sbatch") is None:
+        raise ValueError("launcher slurm (train.launcher or slurm.stages): sbatch not found on this host (run dvc "
+                         "repro on a SLURM login node, or launch locally)")
     script_path.parent.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     script_path.write_text(script)
     offset = log.stat().st_size if log.exists() else 0  # the log is appended to: show only this job's lines
-    try:
-        proc = subprocess.Popen(["sbatch", "--parsable", "--wait", str(script_path)], stdout=subprocess.PIPE,
-                                text=True)
-    except FileNotFoundError:
-        raise ValueError("train.launcher='slurm': sbatch not found on this host (run dvc repro on a SLURM "
-                         "login node, or choose launcher local or torchrun)") from None
-    job_id = (proc.stdout.readline().strip().split(";") or [""])[0]
-    if not job_id:
-        return proc.wait() or 1  # sbatch refused the script; its own message is on stderr
-    print(f"[launch] slurm: job {job_id} submitted ({script_path}); its log: {log}; Ctrl-C cancels it", flush=True)
     done = threading.Event()
+    job_id = ""
+    proc = None
 
     def follow() -> None:
         nonlocal offset
@@ -209,21 +206,52 @@ def run_slurm(script: str, script_path: Path, log: Path, poll_seconds: float = 2
             done.wait(poll_seconds)
 
     def cancel(signum, frame) -> None:
-        subprocess.run(["scancel", job_id], check=False)
-        print(f"[launch] slurm: job {job_id} cancelled", flush=True)
+        if job_id:
+            subprocess.run(["scancel", job_id], check=False)
+            print(f"[launch] slurm: job {job_id} cancelled", flush=True)
+        elif proc is not None:
+            proc.terminate()
 
+    # handlers and the log follower first: a Ctrl-C at any moment cancels, and the log streams whenever sbatch
+    # prints the id (22.05 prints it at submission; the follower does not depend on it)
+    old = {s: signal.signal(s, cancel) for s in (signal.SIGINT, signal.SIGTERM)}
     follower = threading.Thread(target=follow, daemon=True)
     follower.start()
-    old = {s: signal.signal(s, cancel) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        proc = subprocess.Popen(["sbatch", "--parsable", "--wait", str(script_path)], stdout=subprocess.PIPE,
+                                text=True)
+        job_id = (proc.stdout.readline().strip().split(";") or [""])[0]
+        if job_id:
+            print(f"[launch] slurm: job {job_id} submitted ({script_path}); its log: {log}; Ctrl-C cancels it",
+                  flush=True)
         rc = proc.wait()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
         done.set()
         follower.join()
+    if not job_id:
+        return rc or 1  # sbatch refused the script; its own message is on stderr
     print(f"[launch] slurm: job {job_id} ended with status {rc}", flush=True)
-    return rc
+    return rc if rc >= 0 else 128 - rc  # killed by a signal: the shell's convention
+
+
+_TIME_LIMIT = threading.Event()
+
+
+def catch_time_limit_signal() -> None:
+    """Under a SLURM job: from now on SIGUSR1 (``--signal=USR1@N``, the time-limit warning) only sets a flag that
+    training reads at its next optimizer step (:class:`~layerchop.train.callbacks.RequeueOnSignal`); it never
+    ends the process, whenever it comes (model loading, between the warm start and the main run, export)."""
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _TIME_LIMIT.set())
+
+
+def time_limit_signalled() -> bool:
+    return _TIME_LIMIT.is_set()
+
+
+def clear_time_limit_signal() -> None:
+    _TIME_LIMIT.clear()
 
 
 def requeue_this_job() -> bool:

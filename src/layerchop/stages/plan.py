@@ -10,7 +10,7 @@ steps, tokens, training FLOPs (the FLOP functions the runs use), hours at ``figu
 ``figure4.gpu_peak_flops``, per-GPU memory (``layerchop.estimate``), host memory of the loading node, and disk
 for each output plus the checkpoints. Exits 2 naming the key when a stage cannot run as configured: a
 warmup or warm start that does not fit the budget, a budget below one step, a warm start on a stage that
-refuses it, a topology the launcher cannot start, a GPU stage above ``slurm.gpu_memory_gb``, a train budget
+refuses it, a topology the launcher cannot start (the config's own check), a GPU stage above ``slurm.gpu_memory_gb``, a train budget
 the streamed corpus cannot cover.
 """
 
@@ -39,13 +39,6 @@ def _train_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--params", default="params.yaml")
     train.add_args(p)
     return p.parse_args(argv[1:])
-
-
-def check_topology(cfg) -> None:
-    """Nodes x devices the launcher can start (``train.*`` keys; the config checks the rest)."""
-    if cfg.num_nodes > 1 and cfg.launcher == "local":
-        raise ValueError(f"train.num_nodes={cfg.num_nodes} with train.launcher='local': Lightning starts the "
-                         "processes of one host only; use torchrun or slurm")
 
 
 def plan(params: dict, dvc: dict) -> dict:
@@ -105,7 +98,6 @@ def plan(params: dict, dvc: dict) -> dict:
         cfg = cfg0
         if args.flop_budget is not None:
             cfg = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
-        check_topology(cfg)
         init = chopped if Path(args.init).name == "chopped" else dense
         if args.warm_start:
             if init is not chopped or args.objective != "lm":
@@ -143,7 +135,8 @@ def plan(params: dict, dvc: dict) -> dict:
             "hours": float(f"{h:.3g}"), "rank_gb": round(mem.total, 2), "on": "gpu" if gpu else "host",
             "rank_phase": worst, "rank_parts": mem.as_dict(), "host_gb": round(loader_host, 1),
             "disk_gb": round(model_dir_gb(init, dtype) * (1 + (args.snapshots or 0)), 1),
-            "checkpoint_gb": round(2 * checkpoint_gb(dense if warm else init), 1),
+            "checkpoint_gb": round(checkpoint_gb(init) + (checkpoint_gb(dense) if warm else 0), 1),
+            "largest_checkpoint_gb": round(checkpoint_gb(dense if warm else init), 1),
         })
 
     evals = stage_commands(dvc, params, ("evaluate", "curve"))
@@ -164,7 +157,10 @@ def plan(params: dict, dvc: dict) -> dict:
                             "gpu_memory_gb": slurm.gpu_memory_gb},
             "stages": stages, "warm_start_stages": warm_arms,
             "totals": {"gpu_hours": round(total_gpu_hours, 1), "dvc_outputs_gb": round(disk, 1),
-                       "checkpoints_gb": round(sum(s.get("checkpoint_gb") or 0 for s in stages), 1)}}
+                       "checkpoints_gb": round(sum(s.get("checkpoint_gb") or 0 for s in stages), 1),
+                       "checkpoints_peak_gb": round(sum(s.get("checkpoint_gb") or 0 for s in stages)
+                                                    + max((s.get("largest_checkpoint_gb") or 0 for s in stages),
+                                                          default=0), 1)}}
 
 
 def table(result: dict) -> str:
@@ -183,7 +179,8 @@ def table(result: dict) -> str:
             f"TFLOP/s per GPU; rank GB: memory of one process (largest phase), on the GPU (checked against "
             f"{a['gpu_memory_gb']} GB) or the host; host GB: the copy the loading rank reads")
     foot = (f"total: {t['gpu_hours']} GPU-hours of training, {t['dvc_outputs_gb']} GB of DVC outputs, "
-            f"{t['checkpoints_gb']} GB of checkpoints at their peak")
+            f"{t['checkpoints_gb']} GB of checkpoints kept (the last of each run, warm starts included; "
+            f"{t['checkpoints_peak_gb']} GB while the largest is rewritten)")
     return "\n".join([head, *lines, foot])
 
 

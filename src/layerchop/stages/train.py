@@ -51,8 +51,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from layerchop.launch import rendezvous_id, run_torchrun, under_launcher
+    from layerchop.launch import catch_time_limit_signal, rendezvous_id, run_torchrun, under_launcher, under_slurm
     from layerchop.train.plan import resolve
+
+    if under_slurm():  # first thing: the time-limit warning must never end a task (see RequeueOnSignal)
+        catch_time_limit_signal()
 
     params = load_params(args.params)
     cfg = section("train", params)

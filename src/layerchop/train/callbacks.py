@@ -282,43 +282,27 @@ class JobRequeued(Exception):
 class RequeueOnSignal(Callback):
     """SLURM's warning before the time limit (``--signal=USR1@N``) -> a checkpoint and a requeued job.
 
-    The signal handler only sets a flag. After each optimizer step the ranks agree (one all-reduce of a bool:
-    the signal may reach them at different steps) whether any rank got it; if so, every rank writes the
-    checkpoint of this step (:class:`~layerchop.train.checkpoint.AtomicCheckpoint`, collective), global
-    rank 0 runs ``scontrol requeue``, and training stops (``requeued`` is set). The requeued job resumes from
-    this checkpoint: it is the newest. If SLURM refuses the requeue, training goes on (the checkpoint stays).
+    The process-wide handler (:func:`layerchop.launch.catch_time_limit_signal`, installed by the train stage in a
+    SLURM job) only sets a flag. After each optimizer step the ranks agree (one all-reduce of a bool: the signal
+    may reach them at different steps) whether any rank got it; if so, every rank writes the checkpoint of this
+    step (:class:`~layerchop.train.checkpoint.AtomicCheckpoint`, collective, published before anything else
+    happens) and global rank 0 runs ``scontrol requeue``. SLURM then ends the job's processes (SIGTERM, SIGKILL
+    after its KillWait) and runs the job again, which resumes this checkpoint: it is the newest. Should the
+    processes outlive that, training stops (``requeued``). If SLURM refuses the requeue, training goes on.
     Replaces Lightning's own SLURM requeue handler (``SLURMEnvironment(auto_requeue=False)``), which writes
     its checkpoint inside the signal handler, possibly in the middle of a collective.
     """
 
-    def __init__(self, checkpoint, signum: int | None = None):
-        import signal
-
+    def __init__(self, checkpoint):
         self.checkpoint = checkpoint
-        self.signum = signal.SIGUSR1 if signum is None else signum
-        self.received = False
         self.requeued = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        self.received = True
-
-    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        import signal
-
-        self._previous = signal.signal(self.signum, self._handler)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        import signal
-
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        from layerchop.launch import clear_time_limit_signal, time_limit_signalled
+
         if not _after_optimizer_step(trainer, batch_idx):
             return
-        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+        if not trainer.strategy.reduce_boolean_decision(time_limit_signalled(), all=False):
             return
         path = self.checkpoint.save(trainer)
         ok = False
@@ -328,7 +312,7 @@ class RequeueOnSignal(Callback):
             print(f"[train] SLURM time-limit signal: checkpoint {path} written; requeueing the job", flush=True)
             ok = requeue_this_job()
         ok = trainer.strategy.broadcast(ok, src=0)
-        self.received = False
+        clear_time_limit_signal()
         if ok:
             self.requeued = True
             trainer.should_stop = True

@@ -94,6 +94,8 @@ class RunLayout:
         if resume == "never" and restarted:
             resume = "auto"
         self.resume_allowed = resume != "never"  # the warm start's own checkpoints too
+        if restarted and resume not in ("auto", "never") and newest_complete(self.checkpoints) is not None:
+            resume = "auto"  # the restarted job continues from what its first attempt wrote, not the named start
         if resume not in ("auto", "never"):
             if not Path(resume).exists():
                 raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
