@@ -70,6 +70,17 @@ PARAMS_CASES = [
     ("evaluate.device", "gpu0", "evaluate.device='gpu0' is invalid: not a torch device"),
     ("prune.device", "tpu-v9", "prune.device='tpu-v9' is invalid: not a torch device"),
     ("evalute.tasks", ["piqa"], "unknown section(s) ['evalute']"),
+    ("train.launcher", "sbatch", "train.launcher='sbatch' is invalid: choose one of ['local', 'torchrun', 'slurm']"),
+    ("slurm.time", "3 days", "slurm.time='3 days' is invalid: a SLURM time limit"),
+    ("slurm.cpus_per_task", 0, "slurm.cpus_per_task=0 is invalid: must be >= 1"),
+    ("slurm.partition", "gpu; rm -rf /", "slurm.partition='gpu; rm -rf /' is invalid"),
+    ("slurm.sbatch_args", ["qos=high"], "slurm.sbatch_args='qos=high' is invalid: each entry one sbatch long option"),
+    ("slurm.sbatch_args", ["--nodes=2"], "slurm.sbatch_args='--nodes=2' is invalid: set by the launcher"),
+    ("slurm.signal_seconds", -5, "slurm.signal_seconds=-5 is invalid: must be in [0, 65535]"),
+    ("slurm.mem", "lots", "slurm.mem='lots' is invalid: a SLURM size"),
+    ("slurm.requeue", "yes", "slurm.requeue='yes' is invalid: must be true or false"),
+    ("slurm.setup", "module load cuda", "slurm.setup='module load cuda' is invalid: must be a list"),
+    ("slurm.stages", ["train"], "slurm.stages='train' is invalid: choose from ['prune', 'evaluate', 'curve']"),
 ]
 
 
@@ -120,7 +131,7 @@ def test_every_shipped_params_file_passes_the_type_checks():
     for path in [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*/params.yaml"))]:
         params = load_params(path)
         assert set(params) == {"download", "prepare", "chop", "prune", "train", "distill", "figure4", "evaluate",
-                               "report"}, path
+                               "report", "slurm"}, path
 
 
 # ------------------------------------------------------------------ model directories, one check for every stage

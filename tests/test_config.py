@@ -36,47 +36,7 @@ def test_unknown_and_bad_keys_name_the_key():
         section("evaluate", {"evaluate": {"limit": 0}})
 
 
-def _expand(stage: dict) -> list[tuple[str, dict]]:
-    """Expand foreach and matrix stages the way DVC does (for ${key} / ${item} / ${item.x})."""
-    if "matrix" in stage:
-        import itertools
-
-        names = list(stage["matrix"])
-        body = {k: v for k, v in stage.items() if k != "matrix"}
-        out = []
-        for combo in itertools.product(*(stage["matrix"][n] for n in names)):
-            text = yaml.safe_dump(body)
-            for n, v in zip(names, combo):
-                text = text.replace("${item.%s}" % n, str(v))
-            out.append(("-".join(map(str, combo)), yaml.safe_load(text)))
-        return out
-    if "foreach" not in stage:
-        return [("", stage)]
-    items = stage["foreach"]
-    pairs = items.items() if isinstance(items, dict) else [(i, i) for i in items]
-    out = []
-    for key, item in pairs:
-        text = yaml.safe_dump(stage["do"]).replace("${key}", str(key))
-        if isinstance(item, dict):
-            for k, v in item.items():
-                text = text.replace("${item.%s}" % k, str(v))
-        else:
-            text = text.replace("${item}", str(item))
-        out.append((str(key), yaml.safe_load(text)))
-    return out
-
-
-def _interpolate_params(cmd: str, params: dict) -> str:
-    """``${section.key}`` in a command, from params.yaml (DVC templating)."""
-    import re
-
-    def value(m):
-        node = params
-        for part in m.group(1).split("."):
-            node = node[part]
-        return str(node)
-
-    return re.sub(r"\$\{([A-Za-z0-9_.]+)\}", value, cmd)
+from layerchop.pipeline import expand as _expand, interpolate as _interpolate_params  # noqa: E402
 
 
 def test_dvc_stages_parse_and_reference_existing_code():

@@ -417,3 +417,19 @@ def test_budget_beyond_the_data_is_refused_unless_more_passes_are_allowed(tmp_pa
     plan = resolve(tiny_dir, tiny_prepared, tmp_path / "o", tmp_path / "r",
                    tiny_train_cfg(token_budget=cfg.token_budget, max_data_passes=2))
     assert plan.steps.total_steps == sequences // 4 + 1
+
+
+@pytest.mark.parametrize("variable", ["TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"])
+def test_resume_never_applies_to_the_first_attempt_only(tmp_path, monkeypatch, variable):
+    """A job restarted by torchrun or requeued by SLURM repeats the stage's own arguments, ``--resume never``
+    included: it must resume the state its first attempt wrote, not move it aside and start over."""
+    from layerchop.train.checkpoint import RunLayout
+
+    layout = RunLayout(tmp_path, "abc")
+    layout.checkpoints.mkdir(parents=True)
+    (layout.checkpoints / "step00000004.ckpt").write_bytes(b"x")
+    monkeypatch.setenv(variable, "1")
+    assert layout.start("never") == str(layout.checkpoints / "step00000004.ckpt")
+    monkeypatch.setenv(variable, "0")
+    assert layout.start("never") is None
+    assert not layout.root.exists() and len(list(tmp_path.glob("abc.replaced-*"))) == 1

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-STAGES = ("download", "prepare", "chop", "prune", "train", "evaluate", "curve", "report", "figure1", "figure4")
+STAGES = ("download", "prepare", "chop", "prune", "train", "evaluate", "curve", "report", "figure1", "figure4", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,29 @@ def check_outputs(args: argparse.Namespace) -> None:
             check_writable(value, f"--{name.replace('_', '-')}")
 
 
+def submit_one_task(args: argparse.Namespace) -> int | None:
+    """A stage named in ``slurm.stages``: submit it as a one-task batch job (one GPU when its section's ``device``
+    is CUDA), wait for it and return its status; None to run it here."""
+    from pathlib import Path
+
+    from layerchop.config import ONE_TASK_STAGES, load_params, section
+    from layerchop.launch import batch_script, run_slurm, under_launcher
+
+    if args.stage not in ONE_TASK_STAGES or under_launcher():
+        return None
+    params = load_params(args.params)
+    slurm = section("slurm", params)
+    if args.stage not in slurm.stages:
+        return None
+    cfg = section(ONE_TASK_STAGES[args.stage], params)
+    job = f"{args.stage}-{Path(args.out).name}"
+    jobs = Path(slurm.job_dir)
+    script = batch_script(job_name=f"layerchop-{job}", nodes=1, tasks_per_node=1,
+                          gpus_per_node=1 if cfg.device.startswith("cuda") else 0, slurm=slurm, argv=args.argv,
+                          log=(jobs / f"{job}.log").resolve(), workdir=Path.cwd(), time_limit_signal=False)
+    return run_slurm(script, jobs / f"{job}.sbatch", jobs / f"{job}.log", poll_seconds=slurm.poll_seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv is None:
@@ -58,14 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         check_outputs(args)
-        rc = mod.main(args) or 0
+        rc = submit_one_task(args)
+        if rc is None:
+            rc = mod.main(args) or 0
     except (ValueError, FileNotFoundError) as e:
         print(f"layerchop {args.stage}: error: {e}", file=sys.stderr)
         return 2
     if rc:
         print(f"layerchop {args.stage}: failed with status {rc}", file=sys.stderr)
         return rc
-    print(f"[{args.stage}] done in {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.stage != "plan":  # plan's output is the table or JSON alone
+        print(f"[{args.stage}] done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 
 

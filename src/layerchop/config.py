@@ -23,7 +23,8 @@ CORPUS_SOURCES = ("shakespeare", "hub", "local")
 LAYOUTS = ("input", "output", "middle", "max-gap", "both")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 STRATEGIES = ("auto", "fsdp")
-LAUNCHERS = ("local", "torchrun")
+LAUNCHERS = ("local", "torchrun", "slurm")
+ONE_TASK_STAGES = {"prune": "prune", "evaluate": "evaluate", "curve": "evaluate"}  # stage -> section with `device`
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
 GRAD_REDUCTIONS = ("step", "micro_batch")
 
@@ -287,8 +288,10 @@ class TrainConfig:
     max_data_passes: int = 1
     """Passes over the train split a budget may take; a budget that needs more is refused before training."""
     launcher: str = "local"
-    """``local`` (Lightning starts the processes of this host) or ``torchrun`` (the stage runs itself under
-    torchrun with ``num_nodes`` x ``devices`` processes, restarted after a failure up to ``max_restarts``)."""
+    """``local`` (Lightning starts the processes of this host), ``torchrun`` (the stage runs itself under
+    torchrun with ``num_nodes`` x ``devices`` processes, restarted after a failure up to ``max_restarts``) or
+    ``slurm`` (the stage submits itself as a batch job of ``num_nodes`` nodes x ``devices`` tasks, waits for
+    it and exits with its status; job settings in the ``slurm`` section)."""
     rdzv_endpoint: str = "127.0.0.1:29400"
     """torchrun: rendezvous ``host:port`` (the first node's address on a cluster)."""
     simulate_nodes: bool = False
@@ -327,6 +330,9 @@ class TrainConfig:
         host, _, port = str(self.rdzv_endpoint).rpartition(":")
         if not host or not port.isdigit():
             _fail("train.rdzv_endpoint", self.rdzv_endpoint, "must be host:port")
+        if self.num_nodes > 1 and self.launcher == "local":
+            _fail("train.num_nodes", self.num_nodes, "with train.launcher 'local' (Lightning starts the processes of "
+                  "one host only): use torchrun or slurm")
         if self.simulate_nodes and self.launcher != "torchrun":
             _fail("train.simulate_nodes", self.simulate_nodes, "needs train.launcher: torchrun")
         for key in ("warmup_steps", "val_every", "ckpt_every", "warm_start_steps", "num_workers", "max_restarts"):
@@ -467,6 +473,74 @@ class ReportConfig:
             _fail("report.oneshot_rows", self.oneshot_rows, "needs at least one row")
 
 
+@dataclass
+class SlurmConfig:
+    """The ``slurm`` section: the batch job of a stage whose launcher is ``slurm`` (``train.launcher``). The
+    geometry comes from the stage (``train.num_nodes`` nodes x ``train.devices`` tasks, one GPU per task on
+    ``gpu`` accelerators); these are the cluster's settings. Not a dependency of any stage in ``dvc.yaml``:
+    where a job runs does not change what it computes."""
+
+    time: str = "72:00:00"
+    """Wall-clock limit of one job (``--time``); a longer run checkpoints before it and requeues itself."""
+    partition: Optional[str] = None
+    """``--partition`` (null: the cluster's default)."""
+    account: Optional[str] = None
+    """``--account`` (null: the user's default)."""
+    cpus_per_task: int = 8
+    """``--cpus-per-task`` (data-loader workers and the host side of each rank)."""
+    mem: Optional[str] = None
+    """``--mem`` per node, e.g. ``500G`` (null: the cluster's default)."""
+    signal_seconds: int = 600
+    """``--signal=USR1@N``: N seconds before the time limit every task gets SIGUSR1; the run then writes a
+    checkpoint at the next optimizer step and requeues the job, which resumes from it. Leave time for one
+    step and one checkpoint."""
+    requeue: bool = True
+    """``--requeue``: a preempted or failed node's job goes back to the queue and resumes its newest checkpoint."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Further ``sbatch`` options passed through, e.g. ``["--qos=high", "--constraint=a100"]``."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run at the start of the job before ``srun`` (e.g. ``module load cuda``)."""
+    stages: list[str] = field(default_factory=list)
+    """Stages of one process that run as one-task batch jobs (one GPU when their ``device`` is CUDA): any of
+    ``prune``, ``evaluate``, ``curve``. The train stages choose with ``train.launcher``."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU of the cluster: ``layerchop plan`` refuses a GPU stage whose estimate exceeds it."""
+    job_dir: str = "data/slurm"
+    """Batch scripts and logs of the one-task stages (``prune``, ``evaluate``, ``curve``); a train stage keeps its
+    own in ``<run-dir>/slurm/``."""
+    poll_seconds: float = 2.0
+    """How often the waiting stage copies new lines of the job's log to its own output."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", self.time):
+            _fail("slurm.time", self.time, "a SLURM time limit: minutes, H:MM:SS or D-HH:MM:SS")
+        if self.cpus_per_task < 1:
+            _fail("slurm.cpus_per_task", self.cpus_per_task, "must be >= 1")
+        if self.signal_seconds < 0 or self.signal_seconds > 65535:
+            _fail("slurm.signal_seconds", self.signal_seconds, "must be in [0, 65535]")
+        if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?", self.mem):
+            _fail("slurm.mem", self.mem, "a SLURM size, e.g. 500G")
+        for key in ("partition", "account"):
+            value = getattr(self, key)
+            if value is not None and not re.fullmatch(r"[\w.,-]+", value):
+                _fail(f"slurm.{key}", value, "letters, digits, '.', ',', '_' or '-' only")
+        for arg in self.sbatch_args:
+            if not arg.startswith("--") or "\n" in arg:
+                _fail("slurm.sbatch_args", arg, "each entry one sbatch long option, e.g. --qos=high")
+            if arg.split("=")[0] in ("--wait", "--parsable", "--output", "--error", "--open-mode", "--nodes",
+                                     "--ntasks-per-node", "--job-name"):
+                _fail("slurm.sbatch_args", arg, "set by the launcher (from the stage's geometry and run directory)")
+        if any("\n" in line for line in self.setup):
+            _fail("slurm.setup", self.setup, "one shell line per entry")
+        for stage in self.stages:
+            if stage not in ONE_TASK_STAGES:
+                _fail("slurm.stages", stage, f"choose from {list(ONE_TASK_STAGES)} (train: train.launcher)")
+        if not self.gpu_memory_gb > 0:
+            _fail("slurm.gpu_memory_gb", self.gpu_memory_gb, "must be > 0")
+        if not self.poll_seconds > 0:
+            _fail("slurm.poll_seconds", self.poll_seconds, "must be > 0")
+
+
 _EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
@@ -548,6 +622,7 @@ SECTIONS = {
     "figure4": Figure4Config,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,
+    "slurm": SlurmConfig,
 }
 
 

@@ -1,5 +1,7 @@
 """Multi-process launch of a stage by the stage itself, so ``dvc repro`` starts the job the cluster runs.
 
+Two launchers (``train.launcher``): ``torchrun`` (below) and ``slurm`` (:func:`run_slurm`).
+
 ``train.launcher: torchrun`` makes ``layerchop train`` (started by DVC as one process) re-run itself under
 torchrun's elastic agent with ``train.num_nodes`` x ``train.devices`` worker processes, a c10d rendezvous
 at ``train.rdzv_endpoint``, and ``train.max_restarts`` restarts: when a worker dies, every worker is
@@ -21,18 +23,27 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 
 ARGV_ENV = "LAYERCHOP_ARGV"
+LAUNCHER_ENV = "LAYERCHOP_LAUNCHER"  # set to "slurm" by the batch script for the tasks srun starts
 
 
 def under_launcher() -> bool:
-    """True inside a worker that torchrun started (the stage must run, not launch)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ
+    """True inside a worker that torchrun or a SLURM job started (the stage must run, not launch)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or under_slurm()
+
+
+def under_slurm() -> bool:
+    """True inside a task of a batch job that :func:`run_slurm` submitted."""
+    return os.environ.get(LAUNCHER_ENV) == "slurm" and "SLURM_JOB_ID" in os.environ
 
 
 def torchrun_commands(cfg, run_id: str) -> list[list[str]]:
@@ -105,3 +116,155 @@ def run_torchrun(cfg, argv: list[str], run_id: str) -> int:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+# --- SLURM ------------------------------------------------------------------------------------------------
+
+
+def batch_script(*, job_name: str, nodes: int, tasks_per_node: int, gpus_per_node: int, slurm, argv: list[str],
+                 log: Path, workdir: Path, python: str = sys.executable, time_limit_signal: bool = True) -> str:
+    """The batch script of one stage: ``nodes`` x ``tasks_per_node`` tasks, each one rank of the stage.
+
+    Args:
+        job_name: ``--job-name``.
+        nodes, tasks_per_node, gpus_per_node: The stage's geometry (``train.num_nodes``, ``train.devices``,
+            one GPU per task on GPU accelerators, 0 on CPU).
+        slurm: :class:`layerchop.config.SlurmConfig` (time, partition, account, signal, requeue, passthrough).
+        argv: The stage's own arguments (``layerchop`` arguments), repeated by every task.
+        log: The job's output file; opened in append mode, so a requeued job adds to it.
+        workdir: The directory the stage runs in (the repository, on a file system every node sees).
+        python: The interpreter of the environment the stage was started from.
+        time_limit_signal: Ask for ``--signal=USR1@slurm.signal_seconds`` (only stages that handle it: train;
+            SIGUSR1 would end any other stage early).
+
+    Every task runs ``python -m layerchop.cli <argv>`` with ``LAYERCHOP_LAUNCHER=slurm``: it trains, reading
+    its rank from SLURM's variables (Lightning's ``SLURMEnvironment``). ``--signal=USR1@N`` warns the tasks
+    before the time limit: the run checkpoints at its next optimizer step and requeues the job
+    (:class:`layerchop.train.callbacks.RequeueOnSignal`); the requeued job resumes that checkpoint.
+    """
+    opts = [
+        f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+        f"--cpus-per-task={slurm.cpus_per_task}", f"--time={slurm.time}", f"--output={log}",
+        "--open-mode=append", f"--chdir={workdir}",
+    ]
+    if gpus_per_node:
+        opts.append(f"--gpus-per-node={gpus_per_node}")
+    if slurm.partition:
+        opts.append(f"--partition={slurm.partition}")
+    if slurm.account:
+        opts.append(f"--account={slurm.account}")
+    if slurm.mem:
+        opts.append(f"--mem={slurm.mem}")
+    opts.append("--requeue" if slurm.requeue else "--no-requeue")
+    if slurm.signal_seconds and time_limit_signal:
+        opts.append(f"--signal=USR1@{slurm.signal_seconds}")
+    opts += slurm.sbatch_args
+    lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in opts), "set -eo pipefail", *slurm.setup,
+             f"export {LAUNCHER_ENV}=slurm",
+             "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK  # srun does not inherit --cpus-per-task (22.05+)",
+             'echo "[slurm] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: '
+             '$SLURM_NNODES node(s) x $SLURM_NTASKS_PER_NODE task(s), $(date -u +%FT%TZ)"',
+             "srun --kill-on-bad-exit=1 " + " ".join(shlex.quote(a) for a in [python, "-m", "layerchop.cli", *argv])]
+    return "\n".join(lines) + "\n"
+
+
+def run_slurm(script: str, script_path: Path, log: Path, poll_seconds: float = 2.0, out=None) -> int:
+    """Submit ``script`` with ``sbatch --wait``, copy the job's log to ``out`` while it runs, return its status.
+
+    The job's exit status becomes the stage's, so DVC records the stage only when the job finished; a job that
+    SLURM requeues (preemption, or the run's own requeue before its time limit) keeps ``sbatch --wait``
+    waiting until the requeued job ends. SIGINT/SIGTERM to this process cancel the job (``scancel``).
+    """
+    import shutil
+
+    out = out or sys.stdout
+    if shutil.which("sbatch") is None:
+        raise ValueError("launcher slurm (train.launcher or slurm.stages): sbatch not found on this host (run dvc "
+                         "repro on a SLURM login node, or launch locally)")
+    script_path.parent.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    script_path.write_text(script)
+    offset = log.stat().st_size if log.exists() else 0  # the log is appended to: show only this job's lines
+    done = threading.Event()
+    job_id = ""
+    proc = None
+
+    def follow() -> None:
+        nonlocal offset
+        while True:
+            finished = done.is_set()
+            if log.exists():
+                with open(log, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                offset += len(chunk)
+                if chunk:
+                    out.write(chunk.decode(errors="replace"))
+                    out.flush()
+            if finished:
+                return
+            done.wait(poll_seconds)
+
+    def cancel(signum, frame) -> None:
+        if job_id:
+            subprocess.run(["scancel", job_id], check=False)
+            print(f"[launch] slurm: job {job_id} cancelled", flush=True)
+        elif proc is not None:
+            proc.terminate()
+
+    # handlers and the log follower first: a Ctrl-C at any moment cancels, and the log streams whenever sbatch
+    # prints the id (22.05 prints it at submission; the follower does not depend on it)
+    old = {s: signal.signal(s, cancel) for s in (signal.SIGINT, signal.SIGTERM)}
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        proc = subprocess.Popen(["sbatch", "--parsable", "--wait", str(script_path)], stdout=subprocess.PIPE,
+                                text=True)
+        job_id = (proc.stdout.readline().strip().split(";") or [""])[0]
+        if job_id:
+            print(f"[launch] slurm: job {job_id} submitted ({script_path}); its log: {log}; Ctrl-C cancels it",
+                  flush=True)
+        rc = proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        done.set()
+        follower.join()
+    if not job_id:
+        return rc or 1  # sbatch refused the script; its own message is on stderr
+    print(f"[launch] slurm: job {job_id} ended with status {rc}", flush=True)
+    return rc if rc >= 0 else 128 - rc  # killed by a signal: the shell's convention
+
+
+_TIME_LIMIT = threading.Event()
+
+
+def catch_time_limit_signal() -> None:
+    """Under a SLURM job: from now on SIGUSR1 (``--signal=USR1@N``, the time-limit warning) only sets a flag that
+    training reads at its next optimizer step (:class:`~layerchop.train.callbacks.RequeueOnSignal`); it never
+    ends the process, whenever it comes (model loading, between the warm start and the main run, export)."""
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _TIME_LIMIT.set())
+
+
+def time_limit_signalled() -> bool:
+    return _TIME_LIMIT.is_set()
+
+
+def clear_time_limit_signal() -> None:
+    _TIME_LIMIT.clear()
+
+
+def requeue_this_job() -> bool:
+    """``scontrol requeue`` of the SLURM job this process runs in; True when SLURM accepted it."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except FileNotFoundError:
+        print("[train] scontrol not found: the job cannot requeue itself", flush=True)
+        return False
+    if result.returncode:
+        print(f"[train] scontrol requeue {job} failed: {result.stderr.strip()}", flush=True)
+    return result.returncode == 0

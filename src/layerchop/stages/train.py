@@ -14,7 +14,8 @@ Example::
 
 Re-running after an interruption resumes from the newest checkpoint of the same run (``--resume auto``).
 Multi-process: ``train.strategy: fsdp`` with ``train.devices`` x ``train.num_nodes``; with
-``train.launcher: torchrun`` the stage starts torchrun itself (``layerchop.launch``).
+``train.launcher: torchrun`` the stage starts torchrun itself, with ``train.launcher: slurm`` it submits
+itself as a batch job and waits for it (``layerchop.launch``; job settings in the ``slurm`` section).
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from layerchop.launch import rendezvous_id, run_torchrun, under_launcher
+    from layerchop.launch import catch_time_limit_signal, rendezvous_id, run_torchrun, under_launcher, under_slurm
     from layerchop.train.plan import resolve
+
+    if under_slurm():  # first thing: the time-limit warning must never end a task (see RequeueOnSignal)
+        catch_time_limit_signal()
 
     params = load_params(args.params)
     cfg = section("train", params)
@@ -69,7 +73,8 @@ def main(args: argparse.Namespace) -> int:
     if args.plan:  # a plan needs no GPU (a login node plans a cluster run)
         print(json.dumps(plan.describe(), indent=2))
         return 0
-    if cfg.accelerator in ("gpu", "cuda"):
+    submit = cfg.launcher == "slurm" and not under_launcher()
+    if cfg.accelerator in ("gpu", "cuda") and not submit:  # a login node that submits has no GPU to check
         import torch
 
         if not torch.cuda.is_available():
@@ -81,9 +86,29 @@ def main(args: argparse.Namespace) -> int:
             pass
     if cfg.launcher == "torchrun" and not under_launcher():
         return run_torchrun(cfg, args.argv, run_id=rendezvous_id(plan.fingerprint))
+    if submit:
+        return submit_slurm(args, cfg, section("slurm", params), plan.fingerprint)
 
     from layerchop.train.run import train
 
     train(plan, resume=args.resume, log_csv=args.log, metrics=args.metrics, stop_after=args.stop_after,
           snapshot_dir=args.snapshot_dir)
     return 0
+
+
+def submit_slurm(args: argparse.Namespace, cfg, slurm, fingerprint: str) -> int:
+    """``train.launcher: slurm``: this stage as a batch job of ``num_nodes`` x ``devices`` tasks; waits for it.
+
+    The script and the job's log (appended to by every job of this run, requeued ones included) are
+    ``<run-dir>/slurm/<fingerprint>.sbatch`` and ``.log``."""
+    from pathlib import Path
+
+    from layerchop.launch import batch_script, run_slurm
+
+    jobs = Path(args.run_dir) / "slurm"
+    log = jobs / f"{fingerprint}.log"
+    script = batch_script(job_name=f"layerchop-train-{Path(args.out).name}", nodes=cfg.num_nodes,
+                          tasks_per_node=cfg.devices,
+                          gpus_per_node=cfg.devices if cfg.accelerator in ("gpu", "cuda") else 0,
+                          slurm=slurm, argv=args.argv, log=log.resolve(), workdir=Path.cwd())
+    return run_slurm(script, jobs / f"{fingerprint}.sbatch", log, poll_seconds=slurm.poll_seconds)

@@ -273,3 +273,55 @@ class HostMemory(Callback):
         else:
             everyone = [mine]
         self.report = sorted(everyone, key=lambda r: r["rank"])
+
+
+class JobRequeued(Exception):
+    """Raised after a run checkpointed and requeued its SLURM job: the process ends, the requeued job resumes."""
+
+
+class RequeueOnSignal(Callback):
+    """SLURM's warning before the time limit (``--signal=USR1@N``) -> a checkpoint and a requeued job.
+
+    The process-wide handler (:func:`layerchop.launch.catch_time_limit_signal`, installed by the train stage in a
+    SLURM job) only sets a flag. After each optimizer step the ranks agree (one all-reduce of a bool: the signal
+    may reach them at different steps) whether any rank got it; if so, every rank writes the checkpoint of this
+    step (:class:`~layerchop.train.checkpoint.AtomicCheckpoint`, collective, published before anything else
+    happens) and global rank 0 runs ``scontrol requeue``. SLURM then ends the job's processes (SIGTERM, SIGKILL
+    after its KillWait) and runs the job again, which resumes this checkpoint: it is the newest. Should the
+    processes outlive that, training stops (``requeued``). If SLURM refuses the requeue, training goes on.
+    Replaces Lightning's own SLURM requeue handler (``SLURMEnvironment(auto_requeue=False)``), which writes
+    its checkpoint inside the signal handler, possibly in the middle of a collective.
+    """
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+        self.requeued = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        from layerchop.launch import clear_time_limit_signal, time_limit_signalled
+
+        if not _after_optimizer_step(trainer, batch_idx):
+            return
+        if not trainer.strategy.reduce_boolean_decision(time_limit_signalled(), all=False):
+            return
+        path = self.checkpoint.save(trainer)
+        ok = False
+        if trainer.is_global_zero:
+            from layerchop.launch import requeue_this_job
+
+            print(f"[train] SLURM time-limit signal: checkpoint {path} written; requeueing the job", flush=True)
+            ok = requeue_this_job()
+        ok = trainer.strategy.broadcast(ok, src=0)
+        clear_time_limit_signal()
+        if ok:
+            self.requeued = True
+            trainer.should_stop = True
+
+
+def requeue_callbacks(checkpoints: Path) -> list:
+    """Under a SLURM batch job (:func:`layerchop.launch.under_slurm`): checkpoint into ``checkpoints`` and
+    requeue on the time-limit signal (:class:`RequeueOnSignal`); elsewhere nothing."""
+    from layerchop.launch import under_slurm
+    from layerchop.train.checkpoint import AtomicCheckpoint
+
+    return [RequeueOnSignal(AtomicCheckpoint(checkpoints, 0))] if under_slurm() else []

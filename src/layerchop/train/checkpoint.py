@@ -77,7 +77,7 @@ class RunLayout:
         if not self.run_dir.is_dir():
             return []
         return sorted(p for p in self.run_dir.iterdir() if p.is_dir() and p.name != self.fingerprint
-                      and not p.name.startswith("."))
+                      and not p.name.startswith(".") and p.name != "slurm")  # slurm: the launcher's job files
 
     def start(self, resume: str) -> Optional[str]:
         """Decide where training starts and, on global rank 0, prepare the directories.
@@ -85,12 +85,17 @@ class RunLayout:
         ``auto`` resumes the newest complete checkpoint of this fingerprint; ``never`` starts from scratch
         (rank 0 moves this fingerprint's earlier state aside, it is not deleted); a path resumes that
         checkpoint. The decision reads only this fingerprint's directory, so every rank reaches the same one.
-        Workers that torchrun restarted after a failure always resume (``never`` applied to the first attempt).
+        Workers that torchrun restarted after a failure, and requeued SLURM jobs, always resume (``never`` applied
+        to the first attempt).
         """
         rank0 = global_rank() == 0
-        if resume == "never" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        restarted = (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+                     or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0)  # a requeued SLURM job
+        if resume == "never" and restarted:
             resume = "auto"
         self.resume_allowed = resume != "never"  # the warm start's own checkpoints too
+        if restarted and resume not in ("auto", "never") and newest_complete(self.checkpoints) is not None:
+            resume = "auto"  # the restarted job continues from what its first attempt wrote, not the named start
         if resume not in ("auto", "never"):
             if not Path(resume).exists():
                 raise FileNotFoundError(f"--resume {resume}: no such checkpoint")

@@ -152,6 +152,8 @@ class RunPlan:
     snapshot_steps: list[int] = field(default_factory=list)
     num_params: dict[str, int] = field(default_factory=dict)
     """Parameters of the trained model (``model``), the warm start's dense model and the teacher."""
+    configs: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Model configs of the same (``model``, ``dense``, ``teacher``; None where absent)."""
 
     @property
     def world(self) -> int:
@@ -166,20 +168,16 @@ class RunPlan:
         c = self.cfg
         return f"{c.flop_budget:.4g} FLOPs" if c.flop_budget is not None else f"{c.token_budget:,} tokens"
 
-    def memory_per_rank_gb(self) -> dict[str, float]:
-        """Estimated training state per rank in GB, activations excluded: fp32 sharded weights, gradients and two
-        Adam moments of the trained model (the warm start's dense model when larger), the frozen teacher's
-        shards, and under FSDP2 with accumulation and ``reduce_grads: step`` the unsharded gradients each rank
-        accumulates between micro-batches (in ``fsdp_reduce_dtype``, else the param dtype)."""
-        cfg = self.cfg
-        shards = self.world if cfg.strategy == "fsdp" else 1
-        trained = max(self.num_params.get("model", 0), self.num_params.get("dense", 0))
-        out = {"weights_grads_adam": 16 * trained / shards / 1e9,
-               "teacher": 4 * self.num_params.get("teacher", 0) / shards / 1e9, "unsharded_grads": 0.0}
-        if cfg.strategy == "fsdp" and cfg.accumulate > 1 and cfg.reduce_grads == "step":
-            dtype = cfg.fsdp_reduce_dtype or cfg.fsdp_param_dtype or "float32"
-            out["unsharded_grads"] = (2 if dtype in ("bfloat16", "float16") else 4) * trained / 1e9
-        return {k: round(v, 3) for k, v in out.items()}
+    def memory_per_rank_gb(self) -> dict[str, dict[str, float]]:
+        """Estimated memory of one rank, per phase (the warm start on the dense model, the main run), in GB: the
+        memory model of :func:`layerchop.estimate.train_memory` (the one ``layerchop plan`` prints)."""
+        from layerchop.estimate import train_memory
+
+        phases = {"main": train_memory(self.configs["model"], self.cfg, self.seq_len,
+                                       teacher_config=self.configs.get("teacher"))}
+        if self.steps.warm_steps:
+            phases["warm"] = train_memory(self.configs["dense"], self.cfg, self.seq_len)
+        return {k: v.as_dict() for k, v in phases.items()}
 
     def describe(self) -> dict[str, Any]:
         s = self.steps
@@ -289,7 +287,7 @@ def resolve(
         distill_cfg=distill_cfg, teacher_dir=teacher_dir, dense_dir=dense_dir,
         removed_layers=removed if warm_steps else [], masks=masks, layer_map=mapping,
         snapshot_steps=snapshot_steps(steps.main_steps, snapshots) if snapshots else [],
-        num_params={k: count_params(c) for k, c in configs.items() if c is not None},
+        num_params={k: count_params(c) for k, c in configs.items() if c is not None}, configs=configs,
     )
 
 

@@ -20,7 +20,9 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from layerchop.io import read_metadata, write_json
-from layerchop.train.callbacks import ComputeMeter, ExportHF, HostMemory, KeepMasks, Snapshots
+from layerchop.launch import under_slurm
+from layerchop.train.callbacks import (ComputeMeter, ExportHF, HostMemory, JobRequeued, KeepMasks, Snapshots,
+                                       requeue_callbacks)
 from layerchop.train.checkpoint import AtomicCheckpoint, RunLayout, RunLock
 from layerchop.train.data import PackedDataModule
 from layerchop.train.module import CausalLMModule, ShardState
@@ -54,7 +56,12 @@ def trainer_kwargs(cfg) -> dict:
         strategy = ModelParallelStrategy(data_parallel_size=cfg.devices * cfg.num_nodes, tensor_parallel_size=1)
     else:
         strategy = "auto"
-    return dict(
+    extra = {}
+    if under_slurm():  # ranks from SLURM's variables; the time-limit signal is RequeueOnSignal's, not Lightning's
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        extra["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    return dict(**extra,
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
         precision=cfg.precision, accumulate_grad_batches=cfg.accumulate, gradient_clip_val=cfg.grad_clip or None,
         enable_model_summary=False, log_every_n_steps=1, use_distributed_sampler=False, num_sanity_val_steps=0,
@@ -125,7 +132,12 @@ def train(plan: RunPlan, *, resume: str = "auto", log_csv: Optional[str | Path] 
         The metadata written into ``plan.out`` (``{}`` on other ranks, or when stopped early).
     """
     with RunLock(plan.run_dir):  # one run per run directory
-        return _train(plan, resume, log_csv, metrics, stop_after, snapshot_dir)
+        try:
+            return _train(plan, resume, log_csv, metrics, stop_after, snapshot_dir)
+        except JobRequeued:
+            print("[train] stopped for the requeued SLURM job: it resumes from the checkpoint just written", flush=True)
+            return {}
+
 
 
 def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_dir) -> dict:
@@ -157,6 +169,8 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
                   TQDMProgressBar(refresh_rate=1)]
     if cfg.ckpt_every:
         callbacks.append(AtomicCheckpoint(layout.checkpoints, cfg.ckpt_every))
+    requeue = requeue_callbacks(layout.checkpoints)
+    callbacks += requeue
     trainer = L.Trainer(
         **trainer_kwargs(cfg),
         max_steps=min(steps.main_steps, stop_after) if stop_after else steps.main_steps,
@@ -174,6 +188,8 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
     # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     wall = time.perf_counter() - t0
+    if requeue and requeue[0].requeued:
+        raise JobRequeued()
     if not trainer.is_global_zero:
         return {}
     if log_csv is not None:

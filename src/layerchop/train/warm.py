@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from layerchop.prune.chop import chop_state_keys
 from layerchop.train import sharding
-from layerchop.train.callbacks import ComputeMeter
+from layerchop.train.callbacks import ComputeMeter, JobRequeued, requeue_callbacks
 from layerchop.train.checkpoint import AtomicCheckpoint, RunLayout, newest_complete
 from layerchop.train.data import PackedDataModule
 from layerchop.train.module import CausalLMModule, ShardState
@@ -47,16 +47,19 @@ def warm_start(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[], di
     cfg, steps = plan.cfg, plan.steps
     module = CausalLMModule(plan.dense_dir, cfg, max_steps=steps.warm_steps, schedule_steps=steps.total_steps)
     meter = ComputeMeter(steps.tokens_per_step, steps.warm_flops_per_step, plan.world)
+    requeue = requeue_callbacks(layout.warm)
     trainer = L.Trainer(**{**trainer_kwargs(), "max_steps": steps.warm_steps,
                            "logger": CSVLogger(layout.warm, name="logs"),  # the chopped run's CSV starts after it
                            "limit_val_batches": 0, "enable_checkpointing": False,
                            "callbacks": [meter, AtomicCheckpoint(layout.warm, cfg.ckpt_every, save_on_train_end=True),
-                                         TQDMProgressBar(refresh_rate=1)]})
+                                         TQDMProgressBar(refresh_rate=1), *requeue]})
     dm = PackedDataModule(plan.prepared_dir, cfg.batch_size, cfg.seed, cfg.val_batches, cfg.num_workers)
     resume = newest_complete(layout.warm) if layout.resume_allowed else None
     if resume is not None and trainer.is_global_zero:
         print(f"[train] warm start: resuming from {resume}", flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
+    if requeue and requeue[0].requeued:
+        raise JobRequeued()
     if trainer.global_step != steps.warm_steps:
         raise RuntimeError(f"the warm start stopped at step {trainer.global_step} of {steps.warm_steps}")
     num_dense = AutoConfig.from_pretrained(plan.dense_dir).num_hidden_layers

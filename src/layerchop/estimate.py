@@ -1,0 +1,124 @@
+"""Cost of a pipeline before it runs: steps, tokens, FLOPs, time, per-GPU and host memory, disk.
+
+Pure functions of model configs and params (no weights, no data): ``layerchop plan`` prints them for every
+stage ``dvc repro`` would run with a params file, and refuses, naming the key, a stage that cannot run.
+
+Memory model of one training rank (bytes; ``P`` parameters of the model being trained, ``W`` ranks sharing
+it under FSDP2, 1 otherwise; ``t = batch_size x seq_len`` tokens per micro-batch; activation bytes ``a`` = 2
+under bf16/fp16 precision, 4 in fp32):
+
+- training state ``16 P / W``: fp32 weights, gradients and the two Adam moments, sharded (``8 P / W`` under
+  ``bf16-true``, where all four are bf16);
+- unsharded gradients ``g P`` under FSDP2 with accumulation and ``train.reduce_grads: step`` (``g`` the bytes
+  of ``fsdp_reduce_dtype``): each rank keeps the full gradients between micro-batches;
+- gathered weights ``2 x`` one decoder layer in the compute dtype (the layer running and the prefetched one);
+- activations: without checkpointing, every layer keeps ``6h + 2 kv + 4i`` values per token (normed inputs,
+  q/k/v, attention output, o_proj output, gate/up/activation/product; SDPA's flash kernels keep no T x T
+  scores); with ``train.activation_checkpointing`` each layer keeps only its input (``h`` per token), plus
+  one layer's full set while it is recomputed;
+- logits: ``t x V`` in the compute dtype, their fp32 copy for the loss and its fp32 gradient;
+- the distillation teacher's fp32 shards ``4 P_t / W`` and its layer outputs kept for the hidden-state loss;
+- CUDA context and allocator slack are not modelled: keep a margin (``slurm.gpu_memory_gb`` is compared with
+  the sum as is).
+
+Published reference for the scale (README, experiments/LOG.md): compared there with what the rehearsal measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def dtype_bytes(name: str | None, default: int = 4) -> int:
+    if name is None:
+        return default
+    return 2 if name in ("bfloat16", "float16", "bf16", "fp16") else 4
+
+
+def layer_params(config) -> int:
+    h, i = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    return h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h + 3 * h * i + 2 * h
+
+
+def count_params(config) -> int:
+    """Parameters of the architecture (the project's count: :func:`layerchop.train.plan.count_params`)."""
+    from layerchop.train.plan import count_params as count
+
+    return count(config)
+
+
+@dataclass
+class TrainMemory:
+    """Per-rank GPU memory of one training phase, in GB (see the module docstring)."""
+
+    state: float
+    unsharded_grads: float
+    gathered_layers: float
+    activations: float
+    activations_without_checkpointing: float
+    logits: float
+    teacher: float = 0.0
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.state + self.unsharded_grads + self.gathered_layers + self.activations + self.logits + self.teacher
+
+    def as_dict(self) -> dict:
+        return {"state": round(self.state, 2), "unsharded_grads": round(self.unsharded_grads, 2),
+                "gathered_layers": round(self.gathered_layers, 2), "activations": round(self.activations, 2),
+                "activations_without_checkpointing": round(self.activations_without_checkpointing, 2),
+                "logits": round(self.logits, 2), "teacher": round(self.teacher, 2), "total": round(self.total, 2)}
+
+
+def train_memory(config, cfg, seq_len: int, teacher_config=None) -> TrainMemory:
+    """Per-rank memory of training ``config`` with :class:`~layerchop.config.TrainConfig` ``cfg``."""
+    fsdp = cfg.strategy == "fsdp"
+    world = cfg.devices * cfg.num_nodes if fsdp else 1
+    p = count_params(config)
+    mixed = cfg.precision in ("bf16-mixed", "bf16-true", "16-mixed")
+    act = 2 if mixed else 4
+    compute = dtype_bytes(cfg.fsdp_param_dtype, 4) if fsdp else act
+    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or h // heads)
+    t = cfg.batch_size * seq_len
+    per_layer_full = t * (6 * h + 2 * kv + 4 * i) * act
+    full = L * per_layer_full
+    with_ac = L * t * h * act + per_layer_full
+    grads = 0.0
+    if fsdp and cfg.accumulate > 1 and cfg.reduce_grads == "step":
+        grads = p * dtype_bytes(cfg.fsdp_reduce_dtype or cfg.fsdp_param_dtype, 4)
+    teacher = 0.0
+    if teacher_config is not None:
+        teacher = 4 * count_params(teacher_config) / world + teacher_config.num_hidden_layers * t * h * act
+    # fp32 weights, gradients, Adam m and v; bf16-true keeps all four in bf16
+    state_bytes = 8 if cfg.precision == "bf16-true" else 16
+    return TrainMemory(
+        state=state_bytes * p / world / 1e9, unsharded_grads=grads / 1e9,
+        gathered_layers=(2 * layer_params(config) * compute / 1e9) if fsdp else 0.0,
+        activations=(with_ac if cfg.activation_checkpointing else full) / 1e9,
+        activations_without_checkpointing=full / 1e9,
+        logits=t * config.vocab_size * (act + 4 + 4) / 1e9, teacher=teacher / 1e9)
+
+
+def hours(flops: float, world: int, peak_flops: float, mfu: float) -> float:
+    """Wall-clock hours of ``flops`` on ``world`` devices at ``mfu`` of ``peak_flops`` each."""
+    return flops / (world * peak_flops * mfu) / 3600
+
+
+def model_dir_gb(config, dtype: str) -> float:
+    return count_params(config) * dtype_bytes(dtype) / 1e9
+
+
+def checkpoint_gb(config) -> float:
+    """A resumable checkpoint: fp32 weights and two Adam moments (12 bytes a parameter)."""
+    return 12 * count_params(config) / 1e9
+
+
+def prepared_gb(tokens: float, vocab_size: int) -> float:
+    return tokens * (2 if vocab_size <= 65536 else 4) / 1e9
+

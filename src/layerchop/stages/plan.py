@@ -1,0 +1,196 @@
+"""``layerchop plan``: a dry run of the whole pipeline for a params file (no weights, no data, no GPU).
+
+Example::
+
+    layerchop plan --params experiments/paper-scale/params.yaml          # a table per stage
+    layerchop plan --params experiments/paper-scale/params.yaml --json   # the same as JSON
+
+For every stage ``dvc repro`` would run (read from ``dvc.yaml`` the way DVC expands it): processes, optimizer
+steps, tokens, training FLOPs (the FLOP functions the runs use), hours at ``figure4.mfu`` of
+``figure4.gpu_peak_flops``, per-GPU memory (``layerchop.estimate``), host memory of the loading node, and disk
+for each output plus the checkpoints. Exits 2 naming the key when a stage cannot run as configured: a
+warmup or warm start that does not fit the budget, a budget below one step, a warm start on a stage that
+refuses it, a topology the launcher cannot start (the config's own check), a GPU stage above ``slurm.gpu_memory_gb``, a train budget
+the streamed corpus cannot cover.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import yaml
+
+TRAIN_STAGES = ("train", "fig4_train")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dvc", default="dvc.yaml", help="the pipeline (default: dvc.yaml)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _train_args(argv: list[str]) -> argparse.Namespace:
+    from layerchop.stages import train
+
+    p = argparse.ArgumentParser(prog="layerchop train", add_help=False)
+    p.add_argument("--params", default="params.yaml")
+    train.add_args(p)
+    return p.parse_args(argv[1:])
+
+
+def plan(params: dict, dvc: dict) -> dict:
+    """Every stage's cost (see the module docstring). Raises ValueError naming the key that makes a stage fail."""
+    from layerchop.config import section
+    from layerchop.data.sources import known_config
+    from layerchop.estimate import (checkpoint_gb, count_params, hours, model_dir_gb, prepared_gb, train_memory)
+    from layerchop.pipeline import stage_commands
+    from layerchop.prune.chop import removed_indices
+    from layerchop.train.plan import plan_steps
+
+    download, prep, chop = section("download", params), section("prepare", params), section("chop", params)
+    cfg0, fig4, slurm = section("train", params), section("figure4", params), section("slurm", params)
+    ev, pr, distill = section("evaluate", params), section("prune", params), section("distill", params)
+    dense = known_config(download.model)
+    if dense is None:
+        raise ValueError(f"download.model.hub_id={download.model.hub_id!r}: layerchop plan knows the architectures "
+                         "of smollm2-135m, llama2-7b-shape and meta-llama/Llama-2-7b-hf only (no download here)")
+    removed = removed_indices(dense.num_hidden_layers, layout=chop.layout, num_remove=chop.num_remove,
+                              indices=chop.indices)
+    chopped = copy.deepcopy(dense)
+    chopped.num_hidden_layers -= len(removed)
+    kept = [i for i in range(dense.num_hidden_layers) if i not in removed]
+    dtype = download.model.dtype
+    gpu = cfg0.accelerator in ("gpu", "cuda")
+    stages: list[dict] = []
+
+    corpus_tokens = download.corpus.token_budget
+    if corpus_tokens is not None:
+        train_tokens = corpus_tokens * (1 - prep.val_fraction - prep.test_fraction)
+        stages.append({"stage": "download + prepare", "processes": 1, "disk_gb": round(
+            corpus_tokens * 4 / 1e9 + prepared_gb(corpus_tokens, dense.vocab_size), 1),
+            "note": "raw text ~4 bytes a token + packed token ids"})
+    else:
+        train_tokens = None
+
+    chop_gb = model_dir_gb(chopped, dtype)
+    stages.append({"stage": "chop", "processes": 1, "host_gb": round(model_dir_gb(dense, dtype), 1),
+                   "disk_gb": round(chop_gb, 1)})
+    prune_runs = stage_commands(dvc, params, ("prune",))
+    if prune_runs:
+        calib = 2 * pr.num_calibration * prep.seq_len * dense.hidden_size * 4 / 1e9  # layer inputs and outputs
+        one_layer = count_params(dense) / dense.num_hidden_layers * 4 / 1e9 * 2  # weights + Hessian-scale buffers
+        device_gb = calib + one_layer
+        if pr.device.startswith("cuda") and device_gb > slurm.gpu_memory_gb:
+            raise ValueError(f"prune.num_calibration={pr.num_calibration}: one layer's calibration needs "
+                             f"{device_gb:.1f} GB > slurm.gpu_memory_gb={slurm.gpu_memory_gb}")
+        for name, _ in prune_runs:
+            stages.append({"stage": name, "processes": 1, "rank_gb": round(device_gb, 1), "on": "gpu" if pr.device != "cpu" else "host",
+                           "host_gb": round(model_dir_gb(dense, "float32"), 1),
+                           "disk_gb": round(model_dir_gb(dense, dtype), 1)})
+
+    total_gpu_hours = 0.0
+    warm_arms = []
+    for name, argv in stage_commands(dvc, params, TRAIN_STAGES):
+        args = _train_args(argv)
+        cfg = cfg0
+        if args.flop_budget is not None:
+            cfg = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
+        init = chopped if Path(args.init).name == "chopped" else dense
+        if args.warm_start:
+            if init is not chopped or args.objective != "lm":
+                raise ValueError(f"dvc.yaml {name}: --warm-start needs the chopped model as --init and objective lm "
+                                 f"(got --init {args.init}, --objective {args.objective})")
+            warm_arms.append(name)
+        warm = cfg.warm_start_steps if args.warm_start else 0
+        teacher = dense if args.objective == "distill" else None
+        budget_key = f"--flop-budget in dvc.yaml {name} (figure4.flop_budget)" if args.flop_budget else None
+        steps = plan_steps(cfg, prep.seq_len, init, objective=args.objective, warm_steps=warm,
+                           dense_config=dense, teacher_config=teacher, distill_cfg=distill, mapping=kept,
+                           budget_key=budget_key)
+        tokens = steps.total_steps * steps.tokens_per_step
+        if train_tokens is not None and tokens > train_tokens * cfg.max_data_passes:
+            raise ValueError(f"download.corpus.token_budget={corpus_tokens}: {name} trains on {tokens:,} tokens but "
+                             f"the train split gets ~{train_tokens:,.0f} (train.max_data_passes={cfg.max_data_passes})")
+        flops = steps.warm_steps * steps.warm_flops_per_step + steps.main_steps * steps.flops_per_step
+        world = cfg.devices * cfg.num_nodes
+        phases = {"main": train_memory(init, cfg, prep.seq_len, teacher_config=teacher)}
+        if warm:
+            phases["warm start (dense)"] = train_memory(dense, cfg, prep.seq_len)
+        worst = max(phases, key=lambda k: phases[k].total)
+        mem = phases[worst]
+        if gpu and mem.total > slurm.gpu_memory_gb:
+            raise ValueError(
+                f"slurm.gpu_memory_gb={slurm.gpu_memory_gb}: {name} needs ~{mem.total:.1f} GB per GPU in its {worst} "
+                f"phase ({json.dumps(mem.as_dict())}); lower train.batch_size, turn on "
+                "train.activation_checkpointing, use train.reduce_grads: micro_batch, or add GPUs")
+        h = hours(flops, world, fig4.gpu_peak_flops, fig4.mfu)
+        total_gpu_hours += h * world
+        loader_host = model_dir_gb(dense if warm or teacher else init, dtype) * (2 if teacher else 1)
+        stages.append({
+            "stage": name, "processes": world, "nodes": cfg.num_nodes, "launcher": cfg.launcher,
+            "steps": steps.total_steps, "warm_steps": steps.warm_steps, "tokens": tokens, "flops": flops,
+            "hours": float(f"{h:.3g}"), "rank_gb": round(mem.total, 2), "on": "gpu" if gpu else "host",
+            "rank_phase": worst, "rank_parts": mem.as_dict(), "host_gb": round(loader_host, 1),
+            "disk_gb": round(model_dir_gb(init, dtype) * (1 + (args.snapshots or 0)), 1),
+            "checkpoint_gb": round(checkpoint_gb(init) + (checkpoint_gb(dense) if warm else 0), 1),
+            "largest_checkpoint_gb": round(checkpoint_gb(dense if warm else init), 1),
+        })
+
+    evals = stage_commands(dvc, params, ("evaluate", "curve"))
+    if evals:
+        e_bytes = 2 if ev.dtype in ("bfloat16", "float16") else 4
+        eval_gb = count_params(dense) * e_bytes / 1e9 + ev.batch_size * prep.seq_len * dense.vocab_size * 4 / 1e9
+        if ev.device.startswith("cuda") and eval_gb > slurm.gpu_memory_gb:
+            raise ValueError(f"evaluate.batch_size={ev.batch_size}: evaluation needs ~{eval_gb:.1f} GB per GPU > "
+                             f"slurm.gpu_memory_gb={slurm.gpu_memory_gb}")
+        for name, _ in evals:
+            stages.append({"stage": name, "processes": 1,
+                           "rank_gb": round(eval_gb, 2), "on": "gpu" if ev.device != "cpu" else "host",
+                           "disk_gb": 0.0})
+    disk = sum(s.get("disk_gb") or 0 for s in stages)
+    return {"model": {"dense_params": count_params(dense), "chopped_params": count_params(chopped),
+                      "removed_layers": removed},
+            "assumptions": {"mfu": fig4.mfu, "gpu_peak_flops": fig4.gpu_peak_flops,
+                            "gpu_memory_gb": slurm.gpu_memory_gb},
+            "stages": stages, "warm_start_stages": warm_arms,
+            "totals": {"gpu_hours": round(total_gpu_hours, 1), "dvc_outputs_gb": round(disk, 1),
+                       "checkpoints_gb": round(sum(s.get("checkpoint_gb") or 0 for s in stages), 1),
+                       "checkpoints_peak_gb": round(sum(s.get("checkpoint_gb") or 0 for s in stages)
+                                                    + max((s.get("largest_checkpoint_gb") or 0 for s in stages),
+                                                          default=0), 1)}}
+
+
+def table(result: dict) -> str:
+    rows = [("stage", "proc", "steps", "tokens", "FLOPs", "hours", "rank GB", "on", "host GB", "disk GB", "ckpt GB")]
+    for s in result["stages"]:
+        rows.append((s["stage"], str(s.get("processes", "")), str(s.get("steps", "")),
+                     f"{s['tokens']:.3g}" if "tokens" in s else "", f"{s['flops']:.3g}" if "flops" in s else "",
+                     str(s.get("hours", "")), str(s.get("rank_gb", "")), s.get("on", ""),
+                     str(s.get("host_gb", "")), str(s.get("disk_gb", "")), str(s.get("checkpoint_gb", ""))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    m, a, t = result["model"], result["assumptions"], result["totals"]
+    lines.insert(1, "-" * len(lines[0]))
+    head = (f"dense {m['dense_params'] / 1e9:.3g}B parameters, chopped {m['chopped_params'] / 1e9:.3g}B "
+            f"(layers {m['removed_layers']} removed); hours at {a['mfu']:.0%} MFU of {a['gpu_peak_flops'] / 1e12:.0f} "
+            f"TFLOP/s per GPU; rank GB: memory of one process (largest phase), on the GPU (checked against "
+            f"{a['gpu_memory_gb']} GB) or the host; host GB: the copy the loading rank reads")
+    foot = (f"total: {t['gpu_hours']} GPU-hours of training, {t['dvc_outputs_gb']} GB of DVC outputs, "
+            f"{t['checkpoints_gb']} GB of checkpoints kept (the last of each run, warm starts included; "
+            f"{t['checkpoints_peak_gb']} GB while the largest is rewritten)")
+    return "\n".join([head, *lines, foot])
+
+
+def main(args: argparse.Namespace) -> int:
+    from layerchop.config import load_params
+
+    params = load_params(args.params)
+    path = Path(args.dvc)
+    if not path.exists():
+        raise FileNotFoundError(f"--dvc {path}: not found (run from the repository root)")
+    result = plan(params, yaml.safe_load(path.read_text()))
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0

@@ -1,0 +1,98 @@
+"""``layerchop plan``: every shipped profile plans; each broken variant exits 2 naming its key; golden numbers of
+the memory model at paper scale, checked by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from layerchop.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILES = [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*/params.yaml"))]
+PAPER = REPO / "experiments" / "paper-scale" / "params.yaml"
+
+
+def plan(capsys, params: Path, *extra: str, dvc: Path = REPO / "dvc.yaml") -> tuple[int, str, str]:
+    rc = main(["plan", "--params", str(params), "--dvc", str(dvc), *extra])
+    out = capsys.readouterr()
+    return rc, out.out, out.err.strip()
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_profile_plans(capsys, path):
+    rc, out, err = plan(capsys, path)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[1].split()[:4] == ["stage", "proc", "steps", "tokens"]
+    dvc = yaml.safe_load(open(REPO / "dvc.yaml"))["stages"]
+    stages = {line.split()[0] for line in lines[3:-1]}
+    assert {f"train@{k}" for k in dvc["train"]["foreach"]} <= stages
+    assert {f"evaluate@{k}" for k in dvc["evaluate"]["foreach"]} <= stages
+
+
+def test_paper_scale_numbers(capsys):
+    """Llama-2-7B (6.74B parameters) on 32 GPUs, LayerChop with the dense warm start: its largest phase is the
+    warm start; 16 bytes a parameter sharded 32 ways = 3.37 GB; the unsharded fp32 gradients of
+    ``reduce_grads: step`` = 4 x 6.74B = 26.95 GB; activations with checkpointing 32 layers x 8192 tokens x 4096
+    x 2 bytes + one layer's full set (8192 x (6 x 4096 + 2 x 4096 + 4 x 11008) x 2) = 2.15 + 1.26 GB."""
+    rc, out, err = plan(capsys, PAPER, "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["model"]["dense_params"] == 6_738_415_616  # Llama-2-7B's published count
+    arm = next(s for s in result["stages"] if s["stage"] == "train@layerchop")
+    assert (arm["processes"], arm["nodes"], arm["launcher"], arm["warm_steps"]) == (32, 4, "slurm", 500)
+    parts = arm["rank_parts"]
+    assert arm["rank_phase"] == "warm start (dense)"
+    assert parts["state"] == pytest.approx(16 * 6_738_415_616 / 32 / 1e9, abs=0.01)
+    assert parts["unsharded_grads"] == pytest.approx(4 * 6_738_415_616 / 1e9, abs=0.01)
+    assert parts["activations"] == pytest.approx((32 * 8192 * 4096 * 2 + 8192 * 76800 * 2) / 1e9, abs=0.01)
+    assert parts["activations_without_checkpointing"] == pytest.approx(32 * 8192 * 76800 * 2 / 1e9, abs=0.01)
+    assert arm["tokens"] >= 20e9 and arm["hours"] == pytest.approx(arm["flops"] / (32 * 312e12 * 0.4) / 3600,
+                                                                    rel=1e-2)
+
+
+def edited(tmp_path: Path, base: Path, **changes) -> Path:
+    params = yaml.safe_load(open(base))
+    for dotted, value in changes.items():
+        node = params
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    out = tmp_path / "params.yaml"
+    out.write_text(yaml.safe_dump(params))
+    return out
+
+
+BROKEN = [
+    ({"train__warmup_steps": 6000}, "train.warmup_steps=6000 does not fit"),
+    ({"train__warm_start_steps": 5000}, "train.warm_start_steps=5000 uses the whole budget"),
+    ({"figure4__flop_budget": 1.0e15}, "(figure4.flop_budget)=1e+15) before the chopped model trains a step"),
+    ({"slurm__gpu_memory_gb": 24.0}, "slurm.gpu_memory_gb=24.0: train@layerchop needs ~37."),
+    # 74 GB without checkpointing at batch 4 (under 80 before CUDA's own overhead), so at batch 8
+    ({"train__activation_checkpointing": False, "train__batch_size": 8},
+     "slurm.gpu_memory_gb=80.0: train@layerchop needs ~"),
+    ({"train__launcher": "local"}, "train.num_nodes=4 is invalid: with train.launcher 'local'"),
+    ({"download__corpus__token_budget": 10_000_000_000}, "download.corpus.token_budget=10000000000: train@layerchop"),
+    ({"evaluate__batch_size": 256}, "evaluate.batch_size=256: evaluation needs"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BROKEN, ids=[next(iter(c)) for c, _ in BROKEN])
+def test_broken_paper_scale_variants_exit_2_naming_the_key(tmp_path, capsys, changes, message):
+    rc, out, err = plan(capsys, edited(tmp_path, PAPER, **changes))
+    assert rc == 2 and out == ""
+    assert err.startswith("layerchop plan: error: ") and message in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_warm_start_on_a_stage_that_refuses_it(tmp_path, capsys):
+    dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
+    dvc["stages"]["train"]["foreach"]["dense_cpt"]["method"] = "--warm-start"
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc))
+    rc, _, err = plan(capsys, PAPER, dvc=tmp_path / "dvc.yaml")
+    assert rc == 2 and "dvc.yaml train@dense_cpt: --warm-start needs the chopped model as --init" in err, err

@@ -1,0 +1,278 @@
+"""``train.launcher: slurm`` against a real SLURM: a one-node cluster on 127.0.0.1 (Debian's slurm-wlm, started
+by ``tests/slurm/local_cluster.sh``), the stage submitting itself with ``sbatch --wait`` from ``dvc repro``, two
+tasks per job, a job requeued mid-run, the time-limit signal, a failing job.
+
+Marked ``slurm``: the tests skip, with the reason, where the cluster cannot start (not root, slurm-wlm not
+installed); ``.ci/run`` installs it. The batch-script tests need no cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from test_rehearsal import (check, layerchop_train, losses_and_val, max_abs_diff, rehearsal_params,  # noqa: F401
+                            shape_dirs)
+
+CLUSTER = Path(__file__).parent / "slurm" / "local_cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running one-node SLURM (this host's CPUs), stopped after the module's tests."""
+    if shutil.which("sbatch") is None or shutil.which("slurmctld") is None:
+        pytest.skip("SLURM is not installed (apt-get install slurm-wlm munge; .ci/run does)")
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (munged and slurmd run as root)")
+    start = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
+    if start.returncode:
+        pytest.skip(f"the local SLURM cluster did not start: {(start.stderr or start.stdout).strip()}")
+    yield
+    subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=60)
+
+
+# the rehearsal profile (bf16 FSDP2, activation checkpointing, accumulation, warm start) as 1 node x 2 tasks
+# through the SLURM launcher: the one-node cluster has one node
+SLURM = dict(launcher="slurm", num_nodes=1, devices=2, simulate_nodes=False, token_budget=12 * 2 * 2 * 2 * 32,
+             warm_start_steps=2, warmup_steps=2, val_every=0, ckpt_every=3, max_restarts=0)
+
+
+def slurm_params(tmp_path: Path, slurm: dict | None = None, **train) -> Path:
+    path = rehearsal_params(tmp_path, **{**SLURM, **train})
+    params = yaml.safe_load(path.read_text())
+    params["slurm"] = {"time": "30", "cpus_per_task": 1, "signal_seconds": 0, "poll_seconds": 0.5,
+                       **(slurm or {})}
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def job_id(run_dir: Path, timeout: float = 120) -> str:
+    """The id of the job the stage submitted for ``run_dir`` (from its log line, as a user would read it)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for log in run_dir.glob("slurm/*.log"):
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith("[slurm] job "):
+                    return line.split()[2]
+        time.sleep(0.2)
+    raise AssertionError(f"no job started for {run_dir}")
+
+
+def wait_for(predicate, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job_state(job: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+    return out or "GONE"
+
+
+def start_now_once_requeued(job: str) -> None:
+    """A requeued job waits ~120 s (SLURM's BeginTime); start it at once, as an idle cluster would soon."""
+    wait_for(lambda: job_state(job) == "PENDING", f"job {job} back in the queue")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+
+
+def test_batch_script_carries_geometry_limits_and_the_stage():
+    from layerchop.config import SlurmConfig
+    from layerchop.launch import batch_script
+
+    slurm = SlurmConfig(time="2-00:00:00", partition="gpu", account="proj1", cpus_per_task=12, mem="500G",
+                        signal_seconds=900, sbatch_args=["--qos=high"], setup=["module load cuda/12.4"])
+    script = batch_script(job_name="layerchop-train-x", nodes=4, tasks_per_node=8, gpus_per_node=8, slurm=slurm,
+                          argv=["train", "--init", "data/models/a b", "--warm-start"], log=Path("/r/x.log"),
+                          workdir=Path("/repo"), python="/env/bin/python")
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    options = [line.split(" ", 1)[1] for line in lines if line.startswith("#SBATCH ")]
+    assert options == ["--job-name=layerchop-train-x", "--nodes=4", "--ntasks-per-node=8", "--cpus-per-task=12",
+                       "--time=2-00:00:00", "--output=/r/x.log", "--open-mode=append", "--chdir=/repo",
+                       "--gpus-per-node=8", "--partition=gpu", "--account=proj1", "--mem=500G", "--requeue",
+                       "--signal=USR1@900", "--qos=high"]
+    body = [line for line in lines if not line.startswith("#")]
+    assert body.index("module load cuda/12.4") < body.index("export LAYERCHOP_LAUNCHER=slurm")
+    assert any(line.startswith("export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK") for line in body)
+    assert body[-1] == "srun --kill-on-bad-exit=1 /env/bin/python -m layerchop.cli train --init 'data/models/a b' " \
+                       "--warm-start"
+    cpu = batch_script(job_name="j", nodes=1, tasks_per_node=2, gpus_per_node=0,
+                       slurm=SlurmConfig(signal_seconds=0, requeue=False), argv=["train"], log=Path("/l"),
+                       workdir=Path("/w"))
+    assert "--no-requeue" in cpu and "gpus" not in cpu and "--signal" not in cpu
+
+
+def test_time_limit_signal_never_ends_the_process():
+    """Inside a SLURM job the train stage installs its SIGUSR1 handler first thing: a time-limit warning that
+    arrives outside ``fit`` (loading, between the warm start and the main run, export) sets the flag the next
+    optimizer step reads instead of killing the task (SIGUSR1's default action)."""
+    import signal
+
+    from layerchop.launch import catch_time_limit_signal, clear_time_limit_signal, time_limit_signalled
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        catch_time_limit_signal()
+        assert not time_limit_signalled()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert time_limit_signalled()  # still alive, and the flag is up
+        clear_time_limit_signal()
+        assert not time_limit_signalled()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory, slurm_cluster, shape_dirs, tiny_prepared):
+    """A DVC project with one train stage, ``launcher: slurm``, after ``dvc repro`` (the uninterrupted run the
+    other tests compare with). Returns (project directory, the repro's completed process, its wall time)."""
+    root = tmp_path_factory.mktemp("slurm-dvc")
+    for name in ("chopped", "dense"):
+        shutil.copytree(shape_dirs / name, root / name)
+    shutil.copytree(tiny_prepared, root / "prepared")
+    shutil.copy(slurm_params(root), root / "params.yaml")
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": {
+        "cmd": "layerchop train --warm-start --init chopped --data prepared --out out --run-dir run "
+               "--log out.csv --metrics out.json",
+        "deps": ["chopped", "dense", "prepared"], "params": ["train"], "outs": ["out"],
+        "metrics": [{"out.json": {"cache": False}}]}}}))
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=dvc_env())
+    t0 = time.perf_counter()
+    repro = subprocess.run(["dvc", "repro"], cwd=root, env=dvc_env(), capture_output=True, text=True, timeout=900)
+    return root, repro, time.perf_counter() - t0
+
+
+def dvc_env() -> dict:
+    return {**{k: v for k, v in os.environ.items() if k != "LAYERCHOP_ARGV"},
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+@pytest.mark.slurm
+def test_dvc_repro_runs_the_stage_as_a_two_task_job(dvc_project):
+    """``dvc repro`` of a train stage with ``launcher: slurm``: the stage submits one job of 2 tasks (ranks 0 and 1
+    of one node), streams the job's log, exits with its status; DVC records the stage."""
+    root, repro, wall = dvc_project
+    print(f"dvc repro through SLURM: {wall:.1f} s")
+    check(repro)
+    log = repro.stdout + repro.stderr
+    assert "[launch] slurm: job" in log and "ended with status 0" in log
+    assert "[slurm] job" in log and "1 node(s) x 2 task(s)" in log  # the job's own log, streamed
+    assert "[train] 12 steps (2 warm)" in log and "exported out" in log
+    status = subprocess.run(["dvc", "status", "--json"], cwd=root, env=dvc_env(), capture_output=True, text=True)
+    assert json.loads(status.stdout) == {}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert [o["path"] for o in lock["stages"]["train"]["outs"]] == ["out", "out.json"]
+    memory = json.loads((root / "out.json").read_text())["host_memory"]
+    assert sorted(memory) == ["rank0", "rank1"] and {m["node"] for m in memory.values()} == {0}
+
+
+def run_in_background(params: Path, init: Path, data: Path, out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "layerchop.cli", "train", "--params", str(params), "--init", str(init),
+           "--data", str(data), "--out", str(out), "--run-dir", str(out.parent / f"run-{out.name}"),
+           "--log", str(out.parent / f"{out.name}.csv"), "--warm-start"]
+    env = {k: v for k, v in os.environ.items() if k != "LAYERCHOP_ARGV"}
+    return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+@pytest.mark.slurm
+def test_requeued_job_resumes_to_the_uninterrupted_result(tmp_path, dvc_project, shape_dirs, tiny_prepared):
+    """``scontrol requeue`` of the running job after its first checkpoint of the chopped run: SLURM kills it and
+    runs it again; the stage (still in ``sbatch --wait``) ends when the requeued job ends, which resumed the
+    newest checkpoint and ends with the uninterrupted run's weights and losses."""
+    proc = run_in_background(slurm_params(tmp_path), shape_dirs / "chopped", tiny_prepared, tmp_path / "out")
+    try:
+        job = job_id(tmp_path / "run-out")
+        wait_for(lambda: list((tmp_path / "run-out").glob("*/checkpoints/step*.ckpt")), "the first checkpoint")
+        subprocess.run(["scontrol", "requeue", job], check=True)
+        start_now_once_requeued(job)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-5000:]
+    assert "(restart 1)" in out and "resuming from" in out
+    ref = dvc_project[0]
+    check(dvc_project[1])
+    a, b = load_file(ref / "out" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert max_abs_diff(a, b) == 0.0
+    assert losses_and_val(ref / "out.csv")[0] == losses_and_val(tmp_path / "out.csv")[0]
+
+
+@pytest.mark.slurm
+def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path, dvc_project, shape_dirs, tiny_prepared):
+    """SIGUSR1 (what ``--signal=USR1@N`` sends before the time limit) in the middle of the chopped run, with no
+    periodic checkpoints: the ranks write a checkpoint of the step they are at, the job requeues itself, and
+    the requeued job resumes that checkpoint (not the start) and ends with the uninterrupted weights."""
+    params = slurm_params(tmp_path, slurm={"signal_seconds": 300}, ckpt_every=0)
+    proc = run_in_background(params, shape_dirs / "chopped", tiny_prepared, tmp_path / "out")
+    try:
+        job = job_id(tmp_path / "run-out")
+        csv_glob = "run-out/*/logs/version_*/metrics.csv"
+        # past the warm start and 2 steps into the chopped run (its CSV log is flushed at each step)
+        wait_for(lambda: any(len(p.read_text().splitlines()) >= 3 for p in tmp_path.glob(csv_glob)),
+                 "two steps of the chopped run")
+        subprocess.run(["scancel", "--signal=USR1", job], check=True)
+        start_now_once_requeued(job)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-5000:]
+    assert "SLURM time-limit signal: checkpoint" in out and "(restart 1)" in out
+    resumed = [line for line in out.splitlines() if "resuming from" in line]
+    assert len(resumed) == 1 and "checkpoints/step" in resumed[0] and "step00000000" not in resumed[0]
+    ref = dvc_project[0]
+    check(dvc_project[1])
+    a, b = load_file(ref / "out" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert max_abs_diff(a, b) == 0.0
+
+
+@pytest.mark.slurm
+def test_failing_job_fails_the_stage_with_its_error(tmp_path, slurm_cluster, shape_dirs, tiny_prepared):
+    """A job that fails on the cluster (here its setup line, as a missing module would) makes the stage exit
+    with the job's status, the job's own error in the stage's output, and no output directory."""
+    params = slurm_params(tmp_path, slurm={"setup": ["echo 'module: cuda/12.4 not found' >&2", "exit 3"]})
+    proc = layerchop_train(params, shape_dirs / "chopped", tiny_prepared, tmp_path / "out", "--warm-start")
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "module: cuda/12.4 not found" in proc.stdout
+    assert "layerchop train: failed with status 3" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slurm
+def test_one_task_stage_runs_as_a_job_with_the_local_result(tmp_path, slurm_cluster, tiny_dir, tiny_prepared):
+    """``slurm.stages: [prune]``: the prune stage submits itself as a one-task job (no time-limit signal: it
+    does not handle one) and writes what the same stage writes locally, byte for byte."""
+    params = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))
+    params["prune"].update(num_calibration=4, batch_size=2)
+    params["slurm"] = {"time": "10", "cpus_per_task": 1, "job_dir": str(tmp_path / "jobs"), "poll_seconds": 0.5}
+    paths = {}
+    for launcher in ("local", "slurm"):
+        params["slurm"]["stages"] = ["prune"] if launcher == "slurm" else []
+        paths[launcher] = tmp_path / f"params-{launcher}.yaml"
+        paths[launcher].write_text(yaml.safe_dump(params))
+    outs = {}
+    for launcher in ("local", "slurm"):
+        outs[launcher] = tmp_path / f"out-{launcher}"
+        proc = subprocess.run([sys.executable, "-m", "layerchop.cli", "prune", "--params", str(paths[launcher]),
+                               "--method", "wanda", "--pattern", "2of4", "--model", str(tiny_dir), "--data",
+                               str(tiny_prepared), "--out", str(outs[launcher])], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env=dvc_env())
+        check(proc)
+    assert "[launch] slurm: job" in proc.stdout and "ended with status 0" in proc.stdout
+    script = (tmp_path / "jobs" / "prune-out-slurm.sbatch").read_text()
+    assert "--ntasks-per-node=1" in script and "--signal" not in script
+    a, b = load_file(outs["local"] / "model.safetensors"), load_file(outs["slurm"] / "model.safetensors")
+    assert max_abs_diff(a, b) == 0.0
