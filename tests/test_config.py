@@ -156,7 +156,7 @@ def test_budgets_that_do_not_fit_are_refused_naming_the_keys():
     from layerchop.train.plan import plan_steps
 
     dense = LlamaConfig(**LLAMA2_7B)
-    base = dict(batch_size=4, accumulate=16, devices=8, num_nodes=4, warmup_steps=2000)
+    base = dict(batch_size=4, accumulate=16, devices=8, num_nodes=4, warmup_steps=2000, launcher="slurm")
     # the old paper-scale Figure 4 budget: ~1,200 steps of LayerChop, all of them in warmup
     with pytest.raises(ValueError, match=r"train.warmup_steps=2000 does not fit .*train.flop_budget=1.1e\+20"):
         plan_steps(TrainConfig(token_budget=None, flop_budget=1.1e20, **base), 2048, dense)
