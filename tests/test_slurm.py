@@ -188,26 +188,43 @@ def run_in_background(params: Path, init: Path, data: Path, out: Path) -> subpro
                             text=True)
 
 
-@pytest.mark.slurm
-def test_requeued_job_resumes_to_the_uninterrupted_result(tmp_path, dvc_project, shape_dirs, tiny_prepared):
-    """``scontrol requeue`` of the running job after its first checkpoint of the chopped run: SLURM kills it and
-    runs it again; the stage (still in ``sbatch --wait``) ends when the requeued job ends, which resumed the
-    newest checkpoint and ends with the uninterrupted run's weights and losses."""
-    proc = run_in_background(slurm_params(tmp_path), shape_dirs / "chopped", tiny_prepared, tmp_path / "out")
+def interrupt_and_finish(params: Path, tmp_path: Path, shape_dirs: Path, data: Path, *, when, what: str,
+                         action: list[str]) -> str:
+    """Run the stage in the background, wait for ``when``, run ``action + [job id]`` on its job, start the
+    requeued job at once, and return the stage's output once it finished with status 0."""
+    proc = run_in_background(params, shape_dirs / "chopped", data, tmp_path / "out")
     try:
         job = job_id(tmp_path / "run-out")
-        wait_for(lambda: list((tmp_path / "run-out").glob("*/checkpoints/step*.ckpt")), "the first checkpoint")
-        subprocess.run(["scontrol", "requeue", job], check=True)
+        wait_for(when, what)
+        subprocess.run([*action, job], check=True)
         start_now_once_requeued(job)
         out, _ = proc.communicate(timeout=600)
     finally:
         proc.kill()
     assert proc.returncode == 0, out[-5000:]
-    assert "(restart 1)" in out and "resuming from" in out
-    ref = dvc_project[0]
-    check(dvc_project[1])
+    return out
+
+
+def assert_same_weights(dvc_project, tmp_path: Path) -> None:
+    """The interrupted run's weights equal the uninterrupted ``dvc repro`` run's, bit for bit."""
+    ref, repro, _ = dvc_project
+    check(repro)
     a, b = load_file(ref / "out" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert max_abs_diff(a, b) == 0.0
+
+
+@pytest.mark.slurm
+def test_requeued_job_resumes_to_the_uninterrupted_result(tmp_path, dvc_project, shape_dirs, tiny_prepared):
+    """``scontrol requeue`` of the running job after its first checkpoint of the chopped run: SLURM kills it and
+    runs it again; the stage (still in ``sbatch --wait``) ends when the requeued job ends, which resumed the
+    newest checkpoint and ends with the uninterrupted run's weights and losses."""
+    out = interrupt_and_finish(
+        slurm_params(tmp_path), tmp_path, shape_dirs, tiny_prepared,
+        when=lambda: list((tmp_path / "run-out").glob("*/checkpoints/step*.ckpt")), what="the first checkpoint",
+        action=["scontrol", "requeue"])
+    assert "(restart 1)" in out and "resuming from" in out
+    assert_same_weights(dvc_project, tmp_path)
+    ref = dvc_project[0]
     assert losses_and_val(ref / "out.csv")[0] == losses_and_val(tmp_path / "out.csv")[0]
 
 
@@ -217,26 +234,16 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path, dvc_projec
     periodic checkpoints: the ranks write a checkpoint of the step they are at, the job requeues itself, and
     the requeued job resumes that checkpoint (not the start) and ends with the uninterrupted weights."""
     params = slurm_params(tmp_path, slurm={"signal_seconds": 300}, ckpt_every=0)
-    proc = run_in_background(params, shape_dirs / "chopped", tiny_prepared, tmp_path / "out")
-    try:
-        job = job_id(tmp_path / "run-out")
-        csv_glob = "run-out/*/logs/version_*/metrics.csv"
-        # past the warm start and 2 steps into the chopped run (its CSV log is flushed at each step)
-        wait_for(lambda: any(len(p.read_text().splitlines()) >= 3 for p in tmp_path.glob(csv_glob)),
-                 "two steps of the chopped run")
-        subprocess.run(["scancel", "--signal=USR1", job], check=True)
-        start_now_once_requeued(job)
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out[-5000:]
+    csv_glob = "run-out/*/logs/version_*/metrics.csv"
+    # past the warm start and 2 steps into the chopped run (its CSV log is flushed at each step)
+    out = interrupt_and_finish(
+        params, tmp_path, shape_dirs, tiny_prepared,
+        when=lambda: any(len(p.read_text().splitlines()) >= 3 for p in tmp_path.glob(csv_glob)),
+        what="two steps of the chopped run", action=["scancel", "--signal=USR1"])
     assert "SLURM time-limit signal: checkpoint" in out and "(restart 1)" in out
     resumed = [line for line in out.splitlines() if "resuming from" in line]
     assert len(resumed) == 1 and "checkpoints/step" in resumed[0] and "step00000000" not in resumed[0]
-    ref = dvc_project[0]
-    check(dvc_project[1])
-    a, b = load_file(ref / "out" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
-    assert max_abs_diff(a, b) == 0.0
+    assert_same_weights(dvc_project, tmp_path)
 
 
 @pytest.mark.slurm
