@@ -43,7 +43,7 @@ def slurm_cluster():
 # the rehearsal profile (bf16 FSDP2, activation checkpointing, accumulation, warm start) as 1 node x 2 tasks
 # through the SLURM launcher: the one-node cluster has one node
 SLURM = dict(launcher="slurm", num_nodes=1, devices=2, simulate_nodes=False, token_budget=12 * 2 * 2 * 2 * 32,
-             warm_start_steps=2, warmup_steps=2, val_every=0, ckpt_every=3, max_restarts=0)
+             warm_start_steps=4, warmup_steps=2, val_every=0, ckpt_every=3, max_restarts=0)
 
 
 def slurm_params(tmp_path: Path, slurm: dict | None = None, **train) -> Path:
@@ -170,7 +170,7 @@ def test_dvc_repro_runs_the_stage_as_a_two_task_job(dvc_project):
     log = repro.stdout + repro.stderr
     assert "[launch] slurm: job" in log and "ended with status 0" in log
     assert "[slurm] job" in log and "1 node(s) x 2 task(s)" in log  # the job's own log, streamed
-    assert "[train] 12 steps (2 warm)" in log and "exported out" in log
+    assert "[train] 12 steps (4 warm)" in log and "exported out" in log
     status = subprocess.run(["dvc", "status", "--json"], cwd=root, env=dvc_env(), capture_output=True, text=True)
     assert json.loads(status.stdout) == {}
     lock = yaml.safe_load((root / "dvc.lock").read_text())
@@ -188,16 +188,17 @@ def run_in_background(params: Path, init: Path, data: Path, out: Path) -> subpro
                             text=True)
 
 
-def interrupt_and_finish(params: Path, tmp_path: Path, shape_dirs: Path, data: Path, *, when, what: str,
-                         action: list[str]) -> str:
-    """Run the stage in the background, wait for ``when``, run ``action + [job id]`` on its job, start the
-    requeued job at once, and return the stage's output once it finished with status 0."""
+def interrupt_and_finish(params: Path, tmp_path: Path, shape_dirs: Path, data: Path, interruptions: list) -> str:
+    """Run the stage in the background; for each ``(when, what, action)`` in turn wait for ``when``, run
+    ``action + [job id]`` on its job and start the requeued job at once; return the stage's output once it
+    finished with status 0."""
     proc = run_in_background(params, shape_dirs / "chopped", data, tmp_path / "out")
     try:
         job = job_id(tmp_path / "run-out")
-        wait_for(when, what)
-        subprocess.run([*action, job], check=True)
-        start_now_once_requeued(job)
+        for when, what, action in interruptions:
+            wait_for(when, what)
+            subprocess.run([*action, job], check=True)
+            start_now_once_requeued(job)
         out, _ = proc.communicate(timeout=600)
     finally:
         proc.kill()
@@ -213,37 +214,36 @@ def assert_same_weights(dvc_project, tmp_path: Path) -> None:
     assert max_abs_diff(a, b) == 0.0
 
 
+def steps_logged(tmp_path: Path, pattern: str, steps: int) -> bool:
+    """Whether a CSV log under ``tmp_path`` matching ``pattern`` has ``steps`` rows (it is flushed each step)."""
+    return any(len(p.read_text().splitlines()) > steps for p in tmp_path.glob(pattern))
+
+
 @pytest.mark.slurm
-def test_requeued_job_resumes_to_the_uninterrupted_result(tmp_path, dvc_project, shape_dirs, tiny_prepared):
-    """``scontrol requeue`` of the running job after its first checkpoint of the chopped run: SLURM kills it and
-    runs it again; the stage (still in ``sbatch --wait``) ends when the requeued job ends, which resumed the
-    newest checkpoint and ends with the uninterrupted run's weights and losses."""
-    out = interrupt_and_finish(
-        slurm_params(tmp_path), tmp_path, shape_dirs, tiny_prepared,
-        when=lambda: list((tmp_path / "run-out").glob("*/checkpoints/step*.ckpt")), what="the first checkpoint",
-        action=["scontrol", "requeue"])
-    assert "(restart 1)" in out and "resuming from" in out
+def test_time_limit_signal_then_requeue_resume_to_the_uninterrupted_result(tmp_path, dvc_project, shape_dirs,
+                                                                          tiny_prepared):
+    """Two interruptions of one job. First SIGUSR1 (what ``--signal=USR1@N`` sends before the time limit)
+    during the warm start on the dense model: the ranks checkpoint the step they are at and the job requeues
+    itself. The requeued job resumes that warm-start checkpoint (not the start, not the periodic one at step 3),
+    finishes the warm start and starts the chopped run; then ``scontrol requeue`` (a preemption) after the chopped
+    run's first checkpoint: SLURM kills the job and runs it again, and it resumes that checkpoint. The stage
+    (in ``sbatch --wait`` all along) ends when the last job ends, with the uninterrupted run's weights and
+    losses."""
+    out = interrupt_and_finish(slurm_params(tmp_path, slurm={"signal_seconds": 300}), tmp_path, shape_dirs,
+                               tiny_prepared, [
+        (lambda: steps_logged(tmp_path, "run-out/*/warm/logs/version_*/metrics.csv", 1), "a step of the warm start",
+         ["scancel", "--signal=USR1"]),
+        (lambda: list((tmp_path / "run-out").glob("*/checkpoints/step*.ckpt")), "the chopped run's first checkpoint",
+         ["scontrol", "requeue"])])
+    assert "SLURM time-limit signal: checkpoint" in out and "(restart 1)" in out and "(restart 2)" in out
+    resumed = [line for line in out.splitlines() if "resuming from" in line]
+    assert len(resumed) == 2, resumed
+    assert "warm start: resuming from" in resumed[0] and "/warm/step" in resumed[0]
+    assert "/warm/step00000003" not in resumed[0] and "/warm/step00000000" not in resumed[0]
+    assert "/checkpoints/step" in resumed[1]
     assert_same_weights(dvc_project, tmp_path)
     ref = dvc_project[0]
     assert losses_and_val(ref / "out.csv")[0] == losses_and_val(tmp_path / "out.csv")[0]
-
-
-@pytest.mark.slurm
-def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path, dvc_project, shape_dirs, tiny_prepared):
-    """SIGUSR1 (what ``--signal=USR1@N`` sends before the time limit) in the middle of the chopped run, with no
-    periodic checkpoints: the ranks write a checkpoint of the step they are at, the job requeues itself, and
-    the requeued job resumes that checkpoint (not the start) and ends with the uninterrupted weights."""
-    params = slurm_params(tmp_path, slurm={"signal_seconds": 300}, ckpt_every=0)
-    csv_glob = "run-out/*/logs/version_*/metrics.csv"
-    # past the warm start and 2 steps into the chopped run (its CSV log is flushed at each step)
-    out = interrupt_and_finish(
-        params, tmp_path, shape_dirs, tiny_prepared,
-        when=lambda: any(len(p.read_text().splitlines()) >= 3 for p in tmp_path.glob(csv_glob)),
-        what="two steps of the chopped run", action=["scancel", "--signal=USR1"])
-    assert "SLURM time-limit signal: checkpoint" in out and "(restart 1)" in out
-    resumed = [line for line in out.splitlines() if "resuming from" in line]
-    assert len(resumed) == 1 and "checkpoints/step" in resumed[0] and "step00000000" not in resumed[0]
-    assert_same_weights(dvc_project, tmp_path)
 
 
 @pytest.mark.slurm

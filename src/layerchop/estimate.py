@@ -12,14 +12,24 @@ under bf16/fp16 precision, 4 in fp32):
 - unsharded gradients ``g P`` under FSDP2 with accumulation and ``train.reduce_grads: step`` (``g`` the bytes
   of ``fsdp_reduce_dtype``): each rank keeps the full gradients between micro-batches;
 - gathered weights ``2 x`` one decoder layer in the compute dtype (the layer running and the prefetched one);
-- activations: without checkpointing, every layer keeps ``6h + 2 kv + 4i`` values per token (normed inputs,
-  q/k/v, attention output, o_proj output, gate/up/activation/product; SDPA's flash kernels keep no T x T
-  scores); with ``train.activation_checkpointing`` each layer keeps only its input (``h`` per token), plus
-  one layer's full set while it is recomputed;
+- activations: without checkpointing, every layer keeps ``8h + a (6h + 2 kv + 4i)`` bytes per token: each of
+  its two RMSNorms keeps its input in fp32 (``4h``: HF's ``LlamaRMSNorm`` upcasts), its normalised input and
+  its weighted output (``2 a h``); attention keeps q, k, v for SDPA and SDPA's output (``a (2h + 2 kv)``;
+  SDPA's flash kernels keep no T x T scores); the MLP keeps gate, up, silu(gate) and their product
+  (``4 a i``). With ``train.activation_checkpointing`` each layer keeps only its input (``a h`` per token),
+  plus one layer's full set while it is recomputed;
 - logits: ``t x V`` in the compute dtype, their fp32 copy for the loss and its fp32 gradient;
 - the distillation teacher's fp32 shards ``4 P_t / W`` and its layer outputs kept for the hidden-state loss;
+- the optimizer step, a second peak: on a GPU, ``torch.optim.AdamW``'s default multi-tensor (foreach) step
+  allocates one temporary the size of the second moments (``sqrt(v)``: ``4 P / W``, ``2 P / W`` under
+  ``bf16-true``) on top of the training state. A rank's peak is the larger of the backward pass's sum (all of
+  the above) and the optimizer step's;
 - CUDA context and allocator slack are not modelled: keep a margin (``slurm.gpu_memory_gb`` is compared with
-  the sum as is).
+  the peak as is).
+
+Checked against measurement (experiments/LOG.md, 2026-11-26): a 1.75B Llama on one H200 under FSDP2 bf16 at
+4 x 2048 tokens, peak allocated 35.43 GB with activation checkpointing (model: 35.0, the optimizer step) and
+55.82 GB without (model: 55.3, the backward pass).
 
 Published reference for the scale (README, experiments/LOG.md): compared there with what the rehearsal measures.
 """
@@ -61,21 +71,36 @@ class TrainMemory:
     activations_without_checkpointing: float
     logits: float
     teacher: float = 0.0
+    optimizer_temp: float = 0.0
     parts: dict = field(default_factory=dict)
 
     @property
-    def total(self) -> float:
+    def backward(self) -> float:
+        """Everything held at once in the backward pass."""
         return self.state + self.unsharded_grads + self.gathered_layers + self.activations + self.logits + self.teacher
+
+    @property
+    def optimizer_step(self) -> float:
+        """The training state (and teacher shards) plus the optimizer's temporary."""
+        return self.state + self.unsharded_grads + self.teacher + self.optimizer_temp
+
+    @property
+    def total(self) -> float:
+        """The rank's peak: the larger of the two."""
+        return max(self.backward, self.optimizer_step)
 
     def as_dict(self) -> dict:
         return {"state": round(self.state, 2), "unsharded_grads": round(self.unsharded_grads, 2),
                 "gathered_layers": round(self.gathered_layers, 2), "activations": round(self.activations, 2),
                 "activations_without_checkpointing": round(self.activations_without_checkpointing, 2),
-                "logits": round(self.logits, 2), "teacher": round(self.teacher, 2), "total": round(self.total, 2)}
+                "logits": round(self.logits, 2), "teacher": round(self.teacher, 2),
+                "optimizer_temp": round(self.optimizer_temp, 2), "backward": round(self.backward, 2),
+                "optimizer_step": round(self.optimizer_step, 2), "total": round(self.total, 2)}
 
 
-def train_memory(config, cfg, seq_len: int, teacher_config=None) -> TrainMemory:
-    """Per-rank memory of training ``config`` with :class:`~layerchop.config.TrainConfig` ``cfg``."""
+def train_memory(config, cfg, seq_len: int, teacher_config=None, on_gpu: bool | None = None) -> TrainMemory:
+    """Per-rank memory of training ``config`` with :class:`~layerchop.config.TrainConfig` ``cfg``; ``on_gpu``
+    (default: ``train.accelerator`` is ``gpu`` or ``cuda``) adds the foreach optimizer step's temporary."""
     fsdp = cfg.strategy == "fsdp"
     world = cfg.devices * cfg.num_nodes if fsdp else 1
     p = count_params(config)
@@ -86,7 +111,7 @@ def train_memory(config, cfg, seq_len: int, teacher_config=None) -> TrainMemory:
     heads = config.num_attention_heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or h // heads)
     t = cfg.batch_size * seq_len
-    per_layer_full = t * (6 * h + 2 * kv + 4 * i) * act
+    per_layer_full = t * (8 * h + act * (6 * h + 2 * kv + 4 * i))  # two fp32 RMSNorm inputs + a-byte values
     full = L * per_layer_full
     with_ac = L * t * h * act + per_layer_full
     grads = 0.0
@@ -97,12 +122,16 @@ def train_memory(config, cfg, seq_len: int, teacher_config=None) -> TrainMemory:
         teacher = 4 * count_params(teacher_config) / world + teacher_config.num_hidden_layers * t * h * act
     # fp32 weights, gradients, Adam m and v; bf16-true keeps all four in bf16
     state_bytes = 8 if cfg.precision == "bf16-true" else 16
+    # AdamW's foreach step (the default on CUDA; the CPU steps one tensor at a time): a sqrt(v) temporary
+    if on_gpu is None:
+        on_gpu = cfg.accelerator in ("gpu", "cuda")
+    temp = (state_bytes // 4) * p / world if on_gpu else 0.0
     return TrainMemory(
         state=state_bytes * p / world / 1e9, unsharded_grads=grads / 1e9,
         gathered_layers=(2 * layer_params(config) * compute / 1e9) if fsdp else 0.0,
         activations=(with_ac if cfg.activation_checkpointing else full) / 1e9,
         activations_without_checkpointing=full / 1e9,
-        logits=t * config.vocab_size * (act + 4 + 4) / 1e9, teacher=teacher / 1e9)
+        logits=t * config.vocab_size * (act + 4 + 4) / 1e9, teacher=teacher / 1e9, optimizer_temp=temp / 1e9)
 
 
 def hours(flops: float, world: int, peak_flops: float, mfu: float) -> float:

@@ -233,8 +233,9 @@ class KeepMasks(Callback):
 
 class HostMemory(Callback):
     """Peak host memory (RSS) of every rank: before the model is built, after it is built and sharded, and at
-    the end of training, plus the bytes of the parameters the rank holds. Gathered to rank 0 as
-    :attr:`report` (a list, one dict per rank), for the run's metrics."""
+    the end of training, plus the bytes of the parameters the rank holds; on CUDA also the device's peak
+    allocated and reserved memory (what ``layerchop plan``'s per-GPU estimate is compared with). Gathered to
+    rank 0 as :attr:`report` (a list, one dict per rank), for the run's metrics."""
 
     def __init__(self):
         self.report: list[dict[str, Any]] = []
@@ -265,6 +266,9 @@ class HostMemory(Callback):
             "param_mb_held": round(sum(local(p).numel() * local(p).element_size()
                                        for p in pl_module.parameters()) / 2**20, 2),
         }
+        if pl_module.device.type == "cuda":
+            mine["gpu_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(pl_module.device) / 2**20, 1)
+            mine["gpu_peak_reserved_mb"] = round(torch.cuda.max_memory_reserved(pl_module.device) / 2**20, 1)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():

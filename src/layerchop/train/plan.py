@@ -173,10 +173,12 @@ class RunPlan:
         memory model of :func:`layerchop.estimate.train_memory` (the one ``layerchop plan`` prints)."""
         from layerchop.estimate import train_memory
 
+        on_gpu = self.cfg.accelerator in ("gpu", "cuda") or (self.cfg.accelerator == "auto"
+                                                              and torch.cuda.is_available())
         phases = {"main": train_memory(self.configs["model"], self.cfg, self.seq_len,
-                                       teacher_config=self.configs.get("teacher"))}
+                                       teacher_config=self.configs.get("teacher"), on_gpu=on_gpu)}
         if self.steps.warm_steps:
-            phases["warm"] = train_memory(self.configs["dense"], self.cfg, self.seq_len)
+            phases["warm"] = train_memory(self.configs["dense"], self.cfg, self.seq_len, on_gpu=on_gpu)
         return {k: v.as_dict() for k, v in phases.items()}
 
     def describe(self) -> dict[str, Any]:

@@ -205,11 +205,14 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
         shutil.copytree(layout.snapshots, dest, copy_function=os.link)
     meta = read_metadata(plan.out)
     if metrics is not None:
-        host_memory = {f"rank{r['rank']}": {k: v for k, v in r.items() if k not in ("rank", "host")}
-                       for r in memory.report}
+        host_memory = {f"rank{r['rank']}": {k: v for k, v in r.items() if k not in ("rank", "host")
+                                            and not k.startswith("gpu_")} for r in memory.report}
+        gpu_memory = {f"rank{r['rank']}": {k: v for k, v in r.items() if k.startswith("gpu_")}
+                      for r in memory.report if "gpu_peak_allocated_mb" in r}
         write_json(Path(metrics), {"objective": plan.objective, **meta["compute"],
                                    "tokens_trained": meta["tokens_trained"], "train_loss_last": meta["train_loss_last"],
-                                   "wall_s_this_invocation": round(wall, 1), "host_memory": host_memory})
+                                   "wall_s_this_invocation": round(wall, 1), "host_memory": host_memory,
+                                   **({"gpu_memory": gpu_memory} if gpu_memory else {})})
     print(f"[train] {steps.warm_steps + trainer.global_step} steps ({steps.warm_steps} warm), {wall:.1f} s, "
           f"{meta['compute']['flops']:.4g} FLOPs, exported {plan.out}", flush=True)
     return meta
