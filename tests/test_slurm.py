@@ -1,6 +1,8 @@
-"""``train.launcher: slurm`` against a real SLURM: a one-node cluster on 127.0.0.1 (Debian's slurm-wlm, started
-by ``tests/slurm/local_cluster.sh``), the stage submitting itself with ``sbatch --wait`` from ``dvc repro``, two
-tasks per job, a job requeued mid-run, the time-limit signal, a failing job.
+"""``train.launcher: slurm`` against a real SLURM: a local cluster (Debian's slurm-wlm, started by
+``tests/slurm/local_cluster.sh``) of two nodes, each a network namespace with its own address and host name
+(one node on 127.0.0.1 where namespaces cannot be made); the stage submitting itself with ``sbatch --wait``
+from ``dvc repro``, a 2-rank job on two nodes, a job interrupted by the time-limit signal and by a requeue,
+a failing job, Ctrl-C cancelling a job, a one-task stage as a job.
 
 Marked ``slurm``: the tests skip, with the reason, where the cluster cannot start (not root, slurm-wlm not
 installed); ``.ci/run`` installs it. The batch-script tests need no cluster.
@@ -40,14 +42,25 @@ def slurm_cluster():
     subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=60)
 
 
-# the rehearsal profile (bf16 FSDP2, activation checkpointing, accumulation, warm start) as 1 node x 2 tasks
-# through the SLURM launcher: the one-node cluster has one node
-SLURM = dict(launcher="slurm", num_nodes=1, devices=2, simulate_nodes=False, token_budget=12 * 2 * 2 * 2 * 32,
-             warm_start_steps=4, warmup_steps=2, val_every=0, ckpt_every=3, max_restarts=0)
+# the rehearsal profile (bf16 FSDP2, activation checkpointing, accumulation, warm start) through the SLURM
+# launcher, 2 ranks: 2 nodes x 1 task on the two-node cluster (as on a real one: the ranks on different hosts
+# with their own addresses and names), 1 node x 2 tasks where the cluster has one node
+SLURM = dict(launcher="slurm", simulate_nodes=False, token_budget=12 * 2 * 2 * 2 * 32, warm_start_steps=4,
+             warmup_steps=2, val_every=0, ckpt_every=3, max_restarts=0)
+
+
+def cluster_nodes() -> list[str]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
+    return sorted(set(out))
+
+
+def geometry() -> dict:
+    """2 nodes x 1 task where the cluster has two nodes, else 1 node x 2 tasks."""
+    return dict(num_nodes=2, devices=1) if len(cluster_nodes()) >= 2 else dict(num_nodes=1, devices=2)
 
 
 def slurm_params(tmp_path: Path, slurm: dict | None = None, **train) -> Path:
-    path = rehearsal_params(tmp_path, **{**SLURM, **train})
+    path = rehearsal_params(tmp_path, **{**SLURM, **geometry(), **train})
     params = yaml.safe_load(path.read_text())
     params["slurm"] = {"time": "30", "cpus_per_task": 1, "signal_seconds": 0, "poll_seconds": 0.5,
                        **(slurm or {})}
@@ -162,21 +175,26 @@ def dvc_env() -> dict:
 
 @pytest.mark.slurm
 def test_dvc_repro_runs_the_stage_as_a_two_task_job(dvc_project):
-    """``dvc repro`` of a train stage with ``launcher: slurm``: the stage submits one job of 2 tasks (ranks 0 and 1
-    of one node), streams the job's log, exits with its status; DVC records the stage."""
+    """``dvc repro`` of a train stage with ``launcher: slurm``: the stage submits one job of 2 tasks (on two
+    nodes, one each, where the local cluster has two: rank 1 on the second host), streams the job's log,
+    exits with its status; DVC records the stage."""
     root, repro, wall = dvc_project
     print(f"dvc repro through SLURM: {wall:.1f} s")
     check(repro)
     log = repro.stdout + repro.stderr
     assert "[launch] slurm: job" in log and "ended with status 0" in log
-    assert "[slurm] job" in log and "1 node(s) x 2 task(s)" in log  # the job's own log, streamed
+    two_nodes = geometry()["num_nodes"] == 2
+    # the job's own log, streamed
+    shape = "on lc[1-2]: 2 node(s) x 1 task(s)" if two_nodes else "1 node(s) x 2 task(s)"
+    assert "[slurm] job" in log and shape in log
     assert "[train] 12 steps (4 warm)" in log and "exported out" in log
     status = subprocess.run(["dvc", "status", "--json"], cwd=root, env=dvc_env(), capture_output=True, text=True)
     assert json.loads(status.stdout) == {}
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert [o["path"] for o in lock["stages"]["train"]["outs"]] == ["out", "out.json"]
     memory = json.loads((root / "out.json").read_text())["host_memory"]
-    assert sorted(memory) == ["rank0", "rank1"] and {m["node"] for m in memory.values()} == {0}
+    assert {rank: m["node"] for rank, m in memory.items()} == ({"rank0": 0, "rank1": 1} if two_nodes else
+                                                               {"rank0": 0, "rank1": 0})
 
 
 def run_in_background(params: Path, init: Path, data: Path, out: Path) -> subprocess.Popen:
@@ -283,3 +301,23 @@ def test_one_task_stage_runs_as_a_job_with_the_local_result(tmp_path, slurm_clus
     assert "--ntasks-per-node=1" in script and "--signal" not in script
     a, b = load_file(outs["local"] / "model.safetensors"), load_file(outs["slurm"] / "model.safetensors")
     assert max_abs_diff(a, b) == 0.0
+
+
+@pytest.mark.slurm
+def test_ctrl_c_cancels_the_job_and_fails_the_stage(tmp_path, slurm_cluster, shape_dirs, tiny_prepared):
+    """SIGINT to the stage (Ctrl-C on ``dvc repro``) while its job runs: the job is cancelled (gone from the
+    queue, not left training), and the stage exits 130 with no output directory, so DVC records nothing."""
+    import signal
+
+    proc = run_in_background(slurm_params(tmp_path), shape_dirs / "chopped", tiny_prepared, tmp_path / "out")
+    try:
+        job = job_id(tmp_path / "run-out")
+        wait_for(lambda: job_state(job) == "RUNNING", f"job {job} running")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert f"[launch] slurm: job {job} cancelled" in out
+    wait_for(lambda: job_state(job) == "GONE", f"job {job} gone from the queue", timeout=60)
+    assert not (tmp_path / "out").exists()

@@ -188,6 +188,7 @@ def run_slurm(script: str, script_path: Path, log: Path, poll_seconds: float = 2
     done = threading.Event()
     job_id = ""
     proc = None
+    interrupted: list[int] = []
 
     def follow() -> None:
         nonlocal offset
@@ -206,6 +207,7 @@ def run_slurm(script: str, script_path: Path, log: Path, poll_seconds: float = 2
             done.wait(poll_seconds)
 
     def cancel(signum, frame) -> None:
+        interrupted.append(signum)
         if job_id:
             subprocess.run(["scancel", job_id], check=False)
             print(f"[launch] slurm: job {job_id} cancelled", flush=True)
@@ -233,6 +235,8 @@ def run_slurm(script: str, script_path: Path, log: Path, poll_seconds: float = 2
     if not job_id:
         return rc or 1  # sbatch refused the script; its own message is on stderr
     print(f"[launch] slurm: job {job_id} ended with status {rc}", flush=True)
+    if interrupted:  # cancelled from here: never a success, whatever sbatch --wait reports for a cancelled job
+        return 128 + interrupted[0]
     return rc if rc >= 0 else 128 - rc  # killed by a signal: the shell's convention
 
 

@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this host (127.0.0.1), for the launcher tests: munge + slurmctld + slurmd from
-# Debian's slurm-wlm (22.05). Needs root. Usage: local_cluster.sh start | stop | status
-# `start` writes /etc/slurm/slurm.conf (the node gets this host's CPU count), starts the daemons and waits
-# until the node is idle; `stop` stops them by PID. Exit status non-zero, with the reason, when it cannot.
+# A local SLURM cluster for the launcher tests: munge + slurmctld + slurmd from Debian's slurm-wlm (22.05).
+# Needs root. Usage: local_cluster.sh start | stop | status
+#
+# Two nodes where the host allows it: each node is a network namespace (lcn1, lcn2) with its own address on
+# a bridge (10.201.0.11 and .12; the controller listens on 10.201.0.1) and its own host name (lc1, lc2, in a
+# UTS namespace, written into /etc/hosts), so a 2-node job's tasks reach each other over a network, as on a
+# cluster, and SLURM_NODELIST, srun and torch.distributed's rendezvous see two hosts. Where namespaces
+# cannot be made (no iproute2, no bridge or veth support), one node on 127.0.0.1 (this host's name), and
+# `status` says so. LAYERCHOP_SLURM_NODES=1 asks for the one-node form.
+# `start` writes /etc/slurm/slurm.conf (each node gets this host's CPU count), starts the daemons and waits
+# until every node is idle; `stop` stops what it started (PID files), removes the namespaces, the bridge
+# and its /etc/hosts lines. Exit status non-zero, with the reason, when it cannot start.
 set -euo pipefail
 cmd=${1:-start}
 H=$(hostname -s)
@@ -11,16 +19,40 @@ STATE=/var/spool/slurmctld
 PIDS=/run/layerchop-slurm
 
 MARK="# written by layerchop tests/slurm/local_cluster.sh"
+NET=10.201.0
 
 stop() {  # only the daemons this script started (their PID files); munged is left running
-  for name in slurmd slurmctld; do
-    if [ -f "$PIDS/$name.pid" ]; then
-      pid=$(cat "$PIDS/$name.pid")
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-      rm -f "$PIDS/$name.pid"
-    fi
+  for pidfile in "$PIDS"/slurmd*.pid "$PIDS"/slurmctld.pid; do
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    rm -f "$pidfile"
   done
+  net_down
+}
+
+net_down() {
+  for i in 1 2; do ip netns del "lcn$i" 2>/dev/null || true; done
+  ip link del lcbr0 2>/dev/null || true
+  if grep -q "$MARK" /etc/hosts 2>/dev/null; then
+    grep -v "$MARK" /etc/hosts > /etc/hosts.layerchop && cat /etc/hosts.layerchop > /etc/hosts
+    rm -f /etc/hosts.layerchop
+  fi
+}
+
+net_up() {  # two namespaces on a bridge; returns non-zero (and cleans up) where the host cannot
+  command -v ip >/dev/null && command -v unshare >/dev/null || return 1
+  {
+    ip link add lcbr0 type bridge && ip addr add "$NET.1/24" dev lcbr0 && ip link set lcbr0 up &&
+    for i in 1 2; do
+      ip netns add "lcn$i" && ip link add "lcv$i" type veth peer name eth0 netns "lcn$i" &&
+      ip link set "lcv$i" master lcbr0 && ip link set "lcv$i" up &&
+      ip -n "lcn$i" addr add "$NET.1$i/24" dev eth0 && ip -n "lcn$i" link set eth0 up &&
+      ip -n "lcn$i" link set lo up || return 1
+    done
+  } 2>/dev/null || { net_down; return 1; }
+  printf '%s\n' "$NET.11 lc1 $MARK" "$NET.12 lc2 $MARK" >> /etc/hosts
 }
 
 case "$cmd" in
@@ -38,8 +70,9 @@ if [ -f /etc/slurm/slurm.conf ] && ! grep -qxF "$MARK" /etc/slurm/slurm.conf; th
   echo "local_cluster.sh: /etc/slurm/slurm.conf exists and is not this script's: not touching a real SLURM" >&2
   exit 1
 fi
-if [ -f /etc/slurm/slurm.conf ] && [ "$(sinfo -h -o %T 2>/dev/null | head -n1)" = idle ]; then
-  echo "local_cluster.sh: already running (node $H idle)"; exit 0
+if [ -f /etc/slurm/slurm.conf ] && [ -z "$(sinfo -h -o %T 2>/dev/null | grep -vx idle)" ] \
+   && [ -n "$(sinfo -h -o %T 2>/dev/null)" ]; then
+  echo "local_cluster.sh: already running ($(sinfo -h -o '%D node(s) %T' | head -n1))"; exit 0
 fi
 stop
 mkdir -p "$PIDS" /etc/munge /var/log/munge /run/munge /var/lib/munge "$STATE" /var/spool/slurmd /var/log/slurm /etc/slurm
@@ -51,16 +84,24 @@ chmod 0400 /etc/munge/munge.key
 munge -n 2>/dev/null | unmunge >/dev/null 2>&1 || munged --force
 munge -n | unmunge >/dev/null || { echo "local_cluster.sh: munge does not authenticate" >&2; exit 1; }
 
-cat > /etc/slurm/slurm.conf <<CONF
+launch() {  # $1 = 2: two namespaced nodes; 1: this host. Returns non-zero if the nodes do not come up.
+  if [ "$1" = 2 ]; then
+    CTLD="$NET.1"; NODES=lc1,lc2
+    NODELINES="NodeName=lc1 NodeAddr=$NET.11 CPUs=$CPUS State=UNKNOWN
+NodeName=lc2 NodeAddr=$NET.12 CPUs=$CPUS State=UNKNOWN"
+  else
+    CTLD=127.0.0.1; NODES=$H; NODELINES="NodeName=$H NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN"
+  fi
+  cat > /etc/slurm/slurm.conf <<CONF
 $MARK
 ClusterName=local
-SlurmctldHost=$H(127.0.0.1)
+SlurmctldHost=$H($CTLD)
 SlurmUser=root
 AuthType=auth/munge
 StateSaveLocation=$STATE
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=$PIDS/slurmctld.pid
-SlurmdPidFile=$PIDS/slurmd.pid
+SlurmdPidFile=$PIDS/slurmd-%n.pid
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
@@ -69,16 +110,34 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 KillWait=10
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName=$H NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
-PartitionName=debug Nodes=$H Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile=/var/log/slurm/slurmd-%n.log
+$NODELINES
+PartitionName=debug Nodes=$NODES Default=YES MaxTime=INFINITE State=UP
 CONF
-slurmctld -c   # clear state: no jobs of an earlier run come back
-slurmd
-for _ in $(seq 1 60); do
-  state=$(sinfo -h -o "%T" 2>/dev/null | head -n1 || true)
-  [ "$state" = idle ] && { echo "local_cluster.sh: node $H idle ($CPUS CPUs)"; exit 0; }
-  sleep 1
-done
-echo "local_cluster.sh: node $H not idle after 60 s (state '${state:-none}'); see /var/log/slurm/" >&2
-exit 1
+  slurmctld -c   # clear state: no jobs of an earlier run come back
+  if [ "$1" = 2 ]; then
+    for i in 1 2; do  # each node: its own network and host name; the job steps it starts inherit both
+      mkdir -p "/var/spool/slurmd/lc$i"
+      # nsenter, not `ip netns exec`: that remounts /sys, without the cgroup mount slurmd needs
+      nsenter --net="/run/netns/lcn$i" unshare --uts sh -c "hostname lc$i && exec slurmd -N lc$i"
+    done
+  else
+    mkdir -p "/var/spool/slurmd/$H"
+    slurmd
+  fi
+  for _ in $(seq 1 60); do
+    idle=$(sinfo -h -N -o "%T" 2>/dev/null | grep -cx idle || true)
+    [ "$idle" = "$1" ] && { echo "local_cluster.sh: $1 node(s) idle ($NODES; $CPUS CPUs each)"; return 0; }
+    sleep 1
+  done
+  echo "local_cluster.sh: $NODES not idle after 60 s ($(sinfo -h -N -o '%N %T' 2>/dev/null | tr '\n' ' '));" \
+       "see /var/log/slurm/" >&2
+  return 1
+}
+
+if [ "${LAYERCHOP_SLURM_NODES:-2}" = 2 ] && net_up; then
+  launch 2 && exit 0
+  echo "local_cluster.sh: falling back to one node" >&2
+  stop
+fi
+launch 1
