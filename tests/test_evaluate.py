@@ -144,3 +144,38 @@ def test_perplexity_survives_a_token_with_a_logit_gap_of_120():
     every_token_120 = TokenPerplexity()
     every_token_120.update(torch.tensor([[[0.0, 120.0]]]), torch.tensor([[0]]))
     assert float(every_token_120.compute()) == pytest.approx(math.exp(120.0), rel=1e-6)  # beyond float32
+
+
+def test_task_index_is_narrow_only_when_it_holds_every_name_as_a_task(tmp_path, tiny_prepared, monkeypatch):
+    """``task_manager_for``: lm-eval's ``piqa/`` folder plus the offline tasks are enough for ``piqa`` and the
+    offline tasks (the same YAML as the full index); a group (its members may live in other folders), a task
+    whose folder has another name (``arc_easy`` in ``arc/``) or an unknown name falls back to the full index;
+    a task in ``include_path`` wins a name clash with lm-eval's, as in lm-eval's own order. The full index is
+    stubbed (it takes ~6 s): the test checks which index is chosen and what the narrow one holds."""
+    import lm_eval.tasks
+
+    from layerchop.evaluate.harness import task_manager_for
+
+    real, calls = lm_eval.tasks.TaskManager, []
+
+    def recording(include_path=None, include_defaults=True, **kw):
+        calls.append(include_defaults)
+        return real(include_path=include_path, include_defaults=False, **kw)  # stub: no 6 s full index
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", recording)
+    tm = task_manager_for(["piqa", "heldout_lastword"], tiny_prepared / "tasks")
+    assert calls == [False]  # the narrow index sufficed
+    assert str(tm.task_index["piqa"].yaml_path).endswith("lm_eval/tasks/piqa/piqa.yaml")
+    assert tm.task_index["piqa"].cfg["doc_to_text"] == "Question: {{goal}}\nAnswer:"
+    for names in (["portuguese_bench"], ["arc_easy"], ["no_such_task"], ["piqa", "no_such_task"]):
+        calls.clear()
+        task_manager_for(names, tiny_prepared / "tasks")
+        assert calls[-1] is True, names  # fell back to the full index
+    own = tmp_path / "tasks"
+    own.mkdir()
+    (own / "piqa.yaml").write_text("task: piqa\ndataset_path: json\noutput_type: multiple_choice\n"
+                                   "test_split: test\ndoc_to_text: 'Mine: {{goal}}'\ndoc_to_target: label\n"
+                                   "doc_to_choice: '{{[sol1, sol2]}}'\n")
+    calls.clear()
+    tm = task_manager_for(["piqa"], own)
+    assert calls == [False] and tm.task_index["piqa"].yaml_path == own / "piqa.yaml"

@@ -31,3 +31,4 @@ def test_gpu_check_on_cuda(tmp_path):
     out = run(tmp_path)
     print(out)
     assert "MFU" in out and "[gpu-check] done" in out
+    assert "[gpu-check] memory, activation checkpointing: peak allocated" in out  # recorded by the train stage

@@ -30,16 +30,25 @@ CLUSTER = Path(__file__).parent / "slurm" / "local_cluster.sh"
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    """A running one-node SLURM (this host's CPUs), stopped after the module's tests."""
+    """A running local SLURM (two nodes where network namespaces can be made, else one), stopped after the
+    module's tests (its jobs cancelled). ``LAYERCHOP_SLURM_NODES=2`` makes a one-node fallback an error."""
     if shutil.which("sbatch") is None or shutil.which("slurmctld") is None:
         pytest.skip("SLURM is not installed (apt-get install slurm-wlm munge; .ci/run does)")
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster needs root (munged and slurmd run as root)")
-    start = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
+    try:
+        start = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
+        pytest.skip("the local SLURM cluster did not start within 300 s")
     if start.returncode:
         pytest.skip(f"the local SLURM cluster did not start: {(start.stderr or start.stdout).strip()}")
+    print(start.stdout.strip(), start.stderr.strip())
+    if os.environ.get("LAYERCHOP_SLURM_NODES") == "2" and len(cluster_nodes()) < 2:
+        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
+        pytest.fail(f"two nodes were asked for and one started: {start.stderr.strip()}")
     yield
-    subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=60)
+    subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
 
 
 # the rehearsal profile (bf16 FSDP2, activation checkpointing, accumulation, warm start) through the SLURM
@@ -195,15 +204,17 @@ def test_dvc_repro_runs_the_stage_as_a_two_task_job(dvc_project):
     memory = json.loads((root / "out.json").read_text())["host_memory"]
     assert {rank: m["node"] for rank, m in memory.items()} == ({"rank0": 0, "rank1": 1} if two_nodes else
                                                                {"rank0": 0, "rank1": 0})
+    if two_nodes:  # two hosts in fact: each rank's own host name (its node's UTS namespace)
+        assert {rank: m["host"] for rank, m in memory.items()} == {"rank0": "lc1", "rank1": "lc2"}
 
 
-def run_in_background(params: Path, init: Path, data: Path, out: Path) -> subprocess.Popen:
+def run_in_background(params: Path, init: Path, data: Path, out: Path, new_session: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "layerchop.cli", "train", "--params", str(params), "--init", str(init),
            "--data", str(data), "--out", str(out), "--run-dir", str(out.parent / f"run-{out.name}"),
            "--log", str(out.parent / f"{out.name}.csv"), "--warm-start"]
     env = {k: v for k, v in os.environ.items() if k != "LAYERCHOP_ARGV"}
     return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=new_session)
 
 
 def interrupt_and_finish(params: Path, tmp_path: Path, shape_dirs: Path, data: Path, interruptions: list) -> str:
@@ -219,9 +230,20 @@ def interrupt_and_finish(params: Path, tmp_path: Path, shape_dirs: Path, data: P
             start_now_once_requeued(job)
         out, _ = proc.communicate(timeout=600)
     finally:
-        proc.kill()
+        cancel_and_kill(proc, tmp_path / "run-out")
     assert proc.returncode == 0, out[-5000:]
     return out
+
+
+def cancel_and_kill(proc: subprocess.Popen, run_dir: Path) -> None:
+    """After a test's stage process: kill it and, if it failed or timed out, cancel its job (not left
+    training during the next tests)."""
+    if proc.poll() is None:
+        proc.kill()
+        try:
+            subprocess.run(["scancel", job_id(run_dir, timeout=1)], check=False)
+        except AssertionError:
+            pass
 
 
 def assert_same_weights(dvc_project, tmp_path: Path) -> None:
@@ -242,8 +264,8 @@ def test_time_limit_signal_then_requeue_resume_to_the_uninterrupted_result(tmp_p
                                                                           tiny_prepared):
     """Two interruptions of one job. First SIGUSR1 (what ``--signal=USR1@N`` sends before the time limit)
     during the warm start on the dense model: the ranks checkpoint the step they are at and the job requeues
-    itself. The requeued job resumes that warm-start checkpoint (not the start, not the periodic one at step 3),
-    finishes the warm start and starts the chopped run; then ``scontrol requeue`` (a preemption) after the chopped
+    itself. The requeued job resumes exactly the checkpoint the signal wrote (named in the log), finishes the
+    warm start and starts the chopped run; then ``scontrol requeue`` (a preemption) after the chopped
     run's first checkpoint: SLURM kills the job and runs it again, and it resumes that checkpoint. The stage
     (in ``sbatch --wait`` all along) ends when the last job ends, with the uninterrupted run's weights and
     losses."""
@@ -253,11 +275,13 @@ def test_time_limit_signal_then_requeue_resume_to_the_uninterrupted_result(tmp_p
          ["scancel", "--signal=USR1"]),
         (lambda: list((tmp_path / "run-out").glob("*/checkpoints/step*.ckpt")), "the chopped run's first checkpoint",
          ["scontrol", "requeue"])])
-    assert "SLURM time-limit signal: checkpoint" in out and "(restart 1)" in out and "(restart 2)" in out
-    resumed = [line for line in out.splitlines() if "resuming from" in line]
+    assert "(restart 1)" in out and "(restart 2)" in out
+    signalled = [line.split("checkpoint ", 1)[1].split(" written")[0] for line in out.splitlines()
+                 if "SLURM time-limit signal: checkpoint" in line]
+    resumed = [line.split("resuming from ", 1)[1].strip() for line in out.splitlines() if "resuming from" in line]
+    assert len(signalled) == 1 and "/warm/step" in signalled[0], signalled  # written in the warm start
     assert len(resumed) == 2, resumed
-    assert "warm start: resuming from" in resumed[0] and "/warm/step" in resumed[0]
-    assert "/warm/step00000003" not in resumed[0] and "/warm/step00000000" not in resumed[0]
+    assert resumed[0] == signalled[0]  # the requeued job resumed the checkpoint the signal wrote
     assert "/checkpoints/step" in resumed[1]
     assert_same_weights(dvc_project, tmp_path)
     ref = dvc_project[0]
@@ -305,18 +329,20 @@ def test_one_task_stage_runs_as_a_job_with_the_local_result(tmp_path, slurm_clus
 
 @pytest.mark.slurm
 def test_ctrl_c_cancels_the_job_and_fails_the_stage(tmp_path, slurm_cluster, shape_dirs, tiny_prepared):
-    """SIGINT to the stage (Ctrl-C on ``dvc repro``) while its job runs: the job is cancelled (gone from the
-    queue, not left training), and the stage exits 130 with no output directory, so DVC records nothing."""
+    """Ctrl-C while the stage's job runs: SIGINT to the stage's whole process group, as a terminal sends it
+    (``sbatch --wait`` gets it too). The job is cancelled (gone from the queue, not left training), and the
+    stage exits 130 with no output directory, so DVC records nothing."""
     import signal
 
-    proc = run_in_background(slurm_params(tmp_path), shape_dirs / "chopped", tiny_prepared, tmp_path / "out")
+    proc = run_in_background(slurm_params(tmp_path), shape_dirs / "chopped", tiny_prepared, tmp_path / "out",
+                             new_session=True)
     try:
         job = job_id(tmp_path / "run-out")
         wait_for(lambda: job_state(job) == "RUNNING", f"job {job} running")
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
-        proc.kill()
+        cancel_and_kill(proc, tmp_path / "run-out")
     assert proc.returncode == 130, out[-3000:]
     assert f"[launch] slurm: job {job} cancelled" in out
     wait_for(lambda: job_state(job) == "GONE", f"job {job} gone from the queue", timeout=60)

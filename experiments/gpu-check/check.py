@@ -85,17 +85,22 @@ def stage(root: Path, *argv: str) -> tuple[str, float]:
     return proc.stdout, time.perf_counter() - t0
 
 
-def report_memory(root: Path, dense: Path, seq_len: int, metrics: dict, what: str) -> None:
-    """Rank 0's measured peak GPU memory beside ``layerchop plan``'s estimate for the same run (CUDA only)."""
+def estimate(root: Path, dense: Path, seq_len: int):
+    """``layerchop plan``'s per-rank memory model for the train stage as ``root/params.yaml`` configures it."""
     from transformers import AutoConfig
 
     from layerchop.config import section
     from layerchop.estimate import train_memory
 
+    return train_memory(AutoConfig.from_pretrained(dense), section("train", path=root / "params.yaml"), seq_len)
+
+
+def report_memory(root: Path, dense: Path, seq_len: int, metrics: dict, what: str) -> None:
+    """Rank 0's measured peak GPU memory beside ``layerchop plan``'s estimate for the same run (CUDA only)."""
     measured = metrics.get("gpu_memory", {}).get("rank0")
     if not measured:
-        return
-    est = train_memory(AutoConfig.from_pretrained(dense), section("train", path=root / "params.yaml"), seq_len)
+        sys.exit(f"[gpu-check] the train stage's metrics hold no gpu_memory ({what}): was it on the GPU?")
+    est = estimate(root, dense, seq_len)
     alloc, reserved = (measured[k] * 2**20 / 1e9 for k in ("gpu_peak_allocated_mb", "gpu_peak_reserved_mb"))
     print(f"[gpu-check] memory, {what}: peak allocated {alloc:.2f} GB, reserved {reserved:.2f} GB; plan estimate "
           f"{est.total:.2f} GB ({est.total / alloc:.2f}x allocated) = {est.as_dict()}", flush=True)
@@ -143,14 +148,21 @@ def main() -> int:
           f"{args.batch_size} x {args.seq_len} tokens per device: {tokens_s:,.0f} tokens/s, {m['flops']:.3g} FLOPs "
           f"in {m['train_s']:.1f} s of steps, MFU {mfu} (stage wall {wall:.0f} s)", flush=True)
     assert m["train_loss_last"] == m["train_loss_last"] and m["train_loss_last"] < 20
-    report_memory(root, dense, args.seq_len, m, "activation checkpointing")
-    if gpu:  # the plan's other activation term: the same run for a few steps without activation checkpointing
+    if gpu:
+        report_memory(root, dense, args.seq_len, m, "activation checkpointing")
+        # the plan's other activation term: the same run for a few steps without activation checkpointing,
+        # where the plan says it fits the card
         params["train"].update(activation_checkpointing=False, token_budget=3 * args.batch_size * args.seq_len * devices)
         (root / "params.yaml").write_text(yaml.safe_dump(params))
-        stage(root, "train", "--init", str(dense), "--data", str(prepared), "--out", "trained_no_ac",
-              "--run-dir", "run_no_ac", "--metrics", "train_no_ac.json")
-        report_memory(root, dense, args.seq_len, json.loads((root / "train_no_ac.json").read_text()),
-                      "no activation checkpointing")
+        need, card = estimate(root, dense, args.seq_len).total, torch.cuda.get_device_properties(0).total_memory / 1e9
+        if need > 0.9 * card:
+            print(f"[gpu-check] memory, no activation checkpointing: skipped (the plan says {need:.1f} GB, the "
+                  f"card has {card:.1f})", flush=True)
+        else:
+            stage(root, "train", "--init", str(dense), "--data", str(prepared), "--out", "trained_no_ac",
+                  "--run-dir", "run_no_ac", "--metrics", "train_no_ac.json")
+            report_memory(root, dense, args.seq_len, json.loads((root / "train_no_ac.json").read_text()),
+                          "no activation checkpointing")
 
     stage(root, "chop", "--model", str(dense), "--out", "one_layer")
     out, wall = stage(root, "prune", "--method", "sparsegpt", "--pattern", "2of4", "--model", "one_layer",

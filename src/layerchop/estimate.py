@@ -11,7 +11,9 @@ under bf16/fp16 precision, 4 in fp32):
   ``bf16-true``, where all four are bf16);
 - unsharded gradients ``g P`` under FSDP2 with accumulation and ``train.reduce_grads: step`` (``g`` the bytes
   of ``fsdp_reduce_dtype``): each rank keeps the full gradients between micro-batches;
-- gathered weights ``2 x`` one decoder layer in the compute dtype (the layer running and the prefetched one);
+- gathered weights in the compute dtype: ``2 x`` one decoder layer (the layer running and the prefetched one)
+  and the root group (embeddings, final norm, head: FSDP2 keeps the root unsharded from forward through
+  backward);
 - activations: without checkpointing, every layer keeps ``8h + a (6h + 2 kv + 4i)`` bytes per token: each of
   its two RMSNorms keeps its input in fp32 (``4h``: HF's ``LlamaRMSNorm`` upcasts), its normalised input and
   its weighted output (``2 a h``); attention keeps q, k, v for SDPA and SDPA's output (``a (2h + 2 kv)``;
@@ -21,17 +23,18 @@ under bf16/fp16 precision, 4 in fp32):
 - logits: ``t x V`` in the compute dtype, their fp32 copy for the loss and its fp32 gradient;
 - the distillation teacher's fp32 shards ``4 P_t / W`` and its layer outputs kept for the hidden-state loss;
 - the optimizer step, a second peak: on a GPU, ``torch.optim.AdamW``'s default multi-tensor (foreach) step
-  allocates one temporary the size of the second moments (``sqrt(v)``: ``4 P / W``, ``2 P / W`` under
-  ``bf16-true``) on top of the training state. A rank's peak is the larger of the backward pass's sum (all of
-  the above) and the optimizer step's;
+  allocates a temporary the size of the second moments of a parameter group (``sqrt(v)``; the decay group
+  holds all but the norms: ~``4 P / W``, ``2 P / W`` under ``bf16-true``) on top of the sharded training
+  state (FSDP2 has freed the unsharded gradients of ``reduce_grads: step`` after their reduce-scatter). A
+  rank's peak is the larger of the backward pass's sum (all of the above) and the optimizer step's;
 - CUDA context and allocator slack are not modelled: keep a margin (``slurm.gpu_memory_gb`` is compared with
   the peak as is).
 
 Checked against measurement (experiments/LOG.md, 2026-11-26): a 1.75B Llama on one H200 under FSDP2 bf16 at
 4 x 2048 tokens, peak allocated 35.43 GB with activation checkpointing (model: 35.0, the optimizer step) and
-55.82 GB without (model: 55.3, the backward pass).
+55.82 GB without (model: 55.5, the backward pass).
 
-Published reference for the scale (README, experiments/LOG.md): compared there with what the rehearsal measures.
+Also compared there with the CPU rehearsal and with published 7B-class FSDP2 figures (torchtitan).
 """
 
 from __future__ import annotations
@@ -81,8 +84,8 @@ class TrainMemory:
 
     @property
     def optimizer_step(self) -> float:
-        """The training state (and teacher shards) plus the optimizer's temporary."""
-        return self.state + self.unsharded_grads + self.teacher + self.optimizer_temp
+        """The sharded training state (and teacher shards) plus the optimizer's temporary."""
+        return self.state + self.teacher + self.optimizer_temp
 
     @property
     def total(self) -> float:
@@ -128,7 +131,7 @@ def train_memory(config, cfg, seq_len: int, teacher_config=None, on_gpu: bool | 
     temp = (state_bytes // 4) * p / world if on_gpu else 0.0
     return TrainMemory(
         state=state_bytes * p / world / 1e9, unsharded_grads=grads / 1e9,
-        gathered_layers=(2 * layer_params(config) * compute / 1e9) if fsdp else 0.0,
+        gathered_layers=((2 * layer_params(config) + p - L * layer_params(config)) * compute / 1e9) if fsdp else 0.0,
         activations=(with_ac if cfg.activation_checkpointing else full) / 1e9,
         activations_without_checkpointing=full / 1e9,
         logits=t * config.vocab_size * (act + 4 + 4) / 1e9, teacher=teacher / 1e9, optimizer_temp=temp / 1e9)

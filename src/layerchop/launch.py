@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -233,6 +234,11 @@ def run_slurm(script: str, script_path: Path, log: Path, poll_seconds: float = 2
         done.set()
         follower.join()
     if not job_id:
+        if interrupted:  # Ctrl-C before sbatch printed the id: a job it may have submitted goes too
+            name = re.search(r"^#SBATCH --job-name=(\S+)$", script, re.M)
+            if name:
+                subprocess.run(["scancel", f"--name={name.group(1)}", f"--user={os.getuid()}"], check=False)
+            return 128 + interrupted[0]
         return rc or 1  # sbatch refused the script; its own message is on stderr
     print(f"[launch] slurm: job {job_id} ended with status {rc}", flush=True)
     if interrupted:  # cancelled from here: never a success, whatever sbatch --wait reports for a cancelled job

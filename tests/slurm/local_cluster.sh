@@ -19,9 +19,12 @@ STATE=/var/spool/slurmctld
 PIDS=/run/layerchop-slurm
 
 MARK="# written by layerchop tests/slurm/local_cluster.sh"
-NET=10.201.0
+NET=${LAYERCHOP_SLURM_NET:-10.201.0}  # the nodes' /24 (change it where it would shadow a real network)
 
-stop() {  # only the daemons this script started (their PID files); munged is left running
+stop() {  # what this script started: jobs, daemons (their PID files), namespaces; munged is left running
+  if [ -f "$PIDS/slurmctld.pid" ] && kill -0 "$(cat "$PIDS/slurmctld.pid")" 2>/dev/null; then
+    scancel --full --partition=debug 2>/dev/null || true  # no job left training (or holding a namespace)
+  fi
   for pidfile in "$PIDS"/slurmd*.pid "$PIDS"/slurmctld.pid; do
     [ -f "$pidfile" ] || continue
     pid=$(cat "$pidfile")
@@ -33,27 +36,53 @@ stop() {  # only the daemons this script started (their PID files); munged is le
 }
 
 net_down() {
-  for i in 1 2; do ip netns del "lcn$i" 2>/dev/null || true; done
+  for i in 1 2; do
+    if [ -e "/run/netns/lcn$i" ]; then
+      for pid in $(ip netns pids "lcn$i" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+      ip netns del "lcn$i" 2>/dev/null || true
+    fi
+    ip link del "lcv$i" 2>/dev/null || true
+  done
   ip link del lcbr0 2>/dev/null || true
-  if grep -q "$MARK" /etc/hosts 2>/dev/null; then
-    grep -v "$MARK" /etc/hosts > /etc/hosts.layerchop && cat /etc/hosts.layerchop > /etc/hosts
-    rm -f /etc/hosts.layerchop
+  if grep -qF "$MARK" /etc/hosts 2>/dev/null; then
+    # rewritten in place (it may be a bind mount, which a rename would fail on), from a copy kept meanwhile
+    cp /etc/hosts /etc/hosts.layerchop-backup
+    { grep -vF "$MARK" /etc/hosts.layerchop-backup || true; } > /etc/hosts
+    rm -f /etc/hosts.layerchop-backup
   fi
 }
 
-net_up() {  # two namespaces on a bridge; returns non-zero (and cleans up) where the host cannot
-  command -v ip >/dev/null && command -v unshare >/dev/null || return 1
-  {
-    ip link add lcbr0 type bridge && ip addr add "$NET.1/24" dev lcbr0 && ip link set lcbr0 up &&
-    for i in 1 2; do
-      ip netns add "lcn$i" && ip link add "lcv$i" type veth peer name eth0 netns "lcn$i" &&
-      ip link set "lcv$i" master lcbr0 && ip link set "lcv$i" up &&
-      ip -n "lcn$i" addr add "$NET.1$i/24" dev eth0 && ip -n "lcn$i" link set eth0 up &&
-      ip -n "lcn$i" link set lo up || return 1
-    done
-  } 2>/dev/null || { net_down; return 1; }
+net_make() {  # (`set -e` does not apply in an `if` condition: every step checked)
+  ip link add lcbr0 type bridge || return 1
+  ip addr add "$NET.1/24" dev lcbr0 || return 1
+  ip link set lcbr0 up || return 1
+  for i in 1 2; do
+    ip netns add "lcn$i" || return 1
+    ip link add "lcv$i" type veth peer name eth0 netns "lcn$i" || return 1
+    ip link set "lcv$i" master lcbr0 || return 1
+    ip link set "lcv$i" up || return 1
+    ip -n "lcn$i" addr add "$NET.1$i/24" dev eth0 || return 1
+    ip -n "lcn$i" link set eth0 up || return 1
+    ip -n "lcn$i" link set lo up || return 1
+  done
+}
+
+net_up() {  # two namespaces on a bridge; returns non-zero, having cleaned up, where the host cannot
+  for bin in ip unshare nsenter; do command -v "$bin" >/dev/null || return 1; done
+  if ! net_make 2>/dev/null; then
+    net_down
+    return 1
+  fi
   printf '%s\n' "$NET.11 lc1 $MARK" "$NET.12 lc2 $MARK" >> /etc/hosts
 }
+
+nodes_talk() {  # node 2 reaches node 1's slurmd port (a bridge whose traffic a firewall drops fails here)
+  nsenter --net=/run/netns/lcn2 timeout 5 bash -c "exec 3<>/dev/tcp/$NET.11/6818" 2>/dev/null
+}
+
+if [ -f /etc/hosts.layerchop-backup ] && ! [ -s /etc/hosts ]; then  # a stop killed mid-rewrite
+  cat /etc/hosts.layerchop-backup > /etc/hosts
+fi
 
 case "$cmd" in
   stop) stop; exit 0 ;;
@@ -127,7 +156,14 @@ CONF
   fi
   for _ in $(seq 1 60); do
     idle=$(sinfo -h -N -o "%T" 2>/dev/null | grep -cx idle || true)
-    [ "$idle" = "$1" ] && { echo "local_cluster.sh: $1 node(s) idle ($NODES; $CPUS CPUs each)"; return 0; }
+    if [ "$idle" = "$1" ]; then
+      if [ "$1" = 2 ] && ! nodes_talk; then
+        echo "local_cluster.sh: node lc2 cannot reach lc1 at $NET.11:6818" >&2
+        return 1
+      fi
+      echo "local_cluster.sh: $1 node(s) idle ($NODES; $CPUS CPUs each)"
+      return 0
+    fi
     sleep 1
   done
   echo "local_cluster.sh: $NODES not idle after 60 s ($(sinfo -h -N -o '%N %T' 2>/dev/null | tr '\n' ' '));" \

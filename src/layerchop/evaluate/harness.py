@@ -96,16 +96,19 @@ def seed_everything(seed: int) -> None:
 
 def task_manager_for(tasks: list[str], include_path: Optional[str | Path] = None):
     """An ``lm_eval.tasks.TaskManager`` that knows ``tasks``: indexing all of lm-eval's ~15k task YAMLs takes
-    ~6 s, so first index only ``include_path`` and lm-eval's own folders named after the tasks (``piqa/``);
-    only when a name is not found there, everything (which then decides whether the name exists)."""
+    ~6 s, so first index only lm-eval's own folders named after the tasks (``piqa/``) and then ``include_path``
+    (last, so that it wins a name clash, as in lm-eval's own order). That narrow index is used only when it
+    holds every name as a plain task (a group's members may live in other folders); otherwise everything is
+    indexed, which then decides whether a name exists."""
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import Kind
 
     root = Path(lm_eval.tasks.__file__).parent
-    paths = ([str(include_path)] if include_path else []) + [str(root / n) for n in tasks if (root / n).is_dir()]
+    paths = [str(root / n) for n in tasks if (root / n).is_dir()] + ([str(include_path)] if include_path else [])
     if paths:
         tm = TaskManager(include_path=paths, include_defaults=False)
-        if all(name in tm.task_index for name in tasks):
+        if all(name in tm.task_index and tm.task_index[name].kind in (Kind.TASK, Kind.PY_TASK) for name in tasks):
             return tm
     return TaskManager(include_path=str(include_path) if include_path else None)
 

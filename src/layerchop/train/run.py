@@ -205,8 +205,8 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
         shutil.copytree(layout.snapshots, dest, copy_function=os.link)
     meta = read_metadata(plan.out)
     if metrics is not None:
-        host_memory = {f"rank{r['rank']}": {k: v for k, v in r.items() if k not in ("rank", "host")
-                                            and not k.startswith("gpu_")} for r in memory.report}
+        host_memory = {f"rank{r['rank']}": {k: v for k, v in r.items() if k != "rank" and not k.startswith("gpu_")}
+                       for r in memory.report}
         gpu_memory = {f"rank{r['rank']}": {k: v for k, v in r.items() if k.startswith("gpu_")}
                       for r in memory.report if "gpu_peak_allocated_mb" in r}
         write_json(Path(metrics), {"objective": plan.objective, **meta["compute"],
