@@ -102,7 +102,8 @@ def test_warm_start_on_a_stage_that_refuses_it(tmp_path, capsys):
     assert rc == 2 and "dvc.yaml train@dense_cpt: --warm-start needs the chopped model as --init" in err, err
 
 
-@pytest.mark.parametrize("checkpointing,measured_gb,phase", [(True, 35.43, "optimizer_step"), (False, 55.82, "backward")])
+@pytest.mark.parametrize("checkpointing,measured_gb,phase",
+                         [(True, 35.43, "optimizer_step"), (False, 55.82, "backward")])
 def test_memory_model_against_a_measured_gpu_run(checkpointing, measured_gb, phase):
     """Peak allocated GPU memory measured by experiments/gpu-check/check.py on one H200 (2026-11-26, LOG): a
     1.75B Llama (32 layers, width 2048) under FSDP2 bf16-mixed, 4 x 2048 tokens, AdamW. The model must land

@@ -152,7 +152,8 @@ def main() -> int:
         report_memory(root, dense, args.seq_len, m, "activation checkpointing")
         # the plan's other activation term: the same run for a few steps without activation checkpointing,
         # where the plan says it fits the card
-        params["train"].update(activation_checkpointing=False, token_budget=3 * args.batch_size * args.seq_len * devices)
+        params["train"].update(activation_checkpointing=False,
+                               token_budget=3 * args.batch_size * args.seq_len * devices)
         (root / "params.yaml").write_text(yaml.safe_dump(params))
         need, card = estimate(root, dense, args.seq_len).total, torch.cuda.get_device_properties(0).total_memory / 1e9
         if need > 0.9 * card:
