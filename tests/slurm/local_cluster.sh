@@ -73,7 +73,7 @@ net_up() {  # two namespaces on a bridge; returns non-zero, having cleaned up, w
     net_down
     return 1
   fi
-  printf '%s\n' "$NET.11 lc1 $MARK" "$NET.12 lc2 $MARK" >> /etc/hosts
+  printf '%s\n' "$NET.11 lc1 $MARK" "$NET.12 lc2 $MARK" >> /etc/hosts || { net_down; return 1; }
 }
 
 nodes_talk() {  # node 2 reaches node 1's slurmd port (a bridge whose traffic a firewall drops fails here)
