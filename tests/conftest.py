@@ -126,6 +126,17 @@ def smollm2_dir(tmp_path_factory) -> Path:
     return out
 
 
+def short_piqa_mirror(out: Path, n: int = 8) -> Path:
+    """A PIQA-format release (``valid.jsonl`` + ``valid-labels.lst``) of ``n`` short made-up items, so that the
+    tiny model's 128-token context holds them (not PIQA's items, which live only in ../shared)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "valid.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"goal": f"To warm item {i},", "sol1": "heat it.", "sol2": "freeze it."}) + "\n")
+    (out / "valid-labels.lst").write_text("".join(f"{i % 2}\n" for i in range(n)))
+    return out
+
+
 @pytest.fixture(scope="session")
 def piqa_dir() -> Path:
     d = SHARED / "benchmarks" / "piqa"

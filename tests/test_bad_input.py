@@ -187,8 +187,8 @@ def test_unknown_task_is_refused_before_the_model_is_loaded(tiny_dir, tiny_prepa
         raise AssertionError("the model was loaded before the tasks were checked")
 
     monkeypatch.setattr(suite, "load_model", never)
-    cfg = dataclasses.replace(section("evaluate", load_params(REPO / "params.yaml")), tasks=["heldout_lastword",
-                                                                                           "no_such_task"])
+    cfg = dataclasses.replace(section("evaluate", load_params(REPO / "params.yaml")), optional_tasks=[],
+                              tasks=["heldout_lastword", "no_such_task"])
     with pytest.raises(ValueError, match=r"evaluate.tasks: 'no_such_task' is neither"):
         suite.evaluate_model(tiny_dir, tiny_prepared, cfg)
     cfg = dataclasses.replace(cfg, tasks=["piqa"], local_tasks={"piqa": "/no/such/piqa"})

@@ -34,6 +34,13 @@ def test_unknown_and_bad_keys_name_the_key():
         section("prepare", {"prepare": {"tasks": {"num_choices": 1}}})
     with pytest.raises(ValueError, match=r"evaluate.limit=0"):
         section("evaluate", {"evaluate": {"limit": 0}})
+    with pytest.raises(ValueError, match=r"evaluate.optional_tasks=\['piqa'\] is invalid: 'piqa' is not in evaluate.tasks"):
+        section("evaluate", {"evaluate": {"tasks": ["heldout_lastword"]}})
+    with pytest.raises(ValueError, match=r"evaluate.optional_tasks=\['arc_easy'\] is invalid: 'arc_easy' is not a key "
+                                         r"of evaluate.local_tasks"):
+        section("evaluate", {"evaluate": {"tasks": ["arc_easy"], "optional_tasks": ["arc_easy"]}})
+    with pytest.raises(ValueError, match=r"download.corpus.source='wikipedia'"):
+        section("download", {"download": {"corpus": {"source": "wikipedia"}}})
 
 
 from layerchop.pipeline import expand as _expand, interpolate as _interpolate_params  # noqa: E402

@@ -292,7 +292,11 @@ def test_equal_flop_arms_curves_and_figure4(tmp_path, tiny_dir, tiny_prepared):
     from layerchop.cli import main
     from layerchop.io import read_json, read_metadata
 
-    pfile, chopped = chopped_setup(tmp_path, tiny_dir, {}, evaluate=dict(ppl_max_sequences=4, limit=8, batch_size=4),
+    from conftest import short_piqa_mirror
+
+    piqa = short_piqa_mirror(tmp_path / "piqa")  # the general task, through the local-mirror path
+    pfile, chopped = chopped_setup(tmp_path, tiny_dir, {}, evaluate=dict(ppl_max_sequences=4, limit=8, batch_size=4,
+                                                                         local_tasks={"piqa": str(piqa)}),
                                    figure4={"flop_budget": 2.0e9})
     P = ["--params", str(pfile)]
     assert main(["evaluate", *P, "--model", str(chopped), "--data", str(tiny_prepared), "--out",
@@ -319,6 +323,9 @@ def test_equal_flop_arms_curves_and_figure4(tmp_path, tiny_dir, tiny_prepared):
     table = (tmp_path / "tables" / "distill.md").read_text()
     assert "LayerChop + distill" in table and "A100-hours @ 40% MFU" in table
     assert f"{kd['tokens']:,}" in table and f"{lm['tokens']:,}" in table
+    # in-domain and general accuracy, each with its item count, per arm and along the runs
+    assert "in-domain: heldout_lastword (acc_norm, n=8)" in table and "general: piqa (acc_norm, n=8)" in table
+    assert "| In-domain acc | General acc |" in table
     for ext in ("png", "pdf"):
         assert (tmp_path / "figs" / f"fig4_distill_vs_layerchop.{ext}").stat().st_size > 10_000
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from layerchop.data.prepare import IGNORE_INDEX, PackedDataset
 from layerchop.evaluate.harness import flat_task_metrics, piqa_rows_from_release, zero_shot
 from layerchop.evaluate.perplexity import perplexity
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_perplexity_matches_hand_computed_nll(tiny_dir, tiny_prepared):
@@ -42,7 +46,13 @@ def test_zero_shot_offline_tasks_through_lm_eval(tiny_dir, tiny_prepared):
     assert out["n-samples"]["heldout_lastword"]["effective"] == 12
     flat = flat_task_metrics(out)
     assert set(flat) == {f"eval/{t}/{m}" for t in ("heldout_continuation", "heldout_lastword")
-                         for m in ("acc", "acc_norm")}
+                         for m in ("n", "acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
+    for t in ("heldout_continuation", "heldout_lastword"):
+        n = out["n-samples"][t]["effective"]
+        assert flat[f"eval/{t}/n"] == n
+        for m in ("acc", "acc_norm"):  # binomial: sqrt(p (1 - p) / n)
+            p = flat[f"eval/{t}/{m}"]
+            assert flat[f"eval/{t}/{m}_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / n), rel=1e-12)
     # the same accuracies computed by hand from the task files (lm-eval's rule: the context's trailing spaces
     # move into the continuation, " " + choice scored as a sum of token log-probabilities; acc_norm divides by
     # the choice's length in characters): catches a wrong label, a task wired to other items or another model
@@ -179,3 +189,69 @@ def test_task_index_is_narrow_only_when_it_holds_every_name_as_a_task(tmp_path, 
     calls.clear()
     tm = task_manager_for(["piqa"], own)
     assert calls == [False] and tm.task_index["piqa"].yaml_path == own / "piqa.yaml"
+
+
+def _embedded_params(tmp_path, **evaluate):
+    """The repository's params.yaml (the embedded pipeline's), with ``evaluate`` keys overridden."""
+    import yaml
+
+    params = yaml.safe_load(open(REPO / "params.yaml"))
+    params["evaluate"].update(evaluate)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_evaluate_stage_runs_the_local_piqa_mirror_with_item_counts(tmp_path, tiny_dir, tiny_prepared, piqa_dir,
+                                                                     monkeypatch, capsys):
+    """The embedded pipeline's evaluation stage, as ``dvc repro`` runs it (``layerchop evaluate`` from the
+    repository root with its params.yaml: PIQA read in place from ../shared), reports every task with its item
+    count and binomial standard error."""
+    from layerchop.cli import main
+    from layerchop.io import read_json
+
+    monkeypatch.chdir(REPO)
+    default = yaml_load(REPO / "params.yaml")["evaluate"]
+    model = tmp_path / "tiny-long"  # the tiny model with a context that holds PIQA's longest item
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    tiny_dir = model
+    assert "piqa" in default["tasks"] and (REPO / default["local_tasks"]["piqa"]).resolve() == piqa_dir.resolve()
+    pfile = _embedded_params(tmp_path, limit=24, ppl_max_sequences=2)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--params", str(pfile), "--model", str(tiny_dir), "--data", str(tiny_prepared),
+                 "--out", str(out)]) == 0
+    metrics, results = read_json(out / "metrics.json"), read_json(out / "results.json")
+    assert {t: metrics[f"eval/{t}/n"] for t in default["tasks"]} == {
+        "heldout_continuation": 12, "heldout_lastword": 12, "piqa": 24}  # the tiny tasks hold 12 items
+    assert results["configs"]["piqa"]["doc_to_text"] == "Question: {{goal}}\nAnswer:"  # the standard task
+    assert results["configs"]["piqa"]["dataset_path"] == "json" and results["skipped_tasks"] == {}
+    for t in default["tasks"]:
+        p, n = metrics[f"eval/{t}/acc_norm"], metrics[f"eval/{t}/n"]
+        assert metrics[f"eval/{t}/acc_norm_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / n))
+    # PIQA's 24 items scored: the first 24 of the release, labels from valid-labels.lst (acc counts hits)
+    assert round(metrics["eval/piqa/acc"] * 24) == pytest.approx(metrics["eval/piqa/acc"] * 24, abs=1e-9)
+
+    # without ../shared the same stage runs, says so, and its results have no PIQA (rather than failing)
+    pfile = _embedded_params(tmp_path, limit=24, ppl_max_sequences=2,
+                             local_tasks={"piqa": str(tmp_path / "no-shared" / "benchmarks" / "piqa")})
+    capsys.readouterr()
+    assert main(["evaluate", "--params", str(pfile), "--model", str(tiny_dir), "--data", str(tiny_prepared),
+                 "--out", str(tmp_path / "eval2")]) == 0
+    said = capsys.readouterr().out
+    assert "skipping piqa: its local data" in said and "no-shared/benchmarks/piqa does not exist" in said
+    metrics2, results2 = read_json(tmp_path / "eval2" / "metrics.json"), read_json(tmp_path / "eval2" / "results.json")
+    assert not any(k.startswith("eval/piqa/") for k in metrics2) and set(results2["skipped_tasks"]) == {"piqa"}
+    assert metrics2["eval/heldout_lastword/acc"] == metrics["eval/heldout_lastword/acc"]
+    # not optional: the missing mirror is an error before any work (tested in test_bad_input too)
+    pfile = _embedded_params(tmp_path, optional_tasks=[], local_tasks={"piqa": str(tmp_path / "no-shared")})
+    assert main(["evaluate", "--params", str(pfile), "--model", str(tiny_dir), "--data", str(tiny_prepared),
+                 "--out", str(tmp_path / "eval3")]) == 2
+    assert "evaluate.local_tasks.piqa: " in capsys.readouterr().err and not (tmp_path / "eval3").exists()
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(open(path))

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from layerchop.report.tables import latex, markdown, table_rows
+from layerchop.report.tables import control_sentence, latex, markdown, missing_tasks, table_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _metrics(params, layers, tokens, val, test, accs):
+def _metrics(params, layers, tokens, val, test, accs, n=None):
+    """A metrics dict; ``n``: items per task, which adds the item counts and binomial standard errors the
+    evaluation stage writes."""
     m = {"params": params, "layers": layers, "tokens_trained": tokens, "val/ppl": val, "test/ppl": test}
     for task, (acc, acc_norm) in accs.items():
         m[f"eval/{task}/acc"] = acc
         m[f"eval/{task}/acc_norm"] = acc_norm
+        if n is not None:
+            m[f"eval/{task}/n"] = n
+            m[f"eval/{task}/acc_stderr"] = math.sqrt(acc * (1 - acc) / n)
+            m[f"eval/{task}/acc_norm_stderr"] = math.sqrt(acc_norm * (1 - acc_norm) / n)
     return m
 
 
@@ -30,7 +37,7 @@ def test_table_rows_average_uses_each_tasks_primary_metric():
                                                  {"piqa": (0.50, 0.52), "winogrande": (0.49, 0.51)})},
     ]
     header, body = table_rows(rows)
-    assert header[-3:] == ["piqa (acc_norm)", "winogrande (acc)", "Avg acc"]
+    assert header[-3:] == ["general: piqa (acc_norm)", "general: winogrande (acc)", "general avg"]
     assert body[0] == ["Dense", "134.5", "30", "0", "43.20", "41.00", "66.0", "52.0", "59.0"]
     assert body[1][4:6] == ["5.1e+08", "4e+08"]
     assert body[1][-1] == "50.5"
@@ -38,6 +45,30 @@ def test_table_rows_average_uses_each_tasks_primary_metric():
     assert md.count("\n|") == 3 and md.endswith("caption\n")
     tex = latex(header, body, "budget 100%")
     assert r"\begin{tabular}{lrrrrrrrr}" in tex and r"budget 100\%" in tex
+
+
+def test_in_domain_and_general_columns_carry_item_counts_and_standard_errors():
+    accs = {"heldout_continuation": (0.40, 0.30), "heldout_lastword": (0.20, 0.50), "piqa": (0.60, 0.62)}
+    dense = {"name": "dense", "label": "Dense", "metrics": _metrics(1e8, 30, 0, 90.0, 80.0, accs, n=200)}
+    cpt = {"name": "dense_cpt", "label": "Dense + CPT", "metrics": _metrics(
+        1e8, 30, 10, 60.0, 55.0, {**accs, "piqa": (0.55, 0.58)}, n=200)}
+    cpt["metrics"]["eval/piqa/n"] = 1000  # a task with more items than the others
+    cpt["metrics"]["eval/piqa/acc_norm_stderr"] = math.sqrt(0.58 * 0.42 / 1000)
+    header, body = table_rows([dense, cpt])
+    assert header[6:] == ["in-domain: heldout_continuation (acc, n=200)", "in-domain: heldout_lastword (acc_norm, n=200)",
+                          "in-domain avg", "general: piqa (acc_norm, n=200–1000)"]
+    # per cell: 100 p ± 100 sqrt(p (1 - p) / n); the average's error: sqrt(se1^2 + se2^2) / 2
+    se_c, se_l = math.sqrt(0.4 * 0.6 / 200), math.sqrt(0.5 * 0.5 / 200)
+    assert body[0][6:] == ["40.0 ± 3.5", "50.0 ± 3.5", f"45.0 ± {100 * math.hypot(se_c, se_l) / 2:.1f}",
+                           "62.0 ± 3.4"]
+    assert body[1][-1] == "58.0 ± 1.6"
+    # the control's change on each group, with the error of a difference of two independent estimates
+    se_piqa = math.hypot(math.sqrt(0.62 * 0.38 / 200), math.sqrt(0.58 * 0.42 / 1000))
+    assert control_sentence([dense, cpt]) == (
+        "Continued pretraining alone changes the dense model's accuracy by in-domain +0.0 "
+        f"(± {100 * math.hypot(se_c, se_l) / 2 * math.sqrt(2):.1f}) points, general -4.0 (± {100 * se_piqa:.1f}) points.")
+    assert control_sentence([dense]) == ""
+    assert missing_tasks([dense, cpt], ["heldout_lastword", "piqa", "arc_easy"]) == ["arc_easy"]
 
 
 def test_report_stage_from_metrics_files(tmp_path):
@@ -56,6 +87,10 @@ def test_report_stage_from_metrics_files(tmp_path):
     md = (tmp_path / "tables" / "main.md").read_text()
     assert "| LayerChop | 100.0 | 15 |" in md
     assert "removes 15 of 30 decoder layers (layout `input`: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])" in md
+    # the caption names the recovery corpus and what the accuracy columns measure, and the tasks not evaluated
+    assert "Recovery corpus: the lead sections of English Wikipedia's Vital Articles" in md
+    assert "| in-domain: heldout_lastword (acc_norm) |" in md
+    assert "Not evaluated: heldout_continuation, piqa" in md
     assert (tmp_path / "tables" / "main.tex").exists()
 
 
@@ -77,5 +112,6 @@ def test_figure1_stage_from_metrics_files(tmp_path):
     assert proc.returncode == 0, proc.stderr
     md = (tmp_path / "t" / "oneshot.md").read_text()
     assert "| Wanda 2:4 | 134.5 | 81.1 | 30 | 0 | 340.00 | 170.00 | 60.0 |" in md
+    assert "Not evaluated: heldout_continuation, piqa" in md
     for ext in ("png", "pdf"):
         assert (tmp_path / "f" / f"fig1_oneshot_vs_layerchop.{ext}").stat().st_size > 1000

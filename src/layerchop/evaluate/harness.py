@@ -13,6 +13,7 @@ Three kinds of task names are accepted:
 from __future__ import annotations
 
 import json
+import math
 import random
 import tempfile
 from pathlib import Path
@@ -175,12 +176,52 @@ def zero_shot(
     return json.loads(json.dumps(out, default=handle_non_serializable))
 
 
+def binomial_stderr(p: float, n: int) -> float:
+    """Standard error of an accuracy ``p`` measured on ``n`` independent items: ``sqrt(p (1 - p) / n)``."""
+    if n <= 0:
+        raise ValueError(f"binomial_stderr: n={n} items")
+    return math.sqrt(p * (1.0 - p) / n)
+
+
 def flat_task_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """``{"eval/<task>/<metric>": value}`` for acc and acc_norm of every task in lm-eval's output."""
-    flat = {}
+    """Flat DVC metrics of every task in lm-eval's output: ``eval/<task>/n`` (items scored) and, for acc and
+    acc_norm, ``eval/<task>/<metric>`` with its binomial standard error ``eval/<task>/<metric>_stderr``."""
+    flat: dict[str, float] = {}
+    samples = results.get("n-samples", {})
     for task, res in results["results"].items():
+        n = samples.get(task, {}).get("effective")
+        if not isinstance(n, int):
+            raise ValueError(f"lm-eval's output has no item count for task {task!r} (n-samples)")
+        flat[f"eval/{task}/n"] = n
         for metric in ("acc", "acc_norm"):
             value = res.get(f"{metric},none")
             if isinstance(value, (int, float)):
                 flat[f"eval/{task}/{metric}"] = float(value)
+                flat[f"eval/{task}/{metric}_stderr"] = binomial_stderr(float(value), n)
     return flat
+
+
+def is_in_domain(task: str) -> bool:
+    """Whether ``task`` is one of the tasks ``prepare`` builds from held-out documents of the training corpus
+    (in-domain recovery) rather than a benchmark from outside it (general ability)."""
+    from layerchop.data.tasks import TASK_NAMES
+
+    return task in TASK_NAMES
+
+
+def available_tasks(cfg) -> tuple[list[str], dict[str, str]]:
+    """The tasks of :class:`layerchop.config.EvaluateConfig` ``cfg`` to run now, and the skipped ones with why.
+
+    A task in ``evaluate.optional_tasks`` whose local mirror directory is absent (e.g. ``../shared`` is not beside
+    the checkout) is skipped with a message; any other missing data stays an error (:func:`check_tasks`).
+    """
+    run, skipped = [], {}
+    for name in cfg.tasks:
+        path = cfg.local_tasks.get(name)
+        if name in cfg.optional_tasks and path is not None and not Path(path).exists():
+            skipped[name] = f"{path} does not exist"
+            print(f"[evaluate] skipping {name}: its local data {path} does not exist (evaluate.optional_tasks); "
+                  f"the results have no {name} column", flush=True)
+        else:
+            run.append(name)
+    return run, skipped

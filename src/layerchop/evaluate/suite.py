@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from layerchop.data.prepare import check_data_matches_model
-from layerchop.evaluate.harness import check_tasks, flat_task_metrics, zero_shot
+from layerchop.evaluate.harness import available_tasks, check_tasks, flat_task_metrics, zero_shot
 from layerchop.evaluate.perplexity import perplexity
 from layerchop.io import load_model, load_tokenizer, num_params, read_metadata
 from layerchop.prune.masks import nonzero_params
@@ -17,11 +17,13 @@ def evaluate_model(model_dir: str | Path, data: str | Path, cfg) -> tuple[dict[s
     """Evaluate ``model_dir`` on prepared ``data`` with :class:`layerchop.config.EvaluateConfig` ``cfg``.
 
     Returns:
-        ``(metrics, results)``: flat DVC metrics (``val/ppl``, ``eval/<task>/<metric>``, ...) and
-        lm-eval's raw results.
+        ``(metrics, results)``: flat DVC metrics (``val/ppl``, ``eval/<task>/<metric>`` with its ``_stderr``,
+        ``eval/<task>/n``, ...) and lm-eval's raw results, with ``skipped_tasks`` (optional tasks whose local
+        data is absent, and why).
     """
     data = Path(data)
-    tasks = check_tasks(cfg.tasks, data / "tasks", cfg.local_tasks)  # before the model is loaded
+    names, skipped = available_tasks(cfg)
+    tasks = check_tasks(names, data / "tasks", cfg.local_tasks)  # before the model is loaded
     tokenizer = load_tokenizer(model_dir)
     check_data_matches_model(data, Path(model_dir), tokenizer)
     model = load_model(model_dir, dtype=cfg.dtype).to(cfg.device)
@@ -37,9 +39,15 @@ def evaluate_model(model_dir: str | Path, data: str | Path, cfg) -> tuple[dict[s
         ppl = perplexity(model, data, split, cfg.ppl_max_sequences, cfg.batch_size, cfg.device)
         metrics[f"{split}/ppl"] = ppl["ppl"]
         metrics[f"{split}/ppl_tokens"] = ppl["tokens"]
-    results = zero_shot(model, tokenizer, cfg.tasks, include_path=data / "tasks", local_tasks=cfg.local_tasks,
-                        batch_size=cfg.batch_size, limit=cfg.limit, seed=cfg.seed, device=cfg.device,
-                        task_manager=tasks)
-    metrics.update(flat_task_metrics(results))
+    metrics["eval_ppl_s"] = round(time.perf_counter() - t0, 1)
+    results: dict[str, Any] = {"results": {}}
+    if names:
+        t1 = time.perf_counter()
+        results = zero_shot(model, tokenizer, names, include_path=data / "tasks", local_tasks=cfg.local_tasks,
+                            batch_size=cfg.batch_size, limit=cfg.limit, seed=cfg.seed, device=cfg.device,
+                            task_manager=tasks)
+        metrics["eval_tasks_s"] = round(time.perf_counter() - t1, 1)
+        metrics.update(flat_task_metrics(results))
+    results["skipped_tasks"] = skipped
     metrics["eval_wall_s"] = round(time.perf_counter() - t0, 1)
     return metrics, results

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from layerchop.evaluate.harness import PRIMARY_METRIC
+from layerchop.evaluate.harness import PRIMARY_METRIC, is_in_domain
 
 
 def load_rows(eval_dir: str | Path, rows: dict[str, str], key: str) -> list[dict[str, Any]]:
@@ -41,16 +41,66 @@ def average_accuracy(metrics: dict[str, Any], cols: list[tuple[str, str]]) -> Op
     return None if not accs or any(a is None for a in accs) else sum(accs) / len(accs)
 
 
+def split_columns(cols: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(in-domain, general)``: the tasks built from held-out text of the training corpus, and the rest."""
+    return [c for c in cols if is_in_domain(c[0])], [c for c in cols if not is_in_domain(c[0])]
+
+
+def mean_accuracy(metrics: dict[str, Any], cols: list[tuple[str, str]]) -> Optional[tuple[float, Optional[float]]]:
+    """``(mean, stderr)`` of the primary metric over ``cols`` (stderr of a mean of independent tasks:
+    ``sqrt(sum se^2) / k``; None when a task has none); None if ``cols`` is empty or a task is missing."""
+    mean = average_accuracy(metrics, cols)
+    if mean is None:
+        return None
+    ses = [metrics.get(f"eval/{t}/{m}_stderr") for t, m in cols]
+    se = None if any(x is None for x in ses) else math.sqrt(sum(x * x for x in ses)) / len(ses)
+    return mean, se
+
+
+def fmt_acc(value: Optional[tuple[float, Optional[float]]]) -> str:
+    """``"43.8 ± 1.2"`` (percent) from ``(accuracy, stderr)``; ``"–"`` when missing."""
+    if value is None:
+        return "–"
+    mean, se = value
+    return f"{100 * mean:.1f}" if se is None else f"{100 * mean:.1f} ± {100 * se:.1f}"
+
+
+def _items(rows: list[dict[str, Any]], task: str) -> str:
+    ns = sorted({int(r["metrics"][f"eval/{task}/n"]) for r in rows if f"eval/{task}/n" in r["metrics"]})
+    return "" if not ns else f", n={ns[0]}" if len(ns) == 1 else f", n={ns[0]}–{ns[-1]}"
+
+
+def accuracy_header(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> list[str]:
+    """Headers of :func:`accuracy_cells`: each task (metric, items) marked in-domain or general, then the
+    average of each group that has more than one task."""
+    in_domain, general = split_columns(cols)
+    header = []
+    for group, gcols in (("in-domain", in_domain), ("general", general)):
+        header += [f"{group}: {t} ({m}{_items(rows, t)})" for t, m in gcols]
+        if len(gcols) > 1:
+            header.append(f"{group} avg")
+    return header
+
+
+def accuracy_cells(metrics: dict[str, Any], cols: list[tuple[str, str]]) -> list[str]:
+    """Accuracy ± binomial standard error (%) per task, then each group's average (see :func:`accuracy_header`)."""
+    in_domain, general = split_columns(cols)
+    cells = []
+    for gcols in (in_domain, general):
+        cells += [fmt_acc(mean_accuracy(metrics, [c])) for c in gcols]
+        if len(gcols) > 1:
+            cells.append(fmt_acc(mean_accuracy(metrics, gcols)))
+    return cells
+
+
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells. ``rows``: ``[{"label": str, "metrics": dict}]``."""
     cols = task_columns(rows)
     header = ["Model", "Params (M)", "Layers", "Tokens trained", "Val PPL", "Test PPL"]
-    header += [f"{t} ({m})" for t, m in cols] + ["Avg acc"]
+    header += accuracy_header(rows, cols)
     body = []
     for r in rows:
         m = r["metrics"]
-        accs = [m.get(f"eval/{t}/{metric}") for t, metric in cols]
-        avg = average_accuracy(m, cols)
         cells = [
             r["label"],
             f"{m['params'] / 1e6:.1f}",
@@ -59,10 +109,62 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
             fmt_ppl(m.get("val/ppl")),
             fmt_ppl(m.get("test/ppl")),
         ]
-        cells += ["–" if a is None else f"{100 * a:.1f}" for a in accs]
-        cells.append("–" if avg is None else f"{100 * avg:.1f}")
-        body.append(cells)
+        body.append(cells + accuracy_cells(m, cols))
     return header, body
+
+
+def control_sentence(rows: list[dict[str, Any]], base: str = "dense", control: str = "dense_cpt") -> str:
+    """What continued pretraining alone does to the dense model, per group of tasks, in points (empty when the
+    table has no such pair of rows)."""
+    by_name = {r["name"]: r["metrics"] for r in rows if "name" in r}
+    if base not in by_name or control not in by_name:
+        return ""
+    in_domain, general = split_columns(task_columns(rows))
+    parts = []
+    for group, gcols in (("in-domain", in_domain), ("general", general)):
+        a, b = mean_accuracy(by_name[base], gcols), mean_accuracy(by_name[control], gcols)
+        if a is None or b is None:
+            continue
+        se = (math.sqrt(a[1] ** 2 + b[1] ** 2) if a[1] is not None and b[1] is not None else None)
+        diff = 100 * (b[0] - a[0])
+        parts.append(f"{group} {diff:+.1f}" + ("" if se is None else f" (± {100 * se:.1f})") + " points")
+    return ("" if not parts else
+            "Continued pretraining alone changes the dense model's accuracy by " + ", ".join(parts) + ".")
+
+
+CORPUS_PHRASES = {
+    "wikipedia-vital": "the lead sections of English Wikipedia's Vital Articles (general-domain encyclopedic prose, "
+                       "CC BY-SA 4.0)",
+    "shakespeare": "Shakespeare and Milton (one narrow domain, Early Modern verse and drama: the in-domain tasks "
+                   "measure recovery on that domain only)",
+}
+
+
+def accuracy_caption(corpus, rows: list[dict[str, Any]], evaluate) -> str:
+    """The caption sentences on what the accuracy columns measure: the recovery corpus (``download.corpus``
+    section), in-domain vs general tasks, the standard error, the control's change and any task not evaluated."""
+    if corpus.source in CORPUS_PHRASES:
+        what = CORPUS_PHRASES[corpus.source]
+    elif corpus.source == "hub":
+        what = f"{corpus.hub_path} ({corpus.hub_name or 'default'}, {corpus.hub_split}) from the Hub"
+    else:
+        what = "local files (" + ", ".join(corpus.local_paths) + ")"
+    text = (f"Recovery corpus: {what}; perplexity on its held-out documents. Accuracy (%) ± binomial standard error "
+            "sqrt(p(1 - p) / n) over the n items of each task, 0-shot, lm-evaluation-harness, metric in brackets. "
+            "In-domain tasks are built from held-out documents of the recovery corpus (recovery on the training "
+            "domain); general tasks are standard benchmarks from outside it (general ability, the paper's question). ")
+    text += control_sentence(rows)
+    missing = missing_tasks(rows, evaluate.tasks)
+    if missing:
+        text += (f" Not evaluated: {', '.join(missing)} (an optional task whose local data was absent; see "
+                 "evaluate.optional_tasks).")
+    return text.strip()
+
+
+def missing_tasks(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
+    """The configured ``tasks`` that no row has a result for (e.g. an optional local mirror that was absent)."""
+    have = {k.split("/")[1] for r in rows for k in r["metrics"] if k.startswith("eval/")}
+    return [t for t in tasks if t not in have]
 
 
 def fmt_ppl(x) -> str:

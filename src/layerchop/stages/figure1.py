@@ -13,7 +13,7 @@ from pathlib import Path
 from layerchop.config import load_params, section
 from layerchop.io import staged
 from layerchop.report.oneshot import figure1, oneshot_table
-from layerchop.report.tables import load_rows, latex, markdown
+from layerchop.report.tables import accuracy_caption, load_rows, latex, markdown
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -30,8 +30,8 @@ def main(args: argparse.Namespace) -> None:
         "One-shot pruning (Wanda, SparseGPT; 50 % of every attention and MLP projection, N:M along the input "
         f"dimension) against LayerChop (50 % of the layers, then {train.token_budget:,} tokens of continued "
         "pretraining) and SparseGPT 2:4 with the same continued pretraining, masks fixed. Non-zero counts "
-        "include embeddings and norms; accuracy (%) averaged over the zero-shot tasks."
-    )
+        "include embeddings and norms. "
+    ) + accuracy_caption(section("download", params).corpus, rows, section("evaluate", params))
     header, body = oneshot_table(rows)
     with staged(args.tables, args.figures) as (tables, figures):  # all outputs or none
         (tables / "oneshot.md").write_text(markdown(header, body, caption))

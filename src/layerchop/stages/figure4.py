@@ -17,7 +17,7 @@ from pathlib import Path
 from layerchop.config import load_params, section
 from layerchop.io import read_json, staged
 from layerchop.report.compute import distill_tables, figure4, load_arms
-from layerchop.report.tables import markdown
+from layerchop.report.tables import accuracy_caption, markdown
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +45,9 @@ def main(args: argparse.Namespace) -> None:
         f"(student forward + backward, plus the teacher's forward for distillation). {cfg.gpu}-hours assume "
         f"{cfg.gpu_peak_flops / 1e12:.0f} TFLOP/s peak at {cfg.mfu:.0%} MFU (an assumption, not a measurement); "
         f"device-hours and s/step are measured wall time of the optimizer steps on the machine that ran the "
-        f"pipeline. Accuracy (%) from lm-evaluation-harness, metric per task in brackets."
-    )
+        f"pipeline. "
+    ) + accuracy_caption(section("download", params).corpus, [{"metrics": arm["series"][-1]["metrics"]}
+                                                             for arm in arms], section("evaluate", params))
     text = markdown(header, body, caption)
     text += "\n### Evaluations along the runs\n\n" + markdown(pheader, points, "Step 0 is the shared chopped model.")
     with staged(args.tables, args.figures) as (tables, figures):  # all outputs or none

@@ -13,7 +13,7 @@ from pathlib import Path
 from layerchop.config import load_params, section
 from layerchop.io import staged
 from layerchop.prune.chop import removed_indices
-from layerchop.report.tables import load_rows, latex, markdown, table_rows, training_curves
+from layerchop.report.tables import accuracy_caption, load_rows, latex, markdown, table_rows, training_curves
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -34,9 +34,8 @@ def main(args: argparse.Namespace) -> None:
     caption = (
         f"LayerChop removes {len(removed)} of {dense_layers} decoder layers ({how}: {removed}). "
         f"Continued pretraining budget: {train.token_budget:,} tokens (AdamW, peak lr {train.lr}, "
-        f"cosine to {train.min_lr_ratio}x). Perplexity on held-out documents; zero-shot accuracy (%) with "
-        "lm-evaluation-harness, metric per task in brackets; average over tasks."
-    )
+        f"cosine to {train.min_lr_ratio}x). "
+    ) + accuracy_caption(section("download", params).corpus, rows, section("evaluate", params))
     header, body = table_rows(rows)
     logs = {}
     if args.runs and args.figures:
