@@ -246,6 +246,7 @@ OUTPUT_CASES = [
     ("train", ["--init", "{model}", "--data", "{data}", "--out", "{tmp}/o", "--run-dir", "{tmp}/r", "--metrics",
                "{bad}"], "--metrics"),
     ("download", ["corpus", "--out", "{bad}"], "--out"),
+    ("benchmarks", ["--out", "{bad}"], "--out"),
 ]
 
 

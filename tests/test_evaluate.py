@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from layerchop.data.prepare import IGNORE_INDEX, PackedDataset
 from layerchop.evaluate.harness import flat_task_metrics, piqa_rows_from_release, zero_shot
 from layerchop.evaluate.perplexity import perplexity
+from conftest import short_piqa_mirror
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,7 +204,7 @@ def _embedded_params(tmp_path, **evaluate):
 
 
 def test_evaluate_stage_runs_the_local_piqa_mirror_with_item_counts(tmp_path, tiny_dir, tiny_prepared, piqa_dir,
-                                                                     monkeypatch, capsys):
+                                                                     monkeypatch):
     """The embedded pipeline's evaluation stage, as ``dvc repro`` runs it (``layerchop evaluate`` from the
     repository root with its params.yaml: PIQA read in place from ../shared), reports every task with its item
     count and binomial standard error."""
@@ -230,25 +231,65 @@ def test_evaluate_stage_runs_the_local_piqa_mirror_with_item_counts(tmp_path, ti
     for t in default["tasks"]:
         p, n = metrics[f"eval/{t}/acc_norm"], metrics[f"eval/{t}/n"]
         assert metrics[f"eval/{t}/acc_norm_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / n))
-    # PIQA's 24 items scored: the first 24 of the release, labels from valid-labels.lst (acc counts hits)
-    assert round(metrics["eval/piqa/acc"] * 24) == pytest.approx(metrics["eval/piqa/acc"] * 24, abs=1e-9)
+    # the stage scored PIQA's first 24 validation items with their labels from valid-labels.lst, in the standard
+    # prompt: the same accuracies by hand from the release files
+    labels = (piqa_dir / "valid-labels.lst").read_text().split()[:24]
+    items = tmp_path / "piqa24.jsonl"
+    with open(items, "w") as f:
+        for line, label in zip(open(piqa_dir / "valid.jsonl"), labels):
+            it = json.loads(line)
+            f.write(json.dumps({"context": f"Question: {it['goal']}\nAnswer:", "choices": [it["sol1"], it["sol2"]],
+                                "label": int(label)}) + "\n")
+    acc, acc_norm = hand_accuracy(AutoModelForCausalLM.from_pretrained(tiny_dir).eval(),
+                                  AutoTokenizer.from_pretrained(tiny_dir), items)
+    assert (metrics["eval/piqa/acc"], metrics["eval/piqa/acc_norm"]) == pytest.approx((acc, acc_norm), abs=1e-9)
 
-    # without ../shared the same stage runs, says so, and its results have no PIQA (rather than failing)
-    pfile = _embedded_params(tmp_path, limit=24, ppl_max_sequences=2,
-                             local_tasks={"piqa": str(tmp_path / "no-shared" / "benchmarks" / "piqa")})
-    capsys.readouterr()
+
+def test_evaluate_stage_without_shared_skips_piqa_and_says_so(tmp_path, tiny_dir, tiny_prepared, capsys):
+    """Where ../shared is absent, the embedded pipeline's evaluation stage runs, says so, and its results have
+    no PIQA (rather than failing); a mirror that is not optional is still an error before any work."""
+    from layerchop.cli import main
+    from layerchop.io import read_json
+
+    missing = tmp_path / "no-shared" / "benchmarks" / "piqa"
+    pfile = _embedded_params(tmp_path, limit=24, ppl_max_sequences=2, local_tasks={"piqa": str(missing)})
     assert main(["evaluate", "--params", str(pfile), "--model", str(tiny_dir), "--data", str(tiny_prepared),
                  "--out", str(tmp_path / "eval2")]) == 0
     said = capsys.readouterr().out
-    assert "skipping piqa: its local data" in said and "no-shared/benchmarks/piqa does not exist" in said
+    assert f"skipping piqa: its local data {missing} does not exist" in said
     metrics2, results2 = read_json(tmp_path / "eval2" / "metrics.json"), read_json(tmp_path / "eval2" / "results.json")
     assert not any(k.startswith("eval/piqa/") for k in metrics2) and set(results2["skipped_tasks"]) == {"piqa"}
-    assert metrics2["eval/heldout_lastword/acc"] == metrics["eval/heldout_lastword/acc"]
+    assert metrics2["eval/heldout_lastword/n"] == 12 and "eval/heldout_continuation/acc_stderr" in metrics2
     # not optional: the missing mirror is an error before any work (tested in test_bad_input too)
-    pfile = _embedded_params(tmp_path, optional_tasks=[], local_tasks={"piqa": str(tmp_path / "no-shared")})
+    pfile = _embedded_params(tmp_path, optional_tasks=[], local_tasks={"piqa": str(missing)})
     assert main(["evaluate", "--params", str(pfile), "--model", str(tiny_dir), "--data", str(tiny_prepared),
                  "--out", str(tmp_path / "eval3")]) == 2
     assert "evaluate.local_tasks.piqa: " in capsys.readouterr().err and not (tmp_path / "eval3").exists()
+
+
+def test_benchmarks_stage_records_which_local_data_is_there(tmp_path, capsys):
+    """``layerchop benchmarks`` (always re-run by DVC; the evaluations depend on its output): a local mirror's
+    presence and the sha256 of its files, so that a benchmark appearing or changing re-runs the evaluations."""
+    import hashlib
+
+    from layerchop.cli import main
+    from layerchop.io import read_json
+
+    mirror = short_piqa_mirror(tmp_path / "piqa")
+    pfile = _embedded_params(tmp_path, local_tasks={"piqa": str(mirror)})
+    assert main(["benchmarks", "--params", str(pfile), "--out", str(tmp_path / "b.json")]) == 0
+    first = read_json(tmp_path / "b.json")
+    assert first == {"piqa": {"path": str(mirror), "present": True, "sha256": {
+        f: hashlib.sha256((mirror / f).read_bytes()).hexdigest() for f in ("valid-labels.lst", "valid.jsonl")}}}
+    (mirror / "valid-labels.lst").write_text("1\n" * 8)  # the data changes: so does the record
+    assert main(["benchmarks", "--params", str(pfile), "--out", str(tmp_path / "b.json")]) == 0
+    assert read_json(tmp_path / "b.json")["piqa"]["sha256"]["valid-labels.lst"] != first["piqa"]["sha256"][
+        "valid-labels.lst"]
+    pfile = _embedded_params(tmp_path, local_tasks={"piqa": str(tmp_path / "absent")})
+    assert main(["benchmarks", "--params", str(pfile), "--out", str(tmp_path / "b.json")]) == 0
+    assert read_json(tmp_path / "b.json") == {"piqa": {"path": str(tmp_path / "absent"), "present": False,
+                                                       "sha256": {}}}
+    assert "[benchmarks] piqa: " + str(tmp_path / "absent") + " is absent" in capsys.readouterr().out
 
 
 def yaml_load(path):

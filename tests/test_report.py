@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from layerchop.report.tables import control_sentence, latex, markdown, missing_tasks, table_rows
+from layerchop.report.tables import accuracy_caption, control_sentence, latex, markdown, missing_tasks, table_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,9 +67,18 @@ def test_in_domain_and_general_columns_carry_item_counts_and_standard_errors():
     se_piqa = math.hypot(math.sqrt(0.62 * 0.38 / 200), math.sqrt(0.58 * 0.42 / 1000))
     assert control_sentence([dense, cpt]) == (
         "Continued pretraining alone changes the dense model's accuracy by in-domain +0.0 "
-        f"(± {100 * math.hypot(se_c, se_l) / 2 * math.sqrt(2):.1f}) points, general -4.0 (± {100 * se_piqa:.1f}) points.")
+        f"(± {100 * math.hypot(se_c, se_l) / 2 * math.sqrt(2):.1f}) points, general -4.0 (± {100 * se_piqa:.1f}) points "
+        "(± the error of a difference of independent estimates; both models answer the same items, so this "
+        "overstates the error of the change).")
     assert control_sentence([dense]) == ""
-    assert missing_tasks([dense, cpt], ["heldout_lastword", "piqa", "arc_easy"]) == ["arc_easy"]
+    assert missing_tasks([dense, cpt], ["heldout_lastword", "piqa", "arc_easy"]) == {"arc_easy": None}
+    del dense["metrics"]["eval/piqa/acc"], dense["metrics"]["eval/piqa/acc_norm"]
+    for k in ("n", "acc_stderr", "acc_norm_stderr"):
+        del dense["metrics"][f"eval/piqa/{k}"]
+    assert missing_tasks([dense, cpt], ["piqa"]) == {"piqa": ["Dense"]}  # a row scored without the task
+    caption = accuracy_caption(SimpleNamespace(source="wikipedia-vital"), [dense, cpt],
+                               SimpleNamespace(tasks=["heldout_lastword", "piqa"]))
+    assert "piqa has no result for: Dense (–)." in caption and "Not evaluated" not in caption
 
 
 def test_report_stage_from_metrics_files(tmp_path):
@@ -90,7 +100,7 @@ def test_report_stage_from_metrics_files(tmp_path):
     # the caption names the recovery corpus and what the accuracy columns measure, and the tasks not evaluated
     assert "Recovery corpus: the lead sections of English Wikipedia's Vital Articles" in md
     assert "| in-domain: heldout_lastword (acc_norm) |" in md
-    assert "Not evaluated: heldout_continuation, piqa" in md
+    assert "Not evaluated: heldout_continuation, piqa (no model has a result;" in md
     assert (tmp_path / "tables" / "main.tex").exists()
 
 
@@ -112,6 +122,6 @@ def test_figure1_stage_from_metrics_files(tmp_path):
     assert proc.returncode == 0, proc.stderr
     md = (tmp_path / "t" / "oneshot.md").read_text()
     assert "| Wanda 2:4 | 134.5 | 81.1 | 30 | 0 | 340.00 | 170.00 | 60.0 |" in md
-    assert "Not evaluated: heldout_continuation, piqa" in md
+    assert "Not evaluated: heldout_continuation, piqa (no model has a result;" in md
     for ext in ("png", "pdf"):
         assert (tmp_path / "f" / f"fig1_oneshot_vs_layerchop.{ext}").stat().st_size > 1000

@@ -5,7 +5,9 @@ Two multiple-choice tasks, scored by lm-eval's likelihood ranking with ``acc`` a
 * ``heldout_continuation``: a passage; choose its true continuation among ``num_choices`` candidates
   of the same length in words, the others drawn from elsewhere in the held-out text.
 * ``heldout_lastword``: a passage that ends one word before a line break; choose the true final word
-  of the line among candidates that are final words of other held-out lines.
+  of the line among candidates that are final words of other held-out lines. A "line" is what the corpus
+  breaks lines at: a verse line in Shakespeare, a whole paragraph in the Wikipedia leads (so there the task
+  asks for the last word of an article's lead paragraph).
 
 Each task is one JSONL file (``context``, ``choices``, ``label``) plus a YAML config in the same folder,
 so ``lm_eval --include_path <prepared>/tasks --tasks heldout_continuation`` runs them without this

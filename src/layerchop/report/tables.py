@@ -129,7 +129,9 @@ def control_sentence(rows: list[dict[str, Any]], base: str = "dense", control: s
         diff = 100 * (b[0] - a[0])
         parts.append(f"{group} {diff:+.1f}" + ("" if se is None else f" (± {100 * se:.1f})") + " points")
     return ("" if not parts else
-            "Continued pretraining alone changes the dense model's accuracy by " + ", ".join(parts) + ".")
+            "Continued pretraining alone changes the dense model's accuracy by " + ", ".join(parts) + " (± the "
+            "error of a difference of independent estimates; both models answer the same items, so this overstates "
+            "the error of the change).")
 
 
 CORPUS_PHRASES = {
@@ -150,21 +152,32 @@ def accuracy_caption(corpus, rows: list[dict[str, Any]], evaluate) -> str:
     else:
         what = "local files (" + ", ".join(corpus.local_paths) + ")"
     text = (f"Recovery corpus: {what}; perplexity on its held-out documents. Accuracy (%) ± binomial standard error "
-            "sqrt(p(1 - p) / n) over the n items of each task, 0-shot, lm-evaluation-harness, metric in brackets. "
+            "sqrt(p(1 - p) / n) over the n items of each task (an average's error: sqrt(sum se^2) / k, as if its tasks "
+            "were independent), 0-shot, lm-evaluation-harness, metric in brackets. "
             "In-domain tasks are built from held-out documents of the recovery corpus (recovery on the training "
             "domain); general tasks are standard benchmarks from outside it (general ability, the paper's question). ")
     text += control_sentence(rows)
     missing = missing_tasks(rows, evaluate.tasks)
-    if missing:
-        text += (f" Not evaluated: {', '.join(missing)} (an optional task whose local data was absent; see "
-                 "evaluate.optional_tasks).")
+    nowhere = [t for t, labels in missing.items() if labels is None]
+    if nowhere:
+        text += (f" Not evaluated: {', '.join(nowhere)} (no model has a result; an optional task is skipped when "
+                 "its local data is absent, see evaluate.optional_tasks and skipped_tasks in each results.json).")
+    for task, labels in missing.items():
+        if labels is not None:
+            text += f" {task} has no result for: {', '.join(labels)} (–)."
     return text.strip()
 
 
-def missing_tasks(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
-    """The configured ``tasks`` that no row has a result for (e.g. an optional local mirror that was absent)."""
-    have = {k.split("/")[1] for r in rows for k in r["metrics"] if k.startswith("eval/")}
-    return [t for t in tasks if t not in have]
+def missing_tasks(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, Optional[list[str]]]:
+    """The configured ``tasks`` without a result in some rows: ``{task: None}`` when no row has it (e.g. an optional
+    local mirror that was absent), ``{task: [labels of the rows without it]}`` when only some rows lack it."""
+    out: dict[str, Optional[list[str]]] = {}
+    for t in tasks:
+        lacking = [r.get("label", r.get("name", "?")) for r in rows
+                   if not any(k.startswith(f"eval/{t}/") for k in r["metrics"])]
+        if lacking:
+            out[t] = None if len(lacking) == len(rows) else lacking
+    return out
 
 
 def fmt_ppl(x) -> str:
