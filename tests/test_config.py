@@ -41,6 +41,19 @@ def test_unknown_and_bad_keys_name_the_key():
         section("evaluate", {"evaluate": {"tasks": ["arc_easy"], "optional_tasks": ["arc_easy"]}})
     with pytest.raises(ValueError, match=r"download.corpus.source='wikipedia'"):
         section("download", {"download": {"corpus": {"source": "wikipedia"}}})
+    with pytest.raises(ValueError, match=r"evaluate.autocast='float16'"):
+        section("evaluate", {"evaluate": {"autocast": "float16"}})
+    with pytest.raises(ValueError, match=r"evaluate.autocast='bfloat16' is invalid: autocast needs evaluate.dtype"):
+        section("evaluate", {"evaluate": {"autocast": "bfloat16", "dtype": "bfloat16"}})
+    with pytest.raises(ValueError, match=r"table6.layouts='diagonal'"):
+        section("table6", {"table6": {"layouts": ["input", "diagonal"]}})
+    with pytest.raises(ValueError, match=r"table6.layouts=\['ppl', 'ppl'\] is invalid: lists a layout twice"):
+        section("table6", {"table6": {"layouts": ["ppl", "ppl"]}})
+    with pytest.raises(ValueError, match=r"figure2.lr=0"):
+        section("figure2", {"figure2": {"lr": 0}})
+    with pytest.raises(ValueError, match=r"chop.num_calibration=0"):
+        section("chop", {"chop": {"num_calibration": 0}})
+    assert section("chop", {"chop": {"layout": "block-influence"}}).layout == "block-influence"
 
 
 from layerchop.pipeline import expand as _expand, interpolate as _interpolate_params  # noqa: E402
@@ -51,7 +64,7 @@ def test_dvc_stages_parse_and_reference_existing_code():
     parser = build_parser()
     params = load_params(REPO / "params.yaml")
     for name, stage in dvc["stages"].items():
-        for key, st in _expand(stage):
+        for key, st in _expand(stage, params):
             argv = shlex.split(_interpolate_params(st["cmd"], params))
             assert argv[0] == "layerchop", name
             parser.parse_args(argv[1:])  # exits on unknown arguments
@@ -68,20 +81,23 @@ def test_dvc_stages_parse_and_reference_existing_code():
 def test_every_evaluated_model_is_produced_by_a_stage():
     """evaluate@X reads data/models/X: some stage must write it."""
     dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
+    params = load_params(REPO / "params.yaml")
     outs, needed = set(), set()
     for name, stage in dvc["stages"].items():
-        for key, st in _expand(stage):
+        for key, st in _expand(stage, params):
             for o in st.get("outs", []):
                 outs.add(o if isinstance(o, str) else next(iter(o)))
-            if name == "evaluate":
-                needed.add(f"data/models/{key}")
-            if name == "curve":
-                needed |= {f"data/models/fig4-{key}", f"data/snapshots/fig4-{key}"}
-    assert needed <= outs, sorted(needed - outs)
+            if name in ("evaluate", "layout_evaluate", "curve"):
+                argv = shlex.split(_interpolate_params(st["cmd"], params))
+                for flag in ("--model", "--final", "--snapshots", "--init", "--like"):
+                    if flag in argv:
+                        needed.add(argv[argv.index(flag) + 1])
+    assert len(needed) > 20 and needed <= outs, sorted(needed - outs)
 
 
 def _keys(node, prefix=""):
-    if isinstance(node, dict) and not (prefix.endswith("rows") or prefix.endswith("local_tasks")):
+    if isinstance(node, dict) and not (prefix.endswith("rows") or prefix.endswith("local_tasks")
+                                       or prefix.endswith("labels")):
         return {k for key, v in node.items() for k in _keys(v, f"{prefix}.{key}" if prefix else key)} | {prefix}
     return {prefix}
 
@@ -102,8 +118,8 @@ def _train_arms(params: dict):
     """Every training stage of dvc.yaml with this params file: (name, parsed arguments)."""
     dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
     parser = build_parser()
-    for name in ("train", "fig4_train"):
-        for key, st in _expand(dvc["stages"][name]):
+    for name in ("train", "fig4_train", "fig2_train", "layout_train"):
+        for key, st in _expand(dvc["stages"][name], params):
             yield f"{name}@{key}", parser.parse_args(shlex.split(_interpolate_params(st["cmd"], params))[1:])
 
 
@@ -135,7 +151,7 @@ def test_every_training_stage_of_every_params_file_fits_its_budget(path):
         cfg = section("train", params)
         if args.flop_budget is not None:
             cfg = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
-        init = chopped if args.init.endswith("chopped") else dense
+        init = chopped if args.init.endswith(("chopped", "scratch-init")) else dense
         steps = plan_steps(cfg, seq_len, init, objective=args.objective, warm_steps=cfg.warm_start_steps
                            if args.warm_start else 0, dense_config=dense, teacher_config=dense,
                            distill_cfg=section("distill", params), mapping=kept)
@@ -146,7 +162,9 @@ def test_every_training_stage_of_every_params_file_fits_its_budget(path):
             prep = section("prepare", params)
             train_tokens = corpus.token_budget * (1 - prep.val_fraction - prep.test_fraction)
             assert steps.total_steps * steps.tokens_per_step <= train_tokens * cfg.max_data_passes, arm
-    assert sorted(warm_arms) == ["fig4_train@layerchop", "train@layerchop"]
+    layouts = section("table6", params).layouts
+    assert sorted(warm_arms) == sorted(["fig4_train@layerchop", "train@layerchop"]
+                                       + [f"layout_train@{x}" for x in layouts])
     # the one-shot N:M patterns of the prune matrix divide every projection's input width
     patterns = yaml.safe_load(open(REPO / "dvc.yaml"))["stages"]["prune"]["matrix"]["pattern"]
     head_dim = getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads

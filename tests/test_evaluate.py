@@ -219,7 +219,9 @@ def test_evaluate_stage_runs_the_local_piqa_mirror_with_item_counts(tmp_path, ti
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
     tiny_dir = model
     assert "piqa" in default["tasks"] and (REPO / default["local_tasks"]["piqa"]).resolve() == piqa_dir.resolve()
-    pfile = _embedded_params(tmp_path, limit=24, ppl_max_sequences=2)
+    # float32 throughout, so that the hand rescoring below can be exact (the repo's bf16 autocast is tested on its
+    # own: test_bf16_autocast_keeps_the_output_head_in_fp32_and_stays_near_fp32)
+    pfile = _embedded_params(tmp_path, limit=24, ppl_max_sequences=2, autocast=None)
     out = tmp_path / "eval"
     assert main(["evaluate", "--params", str(pfile), "--model", str(tiny_dir), "--data", str(tiny_prepared),
                  "--out", str(out)]) == 0
@@ -296,3 +298,35 @@ def yaml_load(path):
     import yaml
 
     return yaml.safe_load(open(path))
+
+
+def test_bf16_autocast_keeps_the_output_head_in_fp32_and_stays_near_fp32(tiny_dir, tiny_prepared):
+    """``evaluate.autocast: bfloat16``: the decoder's matmuls run in bf16 (lm-eval's own mixed precision for the tasks,
+    torch autocast for perplexity) while the output head gets float32 input and runs in float32; the numbers stay
+    close to the float32 evaluation's, and the model is unchanged afterwards."""
+    import dataclasses
+
+    from layerchop.config import EvaluateConfig
+    from layerchop.evaluate.suite import evaluate_model, fp32_output_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    seen = []
+    head = model.get_output_embeddings()
+    q = model.model.layers[0].self_attn.q_proj
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: seen.append((name, i[0].dtype, o.dtype)))
+             for name, m in (("head", head), ("q_proj", q))]
+    ids = torch.randint(3, 300, (2, 16))
+    with torch.no_grad(), fp32_output_head(model, "cpu"), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    assert ("q_proj", torch.float32, torch.bfloat16) in seen  # autocast is on for the decoder
+    assert ("head", torch.float32, torch.float32) in seen  # ... and off for the head
+    assert "forward" not in vars(head)  # restored
+    base = EvaluateConfig(tasks=["heldout_continuation", "heldout_lastword"], local_tasks={}, optional_tasks=[],
+                          ppl_max_sequences=8, limit=12)
+    m32, _ = evaluate_model(tiny_dir, tiny_prepared, base)
+    m16, _ = evaluate_model(tiny_dir, tiny_prepared, dataclasses.replace(base, autocast="bfloat16"))
+    assert m16["val/ppl"] == pytest.approx(m32["val/ppl"], rel=0.02) and m16["val/ppl"] != m32["val/ppl"]
+    for t in ("heldout_continuation", "heldout_lastword"):
+        assert abs(m16[f"eval/{t}/acc"] - m32[f"eval/{t}/acc"]) <= 2 / 12  # at most two of the 12 items flip

@@ -14,8 +14,8 @@ import os
 import sys
 import time
 
-STAGES = ("download", "prepare", "chop", "prune", "train", "benchmarks", "evaluate", "curve", "report", "figure1", "figure4",
-          "plan")
+STAGES = ("download", "prepare", "chop", "scratch", "prune", "train", "benchmarks", "evaluate", "curve", "report", "figure1", "figure4",
+          "figure2", "table6", "tables45", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,10 +21,11 @@ import yaml
 MODEL_SOURCES = ("smollm2-135m", "hub", "llama2-7b-shape")
 CORPUS_SOURCES = ("wikipedia-vital", "shakespeare", "hub", "local")
 LAYOUTS = ("input", "output", "middle", "max-gap", "both")
+SELECTIONS = ("angular", "block-influence", "ppl")  # data-driven layouts (layerchop.prune.select)
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 STRATEGIES = ("auto", "fsdp")
 LAUNCHERS = ("local", "torchrun", "slurm")
-ONE_TASK_STAGES = {"prune": "prune", "evaluate": "evaluate", "curve": "evaluate"}  # stage -> section with `device`
+ONE_TASK_STAGES = {"chop": "chop", "prune": "prune", "evaluate": "evaluate", "curve": "evaluate"}  # stage -> section with `device`
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
 GRAD_REDUCTIONS = ("step", "micro_batch")
 
@@ -185,20 +186,33 @@ class ChopConfig:
     """The ``chop`` section: which decoder layers LayerChop removes."""
 
     layout: Optional[str] = "input"
-    """Paper layout of the removed block: input, output, middle, max-gap, both (ignored if ``indices``)."""
+    """Layout of the removed layers (ignored if ``indices``): the paper's input, output, middle, max-gap, both;
+    or chosen from calibration data: angular, block-influence, ppl (:mod:`layerchop.prune.select`)."""
     num_remove: int = 15
     """How many layers the layout removes."""
     indices: Optional[list[int]] = None
     """Explicit 0-based layer indices to remove; overrides ``layout``."""
+    num_calibration: int = 32
+    """Data-driven layouts: calibration sequences sampled from the train split."""
+    calibration_seed: int = 0
+    """Data-driven layouts: seed of the calibration sample."""
+    batch_size: int = 8
+    """Data-driven layouts: calibration sequences per forward."""
+    device: str = "cpu"
+    """Data-driven layouts: where the scores are computed."""
 
     def __post_init__(self) -> None:
         if self.indices is None:
-            if self.layout not in LAYOUTS:
-                _fail("chop.layout", self.layout, f"choose one of {list(LAYOUTS)} or set chop.indices")
+            if self.layout not in LAYOUTS + SELECTIONS:
+                _fail("chop.layout", self.layout, f"choose one of {list(LAYOUTS + SELECTIONS)} or set chop.indices")
             if self.num_remove < 1:
                 _fail("chop.num_remove", self.num_remove, "must be >= 1 (removing nothing is the dense model)")
         elif not self.indices:
             _fail("chop.indices", self.indices, "removes no layer (the dense model); give indices or null")
+        check_device("chop.device", self.device)
+        for key in ("num_calibration", "batch_size"):
+            if getattr(self, key) <= 0:
+                _fail(f"chop.{key}", getattr(self, key), "must be > 0")
 
 
 @dataclass
@@ -413,6 +427,41 @@ class Figure4Config:
 
 
 @dataclass
+class Figure2Config:
+    """The ``figure2`` section: LayerChop against the same half-depth architecture trained from scratch. The
+    scratch arm trains on the same data with the same budget, batch, schedule and snapshots as Figure 4's LayerChop
+    arm (``figure4.flop_budget``, ``figure4.snapshots``: equal FLOPs per step, so equal steps and tokens) and its
+    own peak learning rate."""
+
+    seed: int = 0
+    """Seed of the random initialisation (transformers' standard init of the architecture)."""
+    lr: float = 3e-3
+    """Peak learning rate of the from-scratch run (pretraining-like; LayerChop keeps ``train.lr``)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            _fail("figure2.lr", self.lr, "must be > 0")
+
+
+@dataclass
+class Table6Config:
+    """The ``table6`` section: the layouts compared in Table 6 / Figure 5 (the ``layout_*`` stages of ``dvc.yaml``
+    run once per entry; each chops ``chop.num_remove`` layers and recovers with the ``train`` section)."""
+
+    layouts: list[str] = field(default_factory=lambda: list(LAYOUTS + SELECTIONS))
+    """Fixed layouts and data-driven selections to chop, recover and evaluate."""
+
+    def __post_init__(self) -> None:
+        if not self.layouts:
+            _fail("table6.layouts", self.layouts, "needs at least one layout")
+        for name in self.layouts:
+            if name not in LAYOUTS + SELECTIONS:
+                _fail("table6.layouts", name, f"choose from {list(LAYOUTS + SELECTIONS)}")
+        if len(set(self.layouts)) != len(self.layouts):
+            _fail("table6.layouts", self.layouts, "lists a layout twice")
+
+
+@dataclass
 class EvaluateConfig:
     """The ``evaluate`` section."""
 
@@ -432,10 +481,17 @@ class EvaluateConfig:
     """Seed for lm-eval (python, numpy, torch, few-shot)."""
     dtype: str = "float32"
     """dtype the model is evaluated in."""
+    autocast: Optional[str] = None
+    """``bfloat16``: run the decoder under torch autocast (matmuls in bf16, the residual stream, norms and the
+    output head in fp32); null: everything in ``dtype``. See ``experiments/LOG.md`` for its effect on the numbers."""
     device: str = "cpu"
     """Device for evaluation."""
 
     def __post_init__(self) -> None:
+        if self.autocast not in (None, "bfloat16"):
+            _fail("evaluate.autocast", self.autocast, "choose bfloat16 or null")
+        if self.autocast is not None and self.dtype != "float32":
+            _fail("evaluate.autocast", self.autocast, f"autocast needs evaluate.dtype float32, not {self.dtype!r}")
         if self.ppl_max_sequences < 0:
             _fail("evaluate.ppl_max_sequences", self.ppl_max_sequences, "must be >= 0")
         if self.batch_size <= 0:
@@ -474,6 +530,11 @@ class ReportConfig:
         "sparsegpt-2of4_cpt": "SparseGPT 2:4 + continued pretraining",
     })
     """Rows of Figure 1 and ``paper/tables/oneshot.md``: evaluation directory name -> label."""
+    extra_labels: dict[str, str] = field(default_factory=lambda: {
+        "fig4-layerchop": "LayerChop (Figure 4 arm)",
+        "fig4-distill": "LayerChop + distill (Figure 4 arm)",
+    })
+    """Labels of further models in Table 4 (model directory name -> label)."""
 
     def __post_init__(self) -> None:
         if not self.rows:
@@ -629,6 +690,8 @@ SECTIONS = {
     "train": TrainConfig,
     "distill": DistillConfig,
     "figure4": Figure4Config,
+    "figure2": Figure2Config,
+    "table6": Table6Config,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,
     "slurm": SlurmConfig,

@@ -9,13 +9,28 @@ import re
 import yaml
 
 
-def expand(stage: dict) -> list[tuple[str, dict]]:
-    """``(key, stage body)`` for every instance of a ``foreach`` or ``matrix`` stage (one ``("", stage)`` else)."""
+def _resolve(value, params: dict | None):
+    """A ``foreach`` / ``matrix`` value: a literal list or dict, or ``${section.key}`` naming one in params."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\$\{([A-Za-z0-9_.]+)\}", value.strip())
+        if m is None or params is None:
+            raise ValueError(f"dvc.yaml: cannot expand {value!r} without params")
+        node = params
+        for part in m.group(1).split("."):
+            node = node[part]
+        return node
+    return value
+
+
+def expand(stage: dict, params: dict | None = None) -> list[tuple[str, dict]]:
+    """``(key, stage body)`` for every instance of a ``foreach`` or ``matrix`` stage (one ``("", stage)`` else);
+    ``params`` resolves a list given as ``${section.key}``."""
     if "matrix" in stage:
-        names = list(stage["matrix"])
+        matrix = {n: _resolve(v, params) for n, v in stage["matrix"].items()}
+        names = list(matrix)
         body = {k: v for k, v in stage.items() if k != "matrix"}
         out = []
-        for combo in itertools.product(*(stage["matrix"][n] for n in names)):
+        for combo in itertools.product(*(matrix[n] for n in names)):
             text = yaml.safe_dump(body)
             for n, v in zip(names, combo):
                 text = text.replace("${item.%s}" % n, str(v))
@@ -23,7 +38,7 @@ def expand(stage: dict) -> list[tuple[str, dict]]:
         return out
     if "foreach" not in stage:
         return [("", stage)]
-    items = stage["foreach"]
+    items = _resolve(stage["foreach"], params)
     pairs = items.items() if isinstance(items, dict) else [(i, i) for i in items]
     out = []
     for key, item in pairs:
@@ -57,7 +72,7 @@ def stage_commands(dvc: dict, params: dict, names: tuple[str, ...]) -> list[tupl
     for name in names:
         if name not in dvc.get("stages", {}):
             continue
-        for key, body in expand(dvc["stages"][name]):
+        for key, body in expand(dvc["stages"][name], params):
             argv = shlex.split(interpolate(" ".join(body["cmd"].split()), params))
             out.append((f"{name}@{key}" if key else name, argv[1:]))
     return out

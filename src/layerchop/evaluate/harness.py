@@ -149,10 +149,12 @@ def zero_shot(
     seed: int = 1234,
     device: str = "cpu",
     task_manager=None,
+    autocast: Optional[str] = None,
 ) -> dict[str, Any]:
     """Run ``lm_eval.simple_evaluate`` zero-shot on an in-memory HF model.
 
     ``task_manager``: from :func:`check_tasks` (checked and indexed already); built here when None.
+    ``autocast``: dtype of lm-eval's mixed-precision forward (``mixed_precision_dtype``), or None.
 
     Returns:
         lm-eval's output (``results``, ``versions``, ``configs``, ...), made JSON-serialisable.
@@ -167,7 +169,8 @@ def zero_shot(
     with tempfile.TemporaryDirectory() as work:
         specs: list[Any] = [local_mirror_config(tm, name, local_tasks[name], Path(work)) if name in local_tasks
                             else name for name in tasks]
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                  mixed_precision_dtype=autocast)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=specs, num_fewshot=0, limit=limit, task_manager=tm, bootstrap_iters=0,
             log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,

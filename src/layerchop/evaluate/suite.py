@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+import torch
 
 from layerchop.data.prepare import check_data_matches_model
 from layerchop.evaluate.harness import available_tasks, check_tasks, flat_task_metrics, zero_shot
@@ -13,13 +16,40 @@ from layerchop.io import load_model, load_tokenizer, num_params, read_metadata
 from layerchop.prune.masks import nonzero_params
 
 
+@contextlib.contextmanager
+def fp32_output_head(model, device: str, enabled: bool = True):
+    """Inside autocast, keep ``model``'s output head in float32 (its input cast up, autocast off for it), so that
+    log-probabilities are not computed from logits rounded to bf16's 8 mantissa bits. No-op when not ``enabled``."""
+    if not enabled:
+        yield
+        return
+    head = model.get_output_embeddings()
+    forward = head.forward
+    kind = torch.device(device).type
+
+    def fp32_head(x):
+        with torch.autocast(device_type=kind, enabled=False):
+            return forward(x.float())
+
+    head.forward = fp32_head
+    try:
+        yield
+    finally:
+        del head.forward  # back to the class's method
+
+
+# what the evaluated model's layerchop.json says of how it was made (kept in results.json for the reports)
+PROVENANCE = ("stage", "method", "layout", "removed_layers", "kept_layers", "num_layers_before", "selection",
+              "objective", "tokens_trained", "pattern")
+
+
 def evaluate_model(model_dir: str | Path, data: str | Path, cfg) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate ``model_dir`` on prepared ``data`` with :class:`layerchop.config.EvaluateConfig` ``cfg``.
 
     Returns:
         ``(metrics, results)``: flat DVC metrics (``val/ppl``, ``eval/<task>/<metric>`` with its ``_stderr``,
         ``eval/<task>/n``, ...) and lm-eval's raw results, with ``skipped_tasks`` (optional tasks whose local
-        data is absent, and why).
+        data is absent, and why) and ``model`` (the model's provenance from its ``layerchop.json``).
     """
     data = Path(data)
     names, skipped = available_tasks(cfg)
@@ -36,18 +66,23 @@ def evaluate_model(model_dir: str | Path, data: str | Path, cfg) -> tuple[dict[s
         "tokens_trained": int(meta.get("tokens_trained", 0)),
     }
     for split in ("val", "test"):
-        ppl = perplexity(model, data, split, cfg.ppl_max_sequences, cfg.batch_size, cfg.device)
+        with fp32_output_head(model, cfg.device, cfg.autocast is not None), torch.autocast(
+                device_type=torch.device(cfg.device).type, dtype=getattr(torch, cfg.autocast or "bfloat16"),
+                enabled=cfg.autocast is not None):
+            ppl = perplexity(model, data, split, cfg.ppl_max_sequences, cfg.batch_size, cfg.device)
         metrics[f"{split}/ppl"] = ppl["ppl"]
         metrics[f"{split}/ppl_tokens"] = ppl["tokens"]
     metrics["eval_ppl_s"] = round(time.perf_counter() - t0, 1)
     results: dict[str, Any] = {"results": {}}
     if names:
         t1 = time.perf_counter()
-        results = zero_shot(model, tokenizer, names, include_path=data / "tasks", local_tasks=cfg.local_tasks,
-                            batch_size=cfg.batch_size, limit=cfg.limit, seed=cfg.seed, device=cfg.device,
-                            task_manager=tasks)
+        with fp32_output_head(model, cfg.device, cfg.autocast is not None):  # lm-eval's own autocast runs the rest
+            results = zero_shot(model, tokenizer, names, include_path=data / "tasks", local_tasks=cfg.local_tasks,
+                                batch_size=cfg.batch_size, limit=cfg.limit, seed=cfg.seed, device=cfg.device,
+                                task_manager=tasks, autocast=cfg.autocast)
         metrics["eval_tasks_s"] = round(time.perf_counter() - t1, 1)
         metrics.update(flat_task_metrics(results))
     results["skipped_tasks"] = skipped
+    results["model"] = {k: meta[k] for k in PROVENANCE if k in meta}
     metrics["eval_wall_s"] = round(time.perf_counter() - t0, 1)
     return metrics, results

@@ -12,9 +12,10 @@ from layerchop.train.flops import to_gpu_hours
 LABELS = {"lm": "LayerChop (continued pretraining)", "distill": "LayerChop + distill"}
 
 
-def arm_series(curve: dict[str, Any], start: dict[str, Any], cols) -> list[dict[str, Any]]:
-    """Points of one arm, starting at the shared chopped model (zero compute)."""
-    pts = [{"step": 0, "tokens": 0, "flops": 0, "device_s": 0.0, "metrics": start}] + curve["points"]
+def arm_series(curve: dict[str, Any], start: dict[str, Any] | None, cols) -> list[dict[str, Any]]:
+    """Points of one arm, starting at the shared chopped model (zero compute) when ``start`` is given."""
+    pts = ([{"step": 0, "tokens": 0, "flops": 0, "device_s": 0.0, "metrics": start}] if start is not None else [])
+    pts += curve["points"]
     in_domain, general = split_columns(cols)
     return [{**p, "val_ppl": p["metrics"].get("val/ppl"), "in_domain": mean_accuracy(p["metrics"], in_domain),
              "general": mean_accuracy(p["metrics"], general)} for p in pts]
@@ -96,3 +97,50 @@ def load_arms(curves: list[dict[str, Any]], start: dict[str, Any]) -> tuple[list
         arms.append({"label": LABELS.get(c["objective"], c["objective"]), "objective": c["objective"],
                      "compute": c["compute"], "distill": c.get("distill"), "series": arm_series(c, start, cols)})
     return arms, cols
+
+
+def figure2(arms: list[dict[str, Any]], out_stem: Path) -> None:
+    """Val perplexity (log) and each group's accuracy against training tokens, one line per arm (LayerChop starts at
+    the chopped model, the scratch arm at its first snapshot), ± 1 standard error at each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = [(k, t) for k, t in (("in_domain", "in-domain accuracy (%)"), ("general", "general accuracy (%)"))
+           if any(p[k] is not None for arm in arms for p in arm["series"])]
+    fig, axes = plt.subplots(1, 1 + len(acc), figsize=(4.6 * (1 + len(acc)), 3.8), squeeze=False)
+    for i, arm in enumerate(arms):
+        pts = arm["series"]
+        x = [p["tokens"] / 1e3 for p in pts]
+        axes[0, 0].plot(x, [p["val_ppl"] for p in pts], marker="o", color=f"C{i}", label=arm["label"])
+        for col, (key, _) in enumerate(acc, start=1):
+            y = [100 * p[key][0] if p[key] is not None else float("nan") for p in pts]
+            err = [100 * p[key][1] if p[key] is not None and p[key][1] is not None else 0.0 for p in pts]
+            axes[0, col].errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{i}", label=arm["label"])
+    axes[0, 0].set_yscale("log")
+    axes[0, 0].set_ylabel("validation perplexity (log scale)")
+    for col, (_, title) in enumerate(acc, start=1):
+        axes[0, col].set_ylabel(title)
+    for ax in axes.flat:
+        ax.set_xlabel("training tokens (thousands)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0, 0].legend(fontsize=8, loc="best")
+    fig.suptitle("LayerChop vs the same half-depth architecture pretrained from scratch (same data, tokens, batch)",
+                 fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out_stem)
+
+
+def points_table(arms: list[dict[str, Any]], cols) -> tuple[list[str], list[list[str]]]:
+    """One row per evaluation along each arm: compute so far, perplexity and each group's accuracy."""
+    in_domain, general = split_columns(cols)
+    header = ["Arm", "Step", "Tokens", "FLOPs", "Val PPL"] + (["In-domain acc"] if in_domain else []) + (
+        ["General acc"] if general else [])
+    body = []
+    for arm in arms:
+        for p in arm["series"]:
+            body.append([arm["label"], str(p["step"]), f"{p['tokens']:,}", f"{p['flops']:.3e}", fmt_ppl(p["val_ppl"])]
+                        + ([fmt_acc(p["in_domain"])] if in_domain else [])
+                        + ([fmt_acc(p["general"])] if general else []))
+    return header, body

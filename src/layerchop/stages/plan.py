@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-TRAIN_STAGES = ("train", "fig4_train")
+TRAIN_STAGES = ("train", "fig4_train", "fig2_train", "layout_train")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -76,8 +76,9 @@ def plan(params: dict, dvc: dict) -> dict:
         train_tokens = None
 
     chop_gb = model_dir_gb(chopped, dtype)
-    stages.append({"stage": "chop", "processes": 1, "host_gb": round(model_dir_gb(dense, dtype), 1),
-                   "disk_gb": round(chop_gb, 1)})
+    for name, _ in [("chop", [])] + stage_commands(dvc, params, ("layout_chop",)):
+        stages.append({"stage": name, "processes": 1, "host_gb": round(model_dir_gb(dense, dtype), 1),
+                       "disk_gb": round(chop_gb, 1)})
     prune_runs = stage_commands(dvc, params, ("prune",))
     if prune_runs:
         calib = 2 * pr.num_calibration * prep.seq_len * dense.hidden_size * 4 / 1e9  # layer inputs and outputs
@@ -98,7 +99,7 @@ def plan(params: dict, dvc: dict) -> dict:
         cfg = cfg0
         if args.flop_budget is not None:
             cfg = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
-        init = chopped if Path(args.init).name == "chopped" else dense
+        init = chopped if Path(args.init).name in ("chopped", "scratch-init") else dense  # same architecture
         if args.warm_start:
             if init is not chopped or args.objective != "lm":
                 raise ValueError(f"dvc.yaml {name}: --warm-start needs the chopped model as --init and objective lm "
@@ -139,7 +140,7 @@ def plan(params: dict, dvc: dict) -> dict:
             "largest_checkpoint_gb": round(checkpoint_gb(dense if warm else init), 1),
         })
 
-    evals = stage_commands(dvc, params, ("evaluate", "curve"))
+    evals = stage_commands(dvc, params, ("evaluate", "layout_evaluate", "curve"))
     if evals:
         e_bytes = 2 if ev.dtype in ("bfloat16", "float16") else 4
         eval_gb = count_params(dense) * e_bytes / 1e9 + ev.batch_size * prep.seq_len * dense.vocab_size * 4 / 1e9

@@ -42,6 +42,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="uncompressed teacher (HF directory) for --objective distill")
     p.add_argument("--flop-budget", type=float, default=None,
                    help="train to this many FLOPs instead of train.token_budget")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate instead of train.lr (e.g. figure2.lr)")
     p.add_argument("--warm-start", action="store_true",
                    help="the paper's warm optimizer: the first train.warm_start_steps steps on the uncompressed "
                         "model the chopped --init came from (LayerChop arms only)")
@@ -63,6 +64,10 @@ def main(args: argparse.Namespace) -> int:
         if not args.flop_budget > 0:
             raise ValueError(f"--flop-budget {args.flop_budget} must be > 0")
         cfg = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise ValueError(f"--lr {args.lr} must be > 0")
+        cfg = dataclasses.replace(cfg, lr=args.lr)
     if args.snapshots and args.snapshot_dir is None:
         raise ValueError(f"--snapshots {args.snapshots} needs --snapshot-dir")
     distill = section("distill", params) if args.objective == "distill" else None

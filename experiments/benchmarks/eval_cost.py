@@ -1,0 +1,69 @@
+"""Where an evaluation's time goes, and what bf16 autocast and batch size change (numbers and time).
+
+Runs :func:`layerchop.evaluate.suite.evaluate_model` on one model with the ``evaluate`` section of
+``params.yaml`` and small overrides, side by side in one process, and prints for each variant the seconds
+spent on perplexity and on lm-eval's requests, and every metric with its difference from the first variant
+(in points for accuracies, in % for perplexities). Prints numbers; asserts nothing. From the repository root,
+after ``dvc repro prepare download_model``:
+
+    python experiments/benchmarks/eval_cost.py --model data/models/dense --limit 300 \
+        --variants fp32-b8,bf16-b8,fp32-b32,bf16-b32
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+
+from layerchop.config import section
+from layerchop.evaluate.suite import evaluate_model
+
+
+def parse(name: str) -> dict:
+    prec, batch = name.split("-b")
+    if prec not in ("fp32", "bf16"):
+        raise ValueError(f"--variants: {name!r} (expected fp32-bN or bf16-bN)")
+    return {"autocast": "bfloat16" if prec == "bf16" else None, "batch_size": int(batch)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="data/models/dense")
+    p.add_argument("--data", default="data/prepared")
+    p.add_argument("--limit", type=int, default=None, help="items per task (default: evaluate.limit)")
+    p.add_argument("--variants", default="fp32-b8,bf16-b8")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = section("evaluate")
+    if args.limit:
+        base = dataclasses.replace(base, limit=args.limit)
+    print(f"# {args.model}, limit {base.limit}, tasks {base.tasks}, torch threads {torch.get_num_threads()}",
+          flush=True)
+    rows = []
+    for name in args.variants.split(","):
+        cfg = dataclasses.replace(base, **parse(name))
+        metrics, _ = evaluate_model(args.model, args.data, cfg)
+        rows.append((name, metrics))
+        print(json.dumps({"variant": name, **{k: v for k, v in metrics.items() if k.endswith("_s")}}), flush=True)
+    ref = rows[0][1]
+    keys = [k for k in ref if k.endswith("/ppl") or (k.startswith("eval/") and k.rsplit("/", 1)[1] in ("acc", "acc_norm"))]
+    print("\n| variant | ppl s | tasks s | total s | speed-up | " + " | ".join(keys) + " |")
+    print("|---" * (5 + len(keys)) + "|")
+    for name, m in rows:
+        cells = []
+        for k in keys:
+            if k.endswith("/ppl"):
+                cells.append(f"{m[k]:.3f} ({100 * (m[k] / ref[k] - 1):+.2f} %)")
+            else:
+                cells.append(f"{100 * m[k]:.1f} ({100 * (m[k] - ref[k]):+.1f})")
+        print(f"| {name} | {m['eval_ppl_s']} | {m.get('eval_tasks_s', 0)} | {m['eval_wall_s']} | "
+              f"{ref['eval_wall_s'] / m['eval_wall_s']:.2f}x | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

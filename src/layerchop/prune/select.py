@@ -1,0 +1,172 @@
+"""Data-driven choice of the decoder layers to remove (beyond the paper's fixed layouts).
+
+Three criteria from the depth-pruning literature, each computed on calibration sequences from the train
+split with the *uncompressed* model, and each turned into ``num_remove`` indices that keep the first and the
+last layer (as every LayerChop layout does):
+
+* ``angular`` (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"): for every
+  contiguous block of ``n = num_remove`` layers starting at ``l``, the angular distance
+  ``arccos(cos(h_l, h_{l+n})) / pi`` between the hidden state entering the block and the one leaving it;
+  the block with the smallest distance goes. Averaged over every token position (the paper uses the last
+  token of each prompt; packed sequences have no natural last token).
+* ``block-influence`` (ShortGPT, Men et al. 2024): per layer ``BI_i = 1 - mean_t cos(h_i, h_{i+1})``; the
+  ``num_remove`` layers of lowest influence go.
+* ``ppl`` (Shortened LLaMA, Kim et al. 2024, its PPL criterion): per layer, the calibration perplexity of
+  the model with that one layer removed; the ``num_remove`` layers whose removal raises it least go
+  (scored one at a time, removed together, as in that paper's one-shot variant).
+
+``h_i`` is the residual stream entering decoder layer ``i`` (``h_L`` leaves the last layer, before the
+final norm). All functions are pure: they read the model and return numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from layerchop.config import SELECTIONS as CRITERIA
+from layerchop.prune.chop import decoder_layers
+
+
+@torch.no_grad()
+def residual_streams(model: nn.Module, ids_BT: torch.Tensor) -> list[torch.Tensor]:
+    """``[h_0, ..., h_L]`` for one batch: the input of every decoder layer, then the last layer's output."""
+    layers = decoder_layers(model)
+    streams: list[torch.Tensor] = []
+
+    def pre(module, args, kwargs):
+        streams.append((args[0] if args else kwargs["hidden_states"]).detach().float())
+
+    def post(module, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        streams.append(out.detach().float())
+
+    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in layers]
+    handles.append(layers[-1].register_forward_hook(post, with_kwargs=True))
+    try:
+        model(input_ids=ids_BT, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return streams
+
+
+def _batches(calib_NT: torch.Tensor, batch_size: int, desc: str):
+    starts = range(0, calib_NT.shape[0], batch_size)
+    return tqdm(starts, desc=desc, unit="batch", total=len(starts))
+
+
+@torch.no_grad()
+def stream_similarity_scores(model: nn.Module, calib_NT: torch.Tensor, block: int, *, batch_size: int = 8,
+                             device: str | torch.device = "cpu") -> dict[str, list[float]]:
+    """Block Influence per layer and angular distance per contiguous block of ``block`` layers.
+
+    Returns:
+        ``{"block-influence": [BI_0 .. BI_{L-1}], "angular": [d_0 .. d_{L-block}]}`` where ``d_l`` is the mean
+        angular distance (in units of pi) between ``h_l`` and ``h_{l+block}``, over all calibration tokens.
+    """
+    model.eval().to(device)
+    num_layers = len(decoder_layers(model))
+    if not 1 <= block <= num_layers:
+        raise ValueError(f"block={block}: must be 1..{num_layers}")
+    cos_sum = torch.zeros(num_layers, dtype=torch.float64)
+    ang_sum = torch.zeros(num_layers - block + 1, dtype=torch.float64)
+    count = 0
+    for i in _batches(calib_NT, batch_size, "scores"):
+        h = residual_streams(model, calib_NT[i : i + batch_size].to(device))
+        for layer in range(num_layers):
+            cos_sum[layer] += F.cosine_similarity(h[layer], h[layer + 1], dim=-1).double().sum().cpu()
+        for start in range(num_layers - block + 1):
+            cos = F.cosine_similarity(h[start], h[start + block], dim=-1).double().clamp(-1.0, 1.0)
+            ang_sum[start] += (torch.arccos(cos) / math.pi).sum().cpu()
+        count += h[0].shape[0] * h[0].shape[1]
+    return {"block-influence": (1.0 - cos_sum / count).tolist(), "angular": (ang_sum / count).tolist()}
+
+
+@torch.no_grad()
+def mean_nll(model: nn.Module, calib_NT: torch.Tensor, batch_size: int, device) -> float:
+    """Mean next-token negative log-likelihood of the calibration sequences (float64 accumulation)."""
+    total, count = 0.0, 0
+    for i in range(0, calib_NT.shape[0], batch_size):
+        ids = calib_NT[i : i + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll.double())
+        count += ids[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def ppl_without_each_layer(model: nn.Module, calib_NT: torch.Tensor, *, batch_size: int = 8,
+                           device: str | torch.device = "cpu", layers: Sequence[int] | None = None) -> dict:
+    """Calibration perplexity of the full model and of the model with each one layer left out.
+
+    The layer list is swapped for one without layer ``i`` for the duration of a pass (no copy of weights;
+    the model is restored afterwards, also on error).
+
+    Returns:
+        ``{"full": ppl, "without": [ppl without layer 0, ...]}`` (``None`` for layers not in ``layers``).
+    """
+    model.eval().to(device)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    original = decoder.layers
+    num_layers = len(original)
+    which = list(range(num_layers)) if layers is None else list(layers)
+    full = math.exp(mean_nll(model, calib_NT, batch_size, device))
+    without: list = [None] * num_layers
+    try:
+        for i in tqdm(which, desc="ppl without layer", unit="layer"):
+            decoder.layers = nn.ModuleList([m for j, m in enumerate(original) if j != i])
+            without[i] = math.exp(mean_nll(model, calib_NT, batch_size, device))
+    finally:
+        decoder.layers = original
+    return {"full": full, "without": without}
+
+
+def lowest(scores: Sequence[float | None], k: int, candidates: Sequence[int]) -> list[int]:
+    """The ``k`` candidates of lowest score (ties: the lower index), sorted."""
+    if k > len(candidates):
+        raise ValueError(f"num_remove={k} is more than the {len(candidates)} removable layers")
+    ranked = sorted(candidates, key=lambda i: (scores[i], i))
+    return sorted(ranked[:k])
+
+
+def select_layers(criterion: str, scores: dict, num_layers: int, num_remove: int) -> list[int]:
+    """Indices to remove from ``scores`` (of :func:`layer_scores`), never the first or last layer."""
+    interior = list(range(1, num_layers - 1))
+    if criterion == "block-influence":
+        return lowest(scores["block-influence"], num_remove, interior)
+    if criterion == "ppl":
+        return lowest(scores["ppl_without"], num_remove, interior)
+    if criterion == "angular":
+        starts = [s for s in range(1, num_layers - num_remove) if s + num_remove <= num_layers - 1]
+        if not starts:
+            raise ValueError(f"num_remove={num_remove}: no block of that many layers between the first and last "
+                             f"of {num_layers}")
+        best = min(starts, key=lambda s: (scores["angular"][s], s))
+        return list(range(best, best + num_remove))
+    raise ValueError(f"criterion {criterion!r}: choose one of {list(CRITERIA)}")
+
+
+def layer_scores(criterion: str, model: nn.Module, calib_NT: torch.Tensor, num_remove: int, *,
+                 batch_size: int = 8, device: str | torch.device = "cpu") -> dict:
+    """The scores ``criterion`` ranks layers (or blocks) by, as JSON-able lists indexed by layer (block start)."""
+    if criterion in ("angular", "block-influence"):
+        s = stream_similarity_scores(model, calib_NT, num_remove, batch_size=batch_size, device=device)
+        return {"criterion": criterion, "block": num_remove, **s}
+    if criterion == "ppl":
+        r = ppl_without_each_layer(model, calib_NT, batch_size=batch_size, device=device)
+        return {"criterion": criterion, "ppl_full": r["full"], "ppl_without": r["without"]}
+    raise ValueError(f"criterion {criterion!r}: choose one of {list(CRITERIA)}")
+
+
+SCORE_LABELS: dict[str, Callable[[dict], tuple[str, list]]] = {
+    "angular": lambda s: (f"angular distance h_l -> h_l+{s['block']} (block start l)", s["angular"]),
+    "block-influence": lambda s: ("block influence 1 - cos(h_i, h_i+1)", s["block-influence"]),
+    "ppl": lambda s: ("calibration ppl without layer i", s["ppl_without"]),
+}

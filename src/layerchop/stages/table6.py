@@ -1,0 +1,56 @@
+"""Stage ``table6``: Table 6 and Figure 5 (which layers to remove), from metrics and model metadata only.
+
+Example::
+
+    layerchop table6 --eval data/eval/layouts --dense data/eval/dense/metrics.json --tables paper/tables \
+        --figures paper/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from layerchop.config import load_params, section
+from layerchop.io import read_json, staged, write_json
+from layerchop.report.layouts import figure5, findings, findings_text, layouts_table, load_layouts
+from layerchop.report.tables import accuracy_caption, latex, markdown
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", required=True, help="directory of <layout>/{chopped,recovered}/ (metrics.json, results.json)")
+    p.add_argument("--dense", required=True, help="the dense model's metrics.json (reference row)")
+    p.add_argument("--tables", required=True, help="output directory for layouts.md / layouts.tex / layouts.json")
+    p.add_argument("--figures", required=True, help="output directory for fig5_layouts.{png,pdf}")
+
+
+def main(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    layouts, chop, train = section("table6", params).layouts, section("chop", params), section("train", params)
+    rows = load_layouts(layouts, args.eval)
+    if len({(len(r["removed"]), r["num_layers"]) for r in rows}) > 1:
+        raise ValueError(f"{args.eval}: the layouts remove different numbers of layers "
+                         f"({ {r['name']: len(r['removed']) for r in rows} }); Table 6 compares equal depths")
+    dense = read_json(args.dense)
+    header, body = layouts_table(rows, dense)
+    f = findings(rows, dense)
+    caption = (
+        f"Which layers to remove: each layout drops {len(rows[0]['removed'])} of {rows[0]['num_layers']} decoder layers "
+        f"(never the first or last), then recovers with the same {train.token_budget:,} tokens of continued "
+        "pretraining. Fixed layouts are the paper's; data-driven ones rank the dense model's layers on "
+        f"{chop.num_calibration} calibration sequences of the train split (angular: the contiguous block whose input "
+        "and output hidden states are closest in angle, Gromov et al.; block-influence: the layers of lowest "
+        "1 - cos(input, output), ShortGPT; ppl: the layers whose single removal raises calibration perplexity least, "
+        "Shortened LLaMA). " + findings_text(f) + " "
+    ) + accuracy_caption(section("download", params).corpus,
+                         [{"name": f"{r['name']}/{s}", "label": f"{r['name']} ({s})", "metrics": r[s]}
+                          for r in rows for s in ("chopped", "recovered")] + [{"name": "dense", "label": "Dense",
+                                                                               "metrics": dense}],
+                         section("evaluate", params))
+    with staged(args.tables, args.figures) as (tables, figures):  # all outputs or none
+        (tables / "layouts.md").write_text(markdown(header, body, caption))
+        (tables / "layouts.tex").write_text(latex(header, body, caption, label="tab:layouts"))
+        write_json(tables / "layouts.json", {"findings": f, "layouts": [
+            {k: r[k] for k in ("name", "removed", "selection")} for r in rows]})
+        figure5(rows, dense, figures / "fig5_layouts")
+    print((Path(args.tables) / "layouts.md").read_text())
