@@ -163,6 +163,8 @@ STAGES_WITH_A_MODEL = [
     ("prepare", "--model", ["--corpus", "{tmp}/corpus", "--out", "{tmp}/out"]),
     ("train", "--init", ["--data", "{data}", "--out", "{tmp}/out", "--run-dir", "{tmp}/run"]),
     ("curve", "--final", ["--snapshots", "{tmp}/snaps", "--data", "{data}", "--out", "{tmp}/out"]),
+    ("scratch", "--like", ["--out", "{tmp}/out"]),
+    ("tables45", "--models", ["--results", "{tmp}/results.json", "--tables", "{tmp}/out"]),
 ]
 
 
@@ -247,6 +249,12 @@ OUTPUT_CASES = [
                "{bad}"], "--metrics"),
     ("download", ["corpus", "--out", "{bad}"], "--out"),
     ("benchmarks", ["--out", "{bad}"], "--out"),
+    ("scratch", ["--like", "{model}", "--out", "{bad}"], "--out"),
+    ("figure2", ["--layerchop", "{tmp}/a.json", "--scratch", "{tmp}/b.json", "--start", "{tmp}/c.json", "--tables",
+                 "{tmp}/t", "--figures", "{bad}"], "--figures"),
+    ("table6", ["--eval", "{tmp}/eval", "--dense", "{tmp}/d.json", "--tables", "{bad}", "--figures", "{tmp}/f"],
+     "--tables"),
+    ("tables45", ["--models", "{model}", "--results", "{tmp}/r.json", "--tables", "{bad}"], "--tables"),
 ]
 
 
