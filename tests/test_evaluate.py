@@ -323,6 +323,11 @@ def test_bf16_autocast_keeps_the_output_head_in_fp32_and_stays_near_fp32(tiny_di
     assert ("q_proj", torch.float32, torch.bfloat16) in seen  # autocast is on for the decoder
     assert ("head", torch.float32, torch.float32) in seen  # ... and off for the head
     assert "forward" not in vars(head)  # restored
+    marker = lambda x: "instance forward"  # noqa: E731  (an instance-level forward, as accelerate's hooks set)
+    head.forward = marker
+    with fp32_output_head(model, "cpu"):
+        assert head.forward is not marker
+    assert head.forward is marker
     base = EvaluateConfig(tasks=["heldout_continuation", "heldout_lastword"], local_tasks={}, optional_tasks=[],
                           ppl_max_sequences=8, limit=12)
     m32, _ = evaluate_model(tiny_dir, tiny_prepared, base)
