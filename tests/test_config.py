@@ -120,7 +120,8 @@ def _train_arms(params: dict):
     parser = build_parser()
     for name in ("train", "fig4_train", "fig2_train", "layout_train"):
         for key, st in _expand(dvc["stages"][name], params):
-            yield f"{name}@{key}", parser.parse_args(shlex.split(_interpolate_params(st["cmd"], params))[1:])
+            yield f"{name}@{key}" if key else name, parser.parse_args(
+                shlex.split(_interpolate_params(st["cmd"], params))[1:])
 
 
 @pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: str(p.relative_to(REPO)))
@@ -188,3 +189,33 @@ def test_budgets_that_do_not_fit_are_refused_naming_the_keys():
     with pytest.raises(ValueError, match=r"train.warm_start_steps=500 uses the whole budget \(train.token_budget="):
         plan_steps(TrainConfig(token_budget=500 * 4 * 16 * 32 * 2048, warm_start_steps=500, **base), 2048, dense,
                    warm_steps=500, dense_config=dense)
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_figure2_scratch_arm_trains_as_many_tokens_as_the_layerchop_arm(path):
+    """Figure 2 compares equal token budgets: the scratch arm (no warm start, ``figure2.flop_budget``) and Figure 4's
+    LayerChop arm (whose warm-start steps cost the dense model's FLOPs) plan the same steps and tokens."""
+    import copy
+    import dataclasses
+
+    from layerchop.data.sources import known_config
+    from layerchop.prune.chop import removed_indices
+    from layerchop.train.plan import plan_steps
+
+    params = load_params(path)
+    dense = known_config(section("download", params).model)
+    chop = section("chop", params)
+    chopped = copy.deepcopy(dense)
+    chopped.num_hidden_layers -= len(removed_indices(dense.num_hidden_layers, layout=chop.layout,
+                                                     num_remove=chop.num_remove, indices=chop.indices))
+    arms = dict(_train_arms(params))
+    seq_len, cfg = section("prepare", params).seq_len, section("train", params)
+    planned = {}
+    for arm in ("fig4_train@layerchop", "fig2_train"):
+        args = arms[arm]
+        c = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
+        s = plan_steps(c, seq_len, chopped, warm_steps=cfg.warm_start_steps if args.warm_start else 0,
+                       dense_config=dense)
+        planned[arm] = (s.total_steps, s.total_steps * s.tokens_per_step)
+    assert planned["fig2_train"] == planned["fig4_train@layerchop"], planned
+    assert arms["fig2_train"].snapshots == arms["fig4_train@layerchop"].snapshots

@@ -300,7 +300,7 @@ def yaml_load(path):
     return yaml.safe_load(open(path))
 
 
-def test_bf16_autocast_keeps_the_output_head_in_fp32_and_stays_near_fp32(tiny_dir, tiny_prepared):
+def test_bf16_autocast_keeps_the_output_head_in_fp32_and_stays_near_fp32(tiny_dir, tiny_prepared, monkeypatch):
     """``evaluate.autocast: bfloat16``: the decoder's matmuls run in bf16 (lm-eval's own mixed precision for the tasks,
     torch autocast for perplexity) while the output head gets float32 input and runs in float32; the numbers stay
     close to the float32 evaluation's, and the model is unchanged afterwards."""
@@ -323,10 +323,36 @@ def test_bf16_autocast_keeps_the_output_head_in_fp32_and_stays_near_fp32(tiny_di
     assert ("q_proj", torch.float32, torch.bfloat16) in seen  # autocast is on for the decoder
     assert ("head", torch.float32, torch.float32) in seen  # ... and off for the head
     assert "forward" not in vars(head)  # restored
+    marker = lambda x: "instance forward"  # noqa: E731  (an instance-level forward, as accelerate's hooks set)
+    head.forward = marker
+    with fp32_output_head(model, "cpu"):
+        assert head.forward is not marker
+    assert head.forward is marker
     base = EvaluateConfig(tasks=["heldout_continuation", "heldout_lastword"], local_tasks={}, optional_tasks=[],
                           ppl_max_sequences=8, limit=12)
     m32, _ = evaluate_model(tiny_dir, tiny_prepared, base)
+    # the same dtypes inside the stage's own path: perplexity, then lm-eval's requests (its mixed precision)
+    import layerchop.evaluate.suite as suite
+
+    phase, dtypes = ["ppl"], set()
+    real_load, real_zero_shot = suite.load_model, suite.zero_shot
+
+    def load_with_hooks(*args, **kwargs):
+        m = real_load(*args, **kwargs)
+        for name, mod in (("head", m.get_output_embeddings()), ("q_proj", m.model.layers[0].self_attn.q_proj)):
+            mod.register_forward_hook(lambda mod, i, o, name=name: dtypes.add((phase[0], name, i[0].dtype, o.dtype)))
+        return m
+
+    def zero_shot_tasks(*args, **kwargs):
+        phase[0] = "tasks"
+        return real_zero_shot(*args, **kwargs)
+
+    monkeypatch.setattr(suite, "load_model", load_with_hooks)
+    monkeypatch.setattr(suite, "zero_shot", zero_shot_tasks)
     m16, _ = evaluate_model(tiny_dir, tiny_prepared, dataclasses.replace(base, autocast="bfloat16"))
+    for ph in ("ppl", "tasks"):
+        assert {d[1:] for d in dtypes if d[0] == ph} == {("q_proj", torch.float32, torch.bfloat16),
+                                                        ("head", torch.float32, torch.float32)}, (ph, dtypes)
     assert m16["val/ppl"] == pytest.approx(m32["val/ppl"], rel=0.02) and m16["val/ppl"] != m32["val/ppl"]
     for t in ("heldout_continuation", "heldout_lastword"):
         assert abs(m16[f"eval/{t}/acc"] - m32[f"eval/{t}/acc"]) <= 2 / 12  # at most two of the 12 items flip

@@ -96,7 +96,9 @@ def _layout_evals(root):
         for state, (ppl, acc) in (("chopped", before), ("recovered", after)):
             d = root / name / state
             d.mkdir(parents=True)
-            (d / "metrics.json").write_text(json.dumps(_metrics(4, ppl, acc)))
+            m = _metrics(4, ppl, acc)
+            m["tokens_trained"] = 1000 if state == "recovered" else 0
+            (d / "metrics.json").write_text(json.dumps(m))
             model = {"removed_layers": removed, "num_layers_before": 6, "layout": name}
             if name == "block-influence":
                 model["selection"] = {"criterion": name, "block": 2, "block-influence": [0.9, 0.5, 0.1, 0.4, 0.2, 0.8]}
@@ -123,8 +125,17 @@ def test_table6_stage_answers_its_questions_from_the_numbers(tmp_path):
     assert f["rank_correlation"]["val ppl"]["rho"] == pytest.approx(rho)
     assert f"Spearman rho {rho:+.2f}" in md
     # best after recovery: data-driven block-influence (58) vs the best fixed layout, middle (55)
-    assert f["best"]["val ppl"] == {"fixed": ["middle", 55.0], "data-driven": ["block-influence", 58.0]}
-    assert f["best"]["general acc"]["data-driven"] == ["block-influence", 0.64]
+    best = f["best"]["val ppl"]
+    assert (best["fixed"]["layout"], best["fixed"]["value"]) == ("middle", 55.0)
+    assert (best["data-driven"]["layout"], best["data-driven"]["value"]) == ("block-influence", 58.0)
+    g = f["best"]["general acc"]
+    assert (g["data-driven"]["layout"], g["data-driven"]["value"], g["fixed"]["layout"]) == ("block-influence", 0.64,
+                                                                                                "middle")
+    se = math.sqrt(0.64 * 0.36 / 200 + 0.62 * 0.38 / 200)  # PIQA alone: one task of n=200 in each
+    assert g["difference"]["value"] == pytest.approx(0.02) and g["difference"]["se"] == pytest.approx(se)
+    assert f"general acc: data-driven block-influence 64.0 vs fixed middle 62.0, difference +2.0 ± {100 * se:.1f} " \
+           "(within two standard errors)" in md
+    assert "recovers with the same 1,000 tokens" in md
     for ext in ("png", "pdf"):
         assert (tmp_path / "f" / f"fig5_layouts.{ext}").stat().st_size > 1000
 
@@ -220,7 +231,7 @@ def test_tables45_are_read_from_the_configs_and_the_evaluation_record(tmp_path, 
         "compute": {"flops": 1.5e12}}))
     # a real evaluation record: the tiny model through the evaluation stage
     pfile = _params(tmp_path, evaluate={"limit": 5, "ppl_max_sequences": 2, "tasks": ["heldout_lastword"],
-                                        "optional_tasks": [], "local_tasks": {}, "autocast": None})
+                                        "optional_tasks": [], "local_tasks": {}, "autocast": None, "batch_size": 3})
     assert main(["evaluate", "--params", str(pfile), "--model", str(tiny_dir), "--data", str(tiny_prepared),
                  "--out", str(tmp_path / "eval")]) == 0
     assert main(["tables45", "--params", str(pfile), "--models", str(tiny_dir), str(chopped), str(trained),
@@ -236,5 +247,6 @@ def test_tables45_are_read_from_the_configs_and_the_evaluation_record(tmp_path, 
     assert t4[4].endswith("| 4 | from chopped | lm | 256 | 0.0007 | 2 | 10 | 2,560 | 1.5e+12 |")
     t5 = (tmp_path / "t" / "tasks.md").read_text()
     assert ("| heldout_lastword | in-domain | built by `prepare` from held-out documents of the recovery corpus | test | "
-            "5 (12) | 0 | acc_norm | by the choice's length in bytes (lm-eval acc_norm) | `{{context}}` | 1.0 | "
+            "5 (12) | 0 | acc_norm | by the choice's length in characters (lm-eval acc_norm) | `{{context}}` | 1.0 | "
             "lm-eval 0.4.13 |") in t5
+    assert "Precision: float32 throughout; batch 3; at most 5 items a task; seed 1234." in t5

@@ -429,18 +429,24 @@ class Figure4Config:
 @dataclass
 class Figure2Config:
     """The ``figure2`` section: LayerChop against the same half-depth architecture trained from scratch. The
-    scratch arm trains on the same data with the same budget, batch, schedule and snapshots as Figure 4's LayerChop
-    arm (``figure4.flop_budget``, ``figure4.snapshots``: equal FLOPs per step, so equal steps and tokens) and its
-    own peak learning rate."""
+    scratch arm trains on the same data with the same batch, schedule shape and snapshots as Figure 4's LayerChop
+    arm, for the same number of tokens, at its own peak learning rate."""
 
     seed: int = 0
     """Seed of the random initialisation (transformers' standard init of the architecture)."""
     lr: float = 3e-3
     """Peak learning rate of the from-scratch run (pretraining-like; LayerChop keeps ``train.lr``)."""
+    flop_budget: float = 8.44e13
+    """Training FLOPs of the scratch arm: (LayerChop arm's total steps + 0.5) x the chopped architecture's FLOPs per
+    step, so that it trains as many steps and tokens as Figure 4's LayerChop arm, whose warm-start steps cost the
+    dense model's FLOPs (``tests/test_config.py`` checks the equality for every params file; ``layerchop train
+    --plan`` prints both arms' steps)."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
             _fail("figure2.lr", self.lr, "must be > 0")
+        if not self.flop_budget > 0:
+            _fail("figure2.flop_budget", self.flop_budget, "must be > 0")
 
 
 @dataclass
@@ -533,6 +539,7 @@ class ReportConfig:
     extra_labels: dict[str, str] = field(default_factory=lambda: {
         "fig4-layerchop": "LayerChop (Figure 4 arm)",
         "fig4-distill": "LayerChop + distill (Figure 4 arm)",
+        "fig2-scratch": "Same architecture from scratch (Figure 2 arm)",
     })
     """Labels of further models in Table 4 (model directory name -> label)."""
 

@@ -24,6 +24,7 @@ def fp32_output_head(model, device: str, enabled: bool = True):
         yield
         return
     head = model.get_output_embeddings()
+    own = vars(head).get("forward")  # an instance-level forward already there (e.g. accelerate's hooks), or None
     forward = head.forward
     kind = torch.device(device).type
 
@@ -35,7 +36,10 @@ def fp32_output_head(model, device: str, enabled: bool = True):
     try:
         yield
     finally:
-        del head.forward  # back to the class's method
+        if own is None:
+            del head.forward  # back to the class's method
+        else:
+            head.forward = own
 
 
 # what the evaluated model's layerchop.json says of how it was made (kept in results.json for the reports)

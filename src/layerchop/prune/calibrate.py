@@ -149,10 +149,11 @@ def _layers_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     raise RuntimeError("decoder layers not found among the model's modules")
 
 
-def calibration_batch(dataset, num: int, seed: int) -> torch.Tensor:
-    """``num`` packed training sequences chosen with ``seed`` → ``[num, T]`` token ids."""
+def calibration_batch(dataset, num: int, seed: int, key: str = "prune.num_calibration") -> torch.Tensor:
+    """``num`` packed training sequences chosen with ``seed`` → ``[num, T]`` token ids (``key``: the params key of
+    ``num``, for the error)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset), generator=g)[:num].tolist()
     if len(idx) < num:
-        raise ValueError(f"prune.calibration.num_sequences={num} exceeds the {len(dataset)} training sequences")
+        raise ValueError(f"{key}={num} exceeds the {len(dataset)} training sequences")
     return torch.stack([dataset[i]["input_ids"] for i in idx])

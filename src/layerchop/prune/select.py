@@ -113,6 +113,10 @@ def ppl_without_each_layer(model: nn.Module, calib_NT: torch.Tensor, *, batch_si
         ``{"full": ppl, "without": [ppl without layer 0, ...]}`` (``None`` for layers not in ``layers``).
     """
     model.eval().to(device)
+    kinds = set(getattr(model.config, "layer_types", None) or [])
+    if len(kinds) > 1:  # the swap below does not subset config.layer_types (each layer's attention mask kind)
+        raise NotImplementedError(f"{type(model).__name__} mixes attention kinds {sorted(kinds)}: the ppl criterion "
+                                  "supports models whose layers all attend alike (Llama)")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     original = decoder.layers
     num_layers = len(original)

@@ -56,7 +56,7 @@ def models_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
 
 NORMALISATION = {
     "acc": "none (sum of the choice's token log-likelihoods)",
-    "acc_norm": "by the choice's length in bytes (lm-eval acc_norm)",
+    "acc_norm": "by the choice's length in characters (lm-eval acc_norm)",
 }
 
 

@@ -89,22 +89,29 @@ def spearman(a: list[float], b: list[float]) -> tuple[Optional[float], Optional[
 
 def findings(rows: list[dict[str, Any]], dense: dict[str, Any]) -> dict[str, Any]:
     """What Table 6 answers, computed: does the ranking before recovery predict the one after (Spearman, per
-    measure), and does the best data-driven layout beat the best fixed one after recovery (per measure)."""
-    measures: dict[str, Any] = {"val ppl": lambda m: m.get("val/ppl")}
+    measure), and does the best data-driven layout beat the best fixed one after recovery (per measure, with the
+    standard error of the difference for accuracies: unpaired, so it overstates the error of two models scored on
+    the same items)."""
+    measures: dict[str, Any] = {"val ppl": lambda m: (m.get("val/ppl"), None)}
     for g, gcols in _groups(rows, dense):
-        measures[f"{g} acc"] = (lambda gc: lambda m: (mean_accuracy(m, gc) or (None,))[0])(gcols)
+        measures[f"{g} acc"] = (lambda gc: lambda m: mean_accuracy(m, gc) or (None, None))(gcols)
     out: dict[str, Any] = {"rank_correlation": {}, "best": {}}
     for label, get in measures.items():
         pairs = [(r["name"], get(r["chopped"]), get(r["recovered"])) for r in rows]
-        pairs = [p for p in pairs if p[1] is not None and p[2] is not None and math.isfinite(p[1])]
-        rho, p = spearman([x for _, x, _ in pairs], [y for _, _, y in pairs])
+        pairs = [p for p in pairs if p[1][0] is not None and p[2][0] is not None and math.isfinite(p[1][0])]
+        rho, p = spearman([x[0] for _, x, _ in pairs], [y[0] for _, _, y in pairs])
         out["rank_correlation"][label] = {"rho": rho, "p": p, "layouts": len(pairs)}
         better = min if label == "val ppl" else max
-        best = {}
+        best: dict[str, Any] = {}
         for k in ("fixed", "data-driven"):
             cands = [(n, y) for n, _, y in pairs if kind(n) == k]
             if cands:
-                best[k] = better(cands, key=lambda t: t[1])
+                n, (value, se) = better(cands, key=lambda t: t[1][0])
+                best[k] = {"layout": n, "value": value, "se": se}
+        if "fixed" in best and "data-driven" in best:
+            a, b = best["data-driven"], best["fixed"]
+            se = math.sqrt(a["se"] ** 2 + b["se"] ** 2) if a["se"] is not None and b["se"] is not None else None
+            best["difference"] = {"value": a["value"] - b["value"], "se": se}
         out["best"][label] = best
     return out
 
@@ -119,14 +126,20 @@ def findings_text(f: dict[str, Any]) -> str:
     text = "Does the ranking right after the chop predict the ranking after recovery? " + "; ".join(parts) + ". "
     best = []
     for label, b in f["best"].items():
-        if "fixed" in b and "data-driven" in b:
-            (nf, vf), (nd, vd) = b["fixed"], b["data-driven"]
-            if label == "val ppl":
-                best.append(f"{label}: data-driven {nd} {vd:.2f} vs fixed {nf} {vf:.2f}")
-            else:
-                best.append(f"{label}: data-driven {nd} {100 * vd:.1f} vs fixed {nf} {100 * vf:.1f}")
+        if "difference" not in b:
+            continue
+        d, fx, dd = b["difference"], b["fixed"], b["data-driven"]
+        if label == "val ppl":
+            best.append(f"{label}: data-driven {dd['layout']} {dd['value']:.2f} vs fixed {fx['layout']} {fx['value']:.2f}")
+        else:
+            noise = "" if d["se"] is None else (
+                f", difference {100 * d['value']:+.1f} ± {100 * d['se']:.1f}"
+                + (" (within two standard errors)" if abs(d["value"]) < 2 * d["se"] else ""))
+            best.append(f"{label}: data-driven {dd['layout']} {100 * dd['value']:.1f} vs fixed {fx['layout']} "
+                        f"{100 * fx['value']:.1f}{noise}")
     if best:
-        text += "Best after recovery, data-driven against fixed: " + "; ".join(best) + "."
+        text += ("Best after recovery, data-driven against fixed (best of each kind, so a best-of-several comparison; "
+                 "errors unpaired): " + "; ".join(best) + ".")
     return text
 
 
@@ -161,7 +174,12 @@ def figure5(rows: list[dict[str, Any]], dense: dict[str, Any], out_stem: Path) -
             continue
         label, values = SCORE_LABELS[sel["criterion"]](sel)
         v = np.array([np.nan if x is None else x for x in values], dtype=float)
-        v = (v - np.nanmin(v)) / max(np.nanmax(v) - np.nanmin(v), 1e-12)  # each criterion on [0, 1]
+        # scaled over the positions a selection may take (layer 0 and the last never go: removing layer 0 raises
+        # perplexity by orders of magnitude and would flatten the rest), each criterion on [0, 1]
+        last = r["num_layers"] - (len(r["removed"]) if sel["criterion"] == "angular" else 1)
+        v[0] = np.nan
+        v[last:] = np.nan
+        v = (v - np.nanmin(v)) / max(np.nanmax(v) - np.nanmin(v), 1e-12)
         ax.plot(range(len(v)), v, marker="o", markersize=3, label=f"{r['name']}: {label}", color=f"C{i}")
         marked = [r["removed"][0]] if sel["criterion"] == "angular" else r["removed"]
         ax.scatter(marked, v[marked], color=f"C{i}", s=40, marker="x", zorder=3)

@@ -37,7 +37,8 @@ def score_layers(model, cfg, data: Path, tokenizer, model_dir: Path) -> tuple[li
     from layerchop.prune.select import layer_scores, select_layers
 
     check_data_matches_model(data, model_dir, tokenizer)
-    calib = calibration_batch(PackedDataset(data, "train"), cfg.num_calibration, cfg.calibration_seed)
+    calib = calibration_batch(PackedDataset(data, "train"), cfg.num_calibration, cfg.calibration_seed,
+                              key="chop.num_calibration")
     t0 = time.perf_counter()
     scores = layer_scores(cfg.layout, model, calib, cfg.num_remove, batch_size=cfg.batch_size, device=cfg.device)
     model.to("cpu")

@@ -26,18 +26,22 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
-    layouts, chop, train = section("table6", params).layouts, section("chop", params), section("train", params)
+    layouts, chop = section("table6", params).layouts, section("chop", params)
     rows = load_layouts(layouts, args.eval)
     if len({(len(r["removed"]), r["num_layers"]) for r in rows}) > 1:
         raise ValueError(f"{args.eval}: the layouts remove different numbers of layers "
                          f"({ {r['name']: len(r['removed']) for r in rows} }); Table 6 compares equal depths")
+    tokens = sorted({int(r["recovered"]["tokens_trained"]) for r in rows})
+    if len(tokens) > 1:
+        raise ValueError(f"{args.eval}: the recovered layouts trained different token counts {tokens}; Table 6 "
+                         "compares equal budgets")
     dense = read_json(args.dense)
     header, body = layouts_table(rows, dense)
     f = findings(rows, dense)
     caption = (
         f"Which layers to remove: each layout drops {len(rows[0]['removed'])} of {rows[0]['num_layers']} decoder layers "
-        f"(never the first or last), then recovers with the same {train.token_budget:,} tokens of continued "
-        "pretraining. Fixed layouts are the paper's; data-driven ones rank the dense model's layers on "
+        f"(never the first or last), then recovers with the same {tokens[0]:,} tokens of continued "
+        "pretraining (warm-start steps, if any, included). Fixed layouts are the paper's; data-driven ones rank the dense model's layers on "
         f"{chop.num_calibration} calibration sequences of the train split (angular: the contiguous block whose input "
         "and output hidden states are closest in angle, Gromov et al.; block-influence: the layers of lowest "
         "1 - cos(input, output), ShortGPT; ppl: the layers whose single removal raises calibration perplexity least, "

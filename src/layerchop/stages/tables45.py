@@ -44,7 +44,10 @@ def main(args: argparse.Namespace) -> None:
     c5 = (f"Evaluation suite and protocol, read from lm-eval's record of the evaluation of {args.results}: zero-shot "
           "likelihood ranking of the choices; each task's metric is the one averaged in the tables (the paper's "
           f"Table 5 choice for standard tasks). Perplexity: the first {evaluate.ppl_max_sequences or 'all'} packed "
-          "sequences of the val and test splits.")
+          "sequences of the val and test splits. Precision: "
+          + (f"{evaluate.dtype} weights, decoder matmuls under {evaluate.autocast} autocast, output head in float32"
+             if evaluate.autocast else f"{evaluate.dtype} throughout")
+          + f"; batch {evaluate.batch_size}; at most {evaluate.limit or 'all'} items a task; seed {evaluate.seed}.")
     with staged(args.tables) as (tables,):  # all outputs or none
         (tables / "models.md").write_text(markdown(h4, b4, c4))
         (tables / "models.tex").write_text(latex(h4, b4, c4, label="tab:models"))
