@@ -80,7 +80,7 @@ PARAMS_CASES = [
     ("slurm.mem", "lots", "slurm.mem='lots' is invalid: a SLURM size"),
     ("slurm.requeue", "yes", "slurm.requeue='yes' is invalid: must be true or false"),
     ("slurm.setup", "module load cuda", "slurm.setup='module load cuda' is invalid: must be a list"),
-    ("slurm.stages", ["train"], "slurm.stages='train' is invalid: choose from ['prune', 'evaluate', 'curve']"),
+    ("slurm.stages", ["train"], "slurm.stages='train' is invalid: choose from ['chop', 'prune', 'evaluate', 'curve']"),
 ]
 
 
@@ -130,8 +130,8 @@ def test_numbers_in_scientific_notation_are_numbers(tmp_path):
 def test_every_shipped_params_file_passes_the_type_checks():
     for path in [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*/params.yaml"))]:
         params = load_params(path)
-        assert set(params) == {"download", "prepare", "chop", "prune", "train", "distill", "figure4", "evaluate",
-                               "report", "slurm"}, path
+        assert set(params) == {"download", "prepare", "chop", "prune", "train", "distill", "figure4", "figure2",
+                               "table6", "evaluate", "report", "slurm"}, path
 
 
 # ------------------------------------------------------------------ model directories, one check for every stage

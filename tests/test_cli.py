@@ -45,7 +45,7 @@ def test_chop_cli_prints_removed_indices(tmp_path, tiny_dir):
     proc = _run(tmp_path, {"chop.layout": "max-gap", "chop.num_remove": 2}, "chop", "--model", str(tiny_dir),
                 "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
-    assert "[chop] removed layers [2, 4] of 6; kept [0, 1, 3, 5]" in proc.stdout
+    assert "[chop] removed layers [2, 4] of 6 (layout max-gap); kept [0, 1, 3, 5]" in proc.stdout
 
 
 def test_unknown_source_and_bad_budget_exit_nonzero(tmp_path):

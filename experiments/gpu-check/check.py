@@ -134,7 +134,8 @@ def main() -> int:
         devices=devices, num_nodes=1, accelerator="gpu" if gpu else "cpu", precision="bf16-mixed",
         fsdp_param_dtype="bfloat16", fsdp_reduce_dtype="float32", activation_checkpointing=True, launcher="local")
     params["prune"].update(device=args.device, num_calibration=8, batch_size=4)
-    params["evaluate"].update(device=args.device, dtype="bfloat16", limit=20, ppl_max_sequences=8, batch_size=4)
+    params["evaluate"].update(device=args.device, dtype="bfloat16", autocast=None, limit=20, ppl_max_sequences=8,
+                              batch_size=4)
     params["chop"].update(indices=list(range(1, 31)), num_remove=30)  # chop keeps the first and last layer: 2 left
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 

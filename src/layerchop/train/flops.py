@@ -39,11 +39,18 @@ def meta_model(config) -> torch.nn.Module:
     return model
 
 
+_STEP_FLOPS: dict[tuple[str, int, int], int] = {}
+
+
 def lm_step_flops(config, batch_size: int, seq_len: int) -> int:
-    """Measured FLOPs of one causal-LM training micro-batch (forward + backward)."""
-    model = meta_model(config)
-    x_BT = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-    return measure(lambda: model(input_ids=x_BT, labels=x_BT, use_cache=False).loss)
+    """Measured FLOPs of one causal-LM training micro-batch (forward + backward); measured once per architecture
+    and shape in a process (``layerchop plan`` asks for the same few architectures for every training stage)."""
+    key = (config.to_json_string(use_diff=False), batch_size, seq_len)
+    if key not in _STEP_FLOPS:
+        model = meta_model(config)
+        x_BT = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+        _STEP_FLOPS[key] = measure(lambda: model(input_ids=x_BT, labels=x_BT, use_cache=False).loss)
+    return _STEP_FLOPS[key]
 
 
 def llama_forward_flops(config, batch_size: int, seq_len: int, head: bool = True) -> int:

@@ -293,9 +293,16 @@ def resolve(
     )
 
 
+_PARAMS: dict[str, int] = {}
+
+
 def count_params(config) -> int:
-    """Parameters of the architecture of ``config`` (built on the meta device; tied weights counted once)."""
+    """Parameters of the architecture of ``config`` (built on the meta device; tied weights counted once), counted
+    once per architecture in a process."""
     from layerchop.io import num_params
     from layerchop.train.flops import meta_model
 
-    return num_params(meta_model(config))
+    key = config.to_json_string(use_diff=False)
+    if key not in _PARAMS:
+        _PARAMS[key] = num_params(meta_model(config))
+    return _PARAMS[key]
