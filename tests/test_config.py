@@ -51,6 +51,14 @@ def test_unknown_and_bad_keys_name_the_key():
         section("table6", {"table6": {"layouts": ["ppl", "ppl"]}})
     with pytest.raises(ValueError, match=r"figure2.lr=0"):
         section("figure2", {"figure2": {"lr": 0}})
+    with pytest.raises(ValueError, match=r"figure6.every_tokens\[0\]=1.5 is invalid: must be an integer"):
+        section("figure6", {"figure6": {"every_tokens": [1.5]}})
+    with pytest.raises(ValueError, match=r"figure6.every_tokens=0 is invalid: each entry must be a whole number"):
+        section("figure6", {"figure6": {"every_tokens": [4096, 0]}})
+    with pytest.raises(ValueError, match=r"figure6.every_tokens=\[4096, 4096\] is invalid: lists a schedule twice"):
+        section("figure6", {"figure6": {"every_tokens": [4096, 4096]}})
+    with pytest.raises(ValueError, match=r"figure6.token_budget=0 is invalid"):
+        section("figure6", {"figure6": {"token_budget": 0}})
     with pytest.raises(ValueError, match=r"chop.num_calibration=0"):
         section("chop", {"chop": {"num_calibration": 0}})
     assert section("chop", {"chop": {"layout": "block-influence"}}).layout == "block-influence"
@@ -118,7 +126,7 @@ def _train_arms(params: dict):
     """Every training stage of dvc.yaml with this params file: (name, parsed arguments)."""
     dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
     parser = build_parser()
-    for name in ("train", "fig4_train", "fig2_train", "layout_train"):
+    for name in ("train", "fig4_train", "fig2_train", "layout_train", "fig6_train"):
         for key, st in _expand(dvc["stages"][name], params):
             yield f"{name}@{key}" if key else name, parser.parse_args(
                 shlex.split(_interpolate_params(st["cmd"], params))[1:])
@@ -152,10 +160,16 @@ def test_every_training_stage_of_every_params_file_fits_its_budget(path):
         cfg = section("train", params)
         if args.flop_budget is not None:
             cfg = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
+        if args.token_budget is not None:
+            cfg = dataclasses.replace(cfg, token_budget=args.token_budget, flop_budget=None)
         init = chopped if args.init.endswith(("chopped", "scratch-init")) else dense
+        every = (round(args.chop_every_tokens / (cfg.batch_size * seq_len * cfg.accumulate * cfg.devices
+                                                 * cfg.num_nodes)) if args.chop_every_tokens else 0)
         steps = plan_steps(cfg, seq_len, init, objective=args.objective, warm_steps=cfg.warm_start_steps
                            if args.warm_start else 0, dense_config=dense, teacher_config=dense,
-                           distill_cfg=section("distill", params), mapping=kept)
+                           distill_cfg=section("distill", params), mapping=kept, removed=removed, chop_every=every)
+        if every:  # every removal before the end of the run
+            assert len(steps.phases) == len(removed) and steps.main_steps >= 1, arm
         assert steps.total_steps > cfg.warmup_steps, arm
         if args.warm_start:
             warm_arms.append(arm)
@@ -219,3 +233,12 @@ def test_figure2_scratch_arm_trains_as_many_tokens_as_the_layerchop_arm(path):
         planned[arm] = (s.total_steps, s.total_steps * s.tokens_per_step)
     assert planned["fig2_train"] == planned["fig4_train@layerchop"], planned
     assert arms["fig2_train"].snapshots == arms["fig4_train@layerchop"].snapshots
+    # Figure 6: each gradual schedule trains as many tokens as Figure 4's LayerChop arm (its all-at-once curve)
+    fig6 = section("figure6", params)
+    for every in fig6.every_tokens:
+        args = arms[f"fig6_train@{every}"]
+        c = dataclasses.replace(cfg, token_budget=args.token_budget, flop_budget=None)
+        assert args.token_budget == fig6.token_budget and args.chop_every_tokens == every
+        s = plan_steps(c, seq_len, chopped)
+        assert (s.total_steps, s.total_steps * s.tokens_per_step) == planned["fig4_train@layerchop"], every
+        assert args.snapshots == arms["fig4_train@layerchop"].snapshots

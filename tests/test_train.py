@@ -341,7 +341,8 @@ def test_warm_start_is_inside_the_budget_and_the_schedule(tmp_path, tiny_dir, ti
     assert warm["compute"]["flops"] == 2 * dense_step + 3 * chopped_step
     assert warm["compute"]["warm_start"]["tokens"] == 2 * 4 * 32
     # the chopped run continues the schedule where the warm steps left it (warmup 3 of 5 steps)
-    assert lrs(tmp_path / "warm.csv") == pytest.approx(lrs(tmp_path / "cold.csv")[2:], rel=1e-6)
+    # (the merged log holds the warm steps too, numbered from the run's start)
+    assert lrs(tmp_path / "warm.csv") == pytest.approx(lrs(tmp_path / "cold.csv"), rel=1e-6)
     # every parameter of the chopped model starts with the Adam state of the 2 warm steps
     from transformers import AutoModelForCausalLM
 
@@ -359,7 +360,7 @@ def test_warm_start_is_inside_the_budget_and_the_schedule(tmp_path, tiny_dir, ti
     assert state["consumed_samples"] == 5 * 4 == torch.load(cold_ckpt, weights_only=False)[
         "PackedDataModule"]["consumed_samples"]
     # and the warm steps' own losses are logged beside the run
-    [warm_log] = (tmp_path / "run_warm").glob("*/warm/logs/version_0/metrics.csv")
+    [warm_log] = (tmp_path / "run_warm").glob("*/phase-logs/000/version_0/metrics.csv")
     assert len(losses(warm_log)) == 2
 
 
@@ -368,7 +369,7 @@ def test_warm_start_is_resumed_not_repeated(tmp_path, tiny_dir, tiny_prepared, c
     cfg = tiny_train_cfg(token_budget=5 * 4 * 32, warm_start_steps=2, ckpt_every=0)
     ref = run(chopped_dir, tiny_prepared, tmp_path / "a", cfg, run_dir=tmp_path / "run_a", warm_start=True)
     run(chopped_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", warm_start=True, stop_after=1)
-    [warm_ckpt] = (tmp_path / "run_b").glob("*/warm/step*.ckpt")
+    [warm_ckpt] = (tmp_path / "run_b").glob("*/phases/000/step*.ckpt")
     assert warm_ckpt.name == "step00000002.ckpt"
     again = run(chopped_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", warm_start=True)
     assert again["warm_start_optimizer"] == ref["warm_start_optimizer"]

@@ -450,6 +450,30 @@ class Figure2Config:
 
 
 @dataclass
+class Figure6Config:
+    """The ``figure6`` section: gradual chopping, one layer removed every ``N`` tokens of continued pretraining from
+    the uncompressed model until the chopped depth, against all at once (Figure 4's LayerChop arm)."""
+
+    every_tokens: list[int] = field(default_factory=lambda: [4096, 8192, 10240])
+    """Tokens between removals, one run per entry (whole optimizer steps; the paper: 100M, 500M, 1B)."""
+    token_budget: int = 163840
+    """Tokens of each gradual run: those of Figure 4's LayerChop arm, the all-at-once curve it is compared with
+    (``tests/test_config.py`` checks the equality, and that every schedule's last removal fits, for every params
+    file)."""
+
+    def __post_init__(self) -> None:
+        if not self.every_tokens:
+            _fail("figure6.every_tokens", self.every_tokens, "needs at least one schedule")
+        for n in self.every_tokens:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                _fail("figure6.every_tokens", n, "each entry must be a whole number of tokens >= 1")
+        if len(set(self.every_tokens)) != len(self.every_tokens):
+            _fail("figure6.every_tokens", self.every_tokens, "lists a schedule twice")
+        if isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int) or self.token_budget < 1:
+            _fail("figure6.token_budget", self.token_budget, "must be a whole number of tokens >= 1")
+
+
+@dataclass
 class Table6Config:
     """The ``table6`` section: the layouts compared in Table 6 / Figure 5 (the ``layout_*`` stages of ``dvc.yaml``
     run once per entry; each chops ``chop.num_remove`` layers and recovers with the ``train`` section)."""
@@ -698,6 +722,7 @@ SECTIONS = {
     "distill": DistillConfig,
     "figure4": Figure4Config,
     "figure2": Figure2Config,
+    "figure6": Figure6Config,
     "table6": Table6Config,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,

@@ -144,3 +144,45 @@ def points_table(arms: list[dict[str, Any]], cols) -> tuple[list[str], list[list
                         + ([fmt_acc(p["in_domain"])] if in_domain else [])
                         + ([fmt_acc(p["general"])] if general else []))
     return header, body
+
+
+def figure6(arms: list[dict[str, Any]], out_stem: Path) -> None:
+    """Gradual chopping against all at once: val perplexity (log) and each group's accuracy (columns) against
+    training tokens and against training FLOPs (rows), one line per schedule, ± 1 standard error; a dotted line
+    marks where each gradual schedule removed its last layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = [(k, t) for k, t in (("in_domain", "in-domain accuracy (%)"), ("general", "general accuracy (%)"))
+           if any(p[k] is not None for arm in arms for p in arm["series"])]
+    fig, axes = plt.subplots(2, 1 + len(acc), figsize=(4.4 * (1 + len(acc)), 7.2), squeeze=False)
+    for i, arm in enumerate(arms):
+        pts = arm["series"]
+        for row, (xkey, scale, xlabel) in enumerate((("tokens", 1e3, "training tokens (thousands)"),
+                                                      ("flops", 1e15, "training compute (PFLOPs)"))):
+            x = [p[xkey] / scale for p in pts]
+            axes[row, 0].plot(x, [p["val_ppl"] for p in pts], marker="o", color=f"C{i}", label=arm["label"])
+            for col, (key, _) in enumerate(acc, start=1):
+                y = [100 * p[key][0] if p[key] is not None else float("nan") for p in pts]
+                err = [100 * p[key][1] if p[key] is not None and p[key][1] is not None else 0.0 for p in pts]
+                axes[row, col].errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{i}", label=arm["label"])
+            last = arm.get("last_removal")
+            if last is not None:
+                for ax in axes[row]:
+                    ax.axvline(last[xkey] / scale, color=f"C{i}", linestyle=":", linewidth=1)
+            for ax in axes[row]:
+                ax.set_xlabel(xlabel)
+    for row in range(2):
+        axes[row, 0].set_yscale("log")
+        axes[row, 0].set_ylabel("validation perplexity (log scale)")
+        for col, (_, title) in enumerate(acc, start=1):
+            axes[row, col].set_ylabel(title)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3, which="both")
+    axes[0, 0].legend(fontsize=7, loc="best")
+    fig.suptitle("When to chop: one layer every N tokens (gradual) vs all at once, equal tokens "
+                 "(dotted: a schedule's last removal)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out_stem)

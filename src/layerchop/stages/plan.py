@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-TRAIN_STAGES = ("train", "fig4_train", "fig2_train", "layout_train")
+TRAIN_STAGES = ("train", "fig4_train", "fig2_train", "layout_train", "fig6_train")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -99,6 +99,8 @@ def plan(params: dict, dvc: dict) -> dict:
         cfg = cfg0
         if args.flop_budget is not None:
             cfg = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
+        if args.token_budget is not None:
+            cfg = dataclasses.replace(cfg, token_budget=args.token_budget, flop_budget=None)
         init = chopped if Path(args.init).name in ("chopped", "scratch-init") else dense  # same architecture
         if args.warm_start:
             if init is not chopped or args.objective != "lm":
@@ -108,18 +110,26 @@ def plan(params: dict, dvc: dict) -> dict:
         warm = cfg.warm_start_steps if args.warm_start else 0
         teacher = dense if args.objective == "distill" else None
         budget_key = f"--flop-budget in dvc.yaml {name} (figure4.flop_budget)" if args.flop_budget else None
+        chop_every = 0
+        if args.chop_every_tokens is not None:  # gradual chopping, from the dense model
+            if init is not chopped or args.objective != "lm":
+                raise ValueError(f"dvc.yaml {name}: --chop-every-tokens needs the chopped model as --init and "
+                                 f"objective lm (got --init {args.init}, --objective {args.objective})")
+            chop_every = max(1, round(args.chop_every_tokens / (cfg.batch_size * prep.seq_len * cfg.accumulate
+                                                                 * cfg.devices * cfg.num_nodes)))
         steps = plan_steps(cfg, prep.seq_len, init, objective=args.objective, warm_steps=warm,
                            dense_config=dense, teacher_config=teacher, distill_cfg=distill, mapping=kept,
-                           budget_key=budget_key)
+                           budget_key=budget_key, removed=removed, chop_every=chop_every,
+                           chop_key=f"dvc.yaml {name}: --chop-every-tokens {args.chop_every_tokens}")
         tokens = steps.total_steps * steps.tokens_per_step
         if train_tokens is not None and tokens > train_tokens * cfg.max_data_passes:
             raise ValueError(f"download.corpus.token_budget={corpus_tokens}: {name} trains on {tokens:,} tokens but "
                              f"the train split gets ~{train_tokens:,.0f} (train.max_data_passes={cfg.max_data_passes})")
-        flops = steps.warm_steps * steps.warm_flops_per_step + steps.main_steps * steps.flops_per_step
+        flops = steps.phase_flops + steps.main_steps * steps.flops_per_step
         world = cfg.devices * cfg.num_nodes
         phases = {"main": train_memory(init, cfg, prep.seq_len, teacher_config=teacher)}
-        if warm:
-            phases["warm start (dense)"] = train_memory(dense, cfg, prep.seq_len)
+        if steps.phases:  # its first phase trains the dense model
+            phases["gradual chopping (dense)" if chop_every else "warm start (dense)"] = train_memory(dense, cfg, prep.seq_len)
         worst = max(phases, key=lambda k: phases[k].total)
         mem = phases[worst]
         if gpu and mem.total > slurm.gpu_memory_gb:
@@ -129,15 +139,15 @@ def plan(params: dict, dvc: dict) -> dict:
                 "train.activation_checkpointing, use train.reduce_grads: micro_batch, or add GPUs")
         h = hours(flops, world, fig4.gpu_peak_flops, fig4.mfu)
         total_gpu_hours += h * world
-        loader_host = model_dir_gb(dense if warm or teacher else init, dtype) * (2 if teacher else 1)
+        loader_host = model_dir_gb(dense if steps.phases or teacher else init, dtype) * (2 if teacher else 1)
         stages.append({
             "stage": name, "processes": world, "nodes": cfg.num_nodes, "launcher": cfg.launcher,
             "steps": steps.total_steps, "warm_steps": steps.warm_steps, "tokens": tokens, "flops": flops,
             "hours": float(f"{h:.3g}"), "rank_gb": round(mem.total, 2), "on": "gpu" if gpu else "host",
             "rank_phase": worst, "rank_parts": mem.as_dict(), "host_gb": round(loader_host, 1),
             "disk_gb": round(model_dir_gb(init, dtype) * (1 + (args.snapshots or 0)), 1),
-            "checkpoint_gb": round(checkpoint_gb(init) + (checkpoint_gb(dense) if warm else 0), 1),
-            "largest_checkpoint_gb": round(checkpoint_gb(dense if warm else init), 1),
+            "checkpoint_gb": round(checkpoint_gb(init) + (checkpoint_gb(dense) if steps.phases else 0), 1),
+            "largest_checkpoint_gb": round(checkpoint_gb(dense if steps.phases else init), 1),
         })
 
     evals = stage_commands(dvc, params, ("evaluate", "layout_evaluate", "curve"))

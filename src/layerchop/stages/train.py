@@ -10,6 +10,8 @@ Example::
         --data data/prepared --out data/models/fig4-distill --run-dir data/checkpoints/fig4-distill \
         --flop-budget 8.0e13 --snapshots 3 --snapshot-dir data/snapshots/fig4-distill
 
+    layerchop train --chop-every-tokens 4096 --token-budget 163840 --init data/models/chopped ...  # gradual
+
     layerchop train ... --plan      # print the resolved run (steps, FLOPs, warm start, checks) and exit
 
 Re-running after an interruption resumes from the newest checkpoint of the same run (``--resume auto``).
@@ -42,10 +44,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None, help="uncompressed teacher (HF directory) for --objective distill")
     p.add_argument("--flop-budget", type=float, default=None,
                    help="train to this many FLOPs instead of train.token_budget")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="train this many tokens instead of train.token_budget (e.g. figure6.token_budget)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate instead of train.lr (e.g. figure2.lr)")
     p.add_argument("--warm-start", action="store_true",
                    help="the paper's warm optimizer: the first train.warm_start_steps steps on the uncompressed "
                         "model the chopped --init came from (LayerChop arms only)")
+    p.add_argument("--chop-every-tokens", type=float, default=None,
+                   help="gradual chopping (Figure 6): start from the uncompressed model the chopped --init came from "
+                        "and remove one of its removed_layers every this many tokens (whole optimizer steps)")
     p.add_argument("--snapshots", type=int, default=0, help="export N intermediate models, evenly spaced")
     p.add_argument("--snapshot-dir", default=None, help="where the intermediate models go")
     p.add_argument("--plan", action="store_true", help="print the resolved run as JSON and exit (loads no weights)")
@@ -60,10 +67,16 @@ def main(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     cfg = section("train", params)
+    if args.flop_budget is not None and args.token_budget is not None:
+        raise ValueError("--flop-budget and --token-budget exclude each other")
     if args.flop_budget is not None:
         if not args.flop_budget > 0:
             raise ValueError(f"--flop-budget {args.flop_budget} must be > 0")
         cfg = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
+    if args.token_budget is not None:
+        if not args.token_budget > 0:
+            raise ValueError(f"--token-budget {args.token_budget} must be > 0")
+        cfg = dataclasses.replace(cfg, token_budget=args.token_budget, flop_budget=None)
     if args.lr is not None:
         if not args.lr > 0:
             raise ValueError(f"--lr {args.lr} must be > 0")
@@ -73,8 +86,9 @@ def main(args: argparse.Namespace) -> int:
     distill = section("distill", params) if args.objective == "distill" else None
     plan = resolve(args.init, args.data, args.out, args.run_dir, cfg, objective=args.objective,
                    teacher_dir=args.teacher, distill_cfg=distill, warm_start=args.warm_start,
-                   snapshots=args.snapshots,
-                   budget_key="--flop-budget (figure4.flop_budget in dvc.yaml)" if args.flop_budget else None)
+                   snapshots=args.snapshots, chop_every_tokens=args.chop_every_tokens,
+                   budget_key=("--flop-budget (figure4.flop_budget in dvc.yaml)" if args.flop_budget else
+                               "--token-budget (figure6.token_budget in dvc.yaml)" if args.token_budget else None))
     if args.plan:  # a plan needs no GPU (a login node plans a cluster run)
         print(json.dumps(plan.describe(), indent=2))
         return 0

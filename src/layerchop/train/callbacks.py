@@ -35,15 +35,18 @@ class ComputeMeter(Callback):
         tokens_per_step: Tokens per optimizer step over all devices.
         flops_per_step: Training FLOPs per optimizer step over all devices (:mod:`layerchop.train.flops`).
         world: Number of devices.
-        offset: Compute spent before this run's first step (the warm start): ``{"tokens", "flops",
-            "train_s"}``.
+        offset: Compute spent before this fit's first step (the phases on deeper models before it):
+            ``{"steps", "tokens", "flops", "train_s"}``.
+        schedule: Gradual chopping's schedule (``layerchop.json``'s ``chop_schedule``), copied into the summary.
     """
 
-    def __init__(self, tokens_per_step: int, flops_per_step: int, world: int, offset: Optional[dict] = None):
+    def __init__(self, tokens_per_step: int, flops_per_step: int, world: int, offset: Optional[dict] = None,
+                 schedule: Optional[dict] = None):
+        self.schedule = schedule  # gradual chopping: when the layers went (recorded with the compute)
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
         self.world = world
-        self.offset = {"tokens": 0, "flops": 0, "train_s": 0.0, **(offset or {})}
+        self.offset = {"steps": 0, "tokens": 0, "flops": 0, "train_s": 0.0, **(offset or {})}
         self.train_s = 0.0  # this run's optimizer-step wall time, all invocations
         self._t0: Optional[float] = None
 
@@ -65,9 +68,9 @@ class ComputeMeter(Callback):
                       on_epoch=False)
 
     def summary(self, step: int) -> dict[str, Any]:
-        """Compute after ``step`` optimizer steps of this run (plus the offset)."""
+        """Compute after ``step`` optimizer steps of this fit (plus the offset)."""
         return {
-            "steps": step,
+            "steps": self.offset["steps"] + step,
             "tokens": self.offset["tokens"] + step * self.tokens_per_step,
             "flops": self.offset["flops"] + step * self.flops_per_step,
             "flops_per_step": self.flops_per_step,
@@ -78,6 +81,7 @@ class ComputeMeter(Callback):
             "s_per_step": round(self.train_s / step, 4) if step else None,
             "warm_start": dict(self.offset) if self.offset["flops"] else None,
             "flop_convention": FLOP_CONVENTION,
+            **({"chop_schedule": self.schedule} if self.schedule else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -85,7 +89,7 @@ class ComputeMeter(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_s = float(state_dict["train_s"])
-        self.offset = dict(state_dict["offset"])
+        self.offset = {"steps": 0, **state_dict["offset"]}
 
 
 def export_hf(config, state_dict: dict[str, torch.Tensor], tokenizer, out: Path, metadata: dict, card: str,
@@ -194,16 +198,19 @@ def snapshot_steps(max_steps: int, num: int) -> list[int]:
 
 
 class Snapshots(_Exporter):
-    """Export the model as a HF directory ``root/step_XXXXXX`` at given optimizer steps, for intermediate
-    evaluations. A snapshot that already exists (a resumed run) is kept."""
+    """Export the model as a HF directory ``root/step_XXXXXX`` at given optimizer steps of the run, for
+    intermediate evaluations. A snapshot that already exists (a resumed run) is kept.
+
+    ``offset``: the run's steps before this fit (its phases on deeper models), so ``steps`` and the directory
+    names count the whole run."""
 
     def __init__(self, root: Path, steps: list[int], tokenizer, metadata: dict, card: str, meter: ComputeMeter,
-                 masks_dir: Optional[Path] = None):
+                 masks_dir: Optional[Path] = None, offset: int = 0):
         super().__init__(tokenizer, {**metadata, "snapshot": True}, card, meter, masks_dir)
-        self.root, self.steps = Path(root), set(steps)
+        self.root, self.steps, self.offset = Path(root), set(steps), offset
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
+        step = self.offset + trainer.global_step
         if _after_optimizer_step(trainer, batch_idx) and step in self.steps:
             out = self.root / f"step_{step:06d}"
             # rank 0 decides (the export is a collective; ranks on other hosts may see the directory later)

@@ -3,7 +3,8 @@
 Layout of a run directory (``--run-dir``)::
 
     <run_dir>/<fingerprint>/checkpoints/step00000040.ckpt   # resumable state of the (chopped) run
-    <run_dir>/<fingerprint>/warm/step00000500.ckpt          # the warm start's own checkpoints
+    <run_dir>/<fingerprint>/phases/000/step00000500.ckpt    # a phase's own (the warm start; gradual chopping)
+    <run_dir>/<fingerprint>/phase-logs/000/version_N/metrics.csv
     <run_dir>/<fingerprint>/logs/version_N/metrics.csv       # one CSV log per invocation
     <run_dir>/<fingerprint>/snapshots/step_XXXXXX/           # intermediate HF exports
 
@@ -67,10 +68,17 @@ class RunLayout:
         self.fingerprint = fingerprint
         self.root = self.run_dir / fingerprint
         self.checkpoints = self.root / "checkpoints"
-        self.warm = self.root / "warm"
         self.logs = self.root / "logs"
         self.snapshots = self.root / "snapshots"
         self.resume_allowed = True
+
+    def phase(self, k: int) -> Path:
+        """Checkpoints of phase ``k`` (training on a deeper model before layers are removed)."""
+        return self.root / "phases" / f"{k:03d}"
+
+    def phase_logs(self, k: int) -> Path:
+        """The CSV logs of phase ``k`` (``version_N`` per invocation; kept when the phase's checkpoints go)."""
+        return self.root / "phase-logs" / f"{k:03d}"
 
     def others(self) -> list[Path]:
         """Run directories of other configurations beside this one (kept, never deleted here)."""
@@ -93,7 +101,7 @@ class RunLayout:
                      or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0)  # a requeued SLURM job
         if resume == "never" and restarted:
             resume = "auto"
-        self.resume_allowed = resume != "never"  # the warm start's own checkpoints too
+        self.resume_allowed = resume != "never"  # the phases' own checkpoints too
         if restarted and resume not in ("auto", "never") and newest_complete(self.checkpoints) is not None:
             resume = "auto"  # the restarted job continues from what its first attempt wrote, not the named start
         if resume not in ("auto", "never"):

@@ -64,14 +64,19 @@ class CausalLMModule(L.LightningModule):
         schedule_offset: Steps of the same LR schedule already taken before this fit (the warm start).
         schedule_steps: Length of the whole LR schedule (default: ``schedule_offset + max_steps``).
         start: Shard-local weights and optimizer state to start from instead of ``model_dir``'s weights.
+        config: Build this architecture instead of ``model_dir``'s (a gradual-chopping phase; ``model_dir`` None):
+            its weights come from ``start`` or from the checkpoint the fit resumes.
     """
 
     no_decay_prefixes: tuple[str, ...] = ()
 
     def __init__(self, model_dir: str | Path | None, cfg, max_steps: int, *, schedule_offset: int = 0,
-                 schedule_steps: Optional[int] = None, start: Optional[ShardState] = None):
+                 schedule_steps: Optional[int] = None, start: Optional[ShardState] = None, config=None):
         super().__init__()
+        if (model_dir is None) == (config is None):
+            raise ValueError("CausalLMModule: give model_dir or config, not both")
         self.model_dir = model_dir
+        self.model_config = config
         self.cfg = cfg
         self.max_steps = max_steps
         self.schedule_offset = schedule_offset
@@ -85,31 +90,36 @@ class CausalLMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = self.build_hf_model(self.model_dir, self.start.weights if self.start else None)
+        self.model = self.build_hf_model(self.model_dir, self.start.weights if self.start else None,
+                                         config=self.model_config)
         self.model.train()
 
-    def build_hf_model(self, model_dir, shard_weights: Optional[dict] = None) -> torch.nn.Module:
+    def build_hf_model(self, model_dir, shard_weights: Optional[dict] = None, config=None) -> torch.nn.Module:
         """The HF model of ``model_dir``: one plain copy on a single device; sharded under FSDP2 (built on
-        the meta device, weights from rank 0 or from ``shard_weights``)."""
+        the meta device, weights from rank 0 or from ``shard_weights``). With ``config`` instead of ``model_dir``
+        the weights come from ``shard_weights`` or from a checkpoint that Lightning restores next."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         mesh = self.data_parallel_mesh()
         if mesh is None:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            if config is not None:
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
             model.config.use_cache = False
             if self.cfg.activation_checkpointing:
                 sharding.enable_activation_checkpointing(model)
             if shard_weights is not None:
                 sharding.load_local_model_state(model, shard_weights)
             return model
-        model = sharding.empty_model(AutoConfig.from_pretrained(model_dir))
+        model = sharding.empty_model(config if config is not None else AutoConfig.from_pretrained(model_dir))
         if self.cfg.activation_checkpointing:
             sharding.enable_activation_checkpointing(model)
         sharding.apply_fsdp2(model, mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype)
         sharding.materialize(model, self.device)
         if shard_weights is not None:
             sharding.load_local_model_state(model, shard_weights)
-        else:
+        elif config is None:
             sharding.load_broadcast(model, model_dir)
         return model
 

@@ -6,11 +6,17 @@ object alone, and ``layerchop train --plan`` prints it, so a run that cannot wor
 the run, a budget the data cannot cover, a warm start on the wrong model) is refused in seconds with the
 key to change, not after hours on a cluster.
 
-Budget semantics: the warm start (``--warm-start``: ``train.warm_start_steps`` optimizer steps on the
-uncompressed model before the chopped run continues) is *inside* the budget and inside one learning-rate
-schedule. With a token budget, ``ceil(budget / tokens per step)`` optimizer steps in all; with a FLOP
-budget, the warm steps cost the dense model's FLOPs and the rest is spent on whole steps of the trained
-model, never exceeding the budget.
+Budget semantics: the steps trained on a deeper model before layers are removed are *phases* of the run,
+inside its budget and inside one learning-rate schedule:
+
+- the warm start (``--warm-start``: ``train.warm_start_steps`` optimizer steps on the uncompressed model, then
+  every removed layer at once);
+- gradual chopping (``--chop-every-tokens T``: one removed layer goes every ``T`` tokens, in the order of the
+  chopped model's ``removed_layers``, until the chopped depth; Figure 6).
+
+With a token budget, ``ceil(budget / tokens per step)`` optimizer steps in all; with a FLOP budget, each
+phase costs its own model's FLOPs and the rest is spent on whole steps of the trained model, never exceeding
+the budget.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -31,18 +37,75 @@ LAUNCH_KEYS = ("launcher", "rdzv_endpoint", "simulate_nodes", "max_restarts", "n
 
 
 @dataclass(frozen=True)
+class Phase:
+    """Steps on a deeper model, after which the layers ``remove`` (numbered as in the uncompressed model) go."""
+
+    steps: int
+    flops_per_step: int
+    num_layers: int
+    remove: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Steps:
-    """Optimizer steps and their cost over all devices."""
+    """Optimizer steps and their cost over all devices: the phases, then ``main_steps`` of the trained model."""
 
     tokens_per_step: int
     flops_per_step: int
-    warm_steps: int
-    warm_flops_per_step: int
     main_steps: int
+    phases: tuple[Phase, ...] = ()
+
+    @property
+    def warm_steps(self) -> int:
+        """Steps before the trained model's own fit (all phases)."""
+        return sum(ph.steps for ph in self.phases)
+
+    @property
+    def phase_flops(self) -> int:
+        return sum(ph.steps * ph.flops_per_step for ph in self.phases)
 
     @property
     def total_steps(self) -> int:
         return self.warm_steps + self.main_steps
+
+    @property
+    def removal_steps(self) -> list[int]:
+        """The run's step after which each phase's layers are removed."""
+        return [sum(ph.steps for ph in self.phases[:k + 1]) for k in range(len(self.phases))]
+
+
+def depth_config(dense_config, alive: Sequence[int]):
+    """The config of ``dense_config``'s model keeping the layers ``alive`` (what :func:`chop_layers` makes)."""
+    import copy
+
+    config = copy.deepcopy(dense_config)
+    num = dense_config.num_hidden_layers
+    config.num_hidden_layers = len(alive)
+    layer_types = getattr(dense_config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == num:
+        config.layer_types = [layer_types[i] for i in alive]
+    return config
+
+
+def chop_phases(cfg, seq_len: int, dense_config, removed: Sequence[int], *, warm_steps: int = 0,
+                chop_every: int = 0) -> tuple[Phase, ...]:
+    """The phases of a warm start (``warm_steps`` on the dense model, then all of ``removed``) or of gradual
+    chopping (``chop_every`` steps at each depth, then the next of ``removed``)."""
+    world = cfg.devices * cfg.num_nodes
+    num = dense_config.num_hidden_layers
+
+    def flops(alive):
+        return lm_flops(depth_config(dense_config, alive), cfg.batch_size, seq_len) * cfg.accumulate * world
+
+    if chop_every:
+        phases, alive = [], list(range(num))
+        for layer in removed:
+            phases.append(Phase(chop_every, flops(alive), len(alive), (int(layer),)))
+            alive.remove(layer)
+        return tuple(phases)
+    if warm_steps:
+        return (Phase(warm_steps, flops(list(range(num))), num, tuple(int(i) for i in removed)),)
+    return ()
 
 
 def lm_flops(config, batch_size: int, seq_len: int) -> int:
@@ -53,7 +116,8 @@ def lm_flops(config, batch_size: int, seq_len: int) -> int:
 
 def plan_steps(cfg, seq_len: int, model_config, *, objective: str = "lm", warm_steps: int = 0,
                dense_config=None, teacher_config=None, distill_cfg=None, mapping=None,
-               budget_key: Optional[str] = None) -> Steps:
+               budget_key: Optional[str] = None, removed: Sequence[int] = (), chop_every: int = 0,
+               chop_key: str = "--chop-every-tokens") -> Steps:
     """Steps of a run from its budget, with the checks that need no data.
 
     Args:
@@ -64,10 +128,16 @@ def plan_steps(cfg, seq_len: int, model_config, *, objective: str = "lm", warm_s
         warm_steps: Warm-start steps on the uncompressed model (``dense_config``), inside the budget.
         teacher_config, distill_cfg, mapping: The distillation teacher, loss weights and layer map.
         budget_key: Where the budget was set, for messages (default ``train.token_budget`` / ``train.flop_budget``).
+        removed: The layers of ``dense_config``'s model that the trained model lacks, in removal order.
+        chop_every: Gradual chopping: steps between removals (exclusive with ``warm_steps``).
+        chop_key: Where ``chop_every`` was set, for messages.
 
     Raises:
-        ValueError: naming the keys when the warm start or the LR warmup does not fit the budget.
+        ValueError: naming the keys when the phases or the LR warmup do not fit the budget.
     """
+    if warm_steps and chop_every:
+        raise ValueError(f"{chop_key} (gradual chopping) and --warm-start (train.warm_start_steps={warm_steps}) "
+                         "exclude each other: both decide when the layers go")
     world = cfg.devices * cfg.num_nodes
     tokens_per_step = cfg.batch_size * seq_len * cfg.accumulate * world
     if objective == "distill":
@@ -77,20 +147,26 @@ def plan_steps(cfg, seq_len: int, model_config, *, objective: str = "lm", warm_s
     else:
         micro = lm_flops(model_config, cfg.batch_size, seq_len)
     flops_per_step = micro * cfg.accumulate * world
-    warm_flops = lm_flops(dense_config, cfg.batch_size, seq_len) * cfg.accumulate * world if warm_steps else 0
+    phases = chop_phases(cfg, seq_len, dense_config, removed, warm_steps=warm_steps,
+                         chop_every=chop_every) if warm_steps or chop_every else ()
+    before = sum(ph.steps for ph in phases)
     if cfg.flop_budget is not None:
-        left = cfg.flop_budget - warm_steps * warm_flops
+        left = cfg.flop_budget - sum(ph.steps * ph.flops_per_step for ph in phases)
         main = int(left // flops_per_step) if left > 0 else 0
         budget = f"{budget_key or 'train.flop_budget'}={cfg.flop_budget:.4g}"
-        if main < 1 and not warm_steps:
+        if main < 1 and not phases:
             raise ValueError(f"{budget} is less than one optimizer step ({flops_per_step:.4g} FLOPs)")
     else:
-        main = max(1, math.ceil(cfg.token_budget / tokens_per_step)) - warm_steps
+        main = max(1, math.ceil(cfg.token_budget / tokens_per_step)) - before
         budget = f"{budget_key or 'train.token_budget'}={cfg.token_budget}"
+    if main < 1 and chop_every:
+        raise ValueError(f"{chop_key}: the last of {len(phases)} removals, one every {chop_every} steps, comes at step "
+                         f"{before}, but the budget ({budget}) leaves the chopped model no step after it: remove "
+                         "layers more often or raise the budget")
     if main < 1:
         raise ValueError(f"train.warm_start_steps={warm_steps} uses the whole budget ({budget}) before the chopped "
                          "model trains a step: lower train.warm_start_steps or raise the budget")
-    steps = Steps(tokens_per_step, flops_per_step, warm_steps, warm_flops, main)
+    steps = Steps(tokens_per_step, flops_per_step, main, phases)
     if cfg.warmup_steps >= steps.total_steps:
         raise ValueError(
             f"train.warmup_steps={cfg.warmup_steps} does not fit this run: its budget ({budget}) buys "
@@ -150,6 +226,9 @@ class RunPlan:
     masks: Optional[Path] = None
     layer_map: Optional[list[int]] = None
     snapshot_steps: list[int] = field(default_factory=list)
+    """Steps of the whole run (phases included) at which the model is exported for a curve."""
+    chop_every: int = 0
+    """Gradual chopping: steps between removals (0: none)."""
     num_params: dict[str, int] = field(default_factory=dict)
     """Parameters of the trained model (``model``), the warm start's dense model and the teacher."""
     configs: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -177,7 +256,7 @@ class RunPlan:
                                                               and torch.cuda.is_available())
         phases = {"main": train_memory(self.configs["model"], self.cfg, self.seq_len,
                                        teacher_config=self.configs.get("teacher"), on_gpu=on_gpu)}
-        if self.steps.warm_steps:
+        if self.steps.warm_steps:  # the first phase has the deepest model
             phases["warm"] = train_memory(self.configs["dense"], self.cfg, self.seq_len, on_gpu=on_gpu)
         return {k: v.as_dict() for k, v in phases.items()}
 
@@ -188,9 +267,10 @@ class RunPlan:
             "out": str(self.out), "run_dir": str(self.run_dir / self.fingerprint), "fingerprint": self.fingerprint,
             "budget": self.budget_text(), "world": self.world, "seq_len": self.seq_len,
             "tokens_per_step": s.tokens_per_step, "flops_per_step": s.flops_per_step,
-            "warm_steps": s.warm_steps, "warm_flops_per_step": s.warm_flops_per_step, "main_steps": s.main_steps,
+            "warm_steps": s.warm_steps, "main_steps": s.main_steps, "chop_every_steps": self.chop_every,
+            "phases": [dataclasses.asdict(ph) for ph in s.phases], "removal_steps": s.removal_steps,
             "total_steps": s.total_steps, "tokens": s.total_steps * s.tokens_per_step,
-            "flops": s.warm_steps * s.warm_flops_per_step + s.main_steps * s.flops_per_step,
+            "flops": s.phase_flops + s.main_steps * s.flops_per_step,
             "warmup_steps": self.cfg.warmup_steps, "train_sequences": self.train_sequences,
             "dense": str(self.dense_dir) if self.dense_dir else None, "removed_layers": self.removed_layers,
             "teacher": str(self.teacher_dir) if self.teacher_dir else None, "layer_map": self.layer_map,
@@ -204,9 +284,12 @@ class RunPlan:
 def resolve(
     init_dir: str | Path, prepared_dir: str | Path, out: str | Path, run_dir: str | Path, cfg, *,
     objective: str = "lm", teacher_dir: Optional[str | Path] = None, distill_cfg=None, warm_start: bool = False,
-    snapshots: int = 0, budget_key: Optional[str] = None,
+    snapshots: int = 0, budget_key: Optional[str] = None, chop_every_tokens: Optional[float] = None,
 ) -> RunPlan:
     """Resolve a training run (see the module docstring). Reads configs and metadata only.
+
+    ``chop_every_tokens``: gradual chopping from the uncompressed model the chopped ``init_dir`` came from, one
+    of its ``removed_layers`` every that many tokens (rounded to whole optimizer steps).
 
     Raises:
         ValueError / FileNotFoundError: for every input that cannot make a run, naming the key or argument.
@@ -216,8 +299,6 @@ def resolve(
     from layerchop.data.prepare import check_data_matches_model
     from layerchop.io import check_model_dir, read_metadata
     from layerchop.prune.masks import MASKS_FILE
-    from layerchop.train.callbacks import snapshot_steps
-
     init_dir, prepared_dir, out, run_dir = Path(init_dir), Path(prepared_dir), Path(out), Path(run_dir)
     if objective not in OBJECTIVES:
         raise ValueError(f"--objective {objective!r}: choose one of {list(OBJECTIVES)}")
@@ -239,18 +320,24 @@ def resolve(
     masks = init_dir / MASKS_FILE if (init_dir / MASKS_FILE).exists() else None
     warm_steps = cfg.warm_start_steps if warm_start else 0
     dense_dir, removed = None, list(init_meta.get("removed_layers") or [])
-    if warm_steps:
+    world = cfg.devices * cfg.num_nodes
+    chop_every, what = 0, f"--warm-start (train.warm_start_steps={warm_steps})"
+    if chop_every_tokens is not None:
+        what = f"--chop-every-tokens {chop_every_tokens:g}"
+        chop_every = round(chop_every_tokens / (cfg.batch_size * seq_len * cfg.accumulate * world))
+        if not chop_every_tokens > 0 or chop_every < 1:
+            raise ValueError(f"{what}: must be at least one optimizer step "
+                             f"({cfg.batch_size * seq_len * cfg.accumulate * world} tokens)")
+    if warm_steps or chop_every:
         if masks is not None:
-            raise ValueError(f"--warm-start (train.warm_start_steps={warm_steps}) does not apply to a pruned "
-                             f"(masked) --init {init_dir}")
+            raise ValueError(f"{what} does not apply to a pruned (masked) --init {init_dir}")
         if objective == "distill":
-            raise ValueError(f"--warm-start (train.warm_start_steps={warm_steps}) is not supported with "
-                             "--objective distill")
+            raise ValueError(f"{what} is not supported with --objective distill")
         if not (removed and init_meta.get("chopped_from")):
-            raise ValueError(f"--warm-start (train.warm_start_steps={warm_steps}) needs --init to be a chopped model "
+            raise ValueError(f"{what} needs --init to be a chopped model "
                              f"whose {init_dir}/layerchop.json names chopped_from and removed_layers")
         dense_dir = Path(init_meta["chopped_from"])
-        check_model_dir(dense_dir, f"--warm-start: {init_dir}/layerchop.json chopped_from")
+        check_model_dir(dense_dir, f"{what}: {init_dir}/layerchop.json chopped_from")
         check_data_matches_model(prepared_dir, dense_dir, AutoTokenizer.from_pretrained(dense_dir))
     mapping, teacher_meta = None, None
     if objective == "distill":
@@ -270,9 +357,15 @@ def resolve(
     steps = plan_steps(
         cfg, seq_len, configs["model"], objective=objective, warm_steps=warm_steps,
         dense_config=configs["dense"], teacher_config=configs["teacher"],
-        distill_cfg=distill_cfg, mapping=mapping, budget_key=budget_key,
+        distill_cfg=distill_cfg, mapping=mapping, budget_key=budget_key, removed=removed, chop_every=chop_every,
+        chop_key=what,
     )
     check_data(cfg, steps, train_sequences)
+    dense_cfg, model_cfg = configs["dense"], configs["model"]
+    if steps.phases and (dense_cfg.num_hidden_layers - len(set(removed)) != model_cfg.num_hidden_layers
+                         or dense_cfg.hidden_size != model_cfg.hidden_size):
+        raise ValueError(f"{what}: {init_dir}/config.json is not its chopped_from model {dense_dir} without "
+                         f"layers {removed}")
 
     identity = {
         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LAUNCH_KEYS},
@@ -280,6 +373,8 @@ def resolve(
         "splits": {k: v["tokens"] for k, v in counts["splits"].items()}, "code": code_fingerprint(),
         "objective": objective, "snapshots": snapshots,
     }
+    if chop_every:  # absent otherwise: the fingerprints of other runs stay what they were
+        identity["chop_every"] = chop_every
     if objective == "distill":
         identity.update(teacher=teacher_meta, teacher_dir=str(teacher_dir), distill=dataclasses.asdict(distill_cfg))
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -287,10 +382,22 @@ def resolve(
         objective=objective, init_dir=init_dir, prepared_dir=prepared_dir, out=out, run_dir=run_dir, cfg=cfg,
         steps=steps, seq_len=seq_len, train_sequences=train_sequences, init_meta=init_meta, fingerprint=fingerprint,
         distill_cfg=distill_cfg, teacher_dir=teacher_dir, dense_dir=dense_dir,
-        removed_layers=removed if warm_steps else [], masks=masks, layer_map=mapping,
-        snapshot_steps=snapshot_steps(steps.main_steps, snapshots) if snapshots else [],
+        removed_layers=removed if steps.phases else [], masks=masks, layer_map=mapping, chop_every=chop_every,
+        snapshot_steps=run_snapshot_steps(steps, snapshots, chop_every),
         num_params={k: count_params(c) for k, c in configs.items() if c is not None}, configs=configs,
     )
+
+
+def run_snapshot_steps(steps: Steps, num: int, chop_every: int) -> list[int]:
+    """Steps of the whole run at which a snapshot is exported: evenly over the run when layers go gradually (a
+    snapshot may be of an intermediate depth), evenly over the chopped model's fit after a warm start."""
+    from layerchop.train.callbacks import snapshot_steps
+
+    if not num:
+        return []
+    if chop_every:
+        return snapshot_steps(steps.total_steps, num)
+    return [steps.warm_steps + s for s in snapshot_steps(steps.main_steps, num)]
 
 
 _PARAMS: dict[str, int] = {}

@@ -1,8 +1,8 @@
 """Training composed from a :class:`~layerchop.train.plan.RunPlan`: setup steps, one module, callbacks, fit.
 
 Each method is a piece: the objective picks the LightningModule (:class:`CausalLMModule` or
-:class:`~layerchop.train.distill.DistillModule`), the warm start is a setup step before ``fit``
-(:mod:`layerchop.train.warm`), fixed sparsity masks, snapshots, compute accounting, host-memory accounting,
+:class:`~layerchop.train.distill.DistillModule`), the warm start and gradual chopping are phases before ``fit``
+(:mod:`layerchop.train.phases`), fixed sparsity masks, snapshots, compute accounting, host-memory accounting,
 checkpoints and the HF export are callbacks.
 """
 
@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -29,17 +29,21 @@ from layerchop.train.module import CausalLMModule, ShardState
 from layerchop.train.plan import RunPlan
 
 
-def merge_csv_logs(log_root: Path, dest: Path) -> None:
-    """Concatenate the CSV logs of every (resumed) invocation; a later invocation wins for a step."""
+def merge_csv_logs(sources: Sequence[tuple[Path, int]], dest: Path) -> None:
+    """Concatenate CSV logs: each source is a logger directory (``version_N`` per invocation; a later invocation
+    wins for a step) and the run's steps before it (phases), added to its steps so they count the whole run."""
     rows: dict[tuple[str, str], dict] = {}
     fields: list[str] = []
-    for f in sorted(log_root.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
-        with open(f) as fh:
-            reader = csv.DictReader(fh)
-            fields += [c for c in reader.fieldnames or [] if c not in fields]
-            for row in reader:
-                key = (row.get("step", ""), ",".join(k for k, v in row.items() if v and k != "step"))
-                rows[key] = row
+    for root, offset in sources:
+        for f in sorted(root.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+            with open(f) as fh:
+                reader = csv.DictReader(fh)
+                fields += [c for c in reader.fieldnames or [] if c not in fields]
+                for row in reader:
+                    if offset and row.get("step"):
+                        row["step"] = str(int(row["step"]) + offset)
+                    key = (row.get("step", ""), ",".join(k for k, v in row.items() if v and k != "step"))
+                    rows[key] = row
     ordered = sorted(rows.values(), key=lambda r: int(r.get("step") or 0))
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, "w", newline="") as fh:
@@ -81,6 +85,15 @@ def build_module(plan: RunPlan, start: Optional[ShardState]) -> CausalLMModule:
                           schedule_steps=steps.total_steps, start=start)
 
 
+def chop_schedule(plan: RunPlan) -> dict:
+    """Gradual chopping's record: the interval, the order, and the step, tokens and FLOPs at each removal."""
+    steps = plan.steps
+    flops = [sum(ph.steps * ph.flops_per_step for ph in steps.phases[:k + 1]) for k in range(len(steps.phases))]
+    return {"every_steps": plan.chop_every, "every_tokens": plan.chop_every * steps.tokens_per_step,
+            "order": list(plan.removed_layers), "removal_steps": steps.removal_steps,
+            "removal_tokens": [s * steps.tokens_per_step for s in steps.removal_steps], "removal_flops": flops}
+
+
 def output_metadata(plan: RunPlan) -> tuple[dict, str]:
     """``layerchop.json`` and model card of the exported model (compute is added at export)."""
     import dataclasses
@@ -103,6 +116,11 @@ def output_metadata(plan: RunPlan) -> tuple[dict, str]:
         what = f"CHOP + distill (teacher `{plan.teacher_dir}`, frozen)"
     warm = (f", the first {steps.warm_steps} of them on the uncompressed model `{plan.dense_dir}` (warm start)"
             if steps.warm_steps else "")
+    if plan.chop_every:
+        metadata["chop_schedule"] = chop_schedule(plan)
+        warm = (f", starting from the uncompressed model `{plan.dense_dir}` and removing one of layers "
+                f"{list(plan.removed_layers)} (in that order) every {plan.chop_every} steps (gradual chopping; the "
+                f"last at step {steps.removal_steps[-1]})")
     card = (
         f"# {plan.out.name}\n\n{what} of `{plan.init_dir}` by `layerchop train` for {steps.total_steps} steps x "
         f"{steps.tokens_per_step} tokens{warm} ({steps.total_steps * steps.tokens_per_step} tokens; budget "
@@ -149,21 +167,21 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
     tokenizer = AutoTokenizer.from_pretrained(plan.init_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    start, spent = None, None
-    if steps.warm_steps and ckpt_path is None:
-        from layerchop.train.warm import warm_start
-
-        start, spent = warm_start(plan, layout, lambda: trainer_kwargs(cfg))
-
     metadata, card = output_metadata(plan)
-    meter = ComputeMeter(steps.tokens_per_step, steps.flops_per_step, plan.world, offset=spent)
+    start, spent = None, None
+    if steps.phases and ckpt_path is None:
+        from layerchop.train.phases import run_phases
+
+        start, spent = run_phases(plan, layout, lambda: trainer_kwargs(cfg), tokenizer, metadata, card)
+    meter = ComputeMeter(steps.tokens_per_step, steps.flops_per_step, plan.world, offset=spent,
+                         schedule=metadata.get("chop_schedule"))
     memory = HostMemory()
     callbacks = [meter, memory]
     if plan.masks is not None:
         callbacks.append(KeepMasks(plan.masks))
     if plan.snapshot_steps:
         callbacks.append(Snapshots(layout.snapshots, plan.snapshot_steps, tokenizer, metadata, card, meter,
-                                   masks_dir=plan.init_dir if plan.masks else None))
+                                   masks_dir=plan.init_dir if plan.masks else None, offset=steps.warm_steps))
     callbacks += [ExportHF(plan.out, tokenizer, metadata, card, steps.main_steps, meter,
                            masks_dir=plan.init_dir if plan.masks else None),
                   TQDMProgressBar(refresh_rate=1)]
@@ -193,7 +211,9 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
     if not trainer.is_global_zero:
         return {}
     if log_csv is not None:
-        merge_csv_logs(layout.logs, Path(log_csv))
+        starts = [0] + steps.removal_steps
+        merge_csv_logs([(layout.phase_logs(k), starts[k]) for k in range(len(steps.phases))]
+                       + [(layout.logs, steps.warm_steps)], Path(log_csv))
     if trainer.global_step < steps.main_steps:
         print(f"[train] stopped at step {trainer.global_step} of {steps.main_steps}", flush=True)
         return {}
@@ -220,11 +240,12 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
 
 def run(init_dir: str | Path, prepared_dir: str | Path, out: str | Path, cfg, *, run_dir: str | Path,
         objective: str = "lm", teacher_dir: Optional[str | Path] = None, distill_cfg=None, warm_start: bool = False,
-        snapshots: int = 0, **kwargs) -> dict:
+        snapshots: int = 0, chop_every_tokens: Optional[float] = None, **kwargs) -> dict:
     """:func:`layerchop.train.plan.resolve` then :func:`train` (``kwargs``: resume, log_csv, metrics,
     stop_after, snapshot_dir)."""
     from layerchop.train.plan import resolve
 
     plan = resolve(init_dir, prepared_dir, out, run_dir, cfg, objective=objective, teacher_dir=teacher_dir,
-                   distill_cfg=distill_cfg, warm_start=warm_start, snapshots=snapshots)
+                   distill_cfg=distill_cfg, warm_start=warm_start, snapshots=snapshots,
+                   chop_every_tokens=chop_every_tokens)
     return train(plan, **kwargs)
