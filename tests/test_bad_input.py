@@ -62,6 +62,7 @@ PARAMS_CASES = [
     ("download.model.source", "llama-9000", "download.model.source='llama-9000' is invalid"),
     ("download.corpus.token_budget", -1, "download.corpus.token_budget=-1 is invalid: must be > 0"),
     ("figure4.flop_budget", "lots", "figure4.flop_budget='lots' is invalid: must be a number"),
+    ("figure6.every_tokens", [4096, -8], "figure6.every_tokens=-8 is invalid: each entry must be a whole number"),
     ("train.accelerator", "quantum", "train.accelerator='quantum' is invalid: choose one of"),
     ("train.lr", float("nan"), "train.lr=nan is invalid: must be a finite number"),
     ("train.weight_decay", float("inf"), "train.weight_decay=inf is invalid: must be a finite number"),
@@ -131,7 +132,7 @@ def test_every_shipped_params_file_passes_the_type_checks():
     for path in [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*/params.yaml"))]:
         params = load_params(path)
         assert set(params) == {"download", "prepare", "chop", "prune", "train", "distill", "figure4", "figure2",
-                               "table6", "evaluate", "report", "slurm"}, path
+                               "figure6", "table6", "evaluate", "report", "slurm"}, path
 
 
 # ------------------------------------------------------------------ model directories, one check for every stage
@@ -255,6 +256,8 @@ OUTPUT_CASES = [
     ("table6", ["--eval", "{tmp}/eval", "--dense", "{tmp}/d.json", "--tables", "{bad}", "--figures", "{tmp}/f"],
      "--tables"),
     ("tables45", ["--models", "{model}", "--results", "{tmp}/r.json", "--tables", "{bad}"], "--tables"),
+    ("figure6", ["--gradual", "{tmp}/g", "--at-once", "{tmp}/a.json", "--dense", "{tmp}/d.json", "--start",
+                 "{tmp}/c.json", "--tables", "{tmp}/t", "--figures", "{bad}"], "--figures"),
 ]
 
 

@@ -171,7 +171,10 @@ def test_layers_go_at_the_scheduled_steps_with_their_state(tmp_path, tiny_dir, t
     assert meta["compute"]["flops"] == 2 * f[6] + 2 * f[5] + 2 * f[4] > full["compute"]["flops"] - 6 * f[6] + 6 * f[4]
     assert meta["compute"]["tokens"] == meta["tokens_trained"] == 6 * TOKENS_PER_STEP
     assert meta["compute"]["steps"] == 6
-    assert meta["chop_schedule"] == {"every_steps": 2, "every_tokens": EVERY, "order": [2, 3], "removal_steps": [2, 4]}
+    assert meta["chop_schedule"] == {"every_steps": 2, "every_tokens": EVERY, "order": [2, 3], "removal_steps": [2, 4],
+                                     "removal_tokens": [2 * TOKENS_PER_STEP, 4 * TOKENS_PER_STEP],
+                                     "removal_flops": [2 * f[6], 2 * f[6] + 2 * f[5]]}
+    assert meta["compute"]["chop_schedule"] == meta["chop_schedule"]  # what the curve stage copies
     assert read_metadata(tmp_path / "out")["num_hidden_layers"] == 4
 
     # snapshots along the run: step 2 (the end of the 6-layer phase) and step 4 (the 5-layer phase)
@@ -312,3 +315,22 @@ def test_figure6_from_real_runs_and_curves(tmp_path, tiny_dir, tiny_prepared, ch
     (out["once"] / "curve.json").write_text(json.dumps(bad))
     shutil.rmtree(tmp_path / "t")
     assert main(args) == 2 and not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--chop-every-tokens", "10"], "--chop-every-tokens 10: must be at least one optimizer step"),
+    # the repo's params: batch 8 x 32 tokens a step, so 768 tokens buy 3 steps
+    (["--chop-every-tokens", "512"], "--chop-every-tokens 512: the last of 2 removals, one every 2 steps, comes at "
+                                     "step 4, but the budget (--token-budget"),
+    (["--token-budget", "768", "--flop-budget", "1e12"], "--flop-budget and --token-budget exclude each other"),
+])
+def test_the_train_stage_refuses_a_schedule_in_one_line(tmp_path, tiny_prepared, chopped_dir, capsys, extra, message):
+    from layerchop.cli import main
+
+    argv = ["train", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml"), "--init", str(chopped_dir),
+            "--data", str(tiny_prepared), "--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"),
+            "--token-budget", "768", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("layerchop train: error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()

@@ -175,7 +175,7 @@ def test_killed_ranks_resume_to_the_uninterrupted_result(tmp_path, shape_dirs, t
     Each time torchrun restarts every worker, they resume the newest complete sharded checkpoint (the warm
     start's, then the chopped run's), and the final weights and losses equal the uninterrupted run's."""
     stop, killed = threading.Event(), []
-    plan = [("run-killed/*/warm/step*.ckpt", 3), ("run-killed/*/checkpoints/step*.ckpt", 1)]
+    plan = [("run-killed/*/phases/000/step*.ckpt", 3), ("run-killed/*/checkpoints/step*.ckpt", 1)]
     killer = threading.Thread(target=kill_ranks_when, args=(plan, tmp_path, stop, killed))
     killer.start()
     try:
@@ -189,7 +189,7 @@ def test_killed_ranks_resume_to_the_uninterrupted_result(tmp_path, shape_dirs, t
     log = run.stdout + run.stderr
     assert log.count("exitcode: -9") >= 2, log[-4000:]
     resumed = [line for line in log.splitlines() if "resuming from" in line]
-    assert any("/warm/step" in line for line in resumed) and any("/checkpoints/step" in line for line in resumed), \
+    assert any("/phases/000/step" in line for line in resumed) and any("/checkpoints/step" in line for line in resumed), \
         resumed
     ref = uninterrupted / "ref"
     a, b = load_file(ref / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")

@@ -271,7 +271,7 @@ def test_time_limit_signal_then_requeue_resume_to_the_uninterrupted_result(tmp_p
     losses."""
     out = interrupt_and_finish(slurm_params(tmp_path, slurm={"signal_seconds": 300}), tmp_path, shape_dirs,
                                tiny_prepared, [
-        (lambda: steps_logged(tmp_path, "run-out/*/warm/logs/version_*/metrics.csv", 1), "a step of the warm start",
+        (lambda: steps_logged(tmp_path, "run-out/*/phase-logs/000/version_*/metrics.csv", 1), "a step of the warm start",
          ["scancel", "--signal=USR1"]),
         (lambda: list((tmp_path / "run-out").glob("*/checkpoints/step*.ckpt")), "the chopped run's first checkpoint",
          ["scontrol", "requeue"])])
@@ -279,7 +279,7 @@ def test_time_limit_signal_then_requeue_resume_to_the_uninterrupted_result(tmp_p
     signalled = [line.split("checkpoint ", 1)[1].split(" written")[0] for line in out.splitlines()
                  if "SLURM time-limit signal: checkpoint" in line]
     resumed = [line.split("resuming from ", 1)[1].strip() for line in out.splitlines() if "resuming from" in line]
-    assert len(signalled) == 1 and "/warm/step" in signalled[0], signalled  # written in the warm start
+    assert len(signalled) == 1 and "/phases/000/step" in signalled[0], signalled  # written in the warm start
     assert len(resumed) == 2, resumed
     assert resumed[0] == signalled[0]  # the requeued job resumed the checkpoint the signal wrote
     assert "/checkpoints/step" in resumed[1]

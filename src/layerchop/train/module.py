@@ -73,7 +73,7 @@ class CausalLMModule(L.LightningModule):
     def __init__(self, model_dir: str | Path | None, cfg, max_steps: int, *, schedule_offset: int = 0,
                  schedule_steps: Optional[int] = None, start: Optional[ShardState] = None, config=None):
         super().__init__()
-        if (model_dir is None) == (config is None):
+        if model_dir is not None and config is not None:
             raise ValueError("CausalLMModule: give model_dir or config, not both")
         self.model_dir = model_dir
         self.model_config = config

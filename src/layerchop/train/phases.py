@@ -136,7 +136,9 @@ def _train_phase(plan: RunPlan, layout: RunLayout, k: int, alive: list[int], don
     if trainer.is_global_zero:
         what = "the uncompressed model" if k == 0 else f"{len(alive)} layers"
         print(f"[train] phase {k + 1}/{len(steps.phases)}: {phase.steps} steps on {what}, then layers "
-              f"{list(phase.remove)} go" + (f" (resuming {resume})" if resume else ""), flush=True)
+              f"{list(phase.remove)} go", flush=True)
+        if resume:
+            print(f"[train] phase {k + 1}: resuming from {resume}", flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     if requeue and requeue[0].requeued:
         raise JobRequeued()
