@@ -46,7 +46,7 @@ def param_groups(named_params, weight_decay: float, no_decay_prefixes: tuple[str
 @dataclass
 class ShardState:
     """Weights and optimizer state to start from, as this rank's shards keyed by parameter name (the warm
-    start's chopped state; see :mod:`layerchop.train.warm`)."""
+    start's or a gradual-chopping phase's chopped state; see :mod:`layerchop.train.phases`)."""
 
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, dict[str, torch.Tensor]]
