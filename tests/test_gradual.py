@@ -70,7 +70,9 @@ def test_plan_schedules_one_removal_every_n_steps(tmp_path, tiny_dir, tiny_prepa
 @pytest.mark.parametrize("kw, match", [
     (dict(chop_every_tokens=3 * TOKENS_PER_STEP), r"--chop-every-tokens 384: the last of 2 removals, one every 3 "
                                                   r"steps, comes at step 6"),
-    (dict(chop_every_tokens=10), r"--chop-every-tokens 10: must be at least one optimizer step \(128 tokens\)"),
+    (dict(chop_every_tokens=10), r"--chop-every-tokens 10: must be a finite number of tokens, at least one "
+                                 r"optimizer step \(128 tokens\)"),
+    (dict(chop_every_tokens=float("inf")), r"--chop-every-tokens inf: must be a finite number of tokens"),
     (dict(chop_every_tokens=EVERY, warm_start=True), r"--chop-every-tokens .* and --warm-start .* exclude each other"),
 ])
 def test_plan_refuses_schedules_that_cannot_run(tmp_path, tiny_prepared, chopped_dir, kw, match):
@@ -148,9 +150,22 @@ def test_layers_go_at_the_scheduled_steps_with_their_state(tmp_path, tiny_dir, t
         assert float(got["optimizer"][k]["step"]) == 2.0
         for moment in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(got["optimizer"][k][moment], st[moment], rtol=0, atol=1e-7, msg=k)
-    # the second hand-over (after step 4) goes from 5 layers to the chopped model's 4
-    assert len(installed[1]["weights"]) == len(list(AutoModelForCausalLM.from_pretrained(chopped_dir).parameters()))
-    assert {float(st["step"]) for st in installed[1]["optimizer"].values()} == {4.0}
+    # the second hand-over (after step 4): the 5-layer model's state at its end (its phase's last checkpoint)
+    # without its layer 2 (the dense model's layer 3), renumbered
+    [end5] = (tmp_path / "run").glob("*/phases/001/step00000002.ckpt")
+    ck5 = torch.load(end5, weights_only=False)
+    five = AutoModelForCausalLM.from_config(depth_config(AutoConfig.from_pretrained(tiny_dir), kept))
+    names5 = opt_order_names(five)
+    w5 = chop_state_keys({k[len("model."):]: v for k, v in ck5["state_dict"].items()}, [0, 1, 3, 4])
+    o5 = chop_state_keys({names5[i]: st for i, st in ck5["optimizer_states"][0]["state"].items()}, [0, 1, 3, 4])
+    got = installed[1]
+    assert set(got["weights"]) == set(w5) - {"lm_head.weight"} and set(got["optimizer"]) == set(o5)
+    for k, v in got["weights"].items():
+        torch.testing.assert_close(v, w5[k], rtol=0, atol=0, msg=k)
+    for k, st in o5.items():
+        assert float(got["optimizer"][k]["step"]) == 4.0
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(got["optimizer"][k][moment], st[moment], rtol=0, atol=0, msg=k)
 
     # one LR schedule and one data stream over the run: the first 2 steps' losses and all 6 LRs equal the dense run's
     lr, dense_lr = column(tmp_path / "log.csv", "train/lr"), column(tmp_path / "dense.csv", "train/lr")
@@ -195,11 +210,13 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("phase, step", [("000", 2), ("001", 1)], ids=["end-of-first-phase", "inside-second-phase"])
+@pytest.mark.parametrize("phase, step", [("000", 2), ("001", 1), ("checkpoints", 1)],
+                         ids=["end-of-first-phase", "inside-second-phase", "inside-the-chopped-model-fit"])
 def test_a_run_killed_mid_schedule_resumes_to_the_same_model(tmp_path, tiny_prepared, chopped_dir, monkeypatch,
                                                              phase, step):
-    """Killed right after the first phase's last checkpoint (before the removal), or after the first step of the
-    5-layer phase: the re-run resumes that checkpoint and ends with the uninterrupted run's model and snapshots."""
+    """Killed right after the first phase's last checkpoint (before the removal), after the first step of the
+    5-layer phase, or after the first step of the chopped model's fit: the re-run resumes that checkpoint and ends
+    with the uninterrupted run's model, snapshots and compute record."""
     from layerchop.train import checkpoint
 
     cfg = cfg_(ckpt_every=1)
@@ -222,6 +239,11 @@ def test_a_run_killed_mid_schedule_resumes_to_the_same_model(tmp_path, tiny_prep
     again = run(chopped_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b",
                 chop_every_tokens=EVERY, snapshots=2, snapshot_dir=tmp_path / "snaps_b")
     assert again["compute"]["flops"] == ref["compute"]["flops"] and again["compute"]["steps"] == 6
+    assert again["compute"]["chop_schedule"] == ref["compute"]["chop_schedule"]
+    assert again["compute"]["train_s"] > 0 and again["compute"]["tokens"] == ref["compute"]["tokens"]
+    # the chopped model's fit checkpointed, so the phases' checkpoints are gone (their logs stay)
+    assert not list((tmp_path / "run_b").glob("*/phases/*/step*.ckpt"))
+    assert len(list((tmp_path / "run_b").glob("*/phase-logs/*"))) == 2
     assert again["warm_start_optimizer"] == ref["warm_start_optimizer"]
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -234,7 +256,9 @@ def test_a_run_killed_mid_schedule_resumes_to_the_same_model(tmp_path, tiny_prep
 
 
 def test_fsdp2_two_processes_chop_gradually(tmp_path, tiny_prepared, chopped_dir):
-    """Under FSDP2 (2 CPU processes, the CLI) the shard-local hand-over gives the single-process result."""
+    """Under FSDP2 (2 CPU processes, the CLI) the shard-local hand-over gives the single-process result, also when the
+    run stops in the chopped model's fit and is resumed: the 5-layer phase is then rebuilt from its config and its
+    sharded end checkpoint before the last removal."""
     params = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))
     base = dict(token_budget=6 * 2 * 2 * 32, batch_size=2, lr=3e-3, warmup_steps=1, precision="32-true",
                 accelerator="cpu", ckpt_every=0, val_batches=1)
@@ -247,11 +271,18 @@ def test_fsdp2_two_processes_chop_gradually(tmp_path, tiny_prepared, chopped_dir
                "--init", str(chopped_dir), "--data", str(tiny_prepared), "--out", str(tmp_path / name),
                "--run-dir", str(tmp_path / f"run_{name}"), "--log", str(tmp_path / f"{name}.csv"),
                "--chop-every-tokens", str(2 * 4 * 32)]
-        proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                              text=True, timeout=600)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if name == "fsdp":  # stopped after the chopped model's first step (it writes no checkpoint: ckpt_every 0)
+            proc = subprocess.run(cmd + ["--stop-after", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                  timeout=600)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+            assert "stopped at step 1 of 2" in proc.stdout and not (tmp_path / name).exists()
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         outs[name] = load_file(tmp_path / name / "model.safetensors")
         assert "phase 2/2: 2 steps on 5 layers, then layers [3] go" in proc.stdout
+        if name == "fsdp":
+            assert "phase 2: resuming from" in proc.stdout and "phase 1/2" not in proc.stdout
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr
     # 2 ranks x batch 2 see the same 4 sequences per step as 1 rank x batch 4 (the sampler interleaves ranks)
     a, b = outs["single"], outs["fsdp"]
@@ -302,9 +333,11 @@ def test_figure6_from_real_runs_and_curves(tmp_path, tiny_dir, tiny_prepared, ch
     dense_ppl = read_json(tmp_path / "eval" / "dense" / "metrics.json")["val/ppl"]
     chopped_ppl = read_json(tmp_path / "eval" / "chopped" / "metrics.json")["val/ppl"]
     row = next(line for line in md.splitlines() if line.startswith(f"| every {EVERY} tokens"))
+    ratio = g["compute"]["flops"] / once["compute"]["flops"]
     assert row.startswith(f"| every {EVERY} tokens (last removal at 66.7 %) | {EVERY} | 4 | 6 | 768 | "
-                          f"{g['compute']['flops']:.3e} | {g['points'][-1]['metrics']['val/ppl']:.2f} |")
-    assert f"| all at once (LayerChop) | - | 0 | 6 | 768 | {once['compute']['flops']:.3e} |" in md
+                          f"{g['compute']['flops']:.3e} | {ratio:.2f}x | {g['points'][-1]['metrics']['val/ppl']:.2f} |")
+    assert f"| all at once (LayerChop) | - | 0 | 6 | 768 | {once['compute']['flops']:.3e} | 1.00x |" in md
+    assert "all at once is Figure 4's LayerChop arm (every layer removed before the first step)" in md
     # each arm starts at its own start: the dense model (gradual), the chopped one (all at once)
     assert f"| every {EVERY} tokens (last removal at 66.7 %) | 0 | 0 | 0.000e+00 | {dense_ppl:.2f} |" in md
     assert f"| all at once (LayerChop) | 0 | 0 | 0.000e+00 | {chopped_ppl:.2f} |" in md
@@ -318,7 +351,8 @@ def test_figure6_from_real_runs_and_curves(tmp_path, tiny_dir, tiny_prepared, ch
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--chop-every-tokens", "10"], "--chop-every-tokens 10: must be at least one optimizer step"),
+    (["--chop-every-tokens", "10"], "--chop-every-tokens 10: must be a finite number of tokens, at least one optimizer"),
+    (["--chop-every-tokens", "nan"], "--chop-every-tokens nan: must be a finite number of tokens"),
     # the repo's params: batch 8 x 32 tokens a step, so 768 tokens buy 3 steps
     (["--chop-every-tokens", "512"], "--chop-every-tokens 512: the last of 2 removals, one every 2 steps, comes at "
                                      "step 4, but the budget (--token-budget"),

@@ -48,7 +48,7 @@ def plan(params: dict, dvc: dict) -> dict:
     from layerchop.estimate import (checkpoint_gb, count_params, hours, model_dir_gb, prepared_gb, train_memory)
     from layerchop.pipeline import stage_commands
     from layerchop.prune.chop import removed_indices
-    from layerchop.train.plan import plan_steps
+    from layerchop.train.plan import chop_every_steps, plan_steps
 
     download, prep, chop = section("download", params), section("prepare", params), section("chop", params)
     cfg0, fig4, slurm = section("train", params), section("figure4", params), section("slurm", params)
@@ -115,8 +115,9 @@ def plan(params: dict, dvc: dict) -> dict:
             if init is not chopped or args.objective != "lm":
                 raise ValueError(f"dvc.yaml {name}: --chop-every-tokens needs the chopped model as --init and "
                                  f"objective lm (got --init {args.init}, --objective {args.objective})")
-            chop_every = max(1, round(args.chop_every_tokens / (cfg.batch_size * prep.seq_len * cfg.accumulate
-                                                                 * cfg.devices * cfg.num_nodes)))
+            chop_every = chop_every_steps(args.chop_every_tokens, cfg.batch_size * prep.seq_len * cfg.accumulate
+                                          * cfg.devices * cfg.num_nodes,
+                                          f"dvc.yaml {name}: --chop-every-tokens {args.chop_every_tokens}")
         steps = plan_steps(cfg, prep.seq_len, init, objective=args.objective, warm_steps=warm,
                            dense_config=dense, teacher_config=teacher, distill_cfg=distill, mapping=kept,
                            budget_key=budget_key, removed=removed, chop_every=chop_every,

@@ -179,14 +179,17 @@ class AtomicCheckpoint(Callback):
         dirpath: Checkpoint directory.
         every_n_steps: Interval in optimizer steps (0: only at the end when ``save_on_train_end``).
         keep: Complete checkpoints to keep.
-        save_on_train_end: Also save the final step (the warm start: its end state must survive a kill).
+        save_on_train_end: Also save the final step (a phase: its end state must survive a kill).
+        on_saved: Called on every rank after each checkpoint is published (e.g. to delete what it supersedes).
     """
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int, keep: int = 1, save_on_train_end: bool = False):
+    def __init__(self, dirpath: str | Path, every_n_steps: int, keep: int = 1, save_on_train_end: bool = False,
+                 on_saved=None):
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.keep = keep
         self.save_on_train_end = save_on_train_end
+        self.on_saved = on_saved
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
@@ -218,6 +221,8 @@ class AtomicCheckpoint(Callback):
             for old in sorted(self.dirpath.glob(CKPT_GLOB), key=_step)[:-self.keep]:
                 _remove(old)
         trainer.strategy.barrier("checkpoint-published")
+        if self.on_saved is not None:
+            self.on_saved()
         return final
 
 

@@ -15,7 +15,7 @@ FSDP2 no rank gathers the model or the optimizer state.
 Each phase checkpoints into ``<run>/phases/<k>`` (every ``train.ckpt_every`` of its steps and always at its
 end). A run killed anywhere resumes in the newest phase that has a checkpoint: a checkpoint of a phase's last
 step restores it and goes straight to the next removal. A phase's directory is removed once the next phase has
-checkpointed its end, so at most two phases' checkpoints are on disk.
+checkpointed its end, and the last phase's once the chopped model's fit has written its first checkpoint.
 """
 
 from __future__ import annotations
@@ -76,22 +76,34 @@ def run_phases(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[], di
         phase = steps.phases[k]
         if len(alive) != phase.num_layers:
             raise RuntimeError(f"phase {k}: {len(alive)} layers alive, the plan says {phase.num_layers}")
-        start, spent = _train_phase(plan, layout, k, alive, done, spent, start, trainer_kwargs,
+        handed = [start] if start is not None else []
+        start = None  # the next module holds the only reference, and drops it once its weights are loaded
+        start, spent = _train_phase(plan, layout, k, alive, done, spent, handed, trainer_kwargs,
                                     tokenizer, metadata, card)
         alive = [i for i in alive if i not in phase.remove]
         done += phase.steps
-        if k > 0 and sharding_rank0():
-            shutil.rmtree(layout.phase(k - 1), ignore_errors=True)  # phase k's end checkpoint is the resume point
+        if k > 0:
+            remove_phase_dirs(layout, k)  # phase k's end checkpoint is the resume point now
     kept = [i for i in range(dense_config.num_hidden_layers) if i not in set(plan.removed_layers)]
     if alive != kept:
         raise RuntimeError(f"after the phases layers {alive} are left, but {plan.init_dir} keeps {kept}")
     return start, spent
 
 
-def sharding_rank0() -> bool:
+def remove_phase_dirs(layout: RunLayout, before: int) -> None:
+    """Global rank 0 deletes the checkpoints of the phases before ``before`` (their logs stay); call it only
+    once a newer checkpoint of the run (a later phase's, or the main fit's) is published on every rank."""
     from layerchop.train.checkpoint import global_rank
 
-    return global_rank() == 0
+    if global_rank() != 0 or not (layout.root / "phases").is_dir():
+        return
+    for k in range(before):
+        where = layout.phase(k)
+        if where.exists():
+            try:
+                shutil.rmtree(where)
+            except OSError as e:
+                print(f"[train] warning: could not delete {where} ({e}); it is no longer needed", flush=True)
 
 
 def _add(spent: dict, phase, tokens_per_step: int, train_s: float) -> dict:
@@ -100,9 +112,11 @@ def _add(spent: dict, phase, tokens_per_step: int, train_s: float) -> dict:
 
 
 def _train_phase(plan: RunPlan, layout: RunLayout, k: int, alive: list[int], done: int, spent: dict,
-                 start: Optional[ShardState], trainer_kwargs, tokenizer, metadata, card) -> tuple[ShardState, dict]:
-    """Fit phase ``k`` (``alive``: the uncompressed model's layers it has), then drop its layers' shard state."""
+                 handed: list[ShardState], trainer_kwargs, tokenizer, metadata, card) -> tuple[ShardState, dict]:
+    """Fit phase ``k`` (``alive``: the uncompressed model's layers it has), then drop its layers' shard state.
+    ``handed``: the previous phase's state, popped (the module alone keeps it, until its weights are loaded)."""
     cfg, steps = plan.cfg, plan.steps
+    start = handed.pop() if handed else None
     phase = steps.phases[k]
     where = layout.phase(k)
     if k == 0:  # the uncompressed model, from its directory
@@ -112,6 +126,7 @@ def _train_phase(plan: RunPlan, layout: RunLayout, k: int, alive: list[int], don
         module = CausalLMModule(None, cfg, max_steps=phase.steps, schedule_offset=done,
                                 schedule_steps=steps.total_steps, start=start,
                                 config=depth_config(_dense_config(plan), alive))
+    del start
     meter = ComputeMeter(steps.tokens_per_step, phase.flops_per_step, plan.world, offset=spent,
                          schedule=(metadata or {}).get("chop_schedule"))
     callbacks = [meter]

@@ -324,10 +324,7 @@ def resolve(
     chop_every, what = 0, f"--warm-start (train.warm_start_steps={warm_steps})"
     if chop_every_tokens is not None:
         what = f"--chop-every-tokens {chop_every_tokens:g}"
-        chop_every = round(chop_every_tokens / (cfg.batch_size * seq_len * cfg.accumulate * world))
-        if not chop_every_tokens > 0 or chop_every < 1:
-            raise ValueError(f"{what}: must be at least one optimizer step "
-                             f"({cfg.batch_size * seq_len * cfg.accumulate * world} tokens)")
+        chop_every = chop_every_steps(chop_every_tokens, cfg.batch_size * seq_len * cfg.accumulate * world, what)
     if warm_steps or chop_every:
         if masks is not None:
             raise ValueError(f"{what} does not apply to a pruned (masked) --init {init_dir}")
@@ -386,6 +383,18 @@ def resolve(
         snapshot_steps=run_snapshot_steps(steps, snapshots, chop_every),
         num_params={k: count_params(c) for k, c in configs.items() if c is not None}, configs=configs,
     )
+
+
+def chop_every_steps(tokens: float, tokens_per_step: int, what: str = "--chop-every-tokens") -> int:
+    """Gradual chopping's interval in whole optimizer steps (the nearest to ``tokens``), at least one.
+
+    Raises:
+        ValueError: naming ``what`` for a value that is not a finite number of at least one step's tokens.
+    """
+    if not (math.isfinite(tokens) and tokens > 0) or round(tokens / tokens_per_step) < 1:
+        raise ValueError(f"{what}: must be a finite number of tokens, at least one optimizer step "
+                         f"({tokens_per_step} tokens)")
+    return round(tokens / tokens_per_step)
 
 
 def run_snapshot_steps(steps: Steps, num: int, chop_every: int) -> list[int]:

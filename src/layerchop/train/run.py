@@ -186,7 +186,13 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
                            masks_dir=plan.init_dir if plan.masks else None),
                   TQDMProgressBar(refresh_rate=1)]
     if cfg.ckpt_every:
-        callbacks.append(AtomicCheckpoint(layout.checkpoints, cfg.ckpt_every))
+        on_saved = None
+        if steps.phases:  # the phases' last checkpoints are no longer the resume point
+            from layerchop.train.phases import remove_phase_dirs
+
+            def on_saved() -> None:
+                remove_phase_dirs(layout, len(steps.phases))
+        callbacks.append(AtomicCheckpoint(layout.checkpoints, cfg.ckpt_every, on_saved=on_saved))
     requeue = requeue_callbacks(layout.checkpoints)
     callbacks += requeue
     trainer = L.Trainer(
@@ -201,6 +207,7 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
     dm = PackedDataModule(plan.prepared_dir, cfg.batch_size, cfg.seed, cfg.val_batches, cfg.num_workers,
                           start_samples=plan.warm_samples_per_rank)
     module = build_module(plan, start)
+    start = None  # the module alone holds the hand-over, and drops it once loaded
     t0 = time.perf_counter()
     # weights_only: a checkpoint holds tensors and plain containers; a planted pickle is refused, whatever
     # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
@@ -233,8 +240,8 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
                                    "tokens_trained": meta["tokens_trained"], "train_loss_last": meta["train_loss_last"],
                                    "wall_s_this_invocation": round(wall, 1), "host_memory": host_memory,
                                    **({"gpu_memory": gpu_memory} if gpu_memory else {})})
-    print(f"[train] {steps.warm_steps + trainer.global_step} steps ({steps.warm_steps} warm), {wall:.1f} s, "
-          f"{meta['compute']['flops']:.4g} FLOPs, exported {plan.out}", flush=True)
+    print(f"[train] {steps.warm_steps + trainer.global_step} steps ({steps.warm_steps} on deeper models), "
+          f"{wall:.1f} s, {meta['compute']['flops']:.4g} FLOPs, exported {plan.out}", flush=True)
     return meta
 
 
