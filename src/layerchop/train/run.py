@@ -240,7 +240,8 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
                                    "tokens_trained": meta["tokens_trained"], "train_loss_last": meta["train_loss_last"],
                                    "wall_s_this_invocation": round(wall, 1), "host_memory": host_memory,
                                    **({"gpu_memory": gpu_memory} if gpu_memory else {})})
-    print(f"[train] {steps.warm_steps + trainer.global_step} steps ({steps.warm_steps} on deeper models), "
+    before = "while chopping gradually" if plan.chop_every else "warm"
+    print(f"[train] {steps.warm_steps + trainer.global_step} steps ({steps.warm_steps} {before}), "
           f"{wall:.1f} s, {meta['compute']['flops']:.4g} FLOPs, exported {plan.out}", flush=True)
     return meta
 
