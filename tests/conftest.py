@@ -143,3 +143,18 @@ def piqa_dir() -> Path:
     if not (d / "valid.jsonl").exists():
         pytest.skip(f"{d} is absent: the real PIQA items live in ../shared/benchmarks (not in this repo)")
     return d
+
+
+@pytest.fixture()
+def chopped_dir(tmp_path, tiny_dir) -> Path:
+    """The tiny model without layers 2 and 3, saved as the chop stage would (``removed_layers``, ``chopped_from``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerchop.io import save_model_dir
+    from layerchop.prune.chop import chop_layers
+
+    chopped = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    chop_layers(chopped, [2, 3])
+    save_model_dir(chopped, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "chopped",
+                   metadata={"removed_layers": [2, 3], "chopped_from": str(tiny_dir)})
+    return tmp_path / "chopped"

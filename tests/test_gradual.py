@@ -34,20 +34,6 @@ def column(csv_path: Path, key: str) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
 
 
-@pytest.fixture()
-def chopped_dir(tmp_path, tiny_dir) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from layerchop.io import save_model_dir
-    from layerchop.prune.chop import chop_layers
-
-    chopped = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    chop_layers(chopped, [2, 3])
-    save_model_dir(chopped, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "chopped",
-                   metadata={"removed_layers": [2, 3], "chopped_from": str(tiny_dir)})
-    return tmp_path / "chopped"
-
-
 def test_plan_schedules_one_removal_every_n_steps(tmp_path, tiny_dir, tiny_prepared, chopped_dir):
     from transformers import AutoConfig
 

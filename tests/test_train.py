@@ -308,20 +308,6 @@ def lrs(csv_path: Path) -> list[float]:
         return [float(r["train/lr"]) for r in csv.DictReader(f) if r.get("train/lr")]
 
 
-@pytest.fixture()
-def chopped_dir(tmp_path, tiny_dir) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from layerchop.io import save_model_dir
-    from layerchop.prune.chop import chop_layers
-
-    chopped = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    chop_layers(chopped, [2, 3])
-    save_model_dir(chopped, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "chopped",
-                   metadata={"removed_layers": [2, 3], "chopped_from": str(tiny_dir)})
-    return tmp_path / "chopped"
-
-
 def test_warm_start_is_inside_the_budget_and_the_schedule(tmp_path, tiny_dir, tiny_prepared, chopped_dir):
     """2 warm steps on the dense model + 3 on the chopped one = the 5 steps of the budget, one LR schedule."""
     from transformers import AutoConfig
