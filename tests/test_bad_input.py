@@ -253,7 +253,7 @@ OUTPUT_CASES = [
     ("scratch", ["--like", "{model}", "--out", "{bad}"], "--out"),
     ("figure2", ["--layerchop", "{tmp}/a.json", "--scratch", "{tmp}/b.json", "--start", "{tmp}/c.json", "--tables",
                  "{tmp}/t", "--figures", "{bad}"], "--figures"),
-    ("table6", ["--eval", "{tmp}/eval", "--dense", "{tmp}/d.json", "--tables", "{bad}", "--figures", "{tmp}/f"],
+    ("table6", ["--eval", "{tmp}/eval", "--main-chopped", "{tmp}/c", "--main-recovered", "{tmp}/r", "--dense", "{tmp}/d.json", "--tables", "{bad}", "--figures", "{tmp}/f"],
      "--tables"),
     ("tables45", ["--models", "{model}", "--results", "{tmp}/r.json", "--tables", "{bad}"], "--tables"),
     ("figure6", ["--gradual", "{tmp}/g", "--at-once", "{tmp}/a.json", "--dense", "{tmp}/d.json", "--start",

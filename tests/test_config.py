@@ -178,6 +178,8 @@ def test_every_training_stage_of_every_params_file_fits_its_budget(path):
             train_tokens = corpus.token_budget * (1 - prep.val_fraction - prep.test_fraction)
             assert steps.total_steps * steps.tokens_per_step <= train_tokens * cfg.max_data_passes, arm
     layouts = section("table6", params).layouts
+    chop = section("chop", params)  # chop.layout's row of Table 6 is the main arm's: the table6 stage refuses it twice
+    assert chop.indices is not None or chop.layout not in layouts
     assert sorted(warm_arms) == sorted(["fig4_train@layerchop", "train@layerchop"]
                                        + [f"layout_train@{x}" for x in layouts])
     # the one-shot N:M patterns of the prune matrix divide every projection's input width

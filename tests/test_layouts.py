@@ -105,17 +105,26 @@ def _layout_evals(root):
             (d / "results.json").write_text(json.dumps({"results": {}, "model": model}))
 
 
+def _table6(tmp_path, layouts, arm="input", **chop):
+    pfile = _params(tmp_path, table6={"layouts": layouts}, chop={"num_remove": 2, **chop})
+    ev = tmp_path / "eval"
+    return main(["table6", "--params", str(pfile), "--eval", str(ev), "--main-chopped", str(ev / arm / "chopped"),
+                 "--main-recovered", str(ev / arm / "recovered"), "--dense", str(tmp_path / "dense.json"),
+                 "--tables", str(tmp_path / "t"), "--figures", str(tmp_path / "f")])
+
+
 def test_table6_stage_answers_its_questions_from_the_numbers(tmp_path):
     from scipy.stats import spearmanr
 
     _layout_evals(tmp_path / "eval")
     (tmp_path / "dense.json").write_text(json.dumps(_metrics(6, 20.0, 0.7)))
-    pfile = _params(tmp_path, table6={"layouts": list(LAYOUT_DATA)})
-    assert main(["table6", "--params", str(pfile), "--eval", str(tmp_path / "eval"), "--dense",
-                 str(tmp_path / "dense.json"), "--tables", str(tmp_path / "t"), "--figures", str(tmp_path / "f")]) == 0
+    # chop.layout (input) is the main arm's row: read from its own evaluations, not a layout_* stage's
+    assert _table6(tmp_path, [k for k in LAYOUT_DATA if k != "input"]) == 0
     md = (tmp_path / "t" / "layouts.md").read_text()
     # in-domain: the mean of two tasks (se / sqrt 2); general: PIQA alone
     assert "| middle | fixed | 2-3 | 500.00 | 55.00 | 35.0 ± 2.4 | 62.0 ± 2.4 | 35.0 ± 3.4 | 62.0 ± 3.4 |" in md
+    assert "| input | fixed | 1-2 | 900.00 | 60.00 | 30.0 ± 2.3 | 60.0 ± 2.4 |" in md
+    assert "The input row is the main table's LayerChop arm" in md
     assert "each layout drops 2 of 6 decoder layers" in md
     assert "| block-influence | data-driven | 2, 4 | 400.00 | 58.00 |" in md
     f = read_json(tmp_path / "t" / "layouts.json")["findings"]
@@ -123,6 +132,7 @@ def test_table6_stage_answers_its_questions_from_the_numbers(tmp_path):
     after = [v[2][0] for v in LAYOUT_DATA.values()]
     rho = spearmanr(before, after).statistic
     assert f["rank_correlation"]["val ppl"]["rho"] == pytest.approx(rho)
+    assert f["rank_correlation"]["val ppl"]["layouts"] == 4
     assert f"Spearman rho {rho:+.2f}" in md
     # best after recovery: data-driven block-influence (58) vs the best fixed layout, middle (55)
     best = f["best"]["val ppl"]
@@ -143,14 +153,31 @@ def test_table6_stage_answers_its_questions_from_the_numbers(tmp_path):
 def test_table6_names_a_layout_without_results(tmp_path):
     _layout_evals(tmp_path / "eval")
     (tmp_path / "dense.json").write_text(json.dumps(_metrics(6, 20.0, 0.7)))
-    pfile = _params(tmp_path, table6={"layouts": ["input", "max-gap"]})
     with pytest.raises(FileNotFoundError, match="table6.layouts: 'max-gap' has no"):
         from layerchop.report.layouts import load_layouts
 
-        load_layouts(["input", "max-gap"], tmp_path / "eval")
-    assert main(["table6", "--params", str(pfile), "--eval", str(tmp_path / "eval"), "--dense",
-                 str(tmp_path / "dense.json"), "--tables", str(tmp_path / "t"), "--figures", str(tmp_path / "f")]) == 2
+        load_layouts(["middle", "max-gap"], tmp_path / "eval")
+    assert _table6(tmp_path, ["middle", "max-gap"]) == 2
     assert not (tmp_path / "t").exists()
+
+
+def test_table6_refuses_the_main_layout_twice_and_a_stale_main_arm(tmp_path, capsys):
+    _layout_evals(tmp_path / "eval")
+    (tmp_path / "dense.json").write_text(json.dumps(_metrics(6, 20.0, 0.7)))
+    # listing chop.layout in table6.layouts would chop and recover it a second time
+    assert _table6(tmp_path, ["input", "middle"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "table6.layouts=['input', 'middle'] lists 'input', chop.layout" in err[0]
+    # the main arm's evaluations are of another layout than chop.layout (stale after a params change)
+    assert _table6(tmp_path, ["middle"], arm="input", layout="output") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "evaluated a model with removed layers [1, 2]" in err[0] and "chop.layout='output'" in err[0]
+    # explicit chop.indices: the row is called "indices" and must be those layers
+    assert _table6(tmp_path, ["middle"], arm="input", indices=[1, 3]) == 2
+    assert "not chop.layout='indices'" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+    assert _table6(tmp_path, ["middle"], arm="input", indices=[1, 2]) == 0
+    assert "| indices | fixed | 1-2 |" in (tmp_path / "t" / "layouts.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------- Figure 2

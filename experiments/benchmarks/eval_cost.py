@@ -13,20 +13,38 @@ after ``dvc repro prepare download_model``:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 
 import torch
 
 from layerchop.config import section
+from layerchop.evaluate import suite
 from layerchop.evaluate.suite import evaluate_model
 
 
-def parse(name: str) -> dict:
+def parse(name: str) -> tuple[dict, bool]:
+    """``fp32-bN`` / ``bf16-bN`` (autocast, output head in float32, as the pipeline runs) / ``bf16head-bN`` (the head
+    under autocast too: bf16 logits, cast up to float32 before lm-eval's log-softmax). Returns the ``evaluate``
+    overrides and whether the head runs in bf16."""
     prec, batch = name.split("-b")
-    if prec not in ("fp32", "bf16"):
-        raise ValueError(f"--variants: {name!r} (expected fp32-bN or bf16-bN)")
-    return {"autocast": "bfloat16" if prec == "bf16" else None, "batch_size": int(batch)}
+    if prec not in ("fp32", "bf16", "bf16head"):
+        raise ValueError(f"--variants: {name!r} (expected fp32-bN, bf16-bN or bf16head-bN)")
+    return {"autocast": None if prec == "fp32" else "bfloat16", "batch_size": int(batch)}, prec == "bf16head"
+
+
+@contextlib.contextmanager
+def bf16_output_head(model, device: str, enabled: bool = True):
+    """In place of :func:`layerchop.evaluate.suite.fp32_output_head`: the head's matmul under autocast (bf16), its
+    logits cast up to float32 so that the log-softmax downstream runs in float32 on bf16-rounded logits."""
+    head = model.get_output_embeddings()
+    forward = head.forward
+    head.forward = lambda x: forward(x).float()
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def main() -> None:
@@ -46,8 +64,14 @@ def main() -> None:
           flush=True)
     rows = []
     for name in args.variants.split(","):
-        cfg = dataclasses.replace(base, **parse(name))
-        metrics, _ = evaluate_model(args.model, args.data, cfg)
+        overrides, bf16_head = parse(name)
+        cfg = dataclasses.replace(base, **overrides)
+        fp32_head = suite.fp32_output_head
+        suite.fp32_output_head = bf16_output_head if bf16_head else fp32_head
+        try:
+            metrics, _ = evaluate_model(args.model, args.data, cfg)
+        finally:
+            suite.fp32_output_head = fp32_head
         rows.append((name, metrics))
         print(json.dumps({"variant": name, **{k: v for k, v in metrics.items() if k.endswith("_s")}}), flush=True)
     ref = rows[0][1]

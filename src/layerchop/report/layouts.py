@@ -13,27 +13,31 @@ from layerchop.report.tables import (fmt_acc, fmt_ppl, mean_accuracy, save_figur
 STATES = ("chopped", "recovered")
 
 
-def load_layouts(layouts: list[str], eval_root: str | Path) -> list[dict[str, Any]]:
-    """``[{"name", "removed", "selection", "num_layers", "chopped": metrics, "recovered": metrics}]`` per layout,
-    from ``<eval_root>/<layout>/<state>/metrics.json`` and the chopped model's provenance in ``results.json``."""
+def load_layout(name: str, chopped: str | Path, recovered: str | Path, key: str) -> dict[str, Any]:
+    """``{"name", "removed", "selection", "num_layers", "chopped": metrics, "recovered": metrics}`` for one layout,
+    from the evaluation directories of its chopped and its recovered model (``metrics.json``, and the chopped
+    model's provenance in ``results.json``). ``key`` names where the directories came from in errors."""
     from layerchop.io import read_json
 
-    rows = []
-    for name in layouts:
-        row: dict[str, Any] = {"name": name}
-        for state in STATES:
-            path = Path(eval_root) / name / state / "metrics.json"
-            if not path.exists():
-                raise FileNotFoundError(f"table6.layouts: {name!r} has no {path}")
-            row[state] = read_json(path)
-        prov = read_json(Path(eval_root) / name / "chopped" / "results.json").get("model", {})
-        if "removed_layers" not in prov:
-            raise ValueError(f"table6.layouts: {eval_root}/{name}/chopped is not the evaluation of a chopped model "
-                             "(its results.json names no removed_layers)")
-        row.update(removed=prov["removed_layers"], selection=prov.get("selection"),
-                   num_layers=prov["num_layers_before"])
-        rows.append(row)
-    return rows
+    row: dict[str, Any] = {"name": name}
+    for state, where in zip(STATES, (chopped, recovered)):
+        path = Path(where) / "metrics.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{key}: {name!r} has no {path}")
+        row[state] = read_json(path)
+    prov = read_json(Path(chopped) / "results.json").get("model", {})
+    if "removed_layers" not in prov:
+        raise ValueError(f"{key}: {chopped} is not the evaluation of a chopped model "
+                         "(its results.json names no removed_layers)")
+    row.update(removed=prov["removed_layers"], selection=prov.get("selection"), layout=prov.get("layout"),
+               num_layers=prov["num_layers_before"])
+    return row
+
+
+def load_layouts(layouts: list[str], eval_root: str | Path) -> list[dict[str, Any]]:
+    """:func:`load_layout` for each of ``layouts``, from ``<eval_root>/<layout>/{chopped,recovered}/``."""
+    return [load_layout(name, Path(eval_root) / name / "chopped", Path(eval_root) / name / "recovered",
+                        "table6.layouts") for name in layouts]
 
 
 def _groups(rows: list[dict[str, Any]], dense: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -186,7 +190,8 @@ def figure5(rows: list[dict[str, Any]], dense: dict[str, Any], out_stem: Path) -
     ax.set_xlabel("layer (angular: first layer of the block)")
     ax.set_ylabel("score, min-max scaled per criterion")
     ax.set_title("(b) data-driven scores on calibration data (x: removed)", fontsize=10)
-    ax.legend(fontsize=7)
+    if any(r["selection"] for r in rows):
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
 
     x = np.arange(len(rows))
@@ -211,15 +216,16 @@ def figure5(rows: list[dict[str, Any]], dense: dict[str, Any], out_stem: Path) -
             ax.bar(x - 0.4 + width * (k + 0.5), [100 * v[0] if v else np.nan for v in vals], width,
                    yerr=[100 * v[1] if v and v[1] is not None else 0 for v in vals], capsize=2, hatch=hatch,
                    color=f"C{2 * gi}", alpha=0.45 if hatch else 0.9,
-                   label=f"{g} ({'+'.join(t for t, _ in gcols)}), {state}")
+                   label=f"{g}, {state}")
             k += 1
         d = mean_accuracy(dense, gcols)
         if d:
             ax.axhline(100 * d[0], color=f"C{2 * gi}", ls="--", lw=1, label=f"{g}: dense")
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("(d) accuracy (bars: ± 1 binomial standard error)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.set_title("(d) accuracy (bars: ± 1 binomial standard error)\n"
+                 + "; ".join(f"{g}: {'+'.join(t for t, _ in gcols)}" for g, gcols in groups), fontsize=9)
+    ax.legend(fontsize=7, ncol=len(groups), loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: not on the bars
     ax.grid(alpha=0.3, axis="y")
     fig.suptitle("Which layers to remove: fixed layouts and data-driven selections, before and after recovery",
                  fontsize=11)

@@ -2,8 +2,12 @@
 
 Example::
 
-    layerchop table6 --eval data/eval/layouts --dense data/eval/dense/metrics.json --tables paper/tables \
-        --figures paper/figures
+    layerchop table6 --eval data/eval/layouts --main-chopped data/eval/chopped --main-recovered data/eval/layerchop \
+        --dense data/eval/dense/metrics.json --tables paper/tables --figures paper/figures
+
+The main arm's layout (``chop.layout``) is a row of the table without a stage of its own: its chop and recovery
+are the main table's (``chop``, ``train@layerchop``, the same command), so ``--main-chopped`` /
+``--main-recovered`` are their evaluations, and ``table6.layouts`` lists the other layouts only.
 """
 
 from __future__ import annotations
@@ -11,14 +15,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from layerchop.config import load_params, section
+from layerchop.config import SELECTIONS, load_params, section
 from layerchop.io import read_json, staged, write_json
-from layerchop.report.layouts import figure5, findings, findings_text, layouts_table, load_layouts
+from layerchop.prune.chop import removed_indices
+from layerchop.report.layouts import figure5, findings, findings_text, layouts_table, load_layout, load_layouts
 from layerchop.report.tables import accuracy_caption, latex, markdown
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", required=True, help="directory of <layout>/{chopped,recovered}/ (metrics.json, results.json)")
+    p.add_argument("--main-chopped", required=True,
+                   help="evaluation directory of the main arm's chopped model (chop.layout's row; evaluate@chopped)")
+    p.add_argument("--main-recovered", required=True,
+                   help="evaluation directory of the main arm's recovered model (evaluate@layerchop)")
     p.add_argument("--dense", required=True, help="the dense model's metrics.json (reference row)")
     p.add_argument("--tables", required=True, help="output directory for layouts.md / layouts.tex / layouts.json")
     p.add_argument("--figures", required=True, help="output directory for fig5_layouts.{png,pdf}")
@@ -27,7 +36,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     layouts, chop = section("table6", params).layouts, section("chop", params)
-    rows = load_layouts(layouts, args.eval)
+    main_name = chop.layout if chop.indices is None else "indices"
+    if main_name in layouts:
+        raise ValueError(f"table6.layouts={layouts} lists {main_name!r}, chop.layout: its row is the main arm's "
+                         "(--main-chopped / --main-recovered), not chopped and recovered a second time; remove it")
+    main_row = load_layout(main_name, args.main_chopped, args.main_recovered, "--main-chopped/--main-recovered")
+    if main_name in SELECTIONS:  # chosen from data: the layers are whatever the scores chose, the criterion is known
+        fresh = main_row["layout"] == main_name
+    else:
+        fresh = main_row["removed"] == removed_indices(main_row["num_layers"], layout=chop.layout,
+                                                       num_remove=chop.num_remove, indices=chop.indices)
+    if not fresh:
+        raise ValueError(f"--main-chopped: {args.main_chopped} evaluated a model with removed layers "
+                         f"{main_row['removed']} (layout {main_row['layout']!r}), not chop.layout={main_name!r}: "
+                         "stale; run the main arm's stages again")
+    rows = [main_row] + load_layouts(layouts, args.eval)
     if len({(len(r["removed"]), r["num_layers"]) for r in rows}) > 1:
         raise ValueError(f"{args.eval}: the layouts remove different numbers of layers "
                          f"({ {r['name']: len(r['removed']) for r in rows} }); Table 6 compares equal depths")
@@ -45,7 +68,8 @@ def main(args: argparse.Namespace) -> None:
         f"{chop.num_calibration} calibration sequences of the train split (angular: the contiguous block whose input "
         "and output hidden states are closest in angle, Gromov et al.; block-influence: the layers of lowest "
         "1 - cos(input, output), ShortGPT; ppl: the layers whose single removal raises calibration perplexity least, "
-        "Shortened LLaMA). " + findings_text(f) + " "
+        f"Shortened LLaMA). The {main_name} row is the main table's LayerChop arm (the same chop and recovery, run "
+        "once). " + findings_text(f) + " "
     ) + accuracy_caption(section("download", params).corpus,
                          [{"name": f"{r['name']}/{s}", "label": f"{r['name']} ({s})", "metrics": r[s]}
                           for r in rows for s in ("chopped", "recovered")] + [{"name": "dense", "label": "Dense",
