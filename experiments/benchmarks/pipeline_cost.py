@@ -1,7 +1,7 @@
 """What the embedded pipeline costs, stage family by stage family, from the times its committed runs recorded.
 
 Reads the training time of every run (``data/runs/**/*.json``: ``train_s``, phases included) and the wall time of
-every evaluation (``data/eval/**/metrics.json`` and each point of ``curve.json``: ``eval_wall_s``), and prints
+every evaluation (``data/eval/**/metrics.json``, or each point of a ``curve.json``: ``eval_wall_s``), and prints
 them per family with the total. Prints numbers; asserts nothing. The times are as the runs measured them: some
 shared the 2 cores with other work (noted in experiments/LOG.md), so the sums are upper bounds. Stages that record
 no time (download, prepare, chop, prune, reports: a few minutes in all) are not counted. From the repository root:
@@ -46,6 +46,8 @@ def main() -> None:
         seconds[family(rel)] += float(json.loads(f.read_text()).get("train_s", 0))
         count[family(rel)] += 1
     for f in sorted(data.glob("eval/**/metrics.json")):
+        if (f.parent / "curve.json").exists():
+            continue  # a curve's metrics.json is its final point, counted below
         rel = str(f.relative_to(data))
         seconds[family(rel)] += float(json.loads(f.read_text()).get("eval_wall_s", 0))
         count[family(rel)] += 1
