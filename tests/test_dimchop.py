@@ -160,26 +160,34 @@ def test_fsdp2_two_processes_grow_the_same_masks(tmp_path, tiny_dir, tiny_prepar
     all-reduced) the masks and weights equal the single process's, also after a stop and resume mid-ramp."""
     from layerchop.prune.masks import load_masks
 
+    import dataclasses
+
+    from layerchop.config import section
+
     params = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))
     params["dimchop"] = {"target": 0.5, "start": 0.25, "end": 0.75}
-    base = dict(token_budget=8 * 2 * 2 * 32, batch_size=2, lr=3e-3, warmup_steps=2, precision="32-true",
-                accelerator="cpu", ckpt_every=1, val_batches=1)
-    outs, masks = {}, {}
-    for name, extra in (("single", dict(batch_size=4)), ("fsdp", dict(strategy="fsdp", devices=2))):
-        params["train"].update({**base, **extra})
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(params))
-        cmd = [sys.executable, "-m", "layerchop.cli", "train", "--params", str(tmp_path / f"{name}.yaml"),
-               "--objective", "dimchop", "--init", str(tiny_dir), "--data", str(tiny_prepared),
-               "--out", str(tmp_path / name), "--run-dir", str(tmp_path / f"run_{name}")]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if name == "fsdp":  # stopped mid-ramp, resumed from its sharded checkpoint
-            proc = subprocess.run(cmd + ["--stop-after", "4"], cwd=tmp_path, env=env, capture_output=True,
-                                  text=True, timeout=600)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-            assert "stopped at step 4 of 8" in proc.stdout and not (tmp_path / name).exists()
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        outs[name], masks[name] = load_file(tmp_path / name / "model.safetensors"), load_masks(tmp_path / name)
+    params["train"].update(token_budget=8 * 2 * 2 * 32, batch_size=2, lr=3e-3, warmup_steps=2, precision="32-true",
+                           accelerator="cpu", ckpt_every=1, val_batches=1, strategy="fsdp", devices=2, seed=0)
+    # the single-process reference, in this process, with the same params: 1 rank x batch 4 sees the 4 sequences
+    # of 2 ranks x batch 2 (the sampler interleaves ranks)
+    single = dataclasses.replace(section("train", params), strategy="auto", devices=1, batch_size=4)
+    run(tiny_dir, tiny_prepared, tmp_path / "single", single, run_dir=tmp_path / "run_1", objective="dimchop",
+        dimchop_cfg=section("dimchop", params))
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "layerchop.cli", "train", "--params", str(tmp_path / "fsdp.yaml"),
+           "--objective", "dimchop", "--init", str(tiny_dir), "--data", str(tiny_prepared),
+           "--out", str(tmp_path / "fsdp"), "--run-dir", str(tmp_path / "run_fsdp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # stopped mid-ramp, then resumed from its sharded checkpoint
+    proc = subprocess.run(cmd + ["--stop-after", "4"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "stopped at step 4 of 8" in proc.stdout and not (tmp_path / "fsdp").exists()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr
+    outs = {k: load_file(tmp_path / k / "model.safetensors") for k in ("single", "fsdp")}
+    masks = {k: load_masks(tmp_path / k) for k in ("single", "fsdp")}
     assert masks["single"].keys() == masks["fsdp"].keys()
     for k in masks["single"]:
         assert torch.equal(masks["single"][k], masks["fsdp"][k]), k
