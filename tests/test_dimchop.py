@@ -155,7 +155,8 @@ def test_a_dimchop_run_killed_mid_ramp_resumes_to_the_same_model(tmp_path, tiny_
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
-def test_fsdp2_two_processes_grow_the_same_masks(tmp_path, tiny_dir, tiny_prepared):
+@pytest.mark.parametrize("structure", ["columns", "channels-heads"])
+def test_fsdp2_two_processes_grow_the_same_masks(tmp_path, tiny_dir, tiny_prepared, structure):
     """Under FSDP2 (2 CPU processes through the CLI; each rank scores its own rows and the column sums are
     all-reduced) the masks and weights equal the single process's, also after a stop and resume mid-ramp."""
     from layerchop.prune.masks import load_masks
@@ -165,7 +166,7 @@ def test_fsdp2_two_processes_grow_the_same_masks(tmp_path, tiny_dir, tiny_prepar
     from layerchop.config import section
 
     params = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))
-    params["dimchop"] = {"target": 0.5, "start": 0.25, "end": 0.75}
+    params["dimchop"] = {"target": 0.5, "start": 0.25, "end": 0.75, "structure": structure}
     params["train"].update(token_budget=8 * 2 * 2 * 32, batch_size=2, lr=3e-3, warmup_steps=2, precision="32-true",
                            accelerator="cpu", ckpt_every=1, val_batches=1, strategy="fsdp", devices=2, seed=0)
     # the single-process reference, in this process, with the same params: 1 rank x batch 4 sees the 4 sequences
@@ -191,6 +192,89 @@ def test_fsdp2_two_processes_grow_the_same_masks(tmp_path, tiny_dir, tiny_prepar
     assert masks["single"].keys() == masks["fsdp"].keys()
     for k in masks["single"]:
         assert torch.equal(masks["single"][k], masks["fsdp"][k]), k
-        assert math.isclose(masks["single"][k].float().mean().item(), 0.5)
+        if structure == "columns":
+            assert math.isclose(masks["single"][k].float().mean().item(), 0.5)
+    assert any(m.any() for m in masks["fsdp"].values())
     for k in outs["single"]:
         torch.testing.assert_close(outs["single"][k], outs["fsdp"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+STRUCT = DimChopConfig(target=0.5, start=0.25, end=0.75, structure="channels-heads")
+
+
+def test_structured_dimchop_masks_whole_units_and_shrinks_to_a_smaller_model(tmp_path, tiny_dir, tiny_prepared,
+                                                                             monkeypatch):
+    """channels-heads: each layer masks its lowest-scoring MLP channels and head groups (a unit's score: the sum of
+    its entries' PLATON scores over the seven projections), all their entries are zero after every step, and
+    ``layerchop shrink`` exports a physically smaller Llama with the masked model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from layerchop.cli import main
+    from layerchop.io import read_metadata
+    from layerchop.prune.structured import channel_scores, group_scores
+    from layerchop.train import dimchop
+
+    seen, after = [], []
+    update, apply = dimchop.platon_update, dimchop.StructuredDimChopModule.apply_masks
+    before = dimchop.DimChopModule.on_before_optimizer_step
+
+    def spy_update(ibar, ubar, weight, grad, beta1, beta2):
+        seen[-1].append((weight.clone(), grad.clone()))
+        return update(ibar, ubar, weight, grad, beta1, beta2)
+
+    def spy_before(self, optimizer):
+        seen.append([])
+        return before(self, optimizer)
+
+    def spy_apply(self):
+        apply(self)
+        params = dict(self.model.named_parameters())
+        masks = self.export_masks()
+        after.append(({layer: tuple(m.clone() for m in self.unit_masks(layer)) for layer in range(6)},
+                      max(float(params[n].detach()[m].abs().max()) if m.any() else 0.0 for n, m in masks.items())))
+
+    monkeypatch.setattr(dimchop, "platon_update", spy_update)
+    monkeypatch.setattr(dimchop.DimChopModule, "on_before_optimizer_step", spy_before)
+    monkeypatch.setattr(dimchop.StructuredDimChopModule, "apply_masks", spy_apply)
+    run(tiny_dir, tiny_prepared, tmp_path / "out", cfg_(), run_dir=tmp_path / "run", objective="dimchop",
+        dimchop_cfg=STRUCT)
+    monkeypatch.undo()
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    names = [n for n, _ in dense.named_parameters() if n.rsplit(".", 2)[-2] in STRUCT.matrices]
+    ibar = {n: torch.zeros_like(p) for n, p in dense.named_parameters() if n in names}
+    ubar = {n: torch.zeros_like(ibar[n]) for n in names}
+    for step, pairs in enumerate(seen, start=1):
+        for n, (w, g) in zip(names, pairs):
+            sens = (w * g).abs()
+            ibar[n] = 0.85 * ibar[n] + 0.15 * sens
+            ubar[n] = 0.95 * ubar[n] + 0.05 * (sens - ibar[n]).abs()
+        units, worst = after[step - 1]
+        assert worst == 0.0, step  # every entry of a masked unit is zero after the step
+        frac = masked_fraction(step, 0.5, 2, 6)
+        score = {n: ibar[n] * ubar[n] for n in names}
+        for layer in range(6):
+            chan, grp = units[layer]
+            assert (int(chan.sum()), int(grp.sum())) == (num_masked(frac, 64), num_masked(frac, 2)), (step, layer)
+            if 2 < step <= 6:
+                assert torch.equal(chan, columns_to_mask(channel_scores(score, layer), num_masked(frac, 64)))
+                assert torch.equal(grp, columns_to_mask(group_scores(score, layer, dense.config),
+                                                        num_masked(frac, 2)))
+    assert [int(after[s][0][0][1].sum()) for s in range(8)] == [0, 0, 0, 0, 0, 1, 1, 1]  # floor(2 f) groups
+
+    # the shrink stage: a smaller plain Llama computing what the masked export computes
+    assert main(["shrink", "--model", str(tmp_path / "out"), "--out", str(tmp_path / "small")]) == 0
+    masked = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
+    c = small.config
+    assert (c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (32, 2, 1, 8)
+    ids = torch.randint(3, 300, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, masked(ids).logits, rtol=1e-4, atol=1e-4)
+    meta = read_metadata(tmp_path / "small")
+    assert meta["num_params_before_shrink"] - meta["num_params"] == 6 * (9280 - 4672)  # per-layer, test_structured
+    # the paper's column masks are not whole units: refused in one line
+    run(tiny_dir, tiny_prepared, tmp_path / "cols", cfg_(), run_dir=tmp_path / "run_c", objective="dimchop",
+        dimchop_cfg=DIM)
+    assert main(["shrink", "--model", str(tmp_path / "cols"), "--out", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()

@@ -474,6 +474,7 @@ class Figure6Config:
 
 
 DIMCHOP_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DIMCHOP_STRUCTURES = ("columns", "channels-heads")
 
 
 @dataclass
@@ -497,8 +498,17 @@ class DimChopConfig:
     """PLATON: moving-average coefficient of the uncertainty (PLATON's default)."""
     matrices: list[str] = field(default_factory=lambda: list(DIMCHOP_MATRICES))
     """Projections of each decoder layer that are pruned."""
+    structure: str = "columns"
+    """``columns``: the paper's DimChop, input dimensions of every matrix. ``channels-heads`` (beyond the paper):
+    whole MLP intermediate channels and attention head groups of every layer, scored by the sum of their entries'
+    PLATON scores over all seven projections, so ``layerchop shrink`` can export a physically smaller model."""
 
     def __post_init__(self) -> None:
+        if self.structure not in DIMCHOP_STRUCTURES:
+            _fail("dimchop.structure", self.structure, f"choose one of {list(DIMCHOP_STRUCTURES)}")
+        if self.structure == "channels-heads" and sorted(self.matrices) != sorted(DIMCHOP_MATRICES):
+            _fail("dimchop.matrices", self.matrices, "dimchop.structure=channels-heads scores whole channels and "
+                  f"head groups: it needs all of {list(DIMCHOP_MATRICES)}")
         if not 0.0 < self.target < 1.0:
             _fail("dimchop.target", self.target, "must be in (0, 1)")
         if not 0.0 <= self.start < self.end <= 1.0:

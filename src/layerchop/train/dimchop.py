@@ -141,3 +141,115 @@ class DimChopModule(CausalLMModule):
         params = dict(self.model.named_parameters())
         return {n: self.column_mask(n).cpu().unsqueeze(0).expand(params[n].shape[0], -1).contiguous()
                 for n in self.names}
+
+
+class StructuredDimChopModule(DimChopModule):
+    """DimChop over whole MLP channels and attention head groups (``dimchop.structure: channels-heads``): the same
+    PLATON averages and ramp, but each layer masks the ``num_masked(fraction, n)`` lowest-scoring of its
+    ``intermediate_size`` channels (rows of ``gate_proj``/``up_proj``, columns of ``down_proj``) and of its key/value
+    head groups (rows of ``q/k/v_proj``, columns of ``o_proj``), a unit's score being the sum of its entries' scores
+    (:func:`layerchop.prune.structured.channel_scores` / ``group_scores``). ``layerchop shrink`` turns the export into
+    a physically smaller ``LlamaForCausalLM``."""
+
+    def configure_model(self) -> None:
+        from layerchop.prune.structured import head_groups
+
+        if self.platon is not None:
+            return
+        CausalLMModule.configure_model(self)
+        self.names = target_names(self.model, self.dimchop.matrices)
+        cfg = self.model.config
+        self.groups, self.rep, self.head_dim = head_groups(cfg)
+        params = dict(self.model.named_parameters())
+        device = local(params[self.names[0]]).device
+        state = nn.Module()
+        for name in self.names:
+            p = params[name]
+            state.register_buffer(f"ibar__{_key(name)}", torch.zeros_like(p, dtype=torch.float32))
+            state.register_buffer(f"ubar__{_key(name)}", torch.zeros_like(p, dtype=torch.float32))
+        for layer in range(cfg.num_hidden_layers):
+            state.register_buffer(f"channels__{layer}", torch.zeros(cfg.intermediate_size, dtype=torch.bool,
+                                                                    device=device))
+            state.register_buffer(f"groups__{layer}", torch.zeros(self.groups, dtype=torch.bool, device=device))
+        self.platon = state
+
+    def unit_masks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bool ``([intermediate], [groups])``: the layer's masked channels and head groups (the same on every rank)."""
+        return getattr(self.platon, f"channels__{layer}"), getattr(self.platon, f"groups__{layer}")
+
+    def entry_masks(self, layer: int) -> dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """``{weight name: (masked rows, masked columns)}`` (full-length bool vectors, None: none) of a layer."""
+        chan, grp = self.unit_masks(layer)
+        q = grp.repeat_interleave(self.rep * self.head_dim)
+        kv = grp.repeat_interleave(self.head_dim)
+        att, mlp = f"model.layers.{layer}.self_attn.", f"model.layers.{layer}.mlp."
+        return {att + "q_proj.weight": (q, None), att + "k_proj.weight": (kv, None),
+                att + "v_proj.weight": (kv, None), att + "o_proj.weight": (None, q),
+                mlp + "gate_proj.weight": (chan, None), mlp + "up_proj.weight": (chan, None),
+                mlp + "down_proj.weight": (None, chan)}
+
+    @torch.no_grad()
+    def layer_scores(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(channel scores, group scores)`` of a layer from this rank's rows, summed over ranks under FSDP2."""
+        from layerchop.train.sharding import local_rows
+
+        params = dict(self.model.named_parameters())
+        rows: dict[str, torch.Tensor] = {}
+        cols: dict[str, torch.Tensor] = {}
+        for name in self.entry_masks(layer):
+            p = params[name]
+            s = torch.mul(*self.averages(name))
+            full = torch.zeros(p.shape[0], dtype=torch.float32, device=s.device)
+            start, stop = local_rows(p)
+            full[start:stop] = s.sum(1)  # this rank's rows; the others' come in the all-reduce
+            rows[name], cols[name] = full, s.sum(0)  # column sums are partial over ranks
+        att, mlp = f"model.layers.{layer}.self_attn.", f"model.layers.{layer}.mlp."
+        chan = rows[mlp + "gate_proj.weight"] + rows[mlp + "up_proj.weight"] + cols[mlp + "down_proj.weight"]
+        g, width = self.groups, self.rep * self.head_dim
+        grp = ((rows[att + "q_proj.weight"] + cols[att + "o_proj.weight"]).view(g, width).sum(1)
+               + (rows[att + "k_proj.weight"] + rows[att + "v_proj.weight"]).view(g, self.head_dim).sum(1))
+        both = torch.cat([chan, grp])
+        if is_dtensor(params[mlp + "gate_proj.weight"]):
+            import torch.distributed as dist
+
+            dist.all_reduce(both, group=params[mlp + "gate_proj.weight"].device_mesh.get_group())
+        return both[:chan.numel()], both[chan.numel():]
+
+    @torch.no_grad()
+    def update_masks(self, fraction: float) -> None:
+        for layer in range(self.model.config.num_hidden_layers):
+            chan_scores, grp_scores = self.layer_scores(layer)
+            chan, grp = self.unit_masks(layer)
+            chan.copy_(columns_to_mask(chan_scores, num_masked(fraction, chan.numel())))
+            grp.copy_(columns_to_mask(grp_scores, num_masked(fraction, grp.numel())))
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        from layerchop.train.sharding import local_rows
+
+        params = dict(self.model.named_parameters())
+        for layer in range(self.model.config.num_hidden_layers):
+            for name, (r, c) in self.entry_masks(layer).items():
+                w = local(params[name])
+                if r is not None:
+                    start, stop = local_rows(params[name])
+                    w[r[start:stop]] = 0
+                if c is not None:
+                    w[:, c] = 0
+
+    def masked_fraction(self) -> float:
+        masks = self.export_masks()
+        return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+    def export_masks(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        out = {}
+        for layer in range(self.model.config.num_hidden_layers):
+            for name, (r, c) in self.entry_masks(layer).items():
+                m = torch.zeros(tuple(params[name].shape), dtype=torch.bool)
+                if r is not None:
+                    m[r.cpu()] = True
+                if c is not None:
+                    m[:, c.cpu()] = True
+                out[name] = m
+        return out

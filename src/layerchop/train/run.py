@@ -82,9 +82,10 @@ def build_module(plan: RunPlan, start: Optional[ShardState]) -> CausalLMModule:
         return DistillModule(plan.init_dir, plan.teacher_dir, plan.cfg, plan.distill_cfg, plan.layer_map,
                              max_steps=steps.main_steps)
     if plan.objective == "dimchop":
-        from layerchop.train.dimchop import DimChopModule
+        from layerchop.train.dimchop import DimChopModule, StructuredDimChopModule
 
-        return DimChopModule(plan.init_dir, plan.cfg, plan.dimchop_cfg, max_steps=steps.main_steps)
+        kind = StructuredDimChopModule if plan.dimchop_cfg.structure == "channels-heads" else DimChopModule
+        return kind(plan.init_dir, plan.cfg, plan.dimchop_cfg, max_steps=steps.main_steps)
     return CausalLMModule(plan.init_dir, plan.cfg, max_steps=steps.main_steps, schedule_offset=steps.warm_steps,
                           schedule_steps=steps.total_steps, start=start)
 
@@ -122,8 +123,10 @@ def output_metadata(plan: RunPlan) -> tuple[dict, str]:
         d = plan.dimchop_cfg
         start, end = d.ramp_steps(steps.total_steps)
         metadata.update(method="dimchop", dimchop={**dataclasses.asdict(d), "ramp_steps": [start, end]})
-        what = (f"DimChop (width pruning: {d.target:.0%} of the columns of every {'/'.join(d.matrices)} masked by "
-                f"PLATON scores, growing from step {start} to step {end}; masks in `sparsity_masks.safetensors`)")
+        units = ("the columns of every " + "/".join(d.matrices) if d.structure == "columns" else
+                 "the MLP channels and attention head groups of every layer")
+        what = (f"DimChop (width pruning: {d.target:.0%} of {units} masked by PLATON scores, growing from step "
+                f"{start} to step {end}; masks in `sparsity_masks.safetensors`)")
     warm = (f", the first {steps.warm_steps} of them on the uncompressed model `{plan.dense_dir}` (warm start)"
             if steps.warm_steps else "")
     if plan.chop_every:
