@@ -166,6 +166,7 @@ STAGES_WITH_A_MODEL = [
     ("curve", "--final", ["--snapshots", "{tmp}/snaps", "--data", "{data}", "--out", "{tmp}/out"]),
     ("scratch", "--like", ["--out", "{tmp}/out"]),
     ("tables45", "--models", ["--results", "{tmp}/results.json", "--tables", "{tmp}/out"]),
+    ("shrink", "--model", ["--out", "{tmp}/out"]),
 ]
 
 
@@ -256,6 +257,7 @@ OUTPUT_CASES = [
     ("table6", ["--eval", "{tmp}/eval", "--main-chopped", "{tmp}/c", "--main-recovered", "{tmp}/r", "--dense", "{tmp}/d.json", "--tables", "{bad}", "--figures", "{tmp}/f"],
      "--tables"),
     ("tables45", ["--models", "{model}", "--results", "{tmp}/r.json", "--tables", "{bad}"], "--tables"),
+    ("shrink", ["--model", "{model}", "--out", "{bad}"], "--out"),
     ("figure6", ["--gradual", "{tmp}/g", "--at-once", "{tmp}/a.json", "--dense", "{tmp}/d.json", "--start",
                  "{tmp}/c.json", "--tables", "{tmp}/t", "--figures", "{bad}"], "--figures"),
 ]

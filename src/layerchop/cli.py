@@ -15,7 +15,7 @@ import sys
 import time
 
 STAGES = ("download", "prepare", "chop", "scratch", "prune", "train", "benchmarks", "evaluate", "curve", "report", "figure1", "figure4",
-          "figure2", "figure6", "table6", "tables45", "plan")
+          "figure2", "figure6", "table6", "tables45", "plan", "shrink")
 
 
 def build_parser() -> argparse.ArgumentParser:

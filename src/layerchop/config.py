@@ -473,6 +473,68 @@ class Figure6Config:
             _fail("figure6.token_budget", self.token_budget, "must be a whole number of tokens >= 1")
 
 
+DIMCHOP_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DIMCHOP_STRUCTURES = ("columns", "channels-heads")
+
+
+@dataclass
+class DimChopConfig:
+    """The ``dimchop`` section: width pruning during continued pretraining (the paper's DimChop). Every listed
+    projection of every decoder layer loses the same fraction of its input dimensions (columns), chosen by PLATON
+    scores (:mod:`layerchop.prune.platon`) and grown along a cubic schedule while training goes on."""
+
+    target: float = 0.5
+    """Fraction of each matrix's columns masked at the end of the ramp (0.5 of the attention and MLP
+    projections = the parameters LayerChop's 15 of 30 layers remove at the embedded scale)."""
+    start: float = 0.1
+    """Where the ramp starts, as a fraction of the run's optimizer steps (scores accumulate before it)."""
+    end: float = 0.6
+    """Where the ramp reaches ``target``, as a fraction of the run's steps; the masks stay fixed after it."""
+    update_every: int = 1
+    """During the ramp, re-choose the masks from the current scores every N optimizer steps."""
+    beta1: float = 0.85
+    """PLATON: moving-average coefficient of the sensitivity (PLATON's default)."""
+    beta2: float = 0.95
+    """PLATON: moving-average coefficient of the uncertainty (PLATON's default)."""
+    matrices: list[str] = field(default_factory=lambda: list(DIMCHOP_MATRICES))
+    """Projections of each decoder layer that are pruned."""
+    structure: str = "columns"
+    """``columns``: the paper's DimChop, input dimensions of every matrix. ``channels-heads`` (beyond the paper):
+    whole MLP intermediate channels and attention head groups of every layer, scored by the sum of their entries'
+    PLATON scores over all seven projections, so ``layerchop shrink`` can export a physically smaller model."""
+
+    def __post_init__(self) -> None:
+        if self.structure not in DIMCHOP_STRUCTURES:
+            _fail("dimchop.structure", self.structure, f"choose one of {list(DIMCHOP_STRUCTURES)}")
+        if self.structure == "channels-heads" and sorted(self.matrices) != sorted(DIMCHOP_MATRICES):
+            _fail("dimchop.matrices", self.matrices, "dimchop.structure=channels-heads scores whole channels and "
+                  f"head groups: it needs all of {list(DIMCHOP_MATRICES)}")
+        if not 0.0 < self.target < 1.0:
+            _fail("dimchop.target", self.target, "must be in (0, 1)")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            _fail("dimchop.start", self.start, f"need 0 <= dimchop.start < dimchop.end <= 1 (end={self.end})")
+        if self.update_every < 1:
+            _fail("dimchop.update_every", self.update_every, "must be >= 1")
+        for key in ("beta1", "beta2"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                _fail(f"dimchop.{key}", getattr(self, key), "must be in (0, 1)")
+        if not self.matrices:
+            _fail("dimchop.matrices", self.matrices, "names no projection")
+        for name in self.matrices:
+            if name not in DIMCHOP_MATRICES:
+                _fail("dimchop.matrices", name, f"choose from {list(DIMCHOP_MATRICES)}")
+        if len(set(self.matrices)) != len(self.matrices):
+            _fail("dimchop.matrices", self.matrices, "lists a projection twice")
+
+    def ramp_steps(self, total_steps: int) -> tuple[int, int]:
+        """``(start, end)`` optimizer steps of the ramp in a run of ``total_steps``."""
+        start, end = int(round(self.start * total_steps)), int(round(self.end * total_steps))
+        if end <= start:
+            raise ValueError(f"dimchop.start={self.start} / dimchop.end={self.end}: a run of {total_steps} steps "
+                             "leaves the ramp no step")
+        return start, end
+
+
 @dataclass
 class Table6Config:
     """The ``table6`` section: the layouts compared in Table 6 / Figure 5 (the ``layout_*`` stages of ``dvc.yaml``
@@ -720,6 +782,7 @@ SECTIONS = {
     "prune": PruneConfig,
     "train": TrainConfig,
     "distill": DistillConfig,
+    "dimchop": DimChopConfig,
     "figure4": Figure4Config,
     "figure2": Figure2Config,
     "figure6": Figure6Config,

@@ -40,7 +40,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default="auto", help="auto | never | path to a Lightning checkpoint")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps (no export)")
     p.add_argument("--objective", default="lm", choices=OBJECTIVES,
-                   help="lm: continued pretraining; distill: CHOP + distill (params section 'distill')")
+                   help="lm: continued pretraining; distill: CHOP + distill (params section 'distill'); dimchop: "
+                        "width pruning while training (params section 'dimchop')")
     p.add_argument("--teacher", default=None, help="uncompressed teacher (HF directory) for --objective distill")
     p.add_argument("--flop-budget", type=float, default=None,
                    help="train to this many FLOPs instead of train.token_budget")
@@ -84,8 +85,9 @@ def main(args: argparse.Namespace) -> int:
     if args.snapshots and args.snapshot_dir is None:
         raise ValueError(f"--snapshots {args.snapshots} needs --snapshot-dir")
     distill = section("distill", params) if args.objective == "distill" else None
+    dimchop = section("dimchop", params) if args.objective == "dimchop" else None
     plan = resolve(args.init, args.data, args.out, args.run_dir, cfg, objective=args.objective,
-                   teacher_dir=args.teacher, distill_cfg=distill, warm_start=args.warm_start,
+                   teacher_dir=args.teacher, distill_cfg=distill, dimchop_cfg=dimchop, warm_start=args.warm_start,
                    snapshots=args.snapshots, chop_every_tokens=args.chop_every_tokens,
                    budget_key=("--flop-budget (figure4.flop_budget in dvc.yaml)" if args.flop_budget else
                                "--token-budget (figure6.token_budget in dvc.yaml)" if args.token_budget else None))

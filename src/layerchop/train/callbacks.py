@@ -126,6 +126,8 @@ class _Exporter(Callback):
         config, sd = pl_module.export_state()
         if trainer.is_global_zero:
             masks = load_masks(self.masks_dir) if self.masks_dir is not None else None
+            if masks is None and hasattr(pl_module, "export_masks"):  # masks grown in training (DimChop)
+                masks = pl_module.export_masks()
             step = trainer.global_step
             compute = self.meter.summary(step)
             meta = dict(self.metadata)

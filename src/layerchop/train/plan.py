@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-OBJECTIVES = ("lm", "distill")
+OBJECTIVES = ("lm", "distill", "dimchop")
 # launch-only settings: a run may be resumed with a different launcher or restart count
 LAUNCH_KEYS = ("launcher", "rdzv_endpoint", "simulate_nodes", "max_restarts", "num_workers")
 
@@ -233,6 +233,7 @@ class RunPlan:
     init_meta: dict
     fingerprint: str
     distill_cfg: Any = None
+    dimchop_cfg: Any = None
     teacher_dir: Optional[Path] = None
     dense_dir: Optional[Path] = None
     removed_layers: list[int] = field(default_factory=list)
@@ -298,6 +299,7 @@ def resolve(
     init_dir: str | Path, prepared_dir: str | Path, out: str | Path, run_dir: str | Path, cfg, *,
     objective: str = "lm", teacher_dir: Optional[str | Path] = None, distill_cfg=None, warm_start: bool = False,
     snapshots: int = 0, budget_key: Optional[str] = None, chop_every_tokens: Optional[float] = None,
+    dimchop_cfg=None,
 ) -> RunPlan:
     """Resolve a training run (see the module docstring). Reads configs and metadata only.
 
@@ -321,6 +323,8 @@ def resolve(
             raise ValueError("--objective distill needs --teacher (the uncompressed model) and a distill section")
         teacher_dir = Path(teacher_dir)
         check_model_dir(teacher_dir, "--teacher")
+    if objective == "dimchop" and dimchop_cfg is None:
+        raise ValueError("--objective dimchop needs a dimchop section")
     if snapshots < 0:
         raise ValueError(f"--snapshots {snapshots} must be >= 0")
     counts = check_data_matches_model(prepared_dir, init_dir, AutoTokenizer.from_pretrained(init_dir))
@@ -338,11 +342,14 @@ def resolve(
     if chop_every_tokens is not None:
         what = f"--chop-every-tokens {chop_every_tokens:g}"
         chop_every = chop_every_steps(chop_every_tokens, cfg.batch_size * seq_len * cfg.accumulate * world, what)
+    if objective == "dimchop" and masks is not None:
+        raise ValueError(f"--objective dimchop: --init {init_dir} is already masked (one-shot pruned); DimChop "
+                         "prunes a dense model while it trains")
     if warm_steps or chop_every:
         if masks is not None:
             raise ValueError(f"{what} does not apply to a pruned (masked) --init {init_dir}")
-        if objective == "distill":
-            raise ValueError(f"{what} is not supported with --objective distill")
+        if objective in ("distill", "dimchop"):
+            raise ValueError(f"{what} is not supported with --objective {objective}")
         if not (removed and init_meta.get("chopped_from")):
             raise ValueError(f"{what} needs --init to be a chopped model "
                              f"whose {init_dir}/layerchop.json names chopped_from and removed_layers")
@@ -387,11 +394,14 @@ def resolve(
         identity["chop_every"] = chop_every
     if objective == "distill":
         identity.update(teacher=teacher_meta, teacher_dir=str(teacher_dir), distill=dataclasses.asdict(distill_cfg))
+    if objective == "dimchop":
+        identity["dimchop"] = dataclasses.asdict(dimchop_cfg)
+        dimchop_cfg.ramp_steps(steps.total_steps)  # the ramp must have a step in this run
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return RunPlan(
         objective=objective, init_dir=init_dir, prepared_dir=prepared_dir, out=out, run_dir=run_dir, cfg=cfg,
         steps=steps, seq_len=seq_len, train_sequences=train_sequences, init_meta=init_meta, fingerprint=fingerprint,
-        distill_cfg=distill_cfg, teacher_dir=teacher_dir, dense_dir=dense_dir,
+        distill_cfg=distill_cfg, dimchop_cfg=dimchop_cfg, teacher_dir=teacher_dir, dense_dir=dense_dir,
         removed_layers=removed if steps.phases else [], masks=masks, layer_map=mapping, chop_every=chop_every,
         snapshot_steps=run_snapshot_steps(steps, snapshots, chop_every),
         num_params={k: count_params(c) for k, c in configs.items() if c is not None}, configs=configs,

@@ -81,6 +81,11 @@ def build_module(plan: RunPlan, start: Optional[ShardState]) -> CausalLMModule:
 
         return DistillModule(plan.init_dir, plan.teacher_dir, plan.cfg, plan.distill_cfg, plan.layer_map,
                              max_steps=steps.main_steps)
+    if plan.objective == "dimchop":
+        from layerchop.train.dimchop import DimChopModule, StructuredDimChopModule
+
+        kind = StructuredDimChopModule if plan.dimchop_cfg.structure == "channels-heads" else DimChopModule
+        return kind(plan.init_dir, plan.cfg, plan.dimchop_cfg, max_steps=steps.main_steps)
     return CausalLMModule(plan.init_dir, plan.cfg, max_steps=steps.main_steps, schedule_offset=steps.warm_steps,
                           schedule_steps=steps.total_steps, start=start)
 
@@ -114,6 +119,14 @@ def output_metadata(plan: RunPlan) -> tuple[dict, str]:
         metadata.update(teacher=str(plan.teacher_dir), distill=dataclasses.asdict(plan.distill_cfg),
                         layer_map=plan.layer_map)
         what = f"CHOP + distill (teacher `{plan.teacher_dir}`, frozen)"
+    if plan.objective == "dimchop":
+        d = plan.dimchop_cfg
+        start, end = d.ramp_steps(steps.total_steps)
+        metadata.update(method="dimchop", dimchop={**dataclasses.asdict(d), "ramp_steps": [start, end]})
+        units = ("the columns of every " + "/".join(d.matrices) if d.structure == "columns" else
+                 "the MLP channels and attention head groups of every layer")
+        what = (f"DimChop (width pruning: {d.target:.0%} of {units} masked by PLATON scores, growing from step "
+                f"{start} to step {end}; masks in `sparsity_masks.safetensors`)")
     warm = (f", the first {steps.warm_steps} of them on the uncompressed model `{plan.dense_dir}` (warm start)"
             if steps.warm_steps else "")
     if plan.chop_every:
@@ -248,12 +261,12 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
 
 def run(init_dir: str | Path, prepared_dir: str | Path, out: str | Path, cfg, *, run_dir: str | Path,
         objective: str = "lm", teacher_dir: Optional[str | Path] = None, distill_cfg=None, warm_start: bool = False,
-        snapshots: int = 0, chop_every_tokens: Optional[float] = None, **kwargs) -> dict:
+        snapshots: int = 0, chop_every_tokens: Optional[float] = None, dimchop_cfg=None, **kwargs) -> dict:
     """:func:`layerchop.train.plan.resolve` then :func:`train` (``kwargs``: resume, log_csv, metrics,
     stop_after, snapshot_dir)."""
     from layerchop.train.plan import resolve
 
     plan = resolve(init_dir, prepared_dir, out, run_dir, cfg, objective=objective, teacher_dir=teacher_dir,
                    distill_cfg=distill_cfg, warm_start=warm_start, snapshots=snapshots,
-                   chop_every_tokens=chop_every_tokens)
+                   chop_every_tokens=chop_every_tokens, dimchop_cfg=dimchop_cfg)
     return train(plan, **kwargs)
