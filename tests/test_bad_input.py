@@ -131,8 +131,8 @@ def test_numbers_in_scientific_notation_are_numbers(tmp_path):
 def test_every_shipped_params_file_passes_the_type_checks():
     for path in [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*/params.yaml"))]:
         params = load_params(path)
-        assert set(params) == {"download", "prepare", "chop", "prune", "train", "distill", "figure4", "figure2",
-                               "figure6", "table6", "evaluate", "report", "slurm"}, path
+        assert set(params) == {"download", "prepare", "chop", "prune", "train", "distill", "dimchop", "figure4",
+                               "figure2", "figure6", "table6", "evaluate", "report", "slurm"}, path
 
 
 # ------------------------------------------------------------------ model directories, one check for every stage
