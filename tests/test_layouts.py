@@ -174,7 +174,14 @@ def test_table6_refuses_the_main_layout_twice_and_a_stale_main_arm(tmp_path, cap
     assert len(err) == 1 and "evaluated a model with removed layers [1, 2]" in err[0] and "chop.layout='output'" in err[0]
     # explicit chop.indices: the row is called "indices" and must be those layers
     assert _table6(tmp_path, ["middle"], arm="input", indices=[1, 3]) == 2
-    assert "not chop.layout='indices'" in capsys.readouterr().err
+    assert "not chop.indices=[1, 3]" in capsys.readouterr().err
+    # a recovery of another chop than the evaluated one (a stale train stage)
+    rec = tmp_path / "eval" / "input" / "recovered" / "results.json"
+    good = rec.read_text()
+    rec.write_text(json.dumps({"results": {}, "model": {"removed_layers": [3, 4]}}))
+    assert _table6(tmp_path, ["middle"]) == 2
+    assert "not the recovery of that chop" in capsys.readouterr().err
+    rec.write_text(good)
     assert not (tmp_path / "t").exists()
     assert _table6(tmp_path, ["middle"], arm="input", indices=[1, 2]) == 0
     assert "| indices | fixed | 1-2 |" in (tmp_path / "t" / "layouts.md").read_text()

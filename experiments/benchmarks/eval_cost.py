@@ -38,13 +38,20 @@ def parse(name: str) -> tuple[dict, bool]:
 def bf16_output_head(model, device: str, enabled: bool = True):
     """In place of :func:`layerchop.evaluate.suite.fp32_output_head`: the head's matmul under autocast (bf16), its
     logits cast up to float32 so that the log-softmax downstream runs in float32 on bf16-rounded logits."""
+    if not enabled:
+        yield
+        return
     head = model.get_output_embeddings()
+    own = vars(head).get("forward")  # an instance-level forward already there (e.g. accelerate's hooks), or None
     forward = head.forward
     head.forward = lambda x: forward(x).float()
     try:
         yield
     finally:
-        del head.forward
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def main() -> None:

@@ -511,8 +511,10 @@ class DimChopConfig:
                   f"head groups: it needs all of {list(DIMCHOP_MATRICES)}")
         if not 0.0 < self.target < 1.0:
             _fail("dimchop.target", self.target, "must be in (0, 1)")
-        if not 0.0 <= self.start < self.end <= 1.0:
-            _fail("dimchop.start", self.start, f"need 0 <= dimchop.start < dimchop.end <= 1 (end={self.end})")
+        if not 0.0 <= self.start < 1.0:
+            _fail("dimchop.start", self.start, "must be in [0, 1)")
+        if not self.start < self.end <= 1.0:
+            _fail("dimchop.end", self.end, f"need dimchop.start < dimchop.end <= 1 (start={self.start})")
         if self.update_every < 1:
             _fail("dimchop.update_every", self.update_every, "must be >= 1")
         for key in ("beta1", "beta2"):

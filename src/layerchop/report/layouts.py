@@ -29,6 +29,10 @@ def load_layout(name: str, chopped: str | Path, recovered: str | Path, key: str)
     if "removed_layers" not in prov:
         raise ValueError(f"{key}: {chopped} is not the evaluation of a chopped model "
                          "(its results.json names no removed_layers)")
+    after = read_json(Path(recovered) / "results.json").get("model", {}).get("removed_layers")
+    if after != prov["removed_layers"]:  # the recovery must be of this chop (a stale one names other layers)
+        raise ValueError(f"{key}: {recovered} evaluated a model without layers {after}, but {chopped} one without "
+                         f"{prov['removed_layers']}: not the recovery of that chop (stale); re-run its stages")
     row.update(removed=prov["removed_layers"], selection=prov.get("selection"), layout=prov.get("layout"),
                num_layers=prov["num_layers_before"])
     return row

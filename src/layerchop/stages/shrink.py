@@ -42,7 +42,7 @@ def kept_units(masks: dict[str, torch.Tensor], config) -> tuple[dict[int, torch.
         keep_g[layer] = (~k.view(groups, hd, -1).all(dim=2).all(dim=1)).nonzero().flatten()
     expected = structured_masks(config, keep_ch, keep_g)  # the down/o columns these units imply
     for name, m in expected.items():
-        if not torch.equal(masks[name], m):
+        if name not in masks or not torch.equal(masks[name], m):
             raise ValueError(f"--model: the mask of {name} is not whole channels and head groups: not a structured "
                              "(dimchop.structure: channels-heads) model")
     return keep_ch, keep_g
@@ -60,13 +60,18 @@ def main(args: argparse.Namespace) -> None:
     if masks is None:
         raise ValueError(f"--model {args.model}: no masks file (sparsity_masks.safetensors): nothing to shrink")
     config = AutoConfig.from_pretrained(args.model)
+    if getattr(config, "mlp_bias", False):
+        raise ValueError(f"--model {args.model}: config.json has mlp_bias: the structured export slices no MLP bias")
     keep_ch, keep_g = kept_units(masks, config)
     meta = read_metadata(args.model)
     model = load_model(args.model, dtype=meta.get("dtype", "float32"))
     new_config, state = shrink(model.state_dict(), config, keep_ch, keep_g)
     with torch.device("meta"):
         small = LlamaForCausalLM(new_config)
-    small.load_state_dict(state, assign=True, strict=False)
+    missing, unexpected = small.load_state_dict(state, assign=True, strict=False)
+    tied = {"lm_head.weight"} if getattr(new_config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"shrink: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
     small.tie_weights()
     before, after = num_params(model), num_params(small)
     meta = {**meta, "stage": "shrink", "shrunk_from": str(args.model), "num_params": after,

@@ -42,14 +42,16 @@ def main(args: argparse.Namespace) -> None:
                          "(--main-chopped / --main-recovered), not chopped and recovered a second time; remove it")
     main_row = load_layout(main_name, args.main_chopped, args.main_recovered, "--main-chopped/--main-recovered")
     if main_name in SELECTIONS:  # chosen from data: the layers are whatever the scores chose, the criterion is known
-        fresh = main_row["layout"] == main_name
+        fresh = main_row["layout"] == main_name and len(main_row["removed"]) == chop.num_remove
     else:
         fresh = main_row["removed"] == removed_indices(main_row["num_layers"], layout=chop.layout,
                                                        num_remove=chop.num_remove, indices=chop.indices)
     if not fresh:
+        wanted = (f"chop.indices={chop.indices}" if chop.indices is not None
+                  else f"chop.layout={chop.layout!r} with chop.num_remove={chop.num_remove}")
         raise ValueError(f"--main-chopped: {args.main_chopped} evaluated a model with removed layers "
-                         f"{main_row['removed']} (layout {main_row['layout']!r}), not chop.layout={main_name!r}: "
-                         "stale; run the main arm's stages again")
+                         f"{main_row['removed']} (layout {main_row['layout']!r}), not {wanted}: stale; run the main "
+                         "arm's stages again")
     rows = [main_row] + load_layouts(layouts, args.eval)
     if len({(len(r["removed"]), r["num_layers"]) for r in rows}) > 1:
         raise ValueError(f"{args.eval}: the layouts remove different numbers of layers "

@@ -41,8 +41,8 @@ class DimChopModule(CausalLMModule):
     """Continued pretraining with DimChop's growing column masks.
 
     Args:
-        dimchop: :class:`layerchop.config.DimChopConfig`.
-        run_steps: Optimizer steps of the whole run (the ramp is placed as fractions of it).
+        dimchop: :class:`layerchop.config.DimChopConfig` (its ramp is placed as fractions of the whole run's
+            optimizer steps, ``schedule_steps``).
         Others: as :class:`CausalLMModule`.
     """
 
@@ -238,8 +238,15 @@ class StructuredDimChopModule(DimChopModule):
                     w[:, c] = 0
 
     def masked_fraction(self) -> float:
-        masks = self.export_masks()
-        return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+        """Masked entries over all entries of the seven projections, from the unit counts (no full masks)."""
+        params = dict(self.model.named_parameters())
+        masked = total = 0
+        for layer in range(self.model.config.num_hidden_layers):
+            for name, (r, c) in self.entry_masks(layer).items():
+                out, inp = params[name].shape
+                masked += (int(r.sum()) * inp if r is not None else 0) + (int(c.sum()) * out if c is not None else 0)
+                total += out * inp
+        return masked / total
 
     def export_masks(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())

@@ -325,6 +325,10 @@ def resolve(
         check_model_dir(teacher_dir, "--teacher")
     if objective == "dimchop" and dimchop_cfg is None:
         raise ValueError("--objective dimchop needs a dimchop section")
+    if objective == "dimchop" and cfg.precision in ("bf16-true", "16-mixed"):
+        raise ValueError(f"train.precision={cfg.precision!r}: --objective dimchop keeps its PLATON averages in float32 "
+                         "and folds in every step's gradients (a bf16 module or a skipped fp16 step would spoil "
+                         "them); use 32-true or bf16-mixed")
     if snapshots < 0:
         raise ValueError(f"--snapshots {snapshots} must be >= 0")
     counts = check_data_matches_model(prepared_dir, init_dir, AutoTokenizer.from_pretrained(init_dir))
