@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,22 @@ def _run(tmp_path, overrides: dict, *argv):
             node = node[p]
         node[last] = value
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, "-m", "layerchop.cli", *argv[:1], "--params", str(tmp_path / "params.yaml"), *argv[1:]]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    argv = [*argv[:1], "--params", str(tmp_path / "params.yaml"), *argv[1:]]
+    # in this process (a new interpreter costs ~5 s of imports per call); the entry point itself runs as a
+    # subprocess in the FSDP2, rehearsal and SLURM tests
+    from layerchop.cli import main
+
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as e:  # argparse's own refusals
+                rc = e.code
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(["layerchop", *argv], rc, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize(
