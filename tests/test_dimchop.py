@@ -33,20 +33,14 @@ def expected_masked(step: int, width: int) -> int:
     return num_masked(masked_fraction(step, 0.5, 2, 6), width)
 
 
-def test_dimchop_masks_follow_the_schedule_from_platon_scores_and_stay_zero(tmp_path, tiny_dir, tiny_prepared,
-                                                                            monkeypatch):
-    """Every optimizer step: the averages take the step's gradient at the weights it was taken at; during the ramp
-    the masks are the lowest column scores at the schedule's fraction; masked columns are exactly zero after every
-    step; the export carries the zeros and the masks file and loads with plain transformers."""
-    from transformers import AutoModelForCausalLM
-
-    from layerchop.io import read_metadata
-    from layerchop.prune.masks import load_masks
+def spy_on_dimchop(monkeypatch, module_cls, record_after):
+    """Per optimizer step of the next run: the ``(weight, grad)`` pairs handed to the PLATON update (``seen``), and
+    ``record_after(module)`` right after the step's masks were applied (``after``)."""
     from layerchop.train import dimchop
 
-    seen = []  # per step: {name: (weight, grad)} handed to the PLATON update
-    after = []  # per step: {name: (masked columns, max |masked weight|)} after the masks were applied
-    update, apply = dimchop.platon_update, dimchop.DimChopModule.apply_masks
+    seen, after = [], []
+    update, apply = dimchop.platon_update, module_cls.apply_masks
+    before = dimchop.DimChopModule.on_before_optimizer_step
 
     def spy_update(ibar, ubar, weight, grad, beta1, beta2):
         seen[-1].append((weight.clone(), grad.clone()))
@@ -58,15 +52,39 @@ def test_dimchop_masks_follow_the_schedule_from_platon_scores_and_stay_zero(tmp_
 
     def spy_apply(self):
         apply(self)
-        params = dict(self.model.named_parameters())
-        after.append({n: (self.column_mask(n).clone(),
-                          float(params[n].detach()[:, self.column_mask(n)].abs().max())
-                          if self.column_mask(n).any() else 0.0) for n in self.names})
+        after.append(record_after(self))
 
-    before = dimchop.DimChopModule.on_before_optimizer_step
     monkeypatch.setattr(dimchop, "platon_update", spy_update)
     monkeypatch.setattr(dimchop.DimChopModule, "on_before_optimizer_step", spy_before)
-    monkeypatch.setattr(dimchop.DimChopModule, "apply_masks", spy_apply)
+    monkeypatch.setattr(module_cls, "apply_masks", spy_apply)
+    return seen, after
+
+
+def direct_averages(ibar: dict, ubar: dict, names: list[str], pairs) -> None:
+    """One step of PLATON's recurrence with the default betas, written out, in place."""
+    for n, (w, g) in zip(names, pairs):
+        sens = (w * g).abs()
+        ibar[n] = 0.85 * ibar[n] + 0.15 * sens
+        ubar[n] = 0.95 * ubar[n] + 0.05 * (sens - ibar[n]).abs()
+
+
+def test_dimchop_masks_follow_the_schedule_from_platon_scores_and_stay_zero(tmp_path, tiny_dir, tiny_prepared,
+                                                                            monkeypatch):
+    """Every optimizer step: the averages take the step's gradient at the weights it was taken at; during the ramp
+    the masks are the lowest column scores at the schedule's fraction; masked columns are exactly zero after every
+    step; the export carries the zeros and the masks file and loads with plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from layerchop.io import read_metadata
+    from layerchop.prune.masks import load_masks
+    from layerchop.train import dimchop
+
+    def masked_columns(module):  # {name: (masked columns, max |masked weight|)}
+        params = dict(module.model.named_parameters())
+        return {n: (module.column_mask(n).clone(), float(params[n].detach()[:, module.column_mask(n)].abs().max())
+                    if module.column_mask(n).any() else 0.0) for n in module.names}
+
+    seen, after = spy_on_dimchop(monkeypatch, dimchop.DimChopModule, masked_columns)
     meta = run(tiny_dir, tiny_prepared, tmp_path / "out", cfg_(), run_dir=tmp_path / "run", objective="dimchop",
                dimchop_cfg=DIM)
     monkeypatch.undo()
@@ -80,10 +98,7 @@ def test_dimchop_masks_follow_the_schedule_from_platon_scores_and_stay_zero(tmp_
     ibar = {n: torch.zeros_like(dict(dense.named_parameters())[n]) for n in names}
     ubar = {n: torch.zeros_like(ibar[n]) for n in names}
     for step, pairs in enumerate(seen, start=1):
-        for n, (w, g) in zip(names, pairs):
-            sens = (w * g).abs()
-            ibar[n] = 0.85 * ibar[n] + 0.15 * sens
-            ubar[n] = 0.95 * ubar[n] + 0.05 * (sens - ibar[n]).abs()
+        direct_averages(ibar, ubar, names, pairs)
         for n in names:
             mask, worst = after[step - 1][n]
             assert int(mask.sum()) == expected_masked(step, widths[n]), (step, n)
@@ -215,28 +230,13 @@ def test_structured_dimchop_masks_whole_units_and_shrinks_to_a_smaller_model(tmp
     from layerchop.prune.structured import channel_scores, group_scores
     from layerchop.train import dimchop
 
-    seen, after = [], []
-    update, apply = dimchop.platon_update, dimchop.StructuredDimChopModule.apply_masks
-    before = dimchop.DimChopModule.on_before_optimizer_step
+    def masked_units(module):  # ({layer: (masked channels, masked groups)}, max |masked entry|)
+        params = dict(module.model.named_parameters())
+        masks = module.export_masks()
+        return ({layer: tuple(m.clone() for m in module.unit_masks(layer)) for layer in range(6)},
+                max(float(params[n].detach()[m].abs().max()) if m.any() else 0.0 for n, m in masks.items()))
 
-    def spy_update(ibar, ubar, weight, grad, beta1, beta2):
-        seen[-1].append((weight.clone(), grad.clone()))
-        return update(ibar, ubar, weight, grad, beta1, beta2)
-
-    def spy_before(self, optimizer):
-        seen.append([])
-        return before(self, optimizer)
-
-    def spy_apply(self):
-        apply(self)
-        params = dict(self.model.named_parameters())
-        masks = self.export_masks()
-        after.append(({layer: tuple(m.clone() for m in self.unit_masks(layer)) for layer in range(6)},
-                      max(float(params[n].detach()[m].abs().max()) if m.any() else 0.0 for n, m in masks.items())))
-
-    monkeypatch.setattr(dimchop, "platon_update", spy_update)
-    monkeypatch.setattr(dimchop.DimChopModule, "on_before_optimizer_step", spy_before)
-    monkeypatch.setattr(dimchop.StructuredDimChopModule, "apply_masks", spy_apply)
+    seen, after = spy_on_dimchop(monkeypatch, dimchop.StructuredDimChopModule, masked_units)
     run(tiny_dir, tiny_prepared, tmp_path / "out", cfg_(), run_dir=tmp_path / "run", objective="dimchop",
         dimchop_cfg=STRUCT)
     monkeypatch.undo()
@@ -246,10 +246,7 @@ def test_structured_dimchop_masks_whole_units_and_shrinks_to_a_smaller_model(tmp
     ibar = {n: torch.zeros_like(p) for n, p in dense.named_parameters() if n in names}
     ubar = {n: torch.zeros_like(ibar[n]) for n in names}
     for step, pairs in enumerate(seen, start=1):
-        for n, (w, g) in zip(names, pairs):
-            sens = (w * g).abs()
-            ibar[n] = 0.85 * ibar[n] + 0.15 * sens
-            ubar[n] = 0.95 * ubar[n] + 0.05 * (sens - ibar[n]).abs()
+        direct_averages(ibar, ubar, names, pairs)
         units, worst = after[step - 1]
         assert worst == 0.0, step  # every entry of a masked unit is zero after the step
         frac = masked_fraction(step, 0.5, 2, 6)
