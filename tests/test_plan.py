@@ -122,3 +122,25 @@ def test_memory_model_against_a_measured_gpu_run(checkpointing, measured_gb, pha
     mem = train_memory(config, cfg, 2048)
     assert mem.total == pytest.approx(measured_gb, rel=0.05)
     assert getattr(mem, phase) == mem.total
+
+
+def test_dimchop_memory_adds_two_fp32_copies_of_the_projections():
+    """``--objective dimchop`` keeps PLATON's two fp32 averages of every pruned projection, sharded like the
+    weights: 8 bytes per projection entry over the ranks (Llama-2-7B: 6.48B projection entries, 51.8 GB / 32)."""
+    import dataclasses
+
+    from transformers import LlamaConfig
+
+    from layerchop.config import TrainConfig
+    from layerchop.data.sources import LLAMA2_7B
+    from layerchop.estimate import train_memory
+
+    config = LlamaConfig(**LLAMA2_7B)
+    projections = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert projections == 6_476_005_376
+    cfg = dataclasses.replace(TrainConfig(), strategy="fsdp", devices=8, num_nodes=4, accelerator="gpu",
+                              launcher="torchrun")
+    base, dim = train_memory(config, cfg, 2048), train_memory(config, cfg, 2048, dimchop=True)
+    assert dim.pruning_scores == pytest.approx(8 * projections / 32 / 1e9)
+    assert dim.total == pytest.approx(base.total + dim.pruning_scores)
+    assert "pruning_scores" in dim.as_dict() and "pruning_scores" not in base.as_dict()

@@ -75,17 +75,20 @@ class TrainMemory:
     logits: float
     teacher: float = 0.0
     optimizer_temp: float = 0.0
+    pruning_scores: float = 0.0
+    """DimChop: PLATON's two fp32 moving averages of every pruned projection (sharded like the weights)."""
     parts: dict = field(default_factory=dict)
 
     @property
     def backward(self) -> float:
         """Everything held at once in the backward pass."""
-        return self.state + self.unsharded_grads + self.gathered_layers + self.activations + self.logits + self.teacher
+        return (self.state + self.unsharded_grads + self.gathered_layers + self.activations + self.logits
+                + self.teacher + self.pruning_scores)
 
     @property
     def optimizer_step(self) -> float:
-        """The sharded training state (and teacher shards) plus the optimizer's temporary."""
-        return self.state + self.teacher + self.optimizer_temp
+        """The sharded training state (and teacher shards, pruning scores) plus the optimizer's temporary."""
+        return self.state + self.teacher + self.pruning_scores + self.optimizer_temp
 
     @property
     def total(self) -> float:
@@ -97,13 +100,17 @@ class TrainMemory:
                 "gathered_layers": round(self.gathered_layers, 2), "activations": round(self.activations, 2),
                 "activations_without_checkpointing": round(self.activations_without_checkpointing, 2),
                 "logits": round(self.logits, 2), "teacher": round(self.teacher, 2),
-                "optimizer_temp": round(self.optimizer_temp, 2), "backward": round(self.backward, 2),
+                "optimizer_temp": round(self.optimizer_temp, 2),
+                **({"pruning_scores": round(self.pruning_scores, 2)} if self.pruning_scores else {}),
+                "backward": round(self.backward, 2),
                 "optimizer_step": round(self.optimizer_step, 2), "total": round(self.total, 2)}
 
 
-def train_memory(config, cfg, seq_len: int, teacher_config=None, on_gpu: bool | None = None) -> TrainMemory:
+def train_memory(config, cfg, seq_len: int, teacher_config=None, on_gpu: bool | None = None,
+                 dimchop: bool = False) -> TrainMemory:
     """Per-rank memory of training ``config`` with :class:`~layerchop.config.TrainConfig` ``cfg``; ``on_gpu``
-    (default: ``train.accelerator`` is ``gpu`` or ``cuda``) adds the foreach optimizer step's temporary."""
+    (default: ``train.accelerator`` is ``gpu`` or ``cuda``) adds the foreach optimizer step's temporary; ``dimchop``
+    adds PLATON's two fp32 copies of the seven projections of every layer (``--objective dimchop``)."""
     fsdp = cfg.strategy == "fsdp"
     world = cfg.devices * cfg.num_nodes if fsdp else 1
     p = count_params(config)
@@ -134,7 +141,8 @@ def train_memory(config, cfg, seq_len: int, teacher_config=None, on_gpu: bool | 
         gathered_layers=((2 * layer_params(config) + p - L * layer_params(config)) * compute / 1e9) if fsdp else 0.0,
         activations=(with_ac if cfg.activation_checkpointing else full) / 1e9,
         activations_without_checkpointing=full / 1e9,
-        logits=t * config.vocab_size * (act + 4 + 4) / 1e9, teacher=teacher / 1e9, optimizer_temp=temp / 1e9)
+        logits=t * config.vocab_size * (act + 4 + 4) / 1e9, teacher=teacher / 1e9, optimizer_temp=temp / 1e9,
+        pruning_scores=(8 * L * (layer_params(config) - 2 * h) / world / 1e9) if dimchop else 0.0)
 
 
 def hours(flops: float, world: int, peak_flops: float, mfu: float) -> float:

@@ -128,7 +128,8 @@ def plan(params: dict, dvc: dict) -> dict:
                              f"the train split gets ~{train_tokens:,.0f} (train.max_data_passes={cfg.max_data_passes})")
         flops = steps.phase_flops + steps.main_steps * steps.flops_per_step
         world = cfg.devices * cfg.num_nodes
-        phases = {"main": train_memory(init, cfg, prep.seq_len, teacher_config=teacher)}
+        phases = {"main": train_memory(init, cfg, prep.seq_len, teacher_config=teacher,
+                                       dimchop=args.objective == "dimchop")}
         if steps.phases:  # its first phase trains the dense model
             phases["gradual chopping (dense)" if chop_every else "warm start (dense)"] = train_memory(dense, cfg, prep.seq_len)
         worst = max(phases, key=lambda k: phases[k].total)

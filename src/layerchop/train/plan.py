@@ -269,7 +269,8 @@ class RunPlan:
         on_gpu = self.cfg.accelerator in ("gpu", "cuda") or (self.cfg.accelerator == "auto"
                                                               and torch.cuda.is_available())
         phases = {"main": train_memory(self.configs["model"], self.cfg, self.seq_len,
-                                       teacher_config=self.configs.get("teacher"), on_gpu=on_gpu)}
+                                       teacher_config=self.configs.get("teacher"), on_gpu=on_gpu,
+                                       dimchop=self.objective == "dimchop")}
         if self.steps.warm_steps:  # the first phase has the deepest model
             phases["warm"] = train_memory(self.configs["dense"], self.cfg, self.seq_len, on_gpu=on_gpu)
         return {k: v.as_dict() for k, v in phases.items()}
