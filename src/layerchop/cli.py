@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-STAGES = ("download", "prepare", "chop", "scratch", "prune", "train", "benchmarks", "evaluate", "curve", "report", "figure1", "figure4",
+STAGES = ("download", "prepare", "chop", "scratch", "prune", "train", "benchmarks", "evaluate", "curve", "report", "figure1", "figure3", "figure4",
           "figure2", "figure6", "table6", "tables45", "plan", "shrink")
 
 

@@ -473,6 +473,24 @@ class Figure6Config:
             _fail("figure6.token_budget", self.token_budget, "must be a whole number of tokens >= 1")
 
 
+@dataclass
+class Figure3Config:
+    """The ``figure3`` section: LayerChop (Figure 4's arm) against DimChop from the uncompressed model, both structures,
+    at equal training FLOPs, and the paper's DimChop at LayerChop's tokens (about twice its FLOPs)."""
+
+    flop_budget: float = 8.44e13
+    """Training FLOPs of the equal-compute DimChop arms: Figure 4's budget, the LayerChop arm they are compared with
+    (``tests/test_config.py`` checks the equality for every params file)."""
+    token_budget: int = 163840
+    """Tokens of the equal-token DimChop arm: those of Figure 4's LayerChop arm (checked likewise)."""
+
+    def __post_init__(self) -> None:
+        if not self.flop_budget > 0:
+            _fail("figure3.flop_budget", self.flop_budget, "must be > 0")
+        if isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int) or self.token_budget < 1:
+            _fail("figure3.token_budget", self.token_budget, "must be a whole number of tokens >= 1")
+
+
 DIMCHOP_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DIMCHOP_STRUCTURES = ("columns", "channels-heads")
 
@@ -786,6 +804,7 @@ SECTIONS = {
     "distill": DistillConfig,
     "dimchop": DimChopConfig,
     "figure4": Figure4Config,
+    "figure3": Figure3Config,
     "figure2": Figure2Config,
     "figure6": Figure6Config,
     "table6": Table6Config,

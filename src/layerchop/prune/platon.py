@@ -35,6 +35,19 @@ def platon_update(ibar: torch.Tensor, ubar: torch.Tensor, weight: torch.Tensor, 
     ubar.mul_(beta2).add_((sens - ibar).abs_(), alpha=1.0 - beta2)
 
 
+PLATON_UPDATE_FLOPS = 10
+"""Elementwise FLOPs of :func:`platon_update` per entry: product, abs; two multiply-adds for ``Ibar`` (scale, scaled
+add); difference, abs; two multiply-adds for ``Ubar``."""
+PLATON_SCORE_FLOPS = 3
+"""Elementwise FLOPs of a mask choice per entry: ``Ibar * Ubar``, abs, the sum into its column (or unit)."""
+
+
+def platon_flops(entries: int, steps: int, mask_updates: int) -> int:
+    """FLOPs of DimChop's scoring over a run: ``PLATON_UPDATE_FLOPS`` per pruned entry every optimizer step, plus
+    ``PLATON_SCORE_FLOPS`` per entry at every mask choice (the sort of the column scores is not counted)."""
+    return PLATON_UPDATE_FLOPS * entries * steps + PLATON_SCORE_FLOPS * entries * mask_updates
+
+
 def column_scores(ibar: torch.Tensor, ubar: torch.Tensor) -> torch.Tensor:
     """A dimension's score: the L1 norm of its column of ``S = Ibar * Ubar`` (``[in]``; partial on a row shard)."""
     return (ibar * ubar).abs().sum(dim=0)

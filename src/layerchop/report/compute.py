@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from layerchop.report.tables import (accuracy_cells, accuracy_header, fmt_acc, fmt_ppl, mean_accuracy, save_figure,
                                      split_columns, task_columns)
@@ -21,10 +21,12 @@ def arm_series(curve: dict[str, Any], start: dict[str, Any] | None, cols) -> lis
              "general": mean_accuracy(p["metrics"], general)} for p in pts]
 
 
-def figure4(arms: list[dict[str, Any]], out_stem: Path, gpu: str) -> None:
+def figure4(arms: list[dict[str, Any]], out_stem: Path, gpu: str, *, title: Optional[str] = None,
+            reference: Optional[dict[str, Any]] = None) -> None:
     """Panels in two columns (against FLOPs, against measured device-hours): val perplexity (log), in-domain
     accuracy and general accuracy (rows present when measured), one line per arm with a marker and a ± 1
-    standard-error bar at each evaluation."""
+    standard-error bar at each evaluation. A point with ``"hollow": True`` gets an open marker; ``reference`` (a
+    point of :func:`arm_series` with a ``label``) is drawn as a dotted horizontal line in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,16 +45,28 @@ def figure4(arms: list[dict[str, Any]], out_stem: Path, gpu: str) -> None:
                 y = [100 * p[key][0] if p[key] is not None else float("nan") for p in pts]
                 err = [100 * p[key][1] if p[key] is not None and p[key][1] is not None else 0.0 for p in pts]
                 axes[row, col].errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{i}", label=arm["label"])
+            hollow = [j for j, p in enumerate(pts) if p.get("hollow")]
+            for row, key in enumerate(["val_ppl"] + [k for k, _ in acc_rows]):
+                ys = [pts[j][key] if key == "val_ppl" else (100 * pts[j][key][0] if pts[j][key] else None)
+                      for j in hollow]
+                axes[row, col].plot([x[j] for j in hollow], ys, linestyle="none", marker="o", markersize=5,
+                                    markerfacecolor="white", markeredgecolor=f"C{i}", zorder=5)
+    if reference is not None:
+        for ax_row, key in zip(axes, ["val_ppl"] + [k for k, _ in acc_rows]):
+            value = reference[key] if key == "val_ppl" else (100 * reference[key][0] if reference[key] else None)
+            if value is not None:
+                for ax in ax_row:
+                    ax.axhline(value, color="0.4", linestyle=":", linewidth=1, label=reference["label"])
     axes[0, 0].set_yscale("log")
     axes[0, 0].set_ylabel("validation perplexity (log scale)")
-    for row, (_, title) in enumerate(acc_rows, start=1):
-        axes[row, 0].set_ylabel(title)
+    for row, (_, ytitle) in enumerate(acc_rows, start=1):
+        axes[row, 0].set_ylabel(ytitle)
     axes[-1, 0].set_xlabel("training compute (PFLOPs)")
     axes[-1, 1].set_xlabel("device-hours measured on this machine")
     for ax in axes.flat:
         ax.grid(alpha=0.3, which="both")
     axes[0, 1].legend(fontsize=8, loc="best")
-    fig.suptitle(f"LayerChop vs LayerChop + distill at equal FLOPs ({gpu}-hours: see paper/tables/distill.md)",
+    fig.suptitle(title or f"LayerChop vs LayerChop + distill at equal FLOPs ({gpu}-hours: see paper/tables/distill.md)",
                  fontsize=10)
     fig.tight_layout()
     save_figure(fig, out_stem)
@@ -88,6 +102,57 @@ def distill_tables(arms: list[dict[str, Any]], cfg, cols) -> tuple[list[str], li
                           + ([fmt_acc(p["in_domain"])] if in_domain else [])
                           + ([fmt_acc(p["general"])] if general else []))
     return header, body, points_header, points
+
+
+def dimchop_tables(arms: list[dict[str, Any]], cfg, cols, shrunk: Optional[dict[int, int]] = None):
+    """Figure 3's tables: the final comparison (one row per arm), the compression cost (ratios to the first arm,
+    LayerChop; DimChop's scoring from ``compute``'s ``scoring_*``), and the evaluations along the runs.
+
+    ``shrunk``: ``{arm index: parameters}`` of an arm's physically smaller export (``layerchop shrink``).
+    Returns ``(header, body, cost_header, cost, points_header, points)``."""
+    shrunk = shrunk or {}
+    gpu_col = f"{cfg.gpu}-hours @ {cfg.mfu:.0%} MFU"
+    rows = [{"metrics": p["metrics"]} for arm in arms for p in arm["series"]]
+    header = ["Arm", "Steps", "Tokens seen", "Train FLOPs", gpu_col, "Device-hours (measured)", "s/step",
+              "Nonzero params", "Stored params", "Val PPL", "Test PPL"] + accuracy_header(rows, cols)
+    body = []
+    for i, arm in enumerate(arms):
+        c, m = arm["compute"], arm["series"][-1]["metrics"]
+        stored = f"{m['params'] / 1e6:.1f}M" + (f" ({shrunk[i] / 1e6:.1f}M shrunk)" if i in shrunk else "")
+        body.append([
+            arm["label"], str(c["steps"]), f"{c['tokens']:,}", f"{c['flops']:.3e}", _gpu_hours(c["flops"], cfg),
+            f"{c['device_s'] / 3600:.3f}", f"{c['s_per_step']:.2f}", f"{m['nonzero_params'] / 1e6:.1f}M", stored,
+            fmt_ppl(m.get("val/ppl")), fmt_ppl(m.get("test/ppl")),
+        ] + accuracy_cells(m, cols))
+    base = arms[0]["compute"]
+    cost_header = ["Arm", "Train FLOPs", "x LayerChop", "FLOPs per token", "x LayerChop (per token)",
+                   "Device-hours", "x LayerChop", "Scoring device-hours", "Scoring share of time", "Scoring FLOPs",
+                   "Mask choices"]
+    cost = []
+    for arm in arms:
+        c = arm["compute"]
+        scoring = "scoring_device_s" in c
+        per_token, base_per_token = c["flops"] / c["tokens"], base["flops"] / base["tokens"]
+        cost.append([
+            arm["label"], f"{c['flops']:.3e}", f"{c['flops'] / base['flops']:.2f}", f"{per_token:.3e}",
+            f"{per_token / base_per_token:.2f}", f"{c['device_s'] / 3600:.3f}",
+            f"{c['device_s'] / base['device_s']:.2f}",
+            f"{c['scoring_device_s'] / 3600:.4f}" if scoring else "0",
+            f"{c['scoring_device_s'] / c['device_s']:.1%}" if scoring else "0",
+            f"{c['scoring_flops']:.2e}" if scoring else "0", str(c["scoring_mask_updates"]) if scoring else "–",
+        ])
+    in_domain, general = split_columns(cols)
+    points_header = ["Arm", "Step", "Tokens", "FLOPs", "Device-hours", "Nonzero params", "Val PPL"]
+    points_header += (["In-domain acc"] if in_domain else []) + (["General acc"] if general else [])
+    points = []
+    for arm in arms:
+        for p in arm["series"]:
+            points.append([arm["label"], str(p["step"]), f"{p['tokens']:,}", f"{p['flops']:.3e}",
+                           f"{p['device_s'] / 3600:.3f}", f"{p['metrics']['nonzero_params'] / 1e6:.1f}M"
+                           + (" (ramp)" if p.get("hollow") else ""), fmt_ppl(p["val_ppl"])]
+                          + ([fmt_acc(p["in_domain"])] if in_domain else [])
+                          + ([fmt_acc(p["general"])] if general else []))
+    return header, body, cost_header, cost, points_header, points
 
 
 def load_arms(curves: list[dict[str, Any]], start: dict[str, Any]) -> tuple[list[dict[str, Any]], list]:

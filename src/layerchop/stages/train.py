@@ -26,7 +26,7 @@ import argparse
 import dataclasses
 import json
 
-from layerchop.config import load_params, section
+from layerchop.config import DIMCHOP_STRUCTURES, load_params, section
 from layerchop.train.plan import OBJECTIVES
 
 
@@ -42,6 +42,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", default="lm", choices=OBJECTIVES,
                    help="lm: continued pretraining; distill: CHOP + distill (params section 'distill'); dimchop: "
                         "width pruning while training (params section 'dimchop')")
+    p.add_argument("--structure", default=None, choices=DIMCHOP_STRUCTURES,
+                   help="--objective dimchop: this instead of dimchop.structure (one dvc stage per structure)")
     p.add_argument("--teacher", default=None, help="uncompressed teacher (HF directory) for --objective distill")
     p.add_argument("--flop-budget", type=float, default=None,
                    help="train to this many FLOPs instead of train.token_budget")
@@ -86,11 +88,15 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--snapshots {args.snapshots} needs --snapshot-dir")
     distill = section("distill", params) if args.objective == "distill" else None
     dimchop = section("dimchop", params) if args.objective == "dimchop" else None
+    if args.structure is not None:
+        if dimchop is None:
+            raise ValueError(f"--structure {args.structure} is for --objective dimchop, not {args.objective}")
+        dimchop = dataclasses.replace(dimchop, structure=args.structure)  # checked again, as the section is
     plan = resolve(args.init, args.data, args.out, args.run_dir, cfg, objective=args.objective,
                    teacher_dir=args.teacher, distill_cfg=distill, dimchop_cfg=dimchop, warm_start=args.warm_start,
                    snapshots=args.snapshots, chop_every_tokens=args.chop_every_tokens,
-                   budget_key=("--flop-budget (figure4.flop_budget in dvc.yaml)" if args.flop_budget else
-                               "--token-budget (figure6.token_budget in dvc.yaml)" if args.token_budget else None))
+                   budget_key=("--flop-budget (a figure's flop_budget in dvc.yaml)" if args.flop_budget else
+                               "--token-budget (a figure's token_budget in dvc.yaml)" if args.token_budget else None))
     if args.plan:  # a plan needs no GPU (a login node plans a cluster run)
         print(json.dumps(plan.describe(), indent=2))
         return 0

@@ -130,6 +130,8 @@ class _Exporter(Callback):
                 masks = pl_module.export_masks()
             step = trainer.global_step
             compute = self.meter.summary(step)
+            if hasattr(pl_module, "scoring_compute"):  # DimChop: the cost of its importance scores
+                compute.update(pl_module.scoring_compute(compute["steps"], self.meter.world))
             meta = dict(self.metadata)
             meta["steps"] = step
             meta["compute"] = compute

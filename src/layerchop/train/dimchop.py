@@ -14,12 +14,14 @@ is the all-reduced sum of the ranks' partial column sums, so no rank gathers a m
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from layerchop.prune.platon import column_scores, columns_to_mask, masked_fraction, num_masked, platon_update
+from layerchop.prune.platon import (column_scores, columns_to_mask, masked_fraction, num_masked, platon_flops,
+                                    platon_update)
 from layerchop.train.module import CausalLMModule
 from layerchop.train.sharding import is_dtensor, local
 
@@ -52,6 +54,8 @@ class DimChopModule(CausalLMModule):
         self.ramp = dimchop.ramp_steps(self.schedule_steps)
         self.platon: Optional[nn.Module] = None
         self.names: list[str] = []
+        self.scoring_s = 0.0  # this rank's wall time in PLATON updates, mask choices and zeroing (all invocations)
+        self.mask_updates = 0  # times the masks were re-chosen
 
     # ------------------------------------------------------------------------------------------ state
     def configure_model(self) -> None:
@@ -84,24 +88,53 @@ class DimChopModule(CausalLMModule):
         """Optimizer steps of the whole run so far (phases before this fit included)."""
         return self.schedule_offset + self.trainer.global_step
 
+    def _clock(self) -> float:
+        if self.device.type == "cuda":  # the scoring kernels are asynchronous: time them, not their launch
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     @torch.no_grad()
     def on_before_optimizer_step(self, optimizer) -> None:
+        t0 = self._clock()
         params = dict(self.model.named_parameters())
         for name in self.names:
             p = params[name]
             if p.grad is None:
                 continue
             platon_update(*self.averages(name), local(p), local(p.grad), self.dimchop.beta1, self.dimchop.beta2)
+        self.scoring_s += self._clock() - t0
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The step, then this step's masks: inside the step, so every callback (checkpoint, snapshot, export)
         sees the masked weights and a checkpoint of step ``t`` holds step ``t``'s masks."""
         super().optimizer_step(*args, **kwargs)
+        t0 = self._clock()
         step = self.run_step() + 1  # Lightning counts the step as done after this hook
         start, end = self.ramp
         if start < step <= end and ((step - start) % self.dimchop.update_every == 0 or step == end):
             self.update_masks(masked_fraction(step, self.dimchop.target, start, end))
+            self.mask_updates += 1
         self.apply_masks()
+        self.scoring_s += self._clock() - t0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["dimchop_scoring"] = {"scoring_s": self.scoring_s, "mask_updates": self.mask_updates}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("dimchop_scoring", {})
+        self.scoring_s, self.mask_updates = float(state.get("scoring_s", 0.0)), int(state.get("mask_updates", 0))
+
+    def scoring_compute(self, steps: int, world: int) -> dict:
+        """The compression cost of the scoring after ``steps`` optimizer steps of this fit, for ``compute`` of
+        ``layerchop.json``: its measured device-seconds (PLATON updates, mask choices and zeroing, part of
+        ``device_s``; this rank's time x ``world``), the mask choices made, and its elementwise FLOPs
+        (:func:`layerchop.prune.platon.platon_flops`; not in ``flops``, which counts matmuls)."""
+        params = dict(self.model.named_parameters())
+        entries = sum(params[n].numel() for n in self.names)
+        return {"scoring_device_s": round(self.scoring_s * world, 3), "scoring_mask_updates": self.mask_updates,
+                "scoring_flops": platon_flops(entries, steps, self.mask_updates)}
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
