@@ -62,6 +62,8 @@ PARAMS_CASES = [
     ("download.model.source", "llama-9000", "download.model.source='llama-9000' is invalid"),
     ("download.corpus.token_budget", -1, "download.corpus.token_budget=-1 is invalid: must be > 0"),
     ("figure4.flop_budget", "lots", "figure4.flop_budget='lots' is invalid: must be a number"),
+    ("figure3.flop_budget", 0, "figure3.flop_budget=0.0 is invalid: must be > 0"),
+    ("figure3.token_budget", 1.5, "figure3.token_budget=1.5 is invalid"),
     ("figure6.every_tokens", [4096, -8], "figure6.every_tokens=-8 is invalid: each entry must be a whole number"),
     ("train.accelerator", "quantum", "train.accelerator='quantum' is invalid: choose one of"),
     ("train.lr", float("nan"), "train.lr=nan is invalid: must be a finite number"),
@@ -131,7 +133,7 @@ def test_numbers_in_scientific_notation_are_numbers(tmp_path):
 def test_every_shipped_params_file_passes_the_type_checks():
     for path in [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*/params.yaml"))]:
         params = load_params(path)
-        assert set(params) == {"download", "prepare", "chop", "prune", "train", "distill", "dimchop", "figure4",
+        assert set(params) == {"download", "prepare", "chop", "prune", "train", "distill", "dimchop", "figure3", "figure4",
                                "figure2", "figure6", "table6", "evaluate", "report", "slurm"}, path
 
 
@@ -167,6 +169,9 @@ STAGES_WITH_A_MODEL = [
     ("scratch", "--like", ["--out", "{tmp}/out"]),
     ("tables45", "--models", ["--results", "{tmp}/results.json", "--tables", "{tmp}/out"]),
     ("shrink", "--model", ["--out", "{tmp}/out"]),
+    ("figure3", "--shrunk", ["--layerchop", "{tmp}/a.json", "--start", "{tmp}/b.json", "--dimchop", "{tmp}/c.json",
+                             "--structured", "{tmp}/d.json", "--dimchop-tokens", "{tmp}/e.json", "--dense",
+                             "{tmp}/f.json", "--tables", "{tmp}/out", "--figures", "{tmp}/out"]),
 ]
 
 
@@ -258,6 +263,9 @@ OUTPUT_CASES = [
      "--tables"),
     ("tables45", ["--models", "{model}", "--results", "{tmp}/r.json", "--tables", "{bad}"], "--tables"),
     ("shrink", ["--model", "{model}", "--out", "{bad}"], "--out"),
+    ("figure3", ["--layerchop", "{tmp}/a.json", "--start", "{tmp}/b.json", "--dimchop", "{tmp}/c.json",
+                 "--structured", "{tmp}/d.json", "--dimchop-tokens", "{tmp}/e.json", "--dense", "{tmp}/f.json",
+                 "--shrunk", "{model}", "--tables", "{tmp}/t", "--figures", "{bad}"], "--figures"),
     ("figure6", ["--gradual", "{tmp}/g", "--at-once", "{tmp}/a.json", "--dense", "{tmp}/d.json", "--start",
                  "{tmp}/c.json", "--tables", "{tmp}/t", "--figures", "{bad}"], "--figures"),
 ]

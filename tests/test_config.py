@@ -126,7 +126,7 @@ def _train_arms(params: dict):
     """Every training stage of dvc.yaml with this params file: (name, parsed arguments)."""
     dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
     parser = build_parser()
-    for name in ("train", "fig4_train", "fig2_train", "layout_train", "fig6_train"):
+    for name in ("train", "fig4_train", "fig2_train", "layout_train", "fig6_train", "fig3_train"):
         for key, st in _expand(dvc["stages"][name], params):
             yield f"{name}@{key}" if key else name, parser.parse_args(
                 shlex.split(_interpolate_params(st["cmd"], params))[1:])
@@ -244,3 +244,23 @@ def test_figure2_scratch_arm_trains_as_many_tokens_as_the_layerchop_arm(path):
         s = plan_steps(c, seq_len, chopped)
         assert (s.total_steps, s.total_steps * s.tokens_per_step) == planned["fig4_train@layerchop"], every
         assert args.snapshots == arms["fig4_train@layerchop"].snapshots
+    # Figure 3: DimChop (from the dense model) at Figure 4's FLOP budget, and at the LayerChop arm's tokens; the
+    # ramp of every arm has steps, and each arm's masks are of the structure its name says
+    fig3, dimchop = section("figure3", params), section("dimchop", params)
+    assert fig3.flop_budget == section("figure4", params).flop_budget
+    for arm, structure, budget in (("dimchop", "columns", "flop"), ("structured", "channels-heads", "flop"),
+                                   ("dimchop-tokens", "columns", "token")):
+        args = arms[f"fig3_train@{arm}"]
+        assert args.objective == "dimchop" and args.structure == structure and not args.warm_start, arm
+        assert args.init.endswith("dense") and args.snapshots == arms["fig4_train@layerchop"].snapshots, arm
+        if budget == "flop":
+            assert args.flop_budget == fig3.flop_budget and args.token_budget is None, arm
+            c = dataclasses.replace(cfg, token_budget=None, flop_budget=args.flop_budget)
+        else:
+            assert args.token_budget == fig3.token_budget and args.flop_budget is None, arm
+            c = dataclasses.replace(cfg, token_budget=args.token_budget, flop_budget=None)
+        s = plan_steps(c, seq_len, dense, objective="dimchop")
+        if budget == "token":
+            assert (s.total_steps, s.total_steps * s.tokens_per_step) == planned["fig4_train@layerchop"], arm
+        start, end = dimchop.ramp_steps(s.total_steps)
+        assert 0 <= start < end <= s.total_steps, arm

@@ -158,10 +158,22 @@ def test_a_dimchop_run_killed_mid_ramp_resumes_to_the_same_model(tmp_path, tiny_
     monkeypatch.undo()
     assert not (tmp_path / "b").exists()
     [ck] = (tmp_path / "run_b").glob("*/checkpoints/step00000004.ckpt")
-    state = torch.load(ck, weights_only=True)["state_dict"]
+    ckpt = torch.load(ck, weights_only=True)
+    state = ckpt["state_dict"]
     assert any(k.startswith("platon.ibar__") for k in state) and any(k.startswith("platon.mask__") for k in state)
+    assert ckpt["dimchop_scoring"]["mask_updates"] == 2 and ckpt["dimchop_scoring"]["scoring_s"] > 0  # steps 3, 4
     run(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", objective="dimchop",
         dimchop_cfg=DIM)
+    # the scoring's cost, across the resume: masks chosen at steps 3..6, PLATON's 10 FLOPs per pruned weight a step
+    # and 3 per mask choice, its wall time a part of the run's
+    from layerchop.io import read_metadata
+
+    entries = sum(w.numel() for k, w in load_file(tmp_path / "a" / "model.safetensors").items()
+                  if k.rsplit(".", 2)[-2] in DIM.matrices)
+    for out in ("a", "b"):
+        c = read_metadata(tmp_path / out)["compute"]
+        assert c["scoring_mask_updates"] == 4 and c["scoring_flops"] == 10 * entries * 8 + 3 * entries * 4
+        assert 0 < c["scoring_device_s"] < c["device_s"]
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
@@ -170,10 +182,11 @@ def test_a_dimchop_run_killed_mid_ramp_resumes_to_the_same_model(tmp_path, tiny_
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
-@pytest.mark.parametrize("structure", ["columns", "channels-heads"])
-def test_fsdp2_two_processes_grow_the_same_masks(tmp_path, tiny_dir, tiny_prepared, structure):
-    """Under FSDP2 (2 CPU processes through the CLI; each rank scores its own rows and the column sums are
-    all-reduced) the masks and weights equal the single process's; the structured run also after a stop and resume
+@pytest.mark.parametrize("structure,world", [("columns", 3), ("channels-heads", 2)])
+def test_fsdp2_processes_grow_the_same_masks(tmp_path, tiny_dir, tiny_prepared, structure, world):
+    """Under FSDP2 (CPU processes through the CLI; each rank scores its own rows and the column sums are
+    all-reduced) the masks and weights equal the single process's: with 3 processes every matrix is sharded unevenly
+    (32 rows: 11, 11, 10; 64: 22, 22, 20; 16: 6, 6, 4); the structured run with 2, also after a stop and resume
     mid-ramp from its sharded checkpoint."""
     from layerchop.prune.masks import load_masks
 
@@ -183,11 +196,12 @@ def test_fsdp2_two_processes_grow_the_same_masks(tmp_path, tiny_dir, tiny_prepar
 
     params = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))
     params["dimchop"] = {"target": 0.5, "start": 0.25, "end": 0.75, "structure": structure}
-    params["train"].update(token_budget=8 * 2 * 2 * 32, batch_size=2, lr=3e-3, warmup_steps=2, precision="32-true",
-                           accelerator="cpu", ckpt_every=1, val_batches=1, strategy="fsdp", devices=2, seed=0)
-    # the single-process reference, in this process, with the same params: 1 rank x batch 4 sees the 4 sequences
-    # of 2 ranks x batch 2 (the sampler interleaves ranks)
-    single = dataclasses.replace(section("train", params), strategy="auto", devices=1, batch_size=4)
+    params["train"].update(token_budget=8 * world * 2 * 32, batch_size=2, lr=3e-3, warmup_steps=2,
+                           precision="32-true", accelerator="cpu", ckpt_every=1, val_batches=1, strategy="fsdp",
+                           devices=world, seed=0)
+    # the single-process reference, in this process, with the same params: 1 rank x batch 2 * world sees the
+    # sequences of world ranks x batch 2 (the sampler interleaves ranks)
+    single = dataclasses.replace(section("train", params), strategy="auto", devices=1, batch_size=2 * world)
     run(tiny_dir, tiny_prepared, tmp_path / "single", single, run_dir=tmp_path / "run_1", objective="dimchop",
         dimchop_cfg=section("dimchop", params))
     (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(params))
@@ -202,7 +216,7 @@ def test_fsdp2_two_processes_grow_the_same_masks(tmp_path, tiny_dir, tiny_prepar
         assert "stopped at step 4 of 8" in proc.stdout and not (tmp_path / "fsdp").exists()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "MEMBER: 2/2" in proc.stdout + proc.stderr
+    assert f"MEMBER: {world}/{world}" in proc.stdout + proc.stderr
     outs = {k: load_file(tmp_path / k / "model.safetensors") for k in ("single", "fsdp")}
     masks = {k: load_masks(tmp_path / k) for k in ("single", "fsdp")}
     assert masks["single"].keys() == masks["fsdp"].keys()
@@ -213,6 +227,12 @@ def test_fsdp2_two_processes_grow_the_same_masks(tmp_path, tiny_dir, tiny_prepar
     assert any(m.any() for m in masks["fsdp"].values())
     for k in outs["single"]:
         torch.testing.assert_close(outs["single"][k], outs["fsdp"][k], rtol=1e-4, atol=1e-5, msg=k)
+    # the scoring's cost record: the same mask choices and FLOPs (the structured run's across its resume)
+    from layerchop.io import read_metadata
+
+    c1, cf = (read_metadata(tmp_path / k)["compute"] for k in ("single", "fsdp"))
+    assert c1["scoring_mask_updates"] == cf["scoring_mask_updates"] == 4
+    assert c1["scoring_flops"] == cf["scoring_flops"] > 0 and 0 < cf["scoring_device_s"] < cf["device_s"]
 
 
 STRUCT = DimChopConfig(target=0.5, start=0.25, end=0.75, structure="channels-heads")
@@ -293,8 +313,21 @@ def test_accumulated_gradients_score_like_one_large_batch(tmp_path, tiny_dir, ti
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_dimchop_refuses_what_it_cannot_run(tmp_path, tiny_dir, tiny_prepared):
+def test_dimchop_refuses_what_it_cannot_run(tmp_path, tiny_dir, tiny_prepared, capsys):
+    from layerchop.cli import main
     from layerchop.train.plan import resolve
+
+    # train --structure (one dvc stage per structure) is checked as the section is
+    params = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))
+    params["dimchop"]["matrices"] = ["q_proj"]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    base = ["train", "--params", str(tmp_path / "p.yaml"), "--init", str(tiny_dir), "--data", str(tiny_prepared),
+            "--out", str(tmp_path / "o"), "--run-dir", str(tmp_path / "r")]
+    assert main(base + ["--structure", "columns"]) == 2
+    assert "--structure columns is for --objective dimchop, not lm" in capsys.readouterr().err
+    assert main(base + ["--objective", "dimchop", "--structure", "channels-heads"]) == 2
+    assert "dimchop.matrices=['q_proj'] is invalid: dimchop.structure=channels-heads" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
 
     with pytest.raises(ValueError, match=r"train.precision='bf16-true': --objective dimchop"):
         resolve(tiny_dir, tiny_prepared, tmp_path / "o", tmp_path / "r", cfg_(precision="bf16-true"),

@@ -144,3 +144,16 @@ def test_dimchop_memory_adds_two_fp32_copies_of_the_projections():
     assert dim.pruning_scores == pytest.approx(8 * projections / 32 / 1e9)
     assert dim.total == pytest.approx(base.total + dim.pruning_scores)
     assert "pruning_scores" in dim.as_dict() and "pruning_scores" not in base.as_dict()
+    # and in the checkpoint, which keeps them (the Figure 3 arms of the paper-scale plan)
+    from layerchop.estimate import checkpoint_gb, count_params, model_dir_gb
+    from layerchop.stages.plan import plan as plan_stages
+
+    assert checkpoint_gb(config, dimchop=True) == pytest.approx((12 * count_params(config) + 8 * projections) / 1e9)
+    params = yaml.safe_load(open(REPO / "experiments" / "paper-scale" / "params.yaml"))
+    stages = {s["stage"]: s for s in plan_stages(params, yaml.safe_load(open(REPO / "dvc.yaml")))["stages"]}
+    for arm in ("fig3_train@dimchop", "fig3_train@structured", "fig3_train@dimchop-tokens"):
+        assert stages[arm]["checkpoint_gb"] == round(checkpoint_gb(config, dimchop=True), 1) == 132.7
+        assert stages[arm]["rank_parts"]["pruning_scores"] == round(8 * projections / 32 / 1e9, 2)
+        # the model and its bool masks file (1 byte a projection entry), once and for each of the 4 snapshots
+        assert stages[arm]["disk_gb"] == round((model_dir_gb(config, "bfloat16") + projections / 1e9) * 5, 1)
+    assert stages["shrink"]["disk_gb"] == round(model_dir_gb(config, "bfloat16"), 1) == 13.5  # at most the dense

@@ -154,9 +154,15 @@ def model_dir_gb(config, dtype: str) -> float:
     return count_params(config) * dtype_bytes(dtype) / 1e9
 
 
-def checkpoint_gb(config) -> float:
-    """A resumable checkpoint: fp32 weights and two Adam moments (12 bytes a parameter)."""
-    return 12 * count_params(config) / 1e9
+def projection_entries(config) -> int:
+    """Entries of the seven attention and MLP projections of all layers (what DimChop scores and masks)."""
+    return config.num_hidden_layers * (layer_params(config) - 2 * config.hidden_size)
+
+
+def checkpoint_gb(config, dimchop: bool = False) -> float:
+    """A resumable checkpoint: fp32 weights and two Adam moments (12 bytes a parameter), plus DimChop's two fp32
+    PLATON averages of every projection (8 bytes an entry) when ``dimchop``."""
+    return (12 * count_params(config) + (8 * projection_entries(config) if dimchop else 0)) / 1e9
 
 
 def prepared_gb(tokens: float, vocab_size: int) -> float:

@@ -125,9 +125,9 @@ def dimchop_tables(arms: list[dict[str, Any]], cfg, cols, shrunk: Optional[dict[
             fmt_ppl(m.get("val/ppl")), fmt_ppl(m.get("test/ppl")),
         ] + accuracy_cells(m, cols))
     base = arms[0]["compute"]
-    cost_header = ["Arm", "Train FLOPs", "x LayerChop", "FLOPs per token", "x LayerChop (per token)",
-                   "Device-hours", "x LayerChop", "Scoring device-hours", "Scoring share of time", "Scoring FLOPs",
-                   "Mask choices"]
+    cost_header = ["Arm", "Train FLOPs", "FLOPs vs LayerChop", "FLOPs per token", "Per token vs LayerChop",
+                   "Device-hours", "Time vs LayerChop", "Scoring device-hours", "Scoring share of time",
+                   "Scoring FLOPs", "Mask choices"]
     cost = []
     for arm in arms:
         c = arm["compute"]

@@ -54,11 +54,31 @@ def shrunk_params(model_dir: Path) -> int:
     return num_params(model)
 
 
+def check_arms(curves: dict[str, dict]) -> None:
+    """Refuse arms given in the wrong place: the equal-FLOP arms must have spent LayerChop's FLOPs (each stops at the
+    last whole step within the budget) and the equal-token arm LayerChop's tokens.
+
+    Raises:
+        ValueError: naming the argument whose run does not match.
+    """
+    lc = curves["layerchop"]["compute"]
+    for key in ("dimchop", "structured"):
+        c = curves[key]["compute"]
+        if abs(c["flops"] - lc["flops"]) >= max(c["flops_per_step"], lc["flops_per_step"]):
+            raise ValueError(f"--{key}: its run spent {c['flops']:.4g} FLOPs, not the LayerChop arm's "
+                             f"{lc['flops']:.4g} (within a step): not an equal-FLOP arm")
+    c = curves["dimchop_tokens"]["compute"]
+    if c["tokens"] != lc["tokens"]:
+        raise ValueError(f"--dimchop-tokens: its run trained {c['tokens']:,} tokens, not the LayerChop arm's "
+                         f"{lc['tokens']:,}")
+
+
 def main(args: argparse.Namespace) -> None:
     from layerchop.report.compute import arm_series, dimchop_tables, figure4, load_arms
 
     params = load_params(args.params)
     fig4 = section("figure4", params)
+    check_model_dir(args.shrunk, "--shrunk")
     curves = []
     for key, _, objective in ARMS:
         path = Path(getattr(args, key))
@@ -72,7 +92,7 @@ def main(args: argparse.Namespace) -> None:
     for flag, path in (("--start", args.start), ("--dense", args.dense)):
         if not Path(path).exists():
             raise FileNotFoundError(f"{flag}: {path} does not exist (run `layerchop evaluate` first)")
-    check_model_dir(args.shrunk, "--shrunk")
+    check_arms(dict(zip([k for k, _, _ in ARMS], curves)))
     start, dense = read_json(args.start), read_json(args.dense)
     arms, cols = load_arms(curves, start)
     reference = {**arm_series({"points": []}, dense, cols)[0], "label": "dense (uncompressed)"}
@@ -84,10 +104,15 @@ def main(args: argparse.Namespace) -> None:
         for p in arm["series"]:
             p["hollow"] = p["metrics"]["nonzero_params"] > final  # the ramp had not masked the target yet
     small = shrunk_params(Path(args.shrunk))
-    dimchop = section("dimchop", params)
-    header, body, cost_header, cost, pheader, points = dimchop_tables(arms, fig4, cols, shrunk={2: small})
+    structured = [k for k, _, _ in ARMS].index("structured")
+    if small != arms[structured]["series"][-1]["metrics"]["nonzero_params"]:
+        raise ValueError(f"--shrunk {args.shrunk}: {small:,} parameters, but the --structured run's final model has "
+                         f"{arms[structured]['series'][-1]['metrics']['nonzero_params']:,} nonzero: not its shrunk "
+                         "export (or --structured is not the channels-heads run)")
+    dimchop, fig3 = section("dimchop", params), section("figure3", params)
+    header, body, cost_header, cost, pheader, points = dimchop_tables(arms, fig4, cols, shrunk={structured: small})
     caption = (
-        f"LayerChop is Figure 4's arm: the chopped model trained to {fig4.flop_budget:.3g} FLOPs. The two "
+        f"LayerChop is Figure 4's arm: the chopped model trained to {fig3.flop_budget:.3g} FLOPs. The two "
         f"equal-FLOP DimChop arms start from the dense model and train to the same FLOPs (section figure3); the "
         f"third trains LayerChop's tokens. DimChop masks {dimchop.target:.0%} of {', '.join(dimchop.matrices)} "
         f"in every layer, growing along a cubic ramp from {dimchop.start:.0%} to {dimchop.end:.0%} of each run's "
@@ -96,7 +121,8 @@ def main(args: argparse.Namespace) -> None:
         f"{small:,} parameters after `layerchop shrink`, a physically smaller model that computes the same "
         f"logits). Nonzero params count the weights that are not masked; stored params, what the exported model "
         f"holds. FLOPs: matmul FLOPs (the masked matmuls are still computed in full while training); device-hours "
-        f"and s/step: measured wall time of the optimizer steps on the machine that ran the pipeline. "
+        f"and s/step: measured wall time of the optimizer steps on the machine that ran the pipeline (under several "
+        f"processes: rank 0's time x the processes). "
     ) + accuracy_caption(section("download", params).corpus, [{"metrics": arm["series"][-1]["metrics"]}
                                                               for arm in arms], section("evaluate", params))
     text = markdown(header, body, caption)
@@ -112,6 +138,7 @@ def main(args: argparse.Namespace) -> None:
     with staged(args.tables, args.figures) as (tables, figures):  # all outputs or none
         (tables / "dimchop.md").write_text(text)
         figure4(arms, figures / "fig3_dimchop_vs_layerchop", fig4.gpu, reference=reference,
-                title="LayerChop vs DimChop (width pruning while training) at equal FLOPs; open: ramp unfinished")
+                title="LayerChop vs DimChop (width pruning while training) at equal FLOPs, and DimChop at LayerChop's "
+                      "tokens (open markers: DimChop's ramp not yet at its target)")
     print(text)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-TRAIN_STAGES = ("train", "fig4_train", "fig2_train", "layout_train", "fig6_train")
+TRAIN_STAGES = ("train", "fig4_train", "fig2_train", "layout_train", "fig6_train", "fig3_train")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -41,11 +41,21 @@ def _train_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv[1:])
 
 
+def _budget_param(dvc: dict, name: str) -> str:
+    """The params key a stage's ``--flop-budget`` comes from (``figure4.flop_budget``), read from its dvc.yaml command."""
+    import re
+
+    body = dvc["stages"][name.split("@")[0]]
+    found = re.search(r"--flop-budget\s+\$\{([\w.]+)\}", (body.get("do") or body)["cmd"])
+    return found.group(1) if found else "a literal in dvc.yaml"
+
+
 def plan(params: dict, dvc: dict) -> dict:
     """Every stage's cost (see the module docstring). Raises ValueError naming the key that makes a stage fail."""
     from layerchop.config import section
     from layerchop.data.sources import known_config
-    from layerchop.estimate import (checkpoint_gb, count_params, hours, model_dir_gb, prepared_gb, train_memory)
+    from layerchop.estimate import (checkpoint_gb, count_params, hours, model_dir_gb, prepared_gb, projection_entries,
+                                    train_memory)
     from layerchop.pipeline import stage_commands
     from layerchop.prune.chop import removed_indices
     from layerchop.train.plan import chop_every_steps, plan_steps
@@ -109,7 +119,7 @@ def plan(params: dict, dvc: dict) -> dict:
             warm_arms.append(name)
         warm = cfg.warm_start_steps if args.warm_start else 0
         teacher = dense if args.objective == "distill" else None
-        budget_key = f"--flop-budget in dvc.yaml {name} (figure4.flop_budget)" if args.flop_budget else None
+        budget_key = f"--flop-budget in dvc.yaml {name} ({_budget_param(dvc, name)})" if args.flop_budget else None
         chop_every = 0
         if args.chop_every_tokens is not None:  # gradual chopping, from the dense model
             if init is not chopped or args.objective != "lm":
@@ -147,12 +157,20 @@ def plan(params: dict, dvc: dict) -> dict:
             "steps": steps.total_steps, "warm_steps": steps.warm_steps, "tokens": tokens, "flops": flops,
             "hours": float(f"{h:.3g}"), "rank_gb": round(mem.total, 2), "on": "gpu" if gpu else "host",
             "rank_phase": worst, "rank_parts": mem.as_dict(), "host_gb": round(loader_host, 1),
-            "disk_gb": round(model_dir_gb(init, dtype) * (1 + (args.snapshots or 0)), 1),
-            "checkpoint_gb": round(checkpoint_gb(init) + (checkpoint_gb(dense) if steps.phases else 0), 1),
-            "largest_checkpoint_gb": round(checkpoint_gb(dense if steps.phases else init), 1),
+            # DimChop's exports carry a bool [out, in] masks file of its projections (1 byte an entry)
+            "disk_gb": round((model_dir_gb(init, dtype) + (projection_entries(init) / 1e9 if args.objective == "dimchop"
+                                                           else 0)) * (1 + (args.snapshots or 0)), 1),
+            "checkpoint_gb": round(checkpoint_gb(init, dimchop=args.objective == "dimchop")
+                                   + (checkpoint_gb(dense) if steps.phases else 0), 1),
+            "largest_checkpoint_gb": round(checkpoint_gb(dense) if steps.phases else
+                                           checkpoint_gb(init, dimchop=args.objective == "dimchop"), 1),
         })
 
-    evals = stage_commands(dvc, params, ("evaluate", "layout_evaluate", "curve"))
+    for name, _ in stage_commands(dvc, params, ("shrink",)):  # DimChop's structured model with its units removed
+        stages.append({"stage": name, "processes": 1, "host_gb": round(model_dir_gb(dense, "float32"), 1),
+                       "disk_gb": round(model_dir_gb(dense, dtype), 1), "note": "at most the dense model's size; "
+                       "reads the trained export (fp32 weights at most)"})
+    evals = stage_commands(dvc, params, ("evaluate", "layout_evaluate", "curve", "fig6_curve"))
     if evals:
         e_bytes = 2 if ev.dtype in ("bfloat16", "float16") else 4
         eval_gb = count_params(dense) * e_bytes / 1e9 + ev.batch_size * prep.seq_len * dense.vocab_size * 4 / 1e9
