@@ -139,6 +139,6 @@ def main(args: argparse.Namespace) -> None:
         (tables / "dimchop.md").write_text(text)
         figure4(arms, figures / "fig3_dimchop_vs_layerchop", fig4.gpu, reference=reference,
                 title="LayerChop vs DimChop (width pruning while training) at equal FLOPs, and DimChop at LayerChop's "
-                      "tokens (open markers: DimChop's ramp not yet at its target)")
+                      "tokens\nopen markers: DimChop evaluated before its ramp reached the target; dotted: dense")
     print(text)
 
