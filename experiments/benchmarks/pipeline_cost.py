@@ -27,6 +27,8 @@ FAMILIES = [  # (family, path prefix under data/)
     ("Table 6: evaluations", ("eval/layouts/",)),
     ("Figure 6: trainings", ("runs/fig6-",)),
     ("Figure 6: curves", ("eval/fig6/",)),
+    ("Figure 3: trainings", ("runs/fig3-",)),
+    ("Figure 3: curves", ("eval/fig3-",)),
 ]
 
 
