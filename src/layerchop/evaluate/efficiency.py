@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from layerchop.estimate import projection_entries
+
 
 def _dims(config) -> tuple[int, int, int, int, int, int]:
     h, i = config.hidden_size, config.intermediate_size
@@ -24,9 +26,8 @@ def _dims(config) -> tuple[int, int, int, int, int, int]:
 
 
 def projection_params(config) -> int:
-    """Entries of the seven attention and MLP projections of all layers."""
-    h, i, heads, kv, hd, layers = _dims(config)
-    return layers * (2 * h * heads * hd + 2 * h * kv * hd + 3 * h * i)
+    """Entries of the seven attention and MLP projections of all layers (the plan's count)."""
+    return projection_entries(config)
 
 
 def weight_bytes(config, bytes_per_value: float, sparse_nm: Optional[tuple[int, int]] = None,
