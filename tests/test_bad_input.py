@@ -83,7 +83,7 @@ PARAMS_CASES = [
     ("slurm.mem", "lots", "slurm.mem='lots' is invalid: a SLURM size"),
     ("slurm.requeue", "yes", "slurm.requeue='yes' is invalid: must be true or false"),
     ("slurm.setup", "module load cuda", "slurm.setup='module load cuda' is invalid: must be a list"),
-    ("slurm.stages", ["train"], "slurm.stages='train' is invalid: choose from ['chop', 'prune', 'evaluate', 'curve']"),
+    ("slurm.stages", ["train"], "slurm.stages='train' is invalid: choose from ['chop', 'prune', 'evaluate', 'curve', 'bench']"),
 ]
 
 
@@ -134,7 +134,7 @@ def test_every_shipped_params_file_passes_the_type_checks():
     for path in [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*/params.yaml"))]:
         params = load_params(path)
         assert set(params) == {"download", "prepare", "chop", "prune", "train", "distill", "dimchop", "figure3", "figure4",
-                               "figure2", "figure6", "table6", "evaluate", "report", "slurm"}, path
+                               "figure2", "figure6", "table6", "evaluate", "report", "bench", "table2", "slurm"}, path
 
 
 # ------------------------------------------------------------------ model directories, one check for every stage

@@ -87,7 +87,7 @@ def test_dvc_stages_parse_and_reference_existing_code():
 
 
 def test_every_evaluated_model_is_produced_by_a_stage():
-    """evaluate@X reads data/models/X: some stage must write it."""
+    """evaluate@X reads data/models/X (and the bench its --model directories): some stage must write it."""
     dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
     params = load_params(REPO / "params.yaml")
     outs, needed = set(), set()
@@ -100,6 +100,11 @@ def test_every_evaluated_model_is_produced_by_a_stage():
                 for flag in ("--model", "--final", "--snapshots", "--init", "--like"):
                     if flag in argv:
                         needed.add(argv[argv.index(flag) + 1])
+            if name == "bench":  # --model NAME=DIR, repeated
+                argv = shlex.split(_interpolate_params(st["cmd"], params))
+                models = [argv[i + 1].partition("=")[2] for i, a in enumerate(argv) if a == "--model"]
+                assert len(models) >= 4, models
+                needed.update(models)
     assert len(needed) > 20 and needed <= outs, sorted(needed - outs)
 
 

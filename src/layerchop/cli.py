@@ -15,7 +15,8 @@ import sys
 import time
 
 STAGES = ("download", "prepare", "chop", "scratch", "prune", "train", "benchmarks", "evaluate", "curve", "report", "figure1", "figure3", "figure4",
-          "figure2", "figure6", "table6", "tables45", "plan", "shrink")
+          "figure2", "figure6", "table6", "tables45", "plan", "shrink",
+          "bench", "table3", "table2")
 
 
 def build_parser() -> argparse.ArgumentParser:

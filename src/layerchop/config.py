@@ -25,7 +25,7 @@ SELECTIONS = ("angular", "block-influence", "ppl")  # data-driven layouts (layer
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 STRATEGIES = ("auto", "fsdp")
 LAUNCHERS = ("local", "torchrun", "slurm")
-ONE_TASK_STAGES = {"chop": "chop", "prune": "prune", "evaluate": "evaluate", "curve": "evaluate"}  # stage -> section with `device`
+ONE_TASK_STAGES = {"chop": "chop", "prune": "prune", "evaluate": "evaluate", "curve": "evaluate", "bench": "bench"}  # stage -> section with `device`
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
 GRAD_REDUCTIONS = ("step", "micro_batch")
 
@@ -657,6 +657,88 @@ class ReportConfig:
 
 
 @dataclass
+class BenchConfig:
+    """The ``bench`` section: inference latency of the compressed models against the dense one (Table 3), every
+    model timed on a grid of batch sizes and prompt lengths, interleaved in one run (``layerchop bench``)."""
+
+    device: str = "cpu"
+    """Device the models run on (one GPU at paper scale)."""
+    dtype: str = "float32"
+    """dtype of the weights and activations (the 2:4 kernels need bfloat16 or float16)."""
+    threads: Optional[int] = None
+    """CPU threads torch uses (null: torch's default, the machine's cores); recorded either way."""
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])
+    """Prompts per query."""
+    prompt_lengths: list[int] = field(default_factory=lambda: [32, 128])
+    """Tokens per prompt."""
+    new_tokens: int = 8
+    """Greedy decode steps after each prefill (the decode latency is their mean)."""
+    repeats: int = 5
+    """Timed queries of each model per cell (median and spread over them)."""
+    warmup: int = 1
+    """Untimed queries of each model per cell before the timed ones."""
+    seed: int = 0
+    """Seed of the random prompts (the same token ids for every model)."""
+    sparse_kernel: str = "auto"
+    """2:4 models: ``auto`` runs the semi-structured sparse kernels where they exist (CUDA) and dense kernels
+    elsewhere; ``off``: always dense kernels; ``require``: fail where the sparse kernel cannot run."""
+    query_batch: int = 1
+    """The query shape of Table 3 and the break-even: a batch size of the grid ..."""
+    query_prompt: int = 128
+    """... and a prompt length of the grid (with ``new_tokens`` decode steps)."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Row labels of Table 3: the ``--model`` / ``--training`` name -> label (the name where absent)."""
+
+    def __post_init__(self) -> None:
+        check_device("bench.device", self.device)
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            _fail("bench.dtype", self.dtype, "choose float32, bfloat16 or float16")
+        if self.threads is not None and self.threads < 1:
+            _fail("bench.threads", self.threads, "must be >= 1 or null")
+        for key in ("batch_sizes", "prompt_lengths"):
+            values = getattr(self, key)
+            if not values or any(v < 1 for v in values) or len(set(values)) != len(values):
+                _fail(f"bench.{key}", values, "must be a non-empty list of distinct integers >= 1")
+        for key in ("new_tokens", "repeats"):
+            if getattr(self, key) < 1:
+                _fail(f"bench.{key}", getattr(self, key), "must be >= 1")
+        if self.warmup < 0:
+            _fail("bench.warmup", self.warmup, "must be >= 0")
+        if self.sparse_kernel not in ("auto", "off", "require"):
+            _fail("bench.sparse_kernel", self.sparse_kernel, "choose auto, off or require")
+        if self.query_batch not in self.batch_sizes:
+            _fail("bench.query_batch", self.query_batch, f"must be one of bench.batch_sizes {self.batch_sizes}")
+        if self.query_prompt not in self.prompt_lengths:
+            _fail("bench.query_prompt", self.query_prompt,
+                  f"must be one of bench.prompt_lengths {self.prompt_lengths}")
+
+
+@dataclass
+class Table2Config:
+    """The ``table2`` section: relative drop of average accuracy against the share of parameters pruned, this
+    repository's rows (the paper's quoted rows are in ``layerchop.report.efficiency``)."""
+
+    rows: dict[str, str] = field(default_factory=lambda: {
+        "chopped": "Chopped, no recovery",
+        "layerchop": "LayerChop",
+        "wanda-2of4": "Wanda 2:4",
+        "wanda-4of8": "Wanda 4:8",
+        "sparsegpt-2of4": "SparseGPT 2:4",
+        "sparsegpt-4of8": "SparseGPT 4:8",
+        "sparsegpt-2of4_cpt": "SparseGPT 2:4 + continued pretraining",
+    })
+    """Evaluation directory (under the evaluations' root) -> row label, in table order; absent ones are refused."""
+    dense: str = "dense"
+    """The evaluation directory of the uncompressed model the drops are relative to."""
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            _fail("table2.rows", self.rows, "needs at least one row")
+        if self.dense in self.rows:
+            _fail("table2.rows", self.rows, f"the dense model {self.dense!r} is the reference, not a row")
+
+
+@dataclass
 class SlurmConfig:
     """The ``slurm`` section: the batch job of a stage whose launcher is ``slurm`` (``train.launcher``). The
     geometry comes from the stage (``train.num_nodes`` nodes x ``train.devices`` tasks, one GPU per task on
@@ -810,6 +892,8 @@ SECTIONS = {
     "table6": Table6Config,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,
+    "bench": BenchConfig,
+    "table2": Table2Config,
     "slurm": SlurmConfig,
 }
 

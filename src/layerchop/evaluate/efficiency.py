@@ -61,14 +61,40 @@ def decode_bytes(config, batch: int, context: int, bytes_per_value: float,
     return weight_bytes(config, bytes_per_value, sparse_nm) + kv_cache_bytes(config, batch, context, bytes_per_value)
 
 
-def prefill_flops(config, batch: int, prompt: int, all_logits: bool = False) -> float:
+def _projection_flops(config, tokens: int, sparse_nm: Optional[tuple[int, int]]) -> float:
+    dense = 2 * projection_params(config) * tokens
+    if sparse_nm is None:
+        return dense
+    n, m = sparse_nm
+    return dense * n / m
+
+
+def prefill_flops(config, batch: int, prompt: int, all_logits: bool = False,
+                  sparse_nm: Optional[tuple[int, int]] = None) -> float:
     """Matmul FLOPs of a prefill of ``batch`` prompts of ``prompt`` tokens: the projections for every token, full
-    ``T x T`` attention scores and values, and the output head for the last position (``all_logits``: every one)."""
+    ``T x T`` attention scores and values, and the output head for the last position (``all_logits``: every one).
+    ``sparse_nm``: the projections run an N:M sparse kernel (N of every M multiply-adds done)."""
     h, _, heads, _, hd, layers = _dims(config)
     tokens = batch * prompt
     attention = 2 * 2 * layers * batch * prompt * prompt * heads * hd
     head = 2 * h * config.vocab_size * (tokens if all_logits else batch)
-    return 2 * projection_params(config) * tokens + attention + head
+    return _projection_flops(config, tokens, sparse_nm) + attention + head
+
+
+def decode_flops(config, batch: int, context: int, sparse_nm: Optional[tuple[int, int]] = None) -> float:
+    """Matmul FLOPs of one decode step: one new token for each of ``batch`` sequences attending to ``context``
+    tokens (the cached ones and itself), the output head for each."""
+    h, _, heads, _, hd, layers = _dims(config)
+    attention = 2 * 2 * layers * batch * context * heads * hd
+    return _projection_flops(config, batch, sparse_nm) + attention + 2 * h * config.vocab_size * batch
+
+
+def query_flops(config, batch: int, prompt: int, new_tokens: int,
+                sparse_nm: Optional[tuple[int, int]] = None) -> float:
+    """A query as the benchmark runs it: the prefill, then ``new_tokens`` decode steps (the i-th attends to
+    ``prompt + i + 1`` tokens)."""
+    return prefill_flops(config, batch, prompt, sparse_nm=sparse_nm) + sum(
+        decode_flops(config, batch, prompt + i + 1, sparse_nm) for i in range(new_tokens))
 
 
 def break_even_queries(extra_cost: float, cost_per_query: float, baseline_cost_per_query: float) -> float:
@@ -83,3 +109,21 @@ def break_even_queries(extra_cost: float, cost_per_query: float, baseline_cost_p
         raise ValueError(f"cost_per_query={cost_per_query} is not below baseline_cost_per_query="
                          f"{baseline_cost_per_query}: the compressed model never repays its extra cost")
     return extra_cost / saving
+
+
+def bounds(base_config, config, batch: int, prompt: int, new_tokens: int, bytes_per_value: float,
+           sparse_nm: Optional[tuple[int, int]] = None) -> dict[str, float]:
+    """The physical limits of a model's speed-up over ``base_config`` for one query shape.
+
+    ``decode``: the ratio of bytes read per decode step (weights + KV cache at the mean context of the decode steps,
+    ``prompt + (new_tokens + 1) / 2``); ``prefill``: the ratio of prefill FLOPs; ``query_flops``: the ratio of a
+    whole query's FLOPs. ``sparse_nm``: the model runs N:M kernels from compressed storage (the baseline is dense).
+    """
+    context = prompt + (new_tokens + 1) / 2
+    return {
+        "decode": decode_bytes(base_config, batch, context, bytes_per_value)
+        / decode_bytes(config, batch, context, bytes_per_value, sparse_nm),
+        "prefill": prefill_flops(base_config, batch, prompt) / prefill_flops(config, batch, prompt, sparse_nm=sparse_nm),
+        "query_flops": query_flops(base_config, batch, prompt, new_tokens)
+        / query_flops(config, batch, prompt, new_tokens, sparse_nm),
+    }

@@ -1,0 +1,56 @@
+"""Stage ``table2``: relative drop of average accuracy against the share of parameters pruned (Table 2).
+
+This repository's rows (``table2.rows``, each an evaluation's ``metrics.json``) beside the paper's quoted rows
+(Shortened LLaMA, SliceGPT, LLM Surgeon, LayerChop at 7B, with their sources). Every own row is computed the same
+way: the mean primary accuracy over the dense model's tasks, its drop relative to the dense model's, and the share
+of parameters pruned from the nonzero count (of the decoder layers, and of all parameters).
+
+Example::
+
+    layerchop table2 --eval data/eval --dense-config data/models/dense/config.json --tables paper/tables
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from layerchop.config import load_params, section
+from layerchop.io import read_json, staged
+from layerchop.report.tables import markdown
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval", required=True, help="root of the evaluations (<eval>/<row>/metrics.json)")
+    p.add_argument("--dense-config", required=True, help="config.json of the dense model (its layer sizes)")
+    p.add_argument("--tables", required=True, help="output directory for table2_relative_drop.md")
+
+
+def main(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from layerchop.estimate import layer_params
+    from layerchop.report.efficiency import relative_drop_table
+
+    cfg = section("table2", load_params(args.params))
+    if not Path(args.dense_config).is_file():
+        raise FileNotFoundError(f"--dense-config {args.dense_config}: no such file")
+    dense_config = AutoConfig.from_pretrained(Path(args.dense_config).parent)
+    paths = {name: Path(args.eval) / name / "metrics.json" for name in [cfg.dense, *cfg.rows]}
+    for name, path in paths.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"table2.rows: {name!r} has no {path}")
+    dense = read_json(paths[cfg.dense])
+    rows = {name: read_json(paths[name]) for name in cfg.rows}
+    header, body, cols = relative_drop_table(rows, cfg.rows, dense, dense_config)
+    share = 100 * dense_config.num_hidden_layers * layer_params(dense_config) / dense["params"]
+    caption = ("Table 2: relative drop of the average accuracy against the dense model, and the share of parameters "
+               f"pruned (nonzero count). Own rows: the mean of {', '.join(f'{t} ({m})' for t, m in cols)} on "
+               f"the dense model of this params file ({dense['params'] / 1e6:.1f}M parameters, {share:.0f} % of them in "
+               "its decoder layers, the rest embeddings and norms). "
+               "Paper rows: each method's own reported numbers at 7B on the tasks it shares with Just CHOP, not "
+               "re-run here; their task sets differ from ours, so compare the pattern, not the digits.")
+    text = markdown(header, body, caption)
+    with staged(args.tables) as (tables,):
+        (tables / "table2_relative_drop.md").write_text(text)
+    print(text)
