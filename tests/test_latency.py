@@ -65,6 +65,14 @@ def test_query_flops_and_bounds_by_hand():
     assert b["decode"] == decode_bytes(cfg, 2, 12.5, 4) / decode_bytes(chopped, 2, 12.5, 4)
     assert b["prefill"] == prefill_flops(cfg, 2, 10) / prefill_flops(chopped, 2, 10)
     assert bounds(cfg, cfg, 2, 10, 4, 4) == {"decode": 1.0, "prefill": 1.0, "query_flops": 1.0}
+    # 2:4 kernels from compressed storage, bf16, batch 1, context 10 + 2.5: by hand
+    held = 55_296 * 2 + 13 * 32 * 2 + 300 * 32 * 2  # projections, norms, head (tied: the embedding)
+    kv = 2 * 6 * 1 * 12.5 * 2 * 8 * 2
+    sparse_read = 55_296 / 2 * 2 + 55_296 / 2 * 2 / 8 + 13 * 32 * 2 + 300 * 32 * 2
+    b24 = bounds(cfg, cfg, 1, 10, 4, 2, (2, 4))
+    assert b24["decode"] == pytest.approx((held + kv) / (sparse_read + kv))
+    pre = prefill_flops(cfg, 1, 10)
+    assert b24["prefill"] == pytest.approx(pre / (pre - 2 * 55_296 * 10 / 2))
     # compressed 2:4 storage: values halved plus 2 index bits per kept value
     assert weight_bytes(cfg, 2, (2, 4)) == weight_bytes(cfg, 2) - 55_296 * 2 / 2 + 55_296 / 2 * 2 / 8
 
@@ -135,7 +143,7 @@ def write_params(tmp_path: Path, **bench) -> Path:
     return path
 
 
-def test_bench_and_table3_stages_end_to_end(tmp_path, tiny_dir, chopped_dir):
+def test_bench_and_table3_stages_end_to_end(tmp_path, tiny_dir, chopped_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from layerchop.io import save_model_dir
@@ -155,7 +163,12 @@ def test_bench_and_table3_stages_end_to_end(tmp_path, tiny_dir, chopped_dir):
     cell = m["cells"][1]
     cfg = AutoModelForCausalLM.from_pretrained(chopped_dir).config
     assert cell["models"]["chop"]["kv_bytes"] == kv_cache_bytes(cfg, 2, 10, 4)
-    assert cell["models"]["chop"]["bound"]["decode"] > 1.0 and cell["models"]["two4"]["bound"]["decode"] == 1.0
+    chop = cell["models"]["chop"]
+    assert chop["bound"]["decode"] > 1.0 and cell["models"]["two4"]["bound"]["decode"] == 1.0
+    assert chop["bound"]["layers"] == 6 / 4
+    assert chop["fraction_of_bound"]["decode"] == chop["decode_speedup"]["median"] / chop["bound"]["decode"]
+    assert chop["throughput_tok_s"]["decode"] == 2 / chop["decode_step_s"]["median"]
+    assert m["models"]["two4"]["weights_bytes"] == m["models"]["dense"]["weights_bytes"]  # dense storage here
     run = tmp_path / "run.json"
     run.write_text(json.dumps({"device_s": 3600.0, "flops": 1e15}))
     tables, figures = tmp_path / "tables", tmp_path / "figures"
@@ -163,6 +176,15 @@ def test_bench_and_table3_stages_end_to_end(tmp_path, tiny_dir, chopped_dir):
                 "--tables", str(tables), "--figures", str(figures)]) == 0
     text = (tables / "table3_latency.md").read_text()
     assert "| Chopped | 4 |" in text and "dense (no sparse kernel here)" in text
+    q = m["cells"][0]["models"]["chop"]  # the query shape: 1 prompt of 8 tokens
+    assert f"| {8 / q['prefill_s']['median']:,.0f}, {1 / q['decode_step_s']['median']:,.1f} |" in text
+    # a --bench that is not one: one line naming it, exit 2
+    capsys.readouterr()
+    for bad, why in ((tmp_path / "none.json", "no such file"), (run, "not the metrics of `layerchop bench`")):
+        assert cli(["table3", "--params", str(params), "--bench", str(bad), "--tables", str(tables), "--figures",
+                    str(figures)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"layerchop table3: error: --bench {bad}") and why in err
     assert "1 device-h, 1e+15 FLOPs" in text and "none (one-shot)" in text
     assert (figures / "fig_speedup_vs_batch.png").stat().st_size > 0
     # a training whose bench model is absent: one line naming it, exit 2, no table
@@ -173,6 +195,20 @@ def test_bench_and_table3_stages_end_to_end(tmp_path, tiny_dir, chopped_dir):
 
 
 def test_bench_refuses_bad_input(tmp_path, tiny_dir, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerchop.io import save_model_dir
+
+    sparse_dir = tmp_path / "sparse"
+    save_model_dir(nm_sparse(AutoModelForCausalLM.from_pretrained(tiny_dir), "2:4"),
+                   AutoTokenizer.from_pretrained(tiny_dir), sparse_dir, metadata={})
+    req = tmp_path / "req"
+    req.mkdir()
+    assert cli(["bench", "--params", str(write_params(req, sparse_kernel="require")), "--model", f"dense={tiny_dir}",
+                "--model", f"two4={sparse_dir}", "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "bench.sparse_kernel='require': --model two4: no 2:4 sparse kernel on cpu" in err
+    assert not (tmp_path / "r.json").exists()
     params = write_params(tmp_path)
     out = tmp_path / "m.json"
     assert cli(["bench", "--params", str(params), "--model", f"dense={tiny_dir}", "--out", str(out)]) == 2
@@ -206,22 +242,33 @@ def test_break_even_rows_by_hand():
         return {"query_s": {"median": sorted(q)[1], "q1": min(q), "q3": max(q)}, "prefill_samples": prefill,
                 "decode_samples": step}
 
+    same = cell([0.01, 0.01, 0.01], [0.02, 0.02, 0.02])  # 90 ms each: faster every time, on the same work
+    same["bound"] = {"decode": 1.0, "prefill": 1.0, "query_flops": 1.0}
     metrics = {"baseline": "dense", "query": {"batch": 1, "prompt": 10, "new_tokens": 4},
                "models": {"dense": {"config": cfg, "kernel": "dense"}, "chop": {"config": small, "kernel": "dense"},
-                          "sparse": {"config": cfg, "kernel": "dense"}},
+                          "sparse": {"config": cfg, "kernel": "dense"}, "same": {"config": cfg, "kernel": "dense"}},
                "cells": [{"batch": 1, "prompt": 10, "models": {
                    "dense": cell([0.02, 0.02, 0.02], [0.02, 0.02, 0.02]),    # 100 ms each
                    "chop": cell([0.02, 0.02, 0.02], [0.01, 0.01, 0.01]),     # 60 ms each
-                   "sparse": cell([0.02, 0.03, 0.01], [0.02, 0.02, 0.02])}}]}  # 100, 110, 90 ms
+                   "sparse": cell([0.02, 0.03, 0.01], [0.02, 0.02, 0.02]),   # 100, 110, 90 ms
+                   "same": same}}]}
     c, s = make_tiny_llama().config, make_tiny_llama(num_layers=3).config
     flops_saving = query_flops(c, 1, 10, 4) - query_flops(s, 1, 10, 4)
     header, body = break_even_rows(metrics, {"chop": ("chop", {"device_s": 40.0, "flops": flops_saving * 2e6})},
                                    {"chop": "Chopped"})
+    assert header[3:6] == ["Break-even (queries, by FLOPs)", "Break-even (queries, by time)",
+                           "Serving at break-even (baseline device-h)"]
     rows = {r[0]: r for r in body}
-    assert rows["Chopped"][2] == "40.0 ms [40.0–40.0] (40 %)" and rows["Chopped"][3] == "1k"
-    assert rows["Chopped"][4] == "0.0278" and rows["Chopped"][5] == "2M"
-    assert rows["sparse"][1] == "none (one-shot)" and rows["sparse"][3] == "–"
-    assert rows["sparse"][2].endswith("within the noise") and rows["sparse"][5] == "no FLOP saving"
+    assert rows["Chopped"][2] == "40.0 ms [40.0–40.0] (40 %)" and rows["Chopped"][3] == "2M"
+    assert rows["Chopped"][4] == "1k" and rows["Chopped"][5] == "0.0278"
+    assert rows["sparse"][1] == "none (one-shot)" and rows["sparse"][4] == "–"
+    assert rows["sparse"][2].endswith("within the noise") and rows["sparse"][3] == "no FLOP saving"
+    # faster in every pair, but on the baseline's kernels, bytes and FLOPs: no saving is claimed
+    assert rows["same"][2] == "10.0 ms [10.0–10.0] (10 %), the baseline's kernels and bytes: noise"
+    assert rows["same"][4] == "–"
+    # a trained model without a clear saving never breaks even
+    _, body = break_even_rows(metrics, {"t": ("sparse", {"device_s": 40.0, "flops": 1e9})}, {})
+    assert {r[0]: r for r in body}["t"][4] == "never (no clear saving)"
 
 
 def test_table2_relative_drop_and_share_pruned(tmp_path):
@@ -243,8 +290,16 @@ def test_table2_relative_drop_and_share_pruned(tmp_path):
     assert cols == [("heldout_lastword", "acc"), ("piqa", "acc_norm")]
     by = {r[0]: r for r in body}
     # dense average (0.60 + 0.80) / 2 = 0.70 on the tasks present; half: 0.525 -> -25 %; quarter: 0.665 -> -5 %
-    assert by["Half"][2] == "50" and by["Half"][3] == f"{100 * (layers // 2) / total:.0f}"
-    assert by["Half"][5] == "-25.0 %" and by["Quarter"][5] == "-5.0 %" and by["Quarter"][2] == "25"
+    assert by["Half"][3] == "50.0" and by["Half"][4] == f"{100 * (layers // 2) / total:.1f}"
+    assert by["Half"][6] == "-25.0 %" and by["Quarter"][6] == "-5.0 %" and by["Quarter"][3] == "25.0"
     assert [r[0] for r in body[2:]] == [q[0] for q in QUOTED_TABLE2]
+    quoted = {r[0]: (r[2], r[6]) for r in body[2:]}
+    assert quoted == {"Shortened LLaMA": ("35", "-16.0 %"), "SliceGPT": ("30", "-24.2 %"),
+                      "LLM Surgeon": ("50", "-32.1 %"), "LayerChop (Just CHOP)": ("50", "-12.1 / -12.8 %")}
+    # the dense model's own exact zeros are not prunable: 1,000 of them leave a half-chopped model at 50 %
+    dense_z = dict(dense, nonzero_params=total - 1000)
+    rows_z = {"half": metrics(0.60, 0.45, total - 1000 - (layers - 1000) // 2)}
+    _, body_z, _ = relative_drop_table(rows_z, {"half": "Half"}, dense_z, cfg)
+    assert body_z[0][3] == "50.0"
     with pytest.raises(ValueError, match="lacks one of the dense model's tasks"):
         relative_drop_table({"x": {"params": total}}, {"x": "X"}, dense, cfg)

@@ -6,7 +6,7 @@ The weights are random: nothing can be downloaded on the GPU machine and the che
 Latency does not depend on the weights' values (the 2:4 / 4:8 patterns are enforced, so the sparse kernels see
 what a pruned checkpoint gives them). The two smaller scales go through the real stages (``layerchop bench`` on
 saved model directories, then ``layerchop table3``); Llama-2-7B's four copies would not fit the machine's disk, so
-it runs in process through the same functions (``layerchop.stages.bench.prepare_loaded`` and ``run_bench``).
+it runs in process through the same functions (``layerchop.evaluate.latency.prepare`` and ``bench_run``).
 
     python experiments/gpu-check/table3.py --out DIR                      # on a CUDA machine (skips without)
     python experiments/gpu-check/table3.py --out DIR --device cpu --scales tiny   # the plumbing on CPU
@@ -123,13 +123,14 @@ def main() -> int:
             if args.quick or scale in IN_PROCESS:
                 from layerchop.config import load_params, section
                 from layerchop.io import write_json
-                from layerchop.stages.bench import prepare_loaded, run_bench
+                from layerchop.evaluate.latency import bench_run, prepare
 
                 cfg = section("bench", load_params(params))
                 records = {}
                 for name in list(models):
-                    models[name], records[name] = prepare_loaded(name, models[name], cfg, torch.device(args.device))
-                write_json(metrics_path, run_bench(models, records, cfg, torch.device(args.device)))
+                    models[name], records[name] = prepare(name, models[name], torch.device(args.device),
+                                                          getattr(torch, dtype), cfg.sparse_kernel)
+                write_json(metrics_path, bench_run(models, records, cfg, torch.device(args.device)))
             else:
                 specs = []
                 for name, model in models.items():

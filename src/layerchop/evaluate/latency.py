@@ -14,8 +14,12 @@ There is no 2:4 kernel on the CPU: such a model runs dense kernels there, and th
 
 from __future__ import annotations
 
+import platform
 import statistics
+import sys
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -228,3 +232,112 @@ def measure(models: dict[str, torch.nn.Module], grid: Grid, vocab_size: int, dev
             med = {n: round(cell["models"][n]["query_s"]["median"] * 1e3, 1) for n in names}
             progress(f"batch {batch}, prompt {prompt}: query ms {med}")
     return records
+
+
+def prepare(name: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+            sparse_kernel: str = "auto") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Put a model on ``device`` in ``dtype`` for timing. A 2:4 model runs the semi-structured sparse kernels where
+    ``sparse_kernel`` (``auto`` / ``off`` / ``require``) asks and the device has them; the profiler then checks
+    which kernels one forward runs. Returns the model and its record (config, sizes, pattern, kernel, why).
+
+    Raises:
+        ValueError: ``require`` where the 2:4 kernel cannot run; kernels other than the ones asked for.
+    """
+    model = model.to(device=device, dtype=dtype).eval()
+    pattern = nm_pattern(model)
+    params = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    kernel, why = "dense", None
+    if pattern == (2, 4):
+        if sparse_kernel == "off":
+            why = "bench.sparse_kernel is off: runs dense kernels"
+        elif device.type != "cuda":
+            why = f"no 2:4 sparse kernel on {device.type}: runs dense kernels"
+        elif dtype == torch.float32:
+            why = "the 2:4 kernels take bfloat16 or float16, bench.dtype is float32: runs dense kernels"
+        else:
+            kernel = "2:4 " + to_semi_structured(model)
+        if why and sparse_kernel == "require":
+            raise ValueError(f"bench.sparse_kernel='require': --model {name}: {why}")
+    elif pattern is not None:
+        why = f"{pattern[0]}:{pattern[1]} has no sparse kernel: runs dense kernels"
+    ops = kernel_ops(model, torch.zeros(1, 16, dtype=torch.long, device=device))
+    converted = len(projection_linears(model)) if kernel != "dense" else 0
+    if ops["sparse"] < converted:  # every converted projection must show up in one forward
+        raise ValueError(f"--model {name}: {converted} projections converted to {kernel}, but the profiler saw "
+                         f"{ops['sparse']} sparse matmuls in a forward")
+    if kernel == "dense" and ops["sparse"]:
+        raise ValueError(f"--model {name}: dense kernels asked for, but the profiler saw {ops['sparse']} sparse ops")
+    record = {"config": model.config.to_diff_dict(), "layers": model.config.num_hidden_layers,
+              "params": params, "nonzero_params": nonzero,
+              "pattern": None if pattern is None else f"{pattern[0]}:{pattern[1]}", "kernel": kernel,
+              "kernel_note": why, "profiler_ops": ops, "weights_bytes": weights_bytes(model)}
+    return model, record
+
+
+def add_bounds(cells: list[dict[str, Any]], records: dict[str, dict[str, Any]], configs: dict[str, Any],
+               bytes_per_value: int) -> None:
+    """Put each measured speed-up beside its limits (:func:`layerchop.evaluate.efficiency.bounds`: the bytes bound
+    of decode, the FLOP bound of prefill; and the ratio of layers, the limit when a fixed cost per layer dominates),
+    the fraction of each bound reached, the throughput and the memory held. The first record is the baseline."""
+    from layerchop.evaluate.efficiency import bounds
+
+    names = list(records)
+    base = names[0]
+    for cell in cells:
+        for name in names:
+            rec = records[name]
+            nm = (2, 4) if rec["kernel"] != "dense" else None
+            b = bounds(configs[base], configs[name], cell["batch"], cell["prompt"], cell["new_tokens"],
+                       bytes_per_value, nm)
+            b["layers"] = configs[base].num_hidden_layers / configs[name].num_hidden_layers
+            m = cell["models"][name]
+            m["bound"] = b
+            m["fraction_of_bound"] = {"decode": m["decode_speedup"]["median"] / b["decode"],
+                                      "prefill": m["prefill_speedup"]["median"] / b["prefill"]}
+            m["throughput_tok_s"] = {"prefill": cell["batch"] * cell["prompt"] / m["prefill_s"]["median"],
+                                     "decode": cell["batch"] / m["decode_step_s"]["median"]}
+            m["memory_bytes"] = rec["weights_bytes"] + (m["peak_extra_bytes"] if m["peak_extra_bytes"] is not None
+                                                        else m["kv_bytes"])
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(cfg, device) -> dict:
+    import transformers
+
+    env = {"device": str(device), "device_name": device_name(device), "dtype": cfg.dtype,
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": sys.version.split()[0], "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "host": platform.node()}
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["cusparselt"] = bool(torch.backends.cusparselt.is_available())
+    return env
+
+
+def bench_run(models: dict, records: dict[str, dict], cfg, device) -> dict:
+    """Time the prepared models (the first is the baseline) on the grid of ``cfg`` and return the metrics record:
+    environment, settings, models, every cell with its bounds, the query shape of Table 3."""
+    from layerchop.io import DTYPES
+
+    vocab = {m.config.vocab_size for m in models.values()}
+    if len(vocab) != 1:
+        raise ValueError(f"--model: the models have different vocabularies {sorted(vocab)}")
+    grid = Grid(cfg.batch_sizes, cfg.prompt_lengths, cfg.new_tokens, cfg.repeats, cfg.warmup, cfg.seed)
+    cells = measure(models, grid, vocab.pop(), device, progress=lambda s: print(f"[bench] {s}", flush=True))
+    configs = {name: m.config for name, m in models.items()}
+    add_bounds(cells, records, configs, torch.tensor([], dtype=DTYPES[cfg.dtype]).element_size())
+    return {"environment": environment(cfg, device), "bench": vars(cfg), "baseline": next(iter(models)),
+            "model_order": list(models), "models": records, "cells": cells,
+            "query": {"batch": cfg.query_batch, "prompt": cfg.query_prompt, "new_tokens": cfg.new_tokens}}

@@ -14,7 +14,8 @@ QUOTED_TABLE2 = [  # (method, % pruned, relative drop %, source)
     ("Shortened LLaMA", 35.0, -16.0, "Kim et al. 2024, arXiv 2402.02834; as quoted in Just CHOP, Table 2"),
     ("SliceGPT", 30.0, -24.2, "Ashkboos et al. 2024, arXiv 2401.15024; as quoted in Just CHOP, Table 2"),
     ("LLM Surgeon", 50.0, -32.1, "van der Ouderaa et al. 2024, arXiv 2312.17244; as quoted in Just CHOP, Table 2"),
-    ("LayerChop (Just CHOP)", 50.0, "-12.1 / -12.8", "Just CHOP, Table 2 (its two comparisons)"),
+    ("LayerChop (Just CHOP)", 50.0, "-12.1 / -12.8", "Just CHOP, Table 2 (LayerChop against each comparison's "
+                                                      "tasks)"),
 ]
 
 
@@ -53,8 +54,8 @@ def latency_table(metrics: dict[str, Any], labels: dict[str, str]) -> tuple[list
     q = metrics["query"]
     cell = cell_at(metrics, q["batch"], q["prompt"])
     header = ["Model", "Layers", "Nonzero params", "Kernel", "Prefill ms", "Decode ms/step", "Query ms",
-              "Prefill speed-up (bound, % of it)", "Decode speed-up (bound, % of it)", "Query speed-up",
-              "Memory MB"]
+              "Throughput tok/s (prefill, decode)", "Prefill speed-up (FLOP bound, % of it)",
+              "Decode speed-up (bytes bound, % of it; layer ratio)", "Query speed-up", "Memory MB"]
     body = []
     for name in order(metrics):
         rec = metrics["models"][name]
@@ -63,10 +64,31 @@ def latency_table(metrics: dict[str, Any], labels: dict[str, str]) -> tuple[list
         body.append([
             label(name, labels), str(rec["layers"]), f"{rec['nonzero_params'] / 1e6:.1f}M", kernel,
             _ms(m["prefill_s"]), _ms(m["decode_step_s"]), _ms(m["query_s"]),
+            f"{m['throughput_tok_s']['prefill']:,.0f}, {m['throughput_tok_s']['decode']:,.1f}",
             f"{_x(m['prefill_speedup'])} ({m['bound']['prefill']:.2f}×, {100 * m['fraction_of_bound']['prefill']:.0f} %)",
-            f"{_x(m['decode_speedup'])} ({m['bound']['decode']:.2f}×, {100 * m['fraction_of_bound']['decode']:.0f} %)",
+            f"{_x(m['decode_speedup'])} ({m['bound']['decode']:.2f}×, {100 * m['fraction_of_bound']['decode']:.0f} %; "
+            f"{m['bound']['layers']:.2f}×)",
             _x(m["query_speedup"]), f"{m['memory_bytes'] / 2**20:.0f}",
         ])
+    return header, body
+
+
+def grid_table(metrics: dict[str, Any], labels: dict[str, str]) -> tuple[list[str], list[list[str]]]:
+    """Every cell of the grid: median speed-ups per phase and of the query, decode beside its bytes bound and the
+    layer ratio, and the decode throughput."""
+    names = [n for n in order(metrics) if n != metrics["baseline"]]
+    header = ["Batch", "Prompt"] + [f"{label(n, labels)}: prefill / decode (% of bytes bound; layer ratio) / query"
+                                    for n in names] + ["Dense decode tok/s"]
+    body = []
+    for cell in metrics["cells"]:
+        row = [str(cell["batch"]), str(cell["prompt"])]
+        for n in names:
+            m = cell["models"][n]
+            row.append(f"{m['prefill_speedup']['median']:.2f} / {m['decode_speedup']['median']:.2f} "
+                       f"({100 * m['fraction_of_bound']['decode']:.0f} % of {m['bound']['decode']:.2f}; "
+                       f"{m['bound']['layers']:.2f}) / {m['query_speedup']['median']:.2f}")
+        row.append(f"{cell['models'][metrics['baseline']]['throughput_tok_s']['decode']:,.1f}")
+        body.append(row)
     return header, body
 
 
@@ -99,8 +121,10 @@ def break_even_rows(metrics: dict[str, Any], trainings: dict[str, tuple[str, dic
     ``trainings``: row name -> (the bench model whose latency it has, the training run's metrics: ``device_s``,
     ``flops``). Models of the bench not named as a row there are one-shot (nothing to repay). The saving per query is
     the median of the paired per-repeat differences to the baseline; a saving whose quartiles straddle zero is
-    noise, and nothing is said to break even on it. The time break-even divides the run's device-seconds by that
-    saving; the FLOP one divides its FLOPs by the saving in query FLOPs.
+    noise, and nothing is said to break even on it: a saving counts only when every paired difference has its sign,
+    and never for a model that runs the baseline's kernels on as many bytes and FLOPs (its bounds are 1). The FLOP
+    break-even divides the run's FLOPs by the saving in query FLOPs; the time one divides its device-seconds by the
+    measured saving (the run's device and this bench's: compare them only on one machine kind).
     """
     from layerchop.evaluate.efficiency import query_flops
 
@@ -110,8 +134,8 @@ def break_even_rows(metrics: dict[str, Any], trainings: dict[str, tuple[str, dic
     base_s = cell["models"][base]["query_s"]["median"]
     base_cfg = _config(metrics["models"][base])
     base_flops = query_flops(base_cfg, q["batch"], q["prompt"], q["new_tokens"])
-    header = ["Model", "Extra training", "Saving per query (paired)", "Break-even (queries, by time)",
-              "Serving at break-even (baseline device-h)", "Break-even (queries, by FLOPs)"]
+    header = ["Model", "Extra training", "Saving per query (paired)", "Break-even (queries, by FLOPs)",
+              "Break-even (queries, by time)", "Serving at break-even (baseline device-h)"]
     rows = [(n, n, None) for n in order(metrics) if n != base and n not in trainings]  # one-shot
     rows += [(row, model, run) for row, (model, run) in trainings.items()]
     body = []
@@ -122,9 +146,12 @@ def break_even_rows(metrics: dict[str, Any], trainings: dict[str, tuple[str, dic
         nm = (2, 4) if rec["kernel"] != "dense" else None
         flops = query_flops(_config(rec), q["batch"], q["prompt"], q["new_tokens"], nm)
         saving = paired_saving(cell, base, model, q["new_tokens"])
-        clear = saving["q1"] > 0 or saving["q3"] < 0
+        bound = cell["models"][model].get("bound", {})
+        same_work = bound.get("decode") == 1.0 and bound.get("query_flops") == 1.0
+        clear = (saving["min"] > 0 or saving["max"] < 0) and not same_work
+        why = ", the baseline's kernels and bytes: noise" if same_work else ", within the noise"
         saving_s = (f"{saving['median'] * 1e3:.1f} ms [{saving['q1'] * 1e3:.1f}–{saving['q3'] * 1e3:.1f}] "
-                    f"({100 * saving['median'] / base_s:.0f} %)" + ("" if clear else ", within the noise"))
+                    f"({100 * saving['median'] / base_s:.0f} %)" + ("" if clear else why))
         if run is None:
             cost = "none (one-shot)"
             by_time = serving = "nothing to repay" if clear and saving["median"] > 0 else "–"
@@ -141,7 +168,7 @@ def break_even_rows(metrics: dict[str, Any], trainings: dict[str, tuple[str, dic
                 by_flops = _fmt_count(break_even_queries(run["flops"], flops, base_flops))
             except ValueError:
                 by_flops = "never (no FLOP saving)"
-        body.append([label(row, labels), cost, saving_s, by_time, serving, by_flops])
+        body.append([label(row, labels), cost, saving_s, by_flops, by_time, serving])
     return header, body
 
 
@@ -190,14 +217,23 @@ def speedup_figure(metrics: dict[str, Any], labels: dict[str, str], out_stem: Pa
 
 
 def pruned_fractions(metrics: dict[str, Any], dense: dict[str, Any], dense_config) -> tuple[float, float]:
-    """``(% of decoder-layer parameters pruned, % of all parameters pruned)`` of an evaluated model, from its
-    nonzero parameter count and the dense model's (embeddings, head and final norm are never pruned)."""
+    """``(% of decoder-layer weights pruned, % of all weights pruned)``: the weights that were nonzero in the dense
+    model and are gone or zero in this one, over the dense model's nonzero weights in its decoder layers, and in all
+    (embeddings, head and final norm are never pruned; the dense model's own exact zeros are not counted as
+    prunable, so training that fills them in can move a share by a few tenths of a point)."""
     from layerchop.estimate import layer_params
 
     outside = dense["params"] - dense_config.num_hidden_layers * layer_params(dense_config)
-    layer_total = dense["params"] - outside
-    kept = metrics.get("nonzero_params", metrics["params"])
-    return 100 * (1 - (kept - outside) / layer_total), 100 * (1 - kept / dense["params"])
+    base = dense.get("nonzero_params", dense["params"])
+    removed = base - metrics.get("nonzero_params", metrics["params"])
+    return 100 * removed / (base - outside), 100 * removed / base
+
+
+def layer_share(dense: dict[str, Any], dense_config) -> float:
+    """% of the dense model's parameters that sit in its decoder layers."""
+    from layerchop.estimate import layer_params
+
+    return 100 * dense_config.num_hidden_layers * layer_params(dense_config) / dense["params"]
 
 
 def relative_drop_table(rows: dict[str, dict[str, Any]], labels: dict[str, str], dense: dict[str, Any],
@@ -210,18 +246,18 @@ def relative_drop_table(rows: dict[str, dict[str, Any]], labels: dict[str, str],
     """
     cols = task_columns([{"metrics": dense}])
     base = average_accuracy(dense, cols)
-    header = ["Method", "Scale", "% pruned (decoder layers)", "% pruned (all parameters)", "Avg. accuracy",
-              "Relative drop", "Source"]
+    header = ["Method", "Scale", "% pruned (as reported)", "% pruned (decoder layers)", "% pruned (all weights)",
+              "Avg. accuracy", "Relative drop", "Source"]
     body = []
     for name, metrics in rows.items():
         acc = average_accuracy(metrics, cols)
         if acc is None:
             raise ValueError(f"table2.rows: {name!r} lacks one of the dense model's tasks {[t for t, _ in cols]}")
         layer_pct, all_pct = pruned_fractions(metrics, dense, dense_config)
-        body.append([labels[name], "embedded (this repository)", f"{layer_pct:.0f}", f"{all_pct:.0f}",
+        body.append([labels[name], "embedded (this repository)", "–", f"{layer_pct:.1f}", f"{all_pct:.1f}",
                      f"{100 * acc:.1f}", f"{100 * (acc - base) / base:+.1f} %", f"data/eval/{name}"])
     for method, pct, drop, source in QUOTED_TABLE2:
         drop_s = f"{drop:+.1f} %" if isinstance(drop, float) else f"{drop} %"
-        body.append([method, "7B (paper)", f"{pct:.0f}", "–", "–", drop_s, source])
+        body.append([method, "7B (paper)", f"{pct:.0f}", "–", "–", "–", drop_s, source])
     return header, body, cols
 

@@ -29,27 +29,28 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
-    from layerchop.estimate import layer_params
-    from layerchop.report.efficiency import relative_drop_table
+    from layerchop.report.efficiency import layer_share, relative_drop_table
 
     cfg = section("table2", load_params(args.params))
     if not Path(args.dense_config).is_file():
         raise FileNotFoundError(f"--dense-config {args.dense_config}: no such file")
-    dense_config = AutoConfig.from_pretrained(Path(args.dense_config).parent)
+    dense_config = AutoConfig.from_pretrained(args.dense_config)
     paths = {name: Path(args.eval) / name / "metrics.json" for name in [cfg.dense, *cfg.rows]}
     for name, path in paths.items():
         if not path.is_file():
-            raise FileNotFoundError(f"table2.rows: {name!r} has no {path}")
+            key = "table2.dense" if name == cfg.dense else "table2.rows"
+            raise FileNotFoundError(f"{key}: {name!r} has no {path}")
     dense = read_json(paths[cfg.dense])
     rows = {name: read_json(paths[name]) for name in cfg.rows}
     header, body, cols = relative_drop_table(rows, cfg.rows, dense, dense_config)
-    share = 100 * dense_config.num_hidden_layers * layer_params(dense_config) / dense["params"]
+    share = layer_share(dense, dense_config)
     caption = ("Table 2: relative drop of the average accuracy against the dense model, and the share of parameters "
-               f"pruned (nonzero count). Own rows: the mean of {', '.join(f'{t} ({m})' for t, m in cols)} on "
+               f"pruned (weights nonzero in the dense model and zero or removed here). Own rows: the mean of {', '.join(f'{t} ({m})' for t, m in cols)} on "
                f"the dense model of this params file ({dense['params'] / 1e6:.1f}M parameters, {share:.0f} % of them in "
                "its decoder layers, the rest embeddings and norms). "
                "Paper rows: each method's own reported numbers at 7B on the tasks it shares with Just CHOP, not "
-               "re-run here; their task sets differ from ours, so compare the pattern, not the digits.")
+               "re-run here, with each paper's own sense of % pruned (of all parameters, or a slicing ratio); their "
+               "task sets differ from ours, so compare the pattern, not the digits.")
     text = markdown(header, body, caption)
     with staged(args.tables) as (tables,):
         (tables / "table2_relative_drop.md").write_text(text)

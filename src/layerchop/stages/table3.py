@@ -52,29 +52,30 @@ def parse_trainings(specs: list[str]) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def grid_table(metrics: dict, labels: dict[str, str]) -> tuple[list[str], list[list[str]]]:
-    """Every cell: median speed-ups per phase (and the query's), as the fraction of the bound for decode."""
-    from layerchop.report.efficiency import label, order
+def read_bench(path: str) -> dict:
+    """The bench's metrics, checked to be one.
 
-    names = [n for n in order(metrics) if n != metrics["baseline"]]
-    header = ["Batch", "Prompt"] + [f"{label(n, labels)}: prefill / decode / query" for n in names]
-    body = []
-    for cell in metrics["cells"]:
-        row = [str(cell["batch"]), str(cell["prompt"])]
-        for n in names:
-            m = cell["models"][n]
-            row.append(f"{m['prefill_speedup']['median']:.2f} / {m['decode_speedup']['median']:.2f} "
-                       f"({100 * m['fraction_of_bound']['decode']:.0f} % of {m['bound']['decode']:.2f}) / "
-                       f"{m['query_speedup']['median']:.2f}")
-        body.append(row)
-    return header, body
+    Raises:
+        FileNotFoundError / ValueError: one line naming ``--bench``.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--bench {path}: no such file (run `layerchop bench` first)")
+    try:
+        metrics = read_json(path)
+    except ValueError as e:
+        raise ValueError(f"--bench {path}: not JSON ({e})") from None
+    missing = [k for k in ("environment", "bench", "baseline", "models", "cells", "query")
+               if not isinstance(metrics, dict) or k not in metrics]
+    if missing:
+        raise ValueError(f"--bench {path}: not the metrics of `layerchop bench` (no {missing})")
+    return metrics
 
 
 def main(args: argparse.Namespace) -> None:
-    from layerchop.report.efficiency import break_even_rows, latency_table, speedup_figure
+    from layerchop.report.efficiency import break_even_rows, grid_table, latency_table, speedup_figure
 
     cfg = section("bench", load_params(args.params))
-    metrics = read_json(args.bench)
+    metrics = read_bench(args.bench)
     trainings = parse_trainings(args.training)
     env, q = metrics["environment"], metrics["query"]
     header, body = latency_table(metrics, cfg.labels)
@@ -83,17 +84,23 @@ def main(args: argparse.Namespace) -> None:
                f"{env['torch']}, transformers {env['transformers']}; {env['date']}). Times: median [quartiles] of "
                f"{metrics['bench']['repeats']} queries after {metrics['bench']['warmup']} warm-up, the models "
                "interleaved in one run; speed-ups: median [quartiles] of the per-repeat ratios to the baseline. "
-               "Bounds: prefill, the ratio of FLOPs; decode, the ratio of bytes read per step (weights + KV cache). "
+               "Throughput: prompt tokens per second of prefill, new tokens per second of decode (from the medians). "
+               "Bounds: prefill, the ratio of FLOPs; decode, the ratio of bytes read per step (weights + KV cache), the limit "
+               "of a memory-bound step; the layer ratio is the limit of a step bound by a fixed cost per layer "
+               "(kernel launches, Python), which a small model's decode can exceed the bytes bound towards. "
                "Memory: weights held + " + ("the allocator's peak during the query." if env["device"].startswith("cuda")
                                              else "the KV cache (activations not counted)."))
     text = markdown(header, body, caption)
     bh, bb = break_even_rows(metrics, trainings, cfg.labels)
     text += "\n" + markdown(bh, bb, (
-        "Break-even: the extra training's device time over the measured saving per query (training timed by "
-        "its run, the saving by this bench, each on its own device), and its FLOPs over the saving in query FLOPs. "
-        "Serving at break-even: those queries' time on the baseline."))
+        "Break-even: the extra training's FLOPs over the saving in query FLOPs, and its device time over the "
+        "measured saving per query (median of the paired per-repeat differences [quartiles]; a saving counts only "
+        "when every pair agrees on its sign). The training was timed by its own run, the saving by this bench: "
+        "the time break-even holds only where both ran on one machine kind, and shared machines of one kind have "
+        "differed ~2x. Serving at break-even: those queries' time on the baseline."))
     gh, gb = grid_table(metrics, cfg.labels)
-    text += "\n" + markdown(gh, gb, "Every cell of the grid: median speed-ups (decode: % of its bound, the bound).")
+    text += "\n" + markdown(gh, gb, "Every cell of the grid: median speed-ups (decode: % of its bytes bound, that "
+                                     "bound; the layer ratio).")
     with staged(args.tables, args.figures) as (tables, figures):
         (tables / "table3_latency.md").write_text(text)
         speedup_figure(metrics, cfg.labels, figures / "fig_speedup_vs_batch")
