@@ -27,9 +27,10 @@ def test_every_profile_plans(capsys, path):
     rc, out, err = plan(capsys, path)
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[1].split()[:4] == ["stage", "proc", "steps", "tokens"]
+    assert lines[1].split()[:5] == ["stage", "runs", "proc", "steps", "tokens"]
     dvc = yaml.safe_load(open(REPO / "dvc.yaml"))["stages"]
-    stages = {line.split()[0] for line in lines[3:-1]}
+    end = next(i for i, line in enumerate(lines) if line.startswith("total: "))
+    stages = {line.split()[0] for line in lines[3:end]}
     assert {f"train@{k}" for k in dvc["train"]["foreach"]} <= stages
     assert {f"evaluate@{k}" for k in dvc["evaluate"]["foreach"]} <= stages
 
@@ -83,6 +84,14 @@ BROKEN = [
     ({"train__launcher": "local"}, "train.num_nodes=4 is invalid: with train.launcher 'local'"),
     ({"download__corpus__token_budget": 10_000_000_000}, "download.corpus.token_budget=10000000000: train@layerchop"),
     ({"evaluate__batch_size": 256}, "evaluate.batch_size=256: evaluation needs"),
+    # the profile as it was: the data-driven chops (chop.device: cuda) would run on the login node
+    ({"slurm__stages": ["prune", "evaluate", "curve"]},
+     "slurm.stages=['prune', 'evaluate', 'curve']: dvc.yaml layout_chop@angular runs `layerchop chop` with "
+     "chop.device=cuda on the submitting host"),
+    ({"slurm__stages": ["chop", "prune", "evaluate", "curve"]}, "dvc.yaml bench runs `layerchop bench` with "
+                                                                "bench.device=cuda"),
+    ({"slurm__jobs": {"evaluate": {"time": "1 day"}}}, "slurm.jobs.evaluate.time='1 day' is invalid"),
+    ({"slurm__jobs": {"figure1": {"time": "1:00:00"}}}, "slurm.jobs='figure1' is invalid: a key of slurm.jobs"),
 ]
 
 
@@ -157,3 +166,52 @@ def test_dimchop_memory_adds_two_fp32_copies_of_the_projections():
         # the model and its bool masks file (1 byte a projection entry), once and for each of the 4 snapshots
         assert stages[arm]["disk_gb"] == round((model_dir_gb(config, "bfloat16") + projections / 1e9) * 5, 1)
     assert stages["shrink"]["disk_gb"] == round(model_dir_gb(config, "bfloat16"), 1) == 13.5  # at most the dense
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_accelerator_stage_of_a_submitting_profile_is_a_job(capsys, path):
+    """Device routing over every shipped profile: where a profile submits anything to SLURM, every stage whose
+    params put it on an accelerator is submitted (the host running dvc repro is a login node without one);
+    a profile that submits nothing runs everything here."""
+    from layerchop.config import load_params, section
+    from layerchop.launch import needs_accelerator
+    from layerchop.pipeline import stage_commands
+
+    rc, out, err = plan(capsys, path, "--json")
+    assert rc == 0, err
+    where = json.loads(out)["routing"]
+    params = load_params(path)
+    dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
+    commands = dict(stage_commands(dvc, params, tuple(dvc["stages"])))
+    assert set(where) == set(commands)
+    submits = section("train", params).launcher == "slurm" or section("slurm", params).stages
+    for name, argv in commands.items():
+        if submits and needs_accelerator(argv[0], params, argv[1:]):
+            assert where[name].startswith("job: "), (name, where[name])
+        if not submits:
+            assert where[name] == "here"
+    if path == PAPER:  # every GPU stage and prepare are jobs; the figures and tables are not
+        assert where["layout_chop@angular"].startswith("job: 1 GPU(s)") and where["bench"].startswith("job: 1 GPU")
+        assert where["prepare"] == "job: 0 GPU(s) per node, 16 CPU(s) per task, --time=24:00:00, --mem=128G"
+        assert where["train@layerchop"].startswith("job: 4 node(s) x 8 task(s), 8 GPU(s) per node, 8 CPU(s)")
+        assert where["report"] == where["figure1"] == "here"
+
+
+def test_job_resources_defaults_and_overrides():
+    """One-GPU jobs get 12 h and 8 CPUs, CPU jobs 24 h (prepare: prepare.num_proc CPUs), the train jobs the
+    slurm section's own; ``slurm.jobs.<stage>`` replaces what it names and nothing else."""
+    from layerchop.launch import JobResources, job_resources
+
+    params = yaml.safe_load(open(PAPER))
+    params["slurm"]["jobs"] = {}
+    assert job_resources("evaluate", params) == JobResources("12:00:00", 8, None, 1)
+    assert job_resources("chop", params) == JobResources("12:00:00", 8, None, 1)  # chop.device: cuda
+    assert job_resources("prepare", params) == JobResources("24:00:00", 16, None, 0)  # prepare.num_proc
+    assert job_resources("download", params) == JobResources("24:00:00", 4, None, 0)
+    assert job_resources("train", params) == JobResources("72:00:00", 8, None, 8)
+    params["slurm"]["jobs"] = {"evaluate": {"time": "2:00:00", "mem": "64G"}, "train": {"cpus_per_task": 6},
+                               "prune": {"gpus": 0}}
+    params["evaluate"]["device"] = "cpu"
+    assert job_resources("evaluate", params) == JobResources("2:00:00", 4, "64G", 0)  # a CPU job now
+    assert job_resources("train", params) == JobResources("72:00:00", 6, None, 8)
+    assert job_resources("prune", params) == JobResources("12:00:00", 8, None, 0)

@@ -111,13 +111,15 @@ def start_now_once_requeued(job: str) -> None:
 
 def test_batch_script_carries_geometry_limits_and_the_stage():
     from layerchop.config import SlurmConfig
-    from layerchop.launch import batch_script
+    from layerchop.launch import JobResources, batch_script
 
-    slurm = SlurmConfig(time="2-00:00:00", partition="gpu", account="proj1", cpus_per_task=12, mem="500G",
-                        signal_seconds=900, sbatch_args=["--qos=high"], setup=["module load cuda/12.4"])
-    script = batch_script(job_name="layerchop-train-x", nodes=4, tasks_per_node=8, gpus_per_node=8, slurm=slurm,
-                          argv=["train", "--init", "data/models/a b", "--warm-start"], log=Path("/r/x.log"),
-                          workdir=Path("/repo"), python="/env/bin/python")
+    slurm = SlurmConfig(partition="gpu", account="proj1", signal_seconds=900, sbatch_args=["--qos=high"],
+                        setup=["module load cuda/12.4"])
+    script = batch_script(job_name="layerchop-train-x", nodes=4, tasks_per_node=8,
+                          resources=JobResources(time="2-00:00:00", cpus_per_task=12, mem="500G", gpus_per_node=8),
+                          slurm=slurm, argv=["train", "--init", "data/models/a b", "--warm-start"],
+                          log=Path("/r/x.log"), workdir=Path("/repo"), python="/env/bin/python",
+                          env={"HF_HUB_OFFLINE": "1"})
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
     options = [line.split(" ", 1)[1] for line in lines if line.startswith("#SBATCH ")]
@@ -128,9 +130,11 @@ def test_batch_script_carries_geometry_limits_and_the_stage():
     body = [line for line in lines if not line.startswith("#")]
     assert body.index("module load cuda/12.4") < body.index("export LAYERCHOP_LAUNCHER=slurm")
     assert any(line.startswith("export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK") for line in body)
+    assert "export HF_HUB_OFFLINE=1" in body
     assert body[-1] == "srun --kill-on-bad-exit=1 /env/bin/python -m layerchop.cli train --init 'data/models/a b' " \
                        "--warm-start"
-    cpu = batch_script(job_name="j", nodes=1, tasks_per_node=2, gpus_per_node=0,
+    cpu = batch_script(job_name="j", nodes=1, tasks_per_node=2,
+                       resources=JobResources(time="1:00:00", cpus_per_task=2, mem=None, gpus_per_node=0),
                        slurm=SlurmConfig(signal_seconds=0, requeue=False), argv=["train"], log=Path("/l"),
                        workdir=Path("/w"))
     assert "--no-requeue" in cpu and "gpus" not in cpu and "--signal" not in cpu

@@ -47,12 +47,13 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def submit_one_task(args: argparse.Namespace) -> int | None:
-    """A stage named in ``slurm.stages``: submit it as a one-task batch job (one GPU when its section's ``device``
-    is CUDA), wait for it and return its status; None to run it here."""
+    """A stage named in ``slurm.stages``: submit it as a one-task batch job (resources from
+    :func:`layerchop.launch.job_resources`: one GPU when its section's ``device`` is CUDA), wait for it and
+    return its status; None to run it here."""
     from pathlib import Path
 
     from layerchop.config import ONE_TASK_STAGES, load_params, section
-    from layerchop.launch import batch_script, run_slurm, under_launcher
+    from layerchop.launch import batch_script, job_resources, run_slurm, under_launcher
 
     if args.stage not in ONE_TASK_STAGES or under_launcher():
         return None
@@ -60,11 +61,10 @@ def submit_one_task(args: argparse.Namespace) -> int | None:
     slurm = section("slurm", params)
     if args.stage not in slurm.stages:
         return None
-    cfg = section(ONE_TASK_STAGES[args.stage], params)
     job = f"{args.stage}-{Path(args.out).name}"
     jobs = Path(slurm.job_dir)
     script = batch_script(job_name=f"layerchop-{job}", nodes=1, tasks_per_node=1,
-                          gpus_per_node=1 if cfg.device.startswith("cuda") else 0, slurm=slurm, argv=args.argv,
+                          resources=job_resources(args.stage, params), slurm=slurm, argv=args.argv,
                           log=(jobs / f"{job}.log").resolve(), workdir=Path.cwd(), time_limit_signal=False)
     return run_slurm(script, jobs / f"{job}.sbatch", jobs / f"{job}.log", poll_seconds=slurm.poll_seconds)
 

@@ -25,7 +25,10 @@ SELECTIONS = ("angular", "block-influence", "ppl")  # data-driven layouts (layer
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 STRATEGIES = ("auto", "fsdp")
 LAUNCHERS = ("local", "torchrun", "slurm")
-ONE_TASK_STAGES = {"chop": "chop", "prune": "prune", "evaluate": "evaluate", "curve": "evaluate", "bench": "bench"}  # stage -> section with `device`
+# stages of one process that slurm.stages can submit as one-task jobs -> the section holding their `device`
+# (None: a CPU job, e.g. prepare's tokenization or a download, for clusters that kill long work on login nodes)
+ONE_TASK_STAGES = {"chop": "chop", "prune": "prune", "evaluate": "evaluate", "curve": "evaluate", "bench": "bench",
+                   "prepare": None, "download": None}
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
 GRAD_REDUCTIONS = ("step", "micro_batch")
 
@@ -739,6 +742,33 @@ class Table2Config:
 
 
 @dataclass
+class SlurmJobConfig:
+    """One entry of ``slurm.jobs``: the resources of one stage's batch job; a null key keeps the default
+    (:func:`layerchop.launch.job_resources`: one-GPU jobs 12 h, 8 CPUs; CPU jobs 24 h, ``prepare.num_proc`` CPUs
+    for ``prepare``; the train stages ``slurm.time``, ``slurm.cpus_per_task``, ``slurm.mem``)."""
+
+    time: Optional[str] = None
+    """``--time`` of the job."""
+    cpus_per_task: Optional[int] = None
+    """``--cpus-per-task``."""
+    mem: Optional[str] = None
+    """``--mem`` (per node)."""
+    gpus: Optional[int] = None
+    """GPUs of a one-task job (0: a CPU job even where the stage's device is CUDA would be refused; the train
+    stages take theirs from ``train.devices``)."""
+
+    def check(self, key: str) -> None:
+        if self.time is not None and not re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", self.time):
+            _fail(f"{key}.time", self.time, "a SLURM time limit: minutes, H:MM:SS or D-HH:MM:SS")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            _fail(f"{key}.cpus_per_task", self.cpus_per_task, "must be >= 1")
+        if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?", self.mem):
+            _fail(f"{key}.mem", self.mem, "a SLURM size, e.g. 500G")
+        if self.gpus is not None and self.gpus not in (0, 1):
+            _fail(f"{key}.gpus", self.gpus, "a one-task job has 0 or 1 GPU (a train job: train.devices)")
+
+
+@dataclass
 class SlurmConfig:
     """The ``slurm`` section: the batch job of a stage whose launcher is ``slurm`` (``train.launcher``). The
     geometry comes from the stage (``train.num_nodes`` nodes x ``train.devices`` tasks, one GPU per task on
@@ -767,7 +797,13 @@ class SlurmConfig:
     """Shell lines run at the start of the job before ``srun`` (e.g. ``module load cuda``)."""
     stages: list[str] = field(default_factory=list)
     """Stages of one process that run as one-task batch jobs (one GPU when their ``device`` is CUDA): any of
-    ``prune``, ``evaluate``, ``curve``. The train stages choose with ``train.launcher``."""
+    ``chop``, ``prune``, ``evaluate``, ``curve``, ``bench`` (GPU where their device says so), ``prepare``,
+    ``download`` (CPU jobs). The train stages choose with ``train.launcher``. Where any stage is submitted, the
+    submitting host is taken for a login node without an accelerator: ``layerchop plan`` refuses a profile in
+    which a stage that needs one would run there."""
+    jobs: dict[str, SlurmJobConfig] = field(default_factory=dict)
+    """Per-stage job resources, e.g. ``{evaluate: {time: "04:00:00"}, prepare: {cpus_per_task: 32, mem: 256G}}``;
+    keys: the stages of ``slurm.stages`` and ``train``."""
     gpu_memory_gb: float = 80.0
     """Memory of one GPU of the cluster: ``layerchop plan`` refuses a GPU stage whose estimate exceeds it."""
     job_dir: str = "data/slurm"
@@ -800,6 +836,10 @@ class SlurmConfig:
         for stage in self.stages:
             if stage not in ONE_TASK_STAGES:
                 _fail("slurm.stages", stage, f"choose from {list(ONE_TASK_STAGES)} (train: train.launcher)")
+        for stage, job in self.jobs.items():
+            if stage not in (*ONE_TASK_STAGES, "train"):
+                _fail("slurm.jobs", stage, f"a key of slurm.jobs is a stage: one of {[*ONE_TASK_STAGES, 'train']}")
+            job.check(f"slurm.jobs.{stage}")
         if not self.gpu_memory_gb > 0:
             _fail("slurm.gpu_memory_gb", self.gpu_memory_gb, "must be > 0")
         if not self.poll_seconds > 0:

@@ -21,6 +21,7 @@ simulated nodes, and the ``Trainer`` would ignore its settings; so the stage cal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 
 ARGV_ENV = "LAYERCHOP_ARGV"
@@ -121,22 +123,88 @@ def run_torchrun(cfg, argv: list[str], run_id: str) -> int:
 
 # --- SLURM ------------------------------------------------------------------------------------------------
 
+GPU_JOB = {"time": "12:00:00", "cpus_per_task": 8}  # one-GPU jobs (chop, prune, evaluate, curve, bench)
+CPU_JOB = {"time": "24:00:00", "cpus_per_task": 4}  # CPU jobs (download, prepare: prepare.num_proc CPUs)
 
-def batch_script(*, job_name: str, nodes: int, tasks_per_node: int, gpus_per_node: int, slurm, argv: list[str],
-                 log: Path, workdir: Path, python: str = sys.executable, time_limit_signal: bool = True) -> str:
+
+@dataclasses.dataclass(frozen=True)
+class JobResources:
+    """What one stage's batch job asks for (per task: CPUs; per node: memory, GPUs)."""
+
+    time: str
+    cpus_per_task: int
+    mem: Optional[str]
+    gpus_per_node: int
+
+
+def needs_accelerator(stage: str, params: dict, argv: Sequence[str] = ()) -> Optional[str]:
+    """The params key whose value puts ``layerchop <stage> <argv>`` on an accelerator (e.g.
+    ``"evaluate.device=cuda"``), or None when the stage runs on the CPU. ``chop`` uses its device only for
+    a data-driven layout (``--layout`` or ``chop.layout``)."""
+    from layerchop.config import ONE_TASK_STAGES, SELECTIONS, section
+
+    if stage == "train":
+        cfg = section("train", params)
+        return f"train.accelerator={cfg.accelerator}" if cfg.accelerator in ("gpu", "cuda", "mps", "tpu") else None
+    key = ONE_TASK_STAGES.get(stage)
+    if key is None:
+        return None
+    cfg = section(key, params)
+    if cfg.device == "cpu" or cfg.device.startswith("cpu:"):
+        return None
+    if stage == "chop":
+        argv = list(argv)
+        layout = argv[argv.index("--layout") + 1] if "--layout" in argv else cfg.layout
+        if cfg.indices is not None and "--layout" not in argv or layout not in SELECTIONS:
+            return None  # a fixed layout: no forward pass, the device is never used
+    return f"{key}.device={cfg.device}"
+
+
+def job_resources(stage: str, params: dict) -> JobResources:
+    """The resources of ``stage``'s batch job: ``slurm.jobs.<stage>`` where given, else the defaults (train:
+    ``slurm.time`` / ``slurm.cpus_per_task`` / ``slurm.mem`` and ``train.devices`` GPUs per node; a one-GPU job:
+    :data:`GPU_JOB`; a CPU job: :data:`CPU_JOB`, ``prepare.num_proc`` CPUs for ``prepare``)."""
+    from layerchop.config import section
+
+    slurm = section("slurm", params)
+    job = slurm.jobs.get(stage)
+    if stage == "train":
+        cfg = section("train", params)
+        base = {"time": slurm.time, "cpus_per_task": slurm.cpus_per_task, "mem": slurm.mem,
+                "gpus_per_node": cfg.devices if cfg.accelerator in ("gpu", "cuda") else 0}
+    else:
+        gpu = needs_accelerator(stage, params) is not None
+        if stage == "chop":  # submitted: the job gets the GPU its device names, whatever the layout
+            gpu = not section("chop", params).device.startswith("cpu")
+        base = {**(GPU_JOB if gpu else CPU_JOB), "mem": slurm.mem, "gpus_per_node": int(gpu)}
+        if stage == "prepare":
+            base["cpus_per_task"] = max(1, section("prepare", params).num_proc)
+    if job is not None:
+        for key in ("time", "cpus_per_task", "mem"):
+            if getattr(job, key) is not None:
+                base[key] = getattr(job, key)
+        if job.gpus is not None and stage != "train":
+            base["gpus_per_node"] = job.gpus
+    return JobResources(**base)
+
+
+def batch_script(*, job_name: str, nodes: int, tasks_per_node: int, resources: JobResources, slurm,
+                 argv: list[str], log: Path, workdir: Path, python: str = sys.executable,
+                 time_limit_signal: bool = True, env: Optional[dict[str, str]] = None) -> str:
     """The batch script of one stage: ``nodes`` x ``tasks_per_node`` tasks, each one rank of the stage.
 
     Args:
         job_name: ``--job-name``.
-        nodes, tasks_per_node, gpus_per_node: The stage's geometry (``train.num_nodes``, ``train.devices``,
-            one GPU per task on GPU accelerators, 0 on CPU).
-        slurm: :class:`layerchop.config.SlurmConfig` (time, partition, account, signal, requeue, passthrough).
+        nodes, tasks_per_node: The stage's geometry (``train.num_nodes``, ``train.devices``; 1 x 1 for the others).
+        resources: Time limit, CPUs per task, memory and GPUs per node (:func:`job_resources`).
+        slurm: :class:`layerchop.config.SlurmConfig` (partition, account, signal, requeue, passthrough).
         argv: The stage's own arguments (``layerchop`` arguments), repeated by every task.
         log: The job's output file; opened in append mode, so a requeued job adds to it.
         workdir: The directory the stage runs in (the repository, on a file system every node sees).
         python: The interpreter of the environment the stage was started from.
         time_limit_signal: Ask for ``--signal=USR1@slurm.signal_seconds`` (only stages that handle it: train;
             SIGUSR1 would end any other stage early).
+        env: Variables exported in the job before ``srun`` (e.g. the Hub offline for evaluation jobs).
 
     Every task runs ``python -m layerchop.cli <argv>`` with ``LAYERCHOP_LAUNCHER=slurm``: it trains, reading
     its rank from SLURM's variables (Lightning's ``SLURMEnvironment``). ``--signal=USR1@N`` warns the tasks
@@ -145,23 +213,24 @@ def batch_script(*, job_name: str, nodes: int, tasks_per_node: int, gpus_per_nod
     """
     opts = [
         f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
-        f"--cpus-per-task={slurm.cpus_per_task}", f"--time={slurm.time}", f"--output={log}",
+        f"--cpus-per-task={resources.cpus_per_task}", f"--time={resources.time}", f"--output={log}",
         "--open-mode=append", f"--chdir={workdir}",
     ]
-    if gpus_per_node:
-        opts.append(f"--gpus-per-node={gpus_per_node}")
+    if resources.gpus_per_node:
+        opts.append(f"--gpus-per-node={resources.gpus_per_node}")
     if slurm.partition:
         opts.append(f"--partition={slurm.partition}")
     if slurm.account:
         opts.append(f"--account={slurm.account}")
-    if slurm.mem:
-        opts.append(f"--mem={slurm.mem}")
+    if resources.mem:
+        opts.append(f"--mem={resources.mem}")
     opts.append("--requeue" if slurm.requeue else "--no-requeue")
     if slurm.signal_seconds and time_limit_signal:
         opts.append(f"--signal=USR1@{slurm.signal_seconds}")
     opts += slurm.sbatch_args
     lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in opts), "set -eo pipefail", *slurm.setup,
              f"export {LAUNCHER_ENV}=slurm",
+             *(f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()),
              "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK  # srun does not inherit --cpus-per-task (22.05+)",
              'echo "[slurm] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: '
              '$SLURM_NNODES node(s) x $SLURM_NTASKS_PER_NODE task(s), $(date -u +%FT%TZ)"',

@@ -50,6 +50,39 @@ def _budget_param(dvc: dict, name: str) -> str:
     return found.group(1) if found else "a literal in dvc.yaml"
 
 
+def routing(params: dict, dvc: dict) -> dict[str, str]:
+    """Where each stage instance of ``dvc`` runs: ``"job: ..."`` (a SLURM job with its resources) or ``"here"``
+    (the host that runs ``dvc repro``).
+
+    Raises:
+        ValueError naming ``slurm.stages`` (or ``train.launcher``): a profile that submits any stage is run from a
+        login node, which has no accelerator, so a stage whose params put it on one must be submitted too.
+    """
+    from layerchop.config import ONE_TASK_STAGES, section
+    from layerchop.launch import job_resources, needs_accelerator
+    from layerchop.pipeline import stage_commands
+
+    slurm, cfg = section("slurm", params), section("train", params)
+    submits = cfg.launcher == "slurm" or bool(slurm.stages)
+    where: dict[str, str] = {}
+    for name, argv in stage_commands(dvc, params, tuple(dvc.get("stages", {}))):
+        stage = argv[0]
+        job = (stage == "train" and cfg.launcher == "slurm") or (stage in ONE_TASK_STAGES and stage in slurm.stages)
+        if job:
+            r = job_resources(stage, params)
+            nodes = f"{cfg.num_nodes} node(s) x {cfg.devices} task(s), " if stage == "train" else ""
+            where[name] = (f"job: {nodes}{r.gpus_per_node} GPU(s) per node, {r.cpus_per_task} CPU(s) per task, "
+                           f"--time={r.time}" + (f", --mem={r.mem}" if r.mem else ""))
+            continue
+        where[name] = "here"
+        need = needs_accelerator(stage, params, argv[1:])
+        if submits and need:
+            fix = ("train.launcher: slurm" if stage == "train" else f"add {stage!r} to slurm.stages")
+            raise ValueError(f"slurm.stages={slurm.stages}: dvc.yaml {name} runs `layerchop {stage}` with {need} on "
+                             f"the submitting host, which runs dvc repro and has no accelerator on a cluster; {fix}")
+    return where
+
+
 def plan(params: dict, dvc: dict) -> dict:
     """Every stage's cost (see the module docstring). Raises ValueError naming the key that makes a stage fail."""
     from layerchop.config import section
@@ -63,6 +96,7 @@ def plan(params: dict, dvc: dict) -> dict:
     download, prep, chop = section("download", params), section("prepare", params), section("chop", params)
     cfg0, fig4, slurm = section("train", params), section("figure4", params), section("slurm", params)
     ev, pr, distill = section("evaluate", params), section("prune", params), section("distill", params)
+    where = routing(params, dvc)
     dense = known_config(download.model)
     if dense is None:
         raise ValueError(f"download.model.hub_id={download.model.hub_id!r}: layerchop plan knows the architectures "
@@ -186,7 +220,7 @@ def plan(params: dict, dvc: dict) -> dict:
                       "removed_layers": removed},
             "assumptions": {"mfu": fig4.mfu, "gpu_peak_flops": fig4.gpu_peak_flops,
                             "gpu_memory_gb": slurm.gpu_memory_gb},
-            "stages": stages, "warm_start_stages": warm_arms,
+            "stages": stages, "warm_start_stages": warm_arms, "routing": where,
             "totals": {"gpu_hours": round(total_gpu_hours, 1), "dvc_outputs_gb": round(disk, 1),
                        "checkpoints_gb": round(sum(s.get("checkpoint_gb") or 0 for s in stages), 1),
                        "checkpoints_peak_gb": round(sum(s.get("checkpoint_gb") or 0 for s in stages)
@@ -195,9 +229,12 @@ def plan(params: dict, dvc: dict) -> dict:
 
 
 def table(result: dict) -> str:
-    rows = [("stage", "proc", "steps", "tokens", "FLOPs", "hours", "rank GB", "on", "host GB", "disk GB", "ckpt GB")]
+    rows = [("stage", "runs", "proc", "steps", "tokens", "FLOPs", "hours", "rank GB", "on", "host GB", "disk GB",
+             "ckpt GB")]
+    where = result.get("routing", {})
     for s in result["stages"]:
-        rows.append((s["stage"], str(s.get("processes", "")), str(s.get("steps", "")),
+        runs = where.get(s["stage"], "")
+        rows.append((s["stage"], runs.split(":")[0], str(s.get("processes", "")), str(s.get("steps", "")),
                      f"{s['tokens']:.3g}" if "tokens" in s else "", f"{s['flops']:.3g}" if "flops" in s else "",
                      str(s.get("hours", "")), str(s.get("rank_gb", "")), s.get("on", ""),
                      str(s.get("host_gb", "")), str(s.get("disk_gb", "")), str(s.get("checkpoint_gb", ""))))
@@ -212,7 +249,12 @@ def table(result: dict) -> str:
     foot = (f"total: {t['gpu_hours']} GPU-hours of training, {t['dvc_outputs_gb']} GB of DVC outputs, "
             f"{t['checkpoints_gb']} GB of checkpoints kept (the last of each run, warm starts included; "
             f"{t['checkpoints_peak_gb']} GB while the largest is rewritten)")
-    return "\n".join([head, *lines, foot])
+    jobs = {}
+    for name, runs in where.items():
+        if runs.startswith("job:"):
+            jobs.setdefault(runs, []).append(name)
+    routes = [f"{', '.join(names)}: {runs}" for runs, names in jobs.items()]
+    return "\n".join([head, *lines, foot, *routes])
 
 
 def main(args: argparse.Namespace) -> int:

@@ -130,12 +130,12 @@ def submit_slurm(args: argparse.Namespace, cfg, slurm, fingerprint: str) -> int:
     ``<run-dir>/slurm/<fingerprint>.sbatch`` and ``.log``."""
     from pathlib import Path
 
-    from layerchop.launch import batch_script, run_slurm
+    from layerchop.config import load_params
+    from layerchop.launch import batch_script, job_resources, run_slurm
 
     jobs = Path(args.run_dir) / "slurm"
     log = jobs / f"{fingerprint}.log"
     script = batch_script(job_name=f"layerchop-train-{Path(args.out).name}", nodes=cfg.num_nodes,
-                          tasks_per_node=cfg.devices,
-                          gpus_per_node=cfg.devices if cfg.accelerator in ("gpu", "cuda") else 0,
+                          tasks_per_node=cfg.devices, resources=job_resources("train", load_params(args.params)),
                           slurm=slurm, argv=args.argv, log=log.resolve(), workdir=Path.cwd())
     return run_slurm(script, jobs / f"{fingerprint}.sbatch", log, poll_seconds=slurm.poll_seconds)
