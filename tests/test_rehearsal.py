@@ -201,6 +201,26 @@ def test_killed_ranks_resume_to_the_uninterrupted_result(tmp_path, shape_dirs, t
     assert meta["compute"]["flops"] == meta_ref["compute"]["flops"]
 
 
+STALE_VIEW = REPO / "tests" / "scripts" / "stale_view"
+
+
+def test_second_node_seeing_the_file_system_late_changes_nothing(tmp_path, shape_dirs, tiny_prepared, uninterrupted):
+    """The ranks of the second simulated node see the shared file system late (tests/scripts/stale_view: a
+    missing path stays missing for 60 s once looked up, listings hide entries younger than that), as NFS
+    clients on other hosts do. Every decision that reads the disk is rank 0's, broadcast: the warm start's last
+    step, asked to be saved twice (at max_steps, then at the end of the phase), is saved once, no rank enters a
+    checkpoint collective alone, and the run ends with the uninterrupted run's weights. Before rank 0 decided,
+    the second node's ranks entered the checkpoint barrier alone and the job failed (LOG, 2026-12-07)."""
+    pythonpath = os.pathsep.join(filter(None, [str(STALE_VIEW), os.environ.get("PYTHONPATH")]))
+    run = layerchop_train(rehearsal_params(tmp_path, **KILL), shape_dirs / "chopped", tiny_prepared,
+                          tmp_path / "stale", "--warm-start", timeout=420, PYTHONPATH=pythonpath,
+                          LAYERCHOP_TEST_STALE_SECONDS="60")
+    check(run)
+    ref = uninterrupted / "ref"
+    assert max_abs_diff(load_file(ref / "model.safetensors"), load_file(tmp_path / "stale" / "model.safetensors")) == 0
+    assert losses_and_val(uninterrupted / "ref.csv")[0] == losses_and_val(tmp_path / "stale.csv")[0]
+
+
 def test_four_process_distillation_in_bf16_with_activation_checkpointing(tmp_path, shape_dirs, tiny_prepared):
     """CHOP + distill, teacher and student built on the meta device and sharded over 4 ranks on 2 nodes."""
     params = rehearsal_params(tmp_path, token_budget=4 * 2 * 2 * 4 * 32, warmup_steps=2, ckpt_every=0, val_every=0)

@@ -14,6 +14,11 @@ it simply stays in its own directory. A checkpoint is written under a hidden ``.
 (``trainer.save_checkpoint`` is a collective for sharded checkpoints), and global rank 0 renames it into
 place once every rank has finished: a directory rename is atomic, so the newest ``step*.ckpt`` is always
 complete. Only then is the previous one removed.
+
+One view of the file system: on a cluster the ranks of other nodes may see a rename or a new file late (NFS
+attribute and negative-lookup caches), so every decision that depends on what is on disk (a checkpoint
+exists, the newest complete one, the phase to resume) is made by global rank 0 and broadcast
+(:func:`rank0_decides`); no rank decides from its own view.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -35,6 +40,65 @@ def global_rank() -> int:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+T = TypeVar("T")
+_DECISIONS = {"group": None, "made": False}
+
+
+def init_process_group(accelerator: str) -> None:
+    """Start the default process group of a launched run (torchrun or a SLURM job) before its first decision,
+    the way Lightning would (same environment, backend, device and timeout: Lightning then finds it started and
+    uses it), so that rank 0's decisions can be broadcast before the first Trainer exists. No-op in one process."""
+    import torch
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+    from lightning.fabric.utilities.distributed import _init_dist_connection
+
+    from layerchop.launch import under_slurm
+
+    if not dist.is_available() or dist.is_initialized():
+        return
+    if under_slurm():
+        env = SLURMEnvironment(auto_requeue=False)
+    elif TorchElasticEnvironment.detect():
+        env = TorchElasticEnvironment()
+    else:
+        return
+    if env.world_size() <= 1:
+        return
+    kwargs = {}
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", env.local_rank())
+        torch.cuda.set_device(device)
+        backend, kwargs["device_id"] = "nccl", device
+    else:
+        backend = "gloo"
+    _init_dist_connection(env, backend, **kwargs)
+
+
+def rank0_decides(decide: Callable[[], T]) -> T:
+    """``decide()`` run on global rank 0 alone; every rank returns its answer (a collective when distributed:
+    call it on every rank at the same point). A ``ValueError`` / ``FileNotFoundError`` raised there is raised
+    on every rank. The answer goes over a gloo group (NCCL needs no part in it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    if not _DECISIONS["made"]:  # the first call, on every rank at once
+        _DECISIONS["group"] = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        _DECISIONS["made"] = True
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", decide())
+        except (ValueError, FileNotFoundError) as e:
+            box[0] = (type(e).__name__, str(e))
+    dist.broadcast_object_list(box, src=0, group=_DECISIONS["group"])
+    kind, value = box[0]
+    if kind == "ok":
+        return value
+    raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(value)
 
 
 def _step(path: Path) -> int:
@@ -92,16 +156,18 @@ class RunLayout:
 
         ``auto`` resumes the newest complete checkpoint of this fingerprint; ``never`` starts from scratch
         (rank 0 moves this fingerprint's earlier state aside, it is not deleted); a path resumes that
-        checkpoint. The decision reads only this fingerprint's directory, so every rank reaches the same one.
+        checkpoint. Global rank 0 reads the disk and decides; every rank gets its answer (:func:`rank0_decides`).
         Workers that torchrun restarted after a failure, and requeued SLURM jobs, always resume (``never`` applied
         to the first attempt).
         """
-        rank0 = global_rank() == 0
-        restarted = (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-                     or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0)  # a requeued SLURM job
+        self.resume_allowed = resume != "never" or _restarted()  # the phases' own checkpoints too
+        return rank0_decides(lambda: self._start(resume))
+
+    def _start(self, resume: str) -> Optional[str]:
+        rank0 = global_rank() == 0  # distributed: rank 0 alone runs this; without a process group, every rank
+        restarted = _restarted()
         if resume == "never" and restarted:
             resume = "auto"
-        self.resume_allowed = resume != "never"  # the phases' own checkpoints too
         if restarted and resume not in ("auto", "never") and newest_complete(self.checkpoints) is not None:
             resume = "auto"  # the restarted job continues from what its first attempt wrote, not the named start
         if resume not in ("auto", "never"):
@@ -120,6 +186,12 @@ class RunLayout:
             if found:
                 print(f"[train] resuming from {found}", flush=True)
         return str(found) if found else None
+
+
+def _restarted() -> bool:
+    """Workers restarted by torchrun after a failure, or a requeued SLURM job."""
+    return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+            or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0)
 
 
 class RunLock:
@@ -190,6 +262,7 @@ class AtomicCheckpoint(Callback):
         self.keep = keep
         self.save_on_train_end = save_on_train_end
         self.on_saved = on_saved
+        self.saved_step: Optional[int] = None  # the step this callback last published (the same on every rank)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
@@ -206,7 +279,10 @@ class AtomicCheckpoint(Callback):
     def save(self, trainer: L.Trainer) -> Path:
         step = trainer.global_step
         final = self.dirpath / f"step{step:08d}.ckpt"
-        if final.exists():
+        # the last step is asked for twice (at max_steps, then at the end): known without the disk; a step written
+        # before (a resumed run) is looked up by rank 0 alone, since other hosts may see its rename late
+        if step == self.saved_step or trainer.strategy.broadcast(final.exists() if trainer.is_global_zero else None):
+            self.saved_step = step
             return final
         partial = self.dirpath / f".step{step:08d}.ckpt.partial"
         if trainer.is_global_zero:
@@ -221,6 +297,7 @@ class AtomicCheckpoint(Callback):
             for old in sorted(self.dirpath.glob(CKPT_GLOB), key=_step)[:-self.keep]:
                 _remove(old)
         trainer.strategy.barrier("checkpoint-published")
+        self.saved_step = step
         if self.on_saved is not None:
             self.on_saved()
         return final

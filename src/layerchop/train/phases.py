@@ -32,18 +32,23 @@ from lightning.pytorch.loggers import CSVLogger
 from layerchop.prune.chop import chop_state_keys
 from layerchop.train import sharding
 from layerchop.train.callbacks import ComputeMeter, JobRequeued, Snapshots, requeue_callbacks
-from layerchop.train.checkpoint import AtomicCheckpoint, RunLayout, newest_complete
+from layerchop.train.checkpoint import AtomicCheckpoint, RunLayout, newest_complete, rank0_decides
 from layerchop.train.data import PackedDataModule
 from layerchop.train.module import CausalLMModule, ShardState
 from layerchop.train.plan import RunPlan, depth_config
 
 
 def resume_phase(plan: RunPlan, layout: RunLayout) -> int:
-    """The phase a run starts in: the newest with a checkpoint (0 without one, or with ``--resume never``)."""
+    """The phase a run starts in: the newest with a checkpoint (0 without one, or with ``--resume never``);
+    decided by global rank 0 from its view of the disk (:func:`~layerchop.train.checkpoint.rank0_decides`)."""
     if not layout.resume_allowed:
         return 0
-    found = [k for k in range(len(plan.steps.phases)) if newest_complete(layout.phase(k)) is not None]
-    return max(found, default=0)
+
+    def newest() -> int:
+        found = [k for k in range(len(plan.steps.phases)) if newest_complete(layout.phase(k)) is not None]
+        return max(found, default=0)
+
+    return rank0_decides(newest)
 
 
 def run_phases(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[], dict], tokenizer=None,
@@ -147,7 +152,7 @@ def _train_phase(plan: RunPlan, layout: RunLayout, k: int, alive: list[int], don
                            "callbacks": [*callbacks, TQDMProgressBar(refresh_rate=1), *requeue]})
     dm = PackedDataModule(plan.prepared_dir, cfg.batch_size, cfg.seed, cfg.val_batches, cfg.num_workers,
                           start_samples=done * cfg.accumulate * cfg.batch_size)
-    resume = newest_complete(where) if layout.resume_allowed else None
+    resume = rank0_decides(lambda: newest_complete(where)) if layout.resume_allowed else None
     if trainer.is_global_zero:
         what = "the uncompressed model" if k == 0 else f"{len(alive)} layers"
         print(f"[train] phase {k + 1}/{len(steps.phases)}: {phase.steps} steps on {what}, then layers "

@@ -23,7 +23,7 @@ from layerchop.io import read_metadata, write_json
 from layerchop.launch import under_slurm
 from layerchop.train.callbacks import (ComputeMeter, ExportHF, HostMemory, JobRequeued, KeepMasks, Snapshots,
                                        requeue_callbacks)
-from layerchop.train.checkpoint import AtomicCheckpoint, RunLayout, RunLock
+from layerchop.train.checkpoint import AtomicCheckpoint, RunLayout, RunLock, init_process_group
 from layerchop.train.data import PackedDataModule
 from layerchop.train.module import CausalLMModule, ShardState
 from layerchop.train.plan import RunPlan
@@ -175,6 +175,7 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
     from transformers import AutoTokenizer
 
     cfg, steps = plan.cfg, plan.steps
+    init_process_group(cfg.accelerator)  # before the first decision: rank 0 reads the disk, the others follow
     layout = RunLayout(plan.run_dir, plan.fingerprint)
     ckpt_path = layout.start(resume)
     tokenizer = AutoTokenizer.from_pretrained(plan.init_dir)
