@@ -110,7 +110,7 @@ def test_every_evaluated_model_is_produced_by_a_stage():
 
 def _keys(node, prefix=""):
     if isinstance(node, dict) and not (prefix.endswith("rows") or prefix.endswith("local_tasks")
-                                       or prefix.endswith("labels")):
+                                       or prefix.endswith("labels") or prefix.endswith("jobs")):
         return {k for key, v in node.items() for k in _keys(v, f"{prefix}.{key}" if prefix else key)} | {prefix}
     return {prefix}
 

@@ -56,8 +56,22 @@ def test_paper_scale_numbers(capsys):
     assert parts["activations_without_checkpointing"] == pytest.approx(32 * layer / 1e9, abs=0.01)
     assert parts["optimizer_temp"] == pytest.approx(4 * 6_738_415_616 / 32 / 1e9, abs=0.01)
     assert parts["optimizer_step"] < parts["backward"] == parts["total"] == arm["rank_gb"]
-    assert arm["tokens"] >= 20e9 and arm["hours"] == pytest.approx(arm["flops"] / (32 * 312e12 * 0.4) / 3600,
-                                                                    rel=1e-2)
+    # fsdp_reshard: step keeps the whole dense model gathered in bf16 through the warm start's backward
+    assert parts["gathered_layers"] == pytest.approx(2 * 6_738_415_616 / 1e9, abs=0.01)
+    # hours: the FLOPs executed (recompute of the 16 chopped layers' forward: 438,304,768 FLOPs per token and layer
+    # against a 262,144,000 head, r = 16 x 438.3M / (3 x (16 x 438.3M + 262.1M)) = 0.3213) at the measured H200
+    # utilization (0.42 s for 9.60e13 model FLOPs x (1 + its own r) on 989 TFLOP/s = 30.56 %)
+    assert result["assumptions"]["utilization"] == pytest.approx(0.3056, abs=1e-4)
+    assert arm["device_flops"] == pytest.approx(arm["flops"] * 1.3213, rel=1e-4)
+    assert arm["tokens"] >= 20e9 and arm["hours"] == pytest.approx(arm["device_flops"] / (32 * 312e12 * 0.3056)
+                                                                    / 3600, rel=1e-2)
+    # a step's traffic (the chopped model, 3,500,281,856 parameters): gathered once in bf16, reduced once in fp32,
+    # 31/32 of both sent by each rank and leaving each node (ring), at 25 GB/s
+    comm = arm["communication"]
+    assert (comm["gathered_gb"], comm["reduced_gb"]) == (7.0, 14.0)
+    assert comm["per_rank_gb"] == comm["internode_gb_per_node"] == round(31 / 32 * 3 * 3_500_281_856 * 2 / 1e9, 1)
+    assert comm["internode_s"] == pytest.approx(comm["internode_gb_per_node"] / 25, abs=0.01)
+    assert comm["bound"] == "compute" and result["warnings"] == []
 
 
 def edited(tmp_path: Path, base: Path, **changes) -> Path:
@@ -77,7 +91,7 @@ BROKEN = [
     ({"train__warmup_steps": 6000}, "train.warmup_steps=6000 does not fit"),
     ({"train__warm_start_steps": 5000}, "train.warm_start_steps=5000 uses the whole budget"),
     ({"figure4__flop_budget": 1.0e15}, "(figure4.flop_budget)=1e+15) before the chopped model trains a step"),
-    ({"slurm__gpu_memory_gb": 24.0}, "slurm.gpu_memory_gb=24.0: train@layerchop needs ~38.0 GB"),
+    ({"slurm__gpu_memory_gb": 24.0}, "slurm.gpu_memory_gb=24.0: train@layerchop needs ~50.1 GB"),
     # 74 GB without checkpointing at batch 4 (under 80 before CUDA's own overhead), so at batch 8
     ({"train__activation_checkpointing": False, "train__batch_size": 8},
      "slurm.gpu_memory_gb=80.0: train@layerchop needs ~"),
@@ -91,6 +105,10 @@ BROKEN = [
     ({"slurm__stages": ["chop", "prune", "evaluate", "curve"]}, "dvc.yaml bench runs `layerchop bench` with "
                                                                 "bench.device=cuda"),
     ({"slurm__jobs": {"evaluate": {"time": "1 day"}}}, "slurm.jobs.evaluate.time='1 day' is invalid"),
+    ({"bench__batch_sizes": [1, 8, 32]}, "bench.batch_sizes=[1, 8, 32]: dvc.yaml bench needs ~82.6 GB on one GPU"),
+    ({"train__fsdp_reshard": "step", "train__reduce_grads": "micro_batch"},
+     "train.fsdp_reshard='step' is invalid: keeping the parameters gathered"),
+    ({"train__fsdp_reshard": "always"}, "train.fsdp_reshard='always' is invalid: choose one of"),
     ({"slurm__jobs": {"figure1": {"time": "1:00:00"}}}, "slurm.jobs='figure1' is invalid: a key of slurm.jobs"),
 ]
 
@@ -215,3 +233,41 @@ def test_job_resources_defaults_and_overrides():
     assert job_resources("evaluate", params) == JobResources("2:00:00", 4, "64G", 0)  # a CPU job now
     assert job_resources("train", params) == JobResources("72:00:00", 6, None, 8)
     assert job_resources("prune", params) == JobResources("12:00:00", 8, None, 0)
+
+
+def test_plan_warns_when_communication_bounds_the_step(capsys, tmp_path):
+    """At 1 GB/s between nodes and parameters gathered twice per micro-batch, a step's 222 GB outlast its compute:
+    the hours follow the traffic and the plan says so, naming the key."""
+    rc, out, err = plan(capsys, edited(tmp_path, PAPER, train__fsdp_reshard="forward",
+                                       slurm__node_bandwidth_gb_per_s=1.0), "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    arm = next(s for s in result["stages"] if s["stage"] == "train@layerchop")
+    comm = arm["communication"]
+    assert comm["bound"] == "communication" and comm["internode_s"] == pytest.approx(comm["internode_gb_per_node"], abs=0.1)
+    assert arm["hours"] == pytest.approx(arm["device_flops"] / (32 * 312e12 * result["assumptions"]["utilization"])
+                                         / 3600 * comm["internode_s"] / comm["compute_s"], rel=1e-2)
+    assert any(w.startswith("train@layerchop: communication bounds the step") and
+               "slurm.node_bandwidth_gb_per_s=1.0" in w for w in result["warnings"])
+
+
+def test_bench_memory_by_hand():
+    """Llama-2-7B shapes in bf16: dense 6.74B parameters = 13.48 GB; the chopped 3.50B = 7.00 GB; a 2:4 model on
+    the sparse kernel keeps half its 6.48B projection entries plus 2 bits of index each (6.48 + 0.81 GB) and its
+    norms, head and embeddings dense; KV cache at batch 16 x 2176 tokens: 2 x 32 layers x 4096 x 2 bytes per
+    token = 18.25 GB; the prefill's MLP transient 3 x 16 x 2048 x 11008 x 2 bytes = 2.16 GB."""
+    from transformers import LlamaConfig
+
+    from layerchop.data.sources import LLAMA2_7B
+    from layerchop.estimate import bench_memory
+
+    dense = LlamaConfig(**LLAMA2_7B)
+    chopped = LlamaConfig(**{**LLAMA2_7B, "num_hidden_layers": 16})
+    mem = bench_memory([(dense, None), (chopped, None), (dense, (2, 4)), (dense, None)], 16, 2176, 2048, 2)
+    projections = 6_476_005_376
+    rest = 6_738_415_616 - projections
+    sparse = projections + projections / 2 * 2 / 8 + rest * 2
+    assert mem["weights"] == pytest.approx((2 * 6_738_415_616 * 2 + 3_500_281_856 * 2 + sparse) / 1e9, abs=0.01)
+    assert mem["kv_cache"] == pytest.approx(2 * 32 * 4096 * 16 * 2176 * 2 / 1e9, abs=0.01)
+    assert mem["prefill"] == pytest.approx(3 * 16 * 2048 * 11008 * 2 / 1e9, abs=0.01)
+    assert mem["total"] == pytest.approx(mem["weights"] + mem["kv_cache"] + mem["prefill"], abs=0.02)

@@ -221,6 +221,41 @@ def test_second_node_seeing_the_file_system_late_changes_nothing(tmp_path, shape
     assert losses_and_val(uninterrupted / "ref.csv")[0] == losses_and_val(tmp_path / "stale.csv")[0]
 
 
+def test_all_gathers_per_optimizer_step_for_each_reshard_setting(tmp_path, shape_dirs, tiny_prepared):
+    """The real module on 2 simulated nodes x 2 processes, accumulating 4 micro-batches a step, for each
+    ``train.fsdp_reshard`` and for hybrid sharding (tests/scripts/fsdp_gathers.py counts FSDP2's all-gathers):
+    with L decoder layers and the root, ``forward`` gathers 2L + 1 units per micro-batch (each layer again in
+    its backward; the root stays gathered), ``backward`` L + 1, ``step`` L + 1 per optimizer step; hybrid
+    gathers over the 2 ranks of a node, the others over all 4. The losses are the same in every setting."""
+    params = rehearsal_params(tmp_path, **{**FP32, "accumulate": 4, "batch_size": 1, "activation_checkpointing": True})
+    port, out = free_port(), tmp_path / "gathers.json"
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
+             f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=gathers", "--local-addr=127.0.0.1",
+             str(REPO / "tests" / "scripts" / "fsdp_gathers.py"), str(params), str(shape_dirs / "chopped"),
+             str(tiny_prepared), str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "LAYERCHOP_ARGV"}
+    agents = [subprocess.Popen(agent, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(2)]
+    logs = [a.communicate(timeout=420)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), "\n".join(log[-3000:] for log in logs)
+    result = json.loads(out.read_text())
+    layers = result["forward/full"]["decoder_layers"]
+    assert layers == 16
+    expected = {"forward/full": 4 * (2 * layers + 1), "backward/full": 4 * (layers + 1), "step/full": layers + 1,
+                "step/hybrid": layers + 1}
+    for setting, gathers in expected.items():
+        steps = result[setting]["steps"]
+        assert [s["all_gathers"] for s in steps] == [gathers, gathers], setting
+        assert all(s["group_sizes"] == ([2] if setting.endswith("hybrid") else [4]) for s in steps), setting
+    # bytes: each unit gathered whole, in fp32 here; the step setting moves a quarter of the backward one's
+    assert result["backward/full"]["steps"][0]["bytes"] == 4 * result["step/full"]["steps"][0]["bytes"]
+    losses = result["forward/full"]["losses"]
+    assert len(losses) == 8
+    for setting in ("backward/full", "step/full"):
+        assert result[setting]["losses"] == losses, setting  # the same arithmetic, bit for bit
+    assert result["step/hybrid"]["losses"] == pytest.approx(losses, rel=1e-5)  # another reduction order
+
+
 def test_four_process_distillation_in_bf16_with_activation_checkpointing(tmp_path, shape_dirs, tiny_prepared):
     """CHOP + distill, teacher and student built on the meta device and sharded over 4 ranks on 2 nodes."""
     params = rehearsal_params(tmp_path, token_budget=4 * 2 * 2 * 4 * 32, warmup_steps=2, ckpt_every=0, val_every=0)

@@ -31,6 +31,8 @@ ONE_TASK_STAGES = {"chop": "chop", "prune": "prune", "evaluate": "evaluate", "cu
                    "prepare": None, "download": None}
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
 GRAD_REDUCTIONS = ("step", "micro_batch")
+RESHARDS = ("forward", "backward", "step")  # when FSDP2 frees the gathered parameters (train.fsdp_reshard)
+SHARDINGS = ("full", "hybrid")  # FSDP2 over every rank, or within a node and replicated across (train.fsdp_sharding)
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -303,6 +305,16 @@ class TrainConfig:
     the unsharded gradients between micro-batches: a full gradient copy, in ``fsdp_reduce_dtype`` when set —
     27 GB for Llama-2-7B in fp32; ``layerchop train --plan`` estimates it); ``micro_batch`` after every
     micro-batch (sharded gradients only, ``accumulate`` times the communication)."""
+    fsdp_reshard: str = "forward"
+    """FSDP2: when the gathered (unsharded) parameters are freed. ``forward``: after each layer's forward, gathered
+    again for its backward (two all-gathers of the model per micro-batch; least memory); ``backward``: kept from
+    the forward to the backward (one per micro-batch); ``step``: kept across the micro-batches of an optimizer
+    step and freed after the last backward (one all-gather of the model per optimizer step). ``backward`` and
+    ``step`` hold the whole model unsharded in ``fsdp_param_dtype`` (``layerchop plan``: ``unsharded_params``)."""
+    fsdp_sharding: str = "full"
+    """FSDP2: ``full`` shards over every rank; ``hybrid`` (HSDP) shards within a node (``devices``) and
+    replicates across nodes (a 2-D mesh): the all-gathers stay inside the node, only the gradient all-reduce
+    crosses nodes, at ``num_nodes`` times the sharded state per rank."""
     max_data_passes: int = 1
     """Passes over the train split a budget may take; a budget that needs more is refused before training."""
     launcher: str = "local"
@@ -341,6 +353,13 @@ class TrainConfig:
                 _fail(f"train.{key}", getattr(self, key), "must be true or false")
         if self.reduce_grads not in GRAD_REDUCTIONS:
             _fail("train.reduce_grads", self.reduce_grads, f"choose one of {list(GRAD_REDUCTIONS)}")
+        if self.fsdp_reshard not in RESHARDS:
+            _fail("train.fsdp_reshard", self.fsdp_reshard, f"choose one of {list(RESHARDS)}")
+        if self.fsdp_sharding not in SHARDINGS:
+            _fail("train.fsdp_sharding", self.fsdp_sharding, f"choose one of {list(SHARDINGS)}")
+        if self.fsdp_reshard == "step" and self.reduce_grads != "step":
+            _fail("train.fsdp_reshard", self.fsdp_reshard, "keeping the parameters gathered for the whole step needs "
+                  "train.reduce_grads: step (gradients reduced once, after the last micro-batch)")
         if self.max_data_passes < 1:
             _fail("train.max_data_passes", self.max_data_passes, "must be >= 1")
         if self.launcher not in LAUNCHERS:
@@ -806,6 +825,13 @@ class SlurmConfig:
     keys: the stages of ``slurm.stages`` and ``train``."""
     gpu_memory_gb: float = 80.0
     """Memory of one GPU of the cluster: ``layerchop plan`` refuses a GPU stage whose estimate exceeds it."""
+    utilization: Optional[float] = None
+    """Fraction of ``figure4.gpu_peak_flops`` a GPU reaches on the FLOPs it executes (the model's and the
+    activation-checkpointing recompute), for ``layerchop plan``'s hours; null: the best measured figure
+    (``layerchop.estimate.MEASURED_STEP``, its source printed with the plan)."""
+    node_bandwidth_gb_per_s: float = 25.0
+    """Inter-node bandwidth of one node in GB/s (one HDR InfiniBand link: 25): ``layerchop plan`` prints the
+    time each training step's inter-node traffic takes at it and warns when that exceeds the step's compute."""
     job_dir: str = "data/slurm"
     """Batch scripts and logs of the one-task stages (``prune``, ``evaluate``, ``curve``); a train stage keeps its
     own in ``<run-dir>/slurm/``."""
@@ -842,6 +868,10 @@ class SlurmConfig:
             job.check(f"slurm.jobs.{stage}")
         if not self.gpu_memory_gb > 0:
             _fail("slurm.gpu_memory_gb", self.gpu_memory_gb, "must be > 0")
+        if self.utilization is not None and not 0 < self.utilization <= 1:
+            _fail("slurm.utilization", self.utilization, "must be in (0, 1] or null")
+        if not self.node_bandwidth_gb_per_s > 0:
+            _fail("slurm.node_bandwidth_gb_per_s", self.node_bandwidth_gb_per_s, "must be > 0")
         if not self.poll_seconds > 0:
             _fail("slurm.poll_seconds", self.poll_seconds, "must be > 0")
 

@@ -13,7 +13,10 @@ under bf16/fp16 precision, 4 in fp32):
   of ``fsdp_reduce_dtype``): each rank keeps the full gradients between micro-batches;
 - gathered weights in the compute dtype: ``2 x`` one decoder layer (the layer running and the prefetched one)
   and the root group (embeddings, final norm, head: FSDP2 keeps the root unsharded from forward through
-  backward);
+  backward) with ``train.fsdp_reshard: forward``; the whole model with ``backward`` or ``step`` (every layer
+  stays gathered from its forward to its backward, or for the whole step);
+- hybrid sharding (``train.fsdp_sharding: hybrid``): everything sharded is sharded over the ``devices`` of one
+  node instead of all ``W`` ranks;
 - activations: without checkpointing, every layer keeps ``8h + a (6h + 2 kv + 4i)`` bytes per token: each of
   its two RMSNorms keeps its input in fp32 (``4h``: HF's ``LlamaRMSNorm`` upcasts), its normalised input and
   its weighted output (``2 a h``); attention keeps q, k, v for SDPA and SDPA's output (``a (2h + 2 kv)``;
@@ -40,6 +43,7 @@ Also compared there with the CPU rehearsal and with published 7B-class FSDP2 fig
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 def dtype_bytes(name: str | None, default: int = 4) -> int:
@@ -112,7 +116,7 @@ def train_memory(config, cfg, seq_len: int, teacher_config=None, on_gpu: bool | 
     (default: ``train.accelerator`` is ``gpu`` or ``cuda``) adds the foreach optimizer step's temporary; ``dimchop``
     adds PLATON's two fp32 copies of the seven projections of every layer (``--objective dimchop``)."""
     fsdp = cfg.strategy == "fsdp"
-    world = cfg.devices * cfg.num_nodes if fsdp else 1
+    world = shard_world(cfg)
     p = count_params(config)
     mixed = cfg.precision in ("bf16-mixed", "bf16-true", "16-mixed")
     act = 2 if mixed else 4
@@ -138,11 +142,131 @@ def train_memory(config, cfg, seq_len: int, teacher_config=None, on_gpu: bool | 
     temp = (state_bytes // 4) * p / world if on_gpu else 0.0
     return TrainMemory(
         state=state_bytes * p / world / 1e9, unsharded_grads=grads / 1e9,
-        gathered_layers=((2 * layer_params(config) + p - L * layer_params(config)) * compute / 1e9) if fsdp else 0.0,
+        gathered_layers=(((2 * layer_params(config) + p - L * layer_params(config)) if cfg.fsdp_reshard == "forward"
+                          else p) * compute / 1e9) if fsdp else 0.0,
         activations=(with_ac if cfg.activation_checkpointing else full) / 1e9,
         activations_without_checkpointing=full / 1e9,
         logits=t * config.vocab_size * (act + 4 + 4) / 1e9, teacher=teacher / 1e9, optimizer_temp=temp / 1e9,
         pruning_scores=(8 * L * (layer_params(config) - 2 * h) / world / 1e9) if dimchop else 0.0)
+
+
+def shard_world(cfg) -> int:
+    """Ranks one parameter is sharded over: all of them (FSDP2), one node's (hybrid), 1 (no FSDP)."""
+    if cfg.strategy != "fsdp":
+        return 1
+    return cfg.devices if cfg.fsdp_sharding == "hybrid" else cfg.devices * cfg.num_nodes
+
+
+@dataclass
+class StepCommunication:
+    """Bytes one optimizer step moves (GB) and their time, beside the step's compute time (seconds)."""
+
+    gathered_gb: float
+    """Parameters all-gathered per step (whole tensors, in the compute dtype), summed over the gathers."""
+    reduced_gb: float
+    """Gradients reduced per step (in ``fsdp_reduce_dtype``)."""
+    per_rank_gb: float
+    """What one rank sends (= receives) per step in its collectives, intra-node links included."""
+    internode_gb_per_node: float
+    """What leaves one node per step over its inter-node links."""
+    internode_s: float
+    """``internode_gb_per_node`` at ``slurm.node_bandwidth_gb_per_s``."""
+    compute_s: float
+    """The step's FLOPs at the plan's MFU."""
+
+    @property
+    def bound(self) -> str:
+        """``communication`` when the inter-node transfers outlast the compute they overlap with."""
+        return "communication" if self.internode_s > self.compute_s else "compute"
+
+    def as_dict(self) -> dict:
+        return {"gathered_gb": round(self.gathered_gb, 1), "reduced_gb": round(self.reduced_gb, 1),
+                "per_rank_gb": round(self.per_rank_gb, 1), "internode_gb_per_node": round(self.internode_gb_per_node, 1),
+                "internode_s": round(self.internode_s, 2), "compute_s": round(self.compute_s, 2), "bound": self.bound}
+
+
+def step_communication(config, cfg, flops_per_step: float, peak_flops: float, mfu: float,
+                       node_bandwidth_gb_per_s: float) -> StepCommunication:
+    """FSDP2's traffic in one optimizer step of training ``config`` (bandwidth-only model; latency ignored).
+
+    With ``A = train.accumulate`` micro-batches, ``P`` parameters (``P_L`` of them in decoder layers), compute
+    bytes ``b`` and reduce bytes ``g``: the gathers move ``A (P + P_L) b`` (``fsdp_reshard: forward``: all in
+    forward, the layers again in backward), ``A P b`` (``backward``) or ``P b`` (``step``); the gradients
+    ``P g`` once (``reduce_grads: step``) or ``A P g``. A ring collective over ``n`` ranks of ``S`` bytes makes
+    each rank send ``(n - 1) / n x S`` and crosses every node boundary of the ring once, so with full sharding
+    ``(W - 1) / W x`` (gathers + reductions) leave each node; with hybrid sharding the gathers and the
+    reduce-scatters stay in the node and only the all-reduce of the node's gradient shards crosses:
+    ``2 (N - 1) / N x`` the reduced bytes per node."""
+    if cfg.strategy != "fsdp" or cfg.devices * cfg.num_nodes == 1:
+        return StepCommunication(0.0, 0.0, 0.0, 0.0, 0.0, flops_per_step / (peak_flops * mfu))
+    world, nodes, d = cfg.devices * cfg.num_nodes, cfg.num_nodes, cfg.devices
+    p, p_layers = count_params(config), config.num_hidden_layers * layer_params(config)
+    b = dtype_bytes(cfg.fsdp_param_dtype, 4)
+    g = dtype_bytes(cfg.fsdp_reduce_dtype or cfg.fsdp_param_dtype, 4)
+    a = cfg.accumulate
+    gathered = {"forward": a * (p + p_layers), "backward": a * p, "step": p}[cfg.fsdp_reshard] * b
+    reduced = (1 if cfg.reduce_grads == "step" else a) * p * g
+    if cfg.fsdp_sharding == "hybrid" and nodes > 1:
+        allreduce_rank = 2 * (nodes - 1) / nodes * reduced / d
+        per_rank = (d - 1) / d * (gathered + reduced) + allreduce_rank
+        internode = d * allreduce_rank
+    else:
+        per_rank = (world - 1) / world * (gathered + reduced)
+        internode = per_rank if nodes > 1 else 0.0
+    compute_s = flops_per_step / (world * peak_flops * mfu)
+    return StepCommunication(gathered / 1e9, reduced / 1e9, per_rank / 1e9, internode / 1e9,
+                             internode / 1e9 / node_bandwidth_gb_per_s, compute_s)
+
+
+# The best measured training step on a GPU (experiments/LOG.md, 2026-11-26): what the plan's hours assume by
+# default (slurm.utilization: null). Its utilization is derived below with the plan's own FLOP functions.
+MEASURED_STEP = {
+    "device": "NVIDIA H200 (989 TFLOP/s dense bf16)", "peak_flops": 989e12, "s_per_step": 0.42,
+    "model_flops_per_step": 9.60e13,  # the project's counter (matmuls of forward + backward, no recompute)
+    "hidden_size": 2048, "layers": 32, "vocab_size": 32000, "batch_size": 4, "seq_len": 2048,
+    "activation_checkpointing": True,
+    "source": "experiments/LOG.md 2026-11-26: experiments/gpu-check/check.py, a 1.75B Llama (32 layers, width "
+              "2048) through the train stage, FSDP2 on 1 rank, bf16-mixed, 4 x 2048 tokens a step, activation "
+              "checkpointing; steady state 0.42 s a step (23 % MFU)",
+}
+
+
+def recompute_fraction(config, batch_size: int, seq_len: int, checkpointing: bool) -> float:
+    """Extra FLOPs of activation checkpointing as a fraction of a step's model FLOPs: every decoder layer's
+    forward runs again in the backward pass (the output head is not recomputed)."""
+    if not checkpointing:
+        return 0.0
+    from layerchop.train.flops import llama_forward_flops, llama_train_flops
+
+    return llama_forward_flops(config, batch_size, seq_len, head=False) / llama_train_flops(config, batch_size, seq_len)
+
+
+def measured_utilization() -> tuple[float, str]:
+    """The fraction of its peak the best measured GPU step reached on the FLOPs the device executed
+    (the model's plus the recompute), and where that figure comes from."""
+    from layerchop.data.sources import llama2_7b_shape_config
+
+    m = MEASURED_STEP
+    config = llama2_7b_shape_config(m["hidden_size"], m["vocab_size"], bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    device_flops = m["model_flops_per_step"] * (1 + recompute_fraction(config, m["batch_size"], m["seq_len"],
+                                                                       m["activation_checkpointing"]))
+    return device_flops / (m["s_per_step"] * m["peak_flops"]), f"{m['device']}; {m['source']}"
+
+
+def bench_memory(models: list[tuple[object, Optional[tuple[int, int]]]], batch: int, context: int, prompt: int,
+                 bytes_per_value: float) -> dict:
+    """GPU memory of ``layerchop bench``: every model resident at once (``(config, 2:4 pattern or None)``, a 2:4
+    model stored compressed on the sparse kernel), the largest model's KV cache at ``batch`` x ``context``
+    tokens, and the prefill's largest transient (one MLP's gate, up and product over ``batch x prompt`` tokens),
+    in GB. CUDA context and allocator slack are not modelled."""
+    from layerchop.evaluate.efficiency import kv_cache_bytes, weight_bytes
+
+    weights = sum(weight_bytes(c, bytes_per_value, nm) + c.vocab_size * c.hidden_size * bytes_per_value
+                  * (0 if getattr(c, "tie_word_embeddings", False) else 1) for c, nm in models)
+    kv = max(kv_cache_bytes(c, batch, context, bytes_per_value) for c, _ in models)
+    transient = max(3 * batch * prompt * c.intermediate_size * bytes_per_value for c, _ in models)
+    return {"weights": round(weights / 1e9, 2), "kv_cache": round(kv / 1e9, 2), "prefill": round(transient / 1e9, 2),
+            "total": round((weights + kv + transient) / 1e9, 2)}
 
 
 def hours(flops: float, world: int, peak_flops: float, mfu: float) -> float:

@@ -6,9 +6,12 @@ Example::
     layerchop plan --params experiments/paper-scale/params.yaml --json   # the same as JSON
 
 For every stage ``dvc repro`` would run (read from ``dvc.yaml`` the way DVC expands it): processes, optimizer
-steps, tokens, training FLOPs (the FLOP functions the runs use), hours at ``figure4.mfu`` of
-``figure4.gpu_peak_flops``, per-GPU memory (``layerchop.estimate``), host memory of the loading node, and disk
-for each output plus the checkpoints. Exits 2 naming the key when a stage cannot run as configured: a
+steps, tokens, training FLOPs (the FLOP functions the runs use) and the FLOPs the devices execute (plus the
+activation-checkpointing recompute), hours at ``slurm.utilization`` of ``figure4.gpu_peak_flops`` (null: the best
+measured GPU step, ``layerchop.estimate.MEASURED_STEP``; the step time is the longer of its compute and its
+inter-node traffic at ``slurm.node_bandwidth_gb_per_s``, with a warning when the traffic is longer), the bytes each
+step moves, per-GPU memory (``layerchop.estimate``; ``bench``'s too), host memory of the loading node, where each
+stage runs (here or a SLURM job, with its resources), and disk for each output plus the checkpoints. Exits 2 naming the key when a stage cannot run as configured: a
 warmup or warm start that does not fit the budget, a budget below one step, a warm start on a stage that
 refuses it, a topology the launcher cannot start (the config's own check), a GPU stage above ``slurm.gpu_memory_gb``, a train budget
 the streamed corpus cannot cover.
@@ -87,7 +90,8 @@ def plan(params: dict, dvc: dict) -> dict:
     """Every stage's cost (see the module docstring). Raises ValueError naming the key that makes a stage fail."""
     from layerchop.config import section
     from layerchop.data.sources import known_config
-    from layerchop.estimate import (checkpoint_gb, count_params, hours, model_dir_gb, prepared_gb, projection_entries,
+    from layerchop.estimate import (checkpoint_gb, count_params, hours, measured_utilization, model_dir_gb,
+                                    prepared_gb, projection_entries, recompute_fraction, step_communication,
                                     train_memory)
     from layerchop.pipeline import stage_commands
     from layerchop.prune.chop import removed_indices
@@ -136,7 +140,9 @@ def plan(params: dict, dvc: dict) -> dict:
                            "host_gb": round(model_dir_gb(dense, "float32"), 1),
                            "disk_gb": round(model_dir_gb(dense, dtype), 1)})
 
-    total_gpu_hours = 0.0
+    total_gpu_hours = total_at_fig4 = 0.0
+    util, util_source = (slurm.utilization, "slurm.utilization") if slurm.utilization else measured_utilization()
+    warnings: list[str] = []
     warm_arms = []
     for name, argv in stage_commands(dvc, params, TRAIN_STAGES):
         args = _train_args(argv)
@@ -182,14 +188,25 @@ def plan(params: dict, dvc: dict) -> dict:
             raise ValueError(
                 f"slurm.gpu_memory_gb={slurm.gpu_memory_gb}: {name} needs ~{mem.total:.1f} GB per GPU in its {worst} "
                 f"phase ({json.dumps(mem.as_dict())}); lower train.batch_size, turn on "
-                "train.activation_checkpointing, use train.reduce_grads: micro_batch, or add GPUs")
-        h = hours(flops, world, fig4.gpu_peak_flops, fig4.mfu)
+                "train.activation_checkpointing, use train.fsdp_reshard: forward or train.reduce_grads: micro_batch, "
+                "or add GPUs")
+        recompute = recompute_fraction(init, cfg.batch_size, prep.seq_len, cfg.activation_checkpointing)
+        comm = step_communication(init, cfg, steps.flops_per_step * (1 + recompute), fig4.gpu_peak_flops, util,
+                                  slurm.node_bandwidth_gb_per_s)
+        h = hours(flops * (1 + recompute), world, fig4.gpu_peak_flops, util)
+        if comm.bound == "communication":
+            h *= comm.internode_s / comm.compute_s
+            warnings.append(f"{name}: communication bounds the step ({comm.internode_gb_per_node:.0f} GB leave each "
+                            f"node a step: {comm.internode_s:.1f} s at slurm.node_bandwidth_gb_per_s="
+                            f"{slurm.node_bandwidth_gb_per_s} vs {comm.compute_s:.1f} s of compute); consider "
+                            "train.fsdp_reshard: step or train.fsdp_sharding: hybrid")
         total_gpu_hours += h * world
+        total_at_fig4 += hours(flops, world, fig4.gpu_peak_flops, fig4.mfu) * world
         loader_host = model_dir_gb(dense if steps.phases or teacher else init, dtype) * (2 if teacher else 1)
         stages.append({
             "stage": name, "processes": world, "nodes": cfg.num_nodes, "launcher": cfg.launcher,
             "steps": steps.total_steps, "warm_steps": steps.warm_steps, "tokens": tokens, "flops": flops,
-            "hours": float(f"{h:.3g}"), "rank_gb": round(mem.total, 2), "on": "gpu" if gpu else "host",
+            "device_flops": flops * (1 + recompute), "hours": float(f"{h:.3g}"), "communication": comm.as_dict(), "rank_gb": round(mem.total, 2), "on": "gpu" if gpu else "host",
             "rank_phase": worst, "rank_parts": mem.as_dict(), "host_gb": round(loader_host, 1),
             # DimChop's exports carry a bool [out, in] masks file of its projections (1 byte an entry)
             "disk_gb": round((model_dir_gb(init, dtype) + (projection_entries(init) / 1e9 if args.objective == "dimchop"
@@ -215,17 +232,47 @@ def plan(params: dict, dvc: dict) -> dict:
             stages.append({"stage": name, "processes": 1,
                            "rank_gb": round(eval_gb, 2), "on": "gpu" if ev.device != "cpu" else "host",
                            "disk_gb": 0.0})
+    for name, argv in stage_commands(dvc, params, ("bench",)):
+        stages.append(_bench_stage(name, argv, params, dense, chopped))
     disk = sum(s.get("disk_gb") or 0 for s in stages)
     return {"model": {"dense_params": count_params(dense), "chopped_params": count_params(chopped),
                       "removed_layers": removed},
-            "assumptions": {"mfu": fig4.mfu, "gpu_peak_flops": fig4.gpu_peak_flops,
-                            "gpu_memory_gb": slurm.gpu_memory_gb},
+            "assumptions": {"utilization": round(util, 4), "utilization_source": util_source,
+                            "gpu_peak_flops": fig4.gpu_peak_flops, "gpu_memory_gb": slurm.gpu_memory_gb,
+                            "node_bandwidth_gb_per_s": slurm.node_bandwidth_gb_per_s, "figure4_mfu": fig4.mfu},
+            "warnings": warnings,
             "stages": stages, "warm_start_stages": warm_arms, "routing": where,
-            "totals": {"gpu_hours": round(total_gpu_hours, 1), "dvc_outputs_gb": round(disk, 1),
+            "totals": {"gpu_hours": round(total_gpu_hours, 1),
+                       "gpu_hours_model_flops_at_figure4_mfu": round(total_at_fig4, 1),
+                       "dvc_outputs_gb": round(disk, 1),
                        "checkpoints_gb": round(sum(s.get("checkpoint_gb") or 0 for s in stages), 1),
                        "checkpoints_peak_gb": round(sum(s.get("checkpoint_gb") or 0 for s in stages)
                                                     + max((s.get("largest_checkpoint_gb") or 0 for s in stages),
                                                           default=0), 1)}}
+
+
+def _bench_stage(name: str, argv: list[str], params: dict, dense, chopped) -> dict:
+    """``layerchop bench``'s GPU memory: every ``--model`` resident (the chopped architecture for the model named
+    ``chopped``'s directory, a 2:4 model compressed where the sparse kernel runs), the KV cache at the grid's
+    largest batch and context. Refused above ``slurm.gpu_memory_gb``."""
+    from layerchop.config import section
+    from layerchop.estimate import bench_memory, dtype_bytes
+
+    cfg, slurm = section("bench", params), section("slurm", params)
+    models = [value.split("=", 1)[1] for flag, value in zip(argv, argv[1:]) if flag == "--model"]
+    sparse = cfg.device.startswith("cuda") and cfg.dtype != "float32" and cfg.sparse_kernel != "off"
+    configs = [(chopped if Path(m).name == "chopped" else dense, (2, 4) if sparse and "2of4" in Path(m).name else None)
+               for m in models]
+    batch, prompt = max(cfg.batch_sizes), max(cfg.prompt_lengths)
+    mem = bench_memory(configs, batch, prompt + cfg.new_tokens, prompt, dtype_bytes(cfg.dtype))
+    if cfg.device.startswith("cuda") and mem["total"] > slurm.gpu_memory_gb:
+        raise ValueError(f"bench.batch_sizes={cfg.batch_sizes}: dvc.yaml {name} needs ~{mem['total']:.1f} GB on one GPU "
+                         f"> slurm.gpu_memory_gb={slurm.gpu_memory_gb} ({len(models)} models resident: "
+                         f"{mem['weights']} GB, KV cache at batch {batch} x {prompt + cfg.new_tokens} tokens: "
+                         f"{mem['kv_cache']} GB, prefill {mem['prefill']} GB); lower bench.batch_sizes or "
+                         "bench.prompt_lengths")
+    return {"stage": name, "processes": 1, "rank_gb": mem["total"], "rank_parts": mem,
+            "on": "gpu" if cfg.device != "cpu" else "host", "disk_gb": 0.0}
 
 
 def table(result: dict) -> str:
@@ -243,8 +290,8 @@ def table(result: dict) -> str:
     m, a, t = result["model"], result["assumptions"], result["totals"]
     lines.insert(1, "-" * len(lines[0]))
     head = (f"dense {m['dense_params'] / 1e9:.3g}B parameters, chopped {m['chopped_params'] / 1e9:.3g}B "
-            f"(layers {m['removed_layers']} removed); hours at {a['mfu']:.0%} MFU of {a['gpu_peak_flops'] / 1e12:.0f} "
-            f"TFLOP/s per GPU; rank GB: memory of one process (largest phase), on the GPU (checked against "
+            f"(layers {m['removed_layers']} removed); hours at {a['utilization']:.1%} of {a['gpu_peak_flops'] / 1e12:.0f} "
+            f"TFLOP/s per GPU on the FLOPs executed, recompute included ({a['utilization_source']}); rank GB: memory of one process (largest phase), on the GPU (checked against "
             f"{a['gpu_memory_gb']} GB) or the host; host GB: the copy the loading rank reads")
     foot = (f"total: {t['gpu_hours']} GPU-hours of training, {t['dvc_outputs_gb']} GB of DVC outputs, "
             f"{t['checkpoints_gb']} GB of checkpoints kept (the last of each run, warm starts included; "
@@ -254,7 +301,14 @@ def table(result: dict) -> str:
         if runs.startswith("job:"):
             jobs.setdefault(runs, []).append(name)
     routes = [f"{', '.join(names)}: {runs}" for runs, names in jobs.items()]
-    return "\n".join([head, *lines, foot, *routes])
+    foot += (f"; {t['gpu_hours_model_flops_at_figure4_mfu']} GPU-hours as figure4 counts them (model FLOPs at "
+             f"{a['figure4_mfu']:.0%} MFU)")
+    comm = [f"{s['stage']}: {s['communication']['internode_gb_per_node']} GB leave each node a step "
+            f"({s['communication']['internode_s']} s at {a['node_bandwidth_gb_per_s']} GB/s; compute "
+            f"{s['communication']['compute_s']} s; {s['communication']['per_rank_gb']} GB sent per rank)"
+            for s in result["stages"] if s.get("communication", {}).get("internode_gb_per_node")][:1]
+    warn = [f"warning: {w}" for w in result.get("warnings", [])]
+    return "\n".join([head, *lines, foot, *comm, *routes, *warn])
 
 
 def main(args: argparse.Namespace) -> int:

@@ -317,8 +317,11 @@ class DistillModule(CausalLMModule):
         self.model.train()
         if mesh is None:
             return
-        for m, layers in ((self.model, decoder_layers(student)), (teacher, decoder_layers(teacher))):
-            sharding.apply_fsdp2(m, mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype, layers=layers)
+        # the frozen teacher has no backward: its layers free their gathered parameters after the forward
+        for m, layers, reshard in ((self.model, decoder_layers(student), self.cfg.fsdp_reshard),
+                                   (teacher, decoder_layers(teacher), "forward")):
+            sharding.apply_fsdp2(m, mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype, layers=layers,
+                                 reshard=reshard)
             sharding.materialize(m, self.device)
         if student_built:
             sharding.load_broadcast(self.model, self.model_dir, prefix="student.",

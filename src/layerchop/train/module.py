@@ -115,7 +115,8 @@ class CausalLMModule(L.LightningModule):
         model = sharding.empty_model(config if config is not None else AutoConfig.from_pretrained(model_dir))
         if self.cfg.activation_checkpointing:
             sharding.enable_activation_checkpointing(model)
-        sharding.apply_fsdp2(model, mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype)
+        sharding.apply_fsdp2(model, mesh, self.cfg.fsdp_param_dtype, self.cfg.fsdp_reduce_dtype,
+                             reshard=self.cfg.fsdp_reshard)
         sharding.materialize(model, self.device)
         if shard_weights is not None:
             sharding.load_local_model_state(model, shard_weights)
@@ -124,11 +125,15 @@ class CausalLMModule(L.LightningModule):
         return model
 
     def data_parallel_mesh(self):
-        """The data-parallel device mesh under ``ModelParallelStrategy``; None otherwise."""
+        """The mesh FSDP2 shards over under ``ModelParallelStrategy`` (the strategy's data-parallel mesh, or the
+        2-D hybrid one: :func:`~layerchop.train.sharding.training_mesh`); None otherwise."""
         mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
         if mesh is None:
             return None
-        return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        if getattr(self, "_training_mesh", None) is None:
+            dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+            object.__setattr__(self, "_training_mesh", sharding.training_mesh(dp, self.cfg))
+        return self._training_mesh
 
     def export_state(self):
         """``(config, full state dict)`` of the model to export; a collective under FSDP2."""
@@ -139,10 +144,10 @@ class CausalLMModule(L.LightningModule):
         return self.model(input_ids=input_ids, labels=labels, use_cache=False)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # under accumulation, reduce-scatter the gradients once per optimizer step (FSDP2; Lightning's
-        # no-sync only covers DDP)
+        # under accumulation, reduce-scatter the gradients once per optimizer step and, with fsdp_reshard: step,
+        # keep the parameters gathered between its micro-batches (FSDP2; Lightning's no-sync only covers DDP)
         last = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
-        sharding.set_gradient_sync(self.model, last or self.cfg.reduce_grads == "micro_batch")
+        sharding.set_micro_batch(self.model, last, self.cfg)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self(batch["input_ids"], batch["labels"])  # input_ids_BT, labels_BT

@@ -326,6 +326,9 @@ def resolve(
         check_model_dir(teacher_dir, "--teacher")
     if objective == "dimchop" and dimchop_cfg is None:
         raise ValueError("--objective dimchop needs a dimchop section")
+    if objective == "dimchop" and cfg.fsdp_sharding == "hybrid" and cfg.num_nodes > 1:
+        raise ValueError("train.fsdp_sharding='hybrid': --objective dimchop sums its PLATON scores over one "
+                         "sharding group; use train.fsdp_sharding: full")
     if objective == "dimchop" and cfg.precision in ("bf16-true", "16-mixed"):
         raise ValueError(f"train.precision={cfg.precision!r}: --objective dimchop keeps its PLATON averages in float32 "
                          "and folds in every step's gradients (a bf16 module or a skipped fp16 step would spoil "

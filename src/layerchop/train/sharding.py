@@ -55,8 +55,12 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_fsdp2(model: nn.Module, mesh, param_dtype: Optional[str], reduce_dtype: Optional[str],
-                layers: Optional[Iterable[nn.Module]] = None) -> None:
-    """``fully_shard`` every decoder layer (``layers``, default: the model's own), then the root (FSDP2)."""
+                layers: Optional[Iterable[nn.Module]] = None, reshard: str = "forward") -> None:
+    """``fully_shard`` every decoder layer (``layers``, default: the model's own), then the root (FSDP2).
+
+    ``reshard`` (``train.fsdp_reshard``): ``forward`` frees each layer's gathered parameters after its forward
+    (gathered again in backward); ``backward`` and ``step`` keep them to the backward (``step`` also across
+    micro-batches: :func:`set_micro_batch`). The root keeps FSDP2's default (not resharded after forward)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from layerchop.prune.chop import decoder_layers
@@ -66,8 +70,19 @@ def apply_fsdp2(model: nn.Module, mesh, param_dtype: Optional[str], reduce_dtype
         reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype else None,
     )
     for layer in decoder_layers(model) if layers is None else layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard == "forward")
     fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def training_mesh(mesh, cfg):
+    """The mesh FSDP2 shards over: the strategy's data-parallel mesh (``train.fsdp_sharding: full``), or a 2-D
+    ``(replicate, shard)`` mesh of ``num_nodes`` x ``devices`` for hybrid sharding (HSDP): shards within a node,
+    replicas across nodes. Ranks are numbered node by node, so a row of the mesh is one node."""
+    if mesh is None or cfg.fsdp_sharding != "hybrid" or cfg.num_nodes == 1:
+        return mesh
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(mesh.device_type, (cfg.num_nodes, cfg.devices), mesh_dim_names=("replicate", "shard"))
 
 
 @torch.no_grad()
@@ -224,11 +239,13 @@ def local_rows(p: torch.Tensor) -> tuple[int, int]:
         return 0, p.shape[0]
     from torch.distributed.tensor import Shard
 
-    if len(p.placements) != 1 or p.placements[0] != Shard(0):
-        raise NotImplementedError(f"only FSDP2's Shard(0) placement is supported, got {p.placements}")
-    n, world = p.shape[0], p.device_mesh.size()
+    shards = [i for i, pl in enumerate(p.placements) if pl == Shard(0)]
+    if len(shards) != 1 or any(not pl.is_replicate() for i, pl in enumerate(p.placements) if i != shards[0]):
+        raise NotImplementedError(f"only FSDP2's Shard(0) placement (and HSDP's Replicate, Shard(0)) is supported, "
+                                  f"got {p.placements}")
+    n, world = p.shape[0], p.device_mesh.size(shards[0])
     chunk = math.ceil(n / world)
-    start = min(p.device_mesh.get_local_rank() * chunk, n)
+    start = min(p.device_mesh.get_local_rank(shards[0]) * chunk, n)
     stop = min(start + chunk, n)
     assert stop - start == p.to_local().shape[0], (tuple(p.shape), start, stop, tuple(p.to_local().shape))
     return start, stop
@@ -241,3 +258,14 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
 
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(sync)
+
+
+def set_micro_batch(model: nn.Module, last: bool, cfg) -> None:
+    """Before each micro-batch under FSDP2: gradients reduced on the last one only (``train.reduce_grads: step``)
+    or on every one; with ``train.fsdp_reshard: step`` the parameters stay gathered after the backward of every
+    micro-batch but the last, so the next forward gathers nothing. No-op for a plain module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    set_gradient_sync(model, last or cfg.reduce_grads == "micro_batch")
+    if isinstance(model, FSDPModule) and cfg.fsdp_reshard == "step":
+        model.set_reshard_after_backward(last)
