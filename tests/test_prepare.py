@@ -131,3 +131,60 @@ def test_parallel_shards_pack_the_same_bytes_and_counts_stay_small(tmp_path, tin
     prepare(big, tiny_dir, tmp_path / "big_prepared", tiny_prepare_cfg(num_proc=2))
     size_small = (tiny_prepared / "counts.json").stat().st_size
     assert (tmp_path / "big_prepared" / "counts.json").stat().st_size < size_small + 200
+
+
+def _first_train_document(prepared, corpus) -> str:
+    docs = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(corpus / "documents.jsonl")}
+    return docs[read_splits(prepared)["train"][0]]
+
+
+def _packed_tokens(prepared, counts) -> np.ndarray:
+    return np.fromfile(prepared / "train.bin", dtype=counts["dtype"])[:counts["splits"]["train"]["tokens"]]
+
+
+def _lm_eval_context_ids(model_dir, text: str) -> list[int]:
+    """The ids lm-eval (HFLM, add_bos_token left at its default) puts in a loglikelihood request's context."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM
+
+    lm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(model_dir), tokenizer=AutoTokenizer.from_pretrained(
+        model_dir), batch_size=1, device="cpu")
+    return lm.tok_encode(text)
+
+
+def test_one_token_format_with_a_tokenizer_that_adds_bos(tmp_path, tiny_dir, tiny_corpus):
+    """A Llama-2-style tokenizer (its post-processor puts <s> before every text): every packed document starts
+    with <s>, and a packed row holds exactly the ids lm-eval sends for the same text (then EOS)."""
+    from tokenizers import processors
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    model_dir = tmp_path / "llama2-style"
+    AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert tok("a b")["input_ids"][0] == bos  # as Llama-2's does
+    counts = prepare(tiny_corpus, model_dir, tmp_path / "prepared", tiny_prepare_cfg())
+    assert counts["document_prefix_ids"] == [bos]
+    text = _first_train_document(tmp_path / "prepared", tiny_corpus)
+    request = _lm_eval_context_ids(model_dir, text)
+    assert request[0] == bos
+    tokens = _packed_tokens(tmp_path / "prepared", counts)  # the rows of the train split, end to end
+    assert tokens[:len(request) + 2].tolist() == request + [tok.eos_token_id, bos]  # the next one starts with <s>
+    assert PackedDataset(tmp_path / "prepared", "train")[0]["input_ids"][0] == bos
+    starts = np.flatnonzero(np.r_[True, tokens[:-1] == tok.eos_token_id])
+    assert len(starts) == counts["splits"]["train"]["documents"] and (tokens[starts] == bos).all()
+
+
+def test_one_token_format_with_smollm2s_tokenizer(tmp_path, smollm2_dir, tiny_corpus):
+    """SmolLM2's tokenizer adds nothing before a text: packed documents start with their own first token, as
+    lm-eval's requests do."""
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    counts = prepare(tiny_corpus, smollm2_dir, tmp_path / "prepared", tiny_prepare_cfg())
+    assert counts["document_prefix_ids"] == []
+    text = _first_train_document(tmp_path / "prepared", tiny_corpus)
+    request = _lm_eval_context_ids(smollm2_dir, text)
+    assert request == tok(text, add_special_tokens=False)["input_ids"]
+    assert _packed_tokens(tmp_path / "prepared", counts)[:len(request) + 1].tolist() == request + [tok.eos_token_id]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -420,3 +421,32 @@ def test_resume_never_applies_to_the_first_attempt_only(tmp_path, monkeypatch, v
     monkeypatch.setenv(variable, "0")
     assert layout.start("never") is None
     assert not layout.root.exists() and len(list(tmp_path.glob("abc.replaced-*"))) == 1
+
+
+def test_export_keeps_the_input_dtype_and_the_plans_size(tmp_path, tiny_dir, tiny_prepared):
+    """A bf16 input model (its layerchop.json dtype, as download.model.dtype writes it) trains in fp32 and is
+    exported in bf16: every tensor of the safetensors header is BF16 and the weights take exactly the bytes
+    ``layerchop plan`` counts for it (model_dir_gb: 2 bytes a parameter, tied embeddings once); with
+    ``train.export_dtype: float32`` the export is F32 at twice that."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from layerchop.estimate import model_dir_gb
+    from layerchop.io import save_model_dir
+
+    init = tmp_path / "bf16"
+    save_model_dir(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16),
+                   AutoTokenizer.from_pretrained(tiny_dir), init, metadata={"stage": "test", "dtype": "bfloat16"})
+    config = AutoConfig.from_pretrained(init)
+    for export_dtype, header, nbytes in ((None, "BF16", 2), ("float32", "F32", 4)):
+        out = tmp_path / f"out-{export_dtype}"
+        meta = run(init, tiny_prepared, out, tiny_train_cfg(token_budget=3 * 4 * 32, export_dtype=export_dtype),
+                   run_dir=tmp_path / f"run-{export_dtype}")
+        assert meta["dtype"] == (export_dtype or "bfloat16")
+        with safe_open(out / "model.safetensors", "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+            data = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) * nbytes
+        assert dtypes == {header}
+        assert data == round(model_dir_gb(config, export_dtype or "bfloat16") * 1e9)
+        loaded = AutoModelForCausalLM.from_pretrained(out)
+        assert loaded.dtype == (torch.float32 if export_dtype else torch.bfloat16)

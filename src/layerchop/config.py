@@ -305,6 +305,9 @@ class TrainConfig:
     the unsharded gradients between micro-batches: a full gradient copy, in ``fsdp_reduce_dtype`` when set —
     27 GB for Llama-2-7B in fp32; ``layerchop train --plan`` estimates it); ``micro_batch`` after every
     micro-batch (sharded gradients only, ``accumulate`` times the communication)."""
+    export_dtype: Optional[str] = None
+    """dtype of the exported model and its snapshots (``float32``, ``bfloat16``, ``float16``); null: the input
+    model's (its ``layerchop.json`` ``dtype``: ``download.model.dtype``), so a bf16 7B model stays 13.5 GB."""
     fsdp_reshard: str = "forward"
     """FSDP2: when the gathered (unsharded) parameters are freed. ``forward``: after each layer's forward, gathered
     again for its backward (two all-gathers of the model per micro-batch; least memory); ``backward``: kept from
@@ -353,6 +356,8 @@ class TrainConfig:
                 _fail(f"train.{key}", getattr(self, key), "must be true or false")
         if self.reduce_grads not in GRAD_REDUCTIONS:
             _fail("train.reduce_grads", self.reduce_grads, f"choose one of {list(GRAD_REDUCTIONS)}")
+        if self.export_dtype is not None and self.export_dtype not in ("float32", "bfloat16", "float16"):
+            _fail("train.export_dtype", self.export_dtype, "choose float32, bfloat16, float16 or null")
         if self.fsdp_reshard not in RESHARDS:
             _fail("train.fsdp_reshard", self.fsdp_reshard, f"choose one of {list(RESHARDS)}")
         if self.fsdp_sharding not in SHARDINGS:

@@ -7,7 +7,8 @@ Layout of a prepared directory::
     train.bin val.bin test.bin   # uint16/uint32 [num_sequences, seq_len], row-major
     tasks/                # offline zero-shot tasks (see layerchop.data.tasks)
 
-Documents are concatenated with the EOS token after each one and cut into rows of ``seq_len``; the last
+Documents are concatenated, each after the tokenizer's default prefix (BOS for Llama-2's tokenizer, nothing for
+SmolLM2's: :func:`document_prefix`) and with the EOS token after it, and cut into rows of ``seq_len``; the last
 row of a split is padded and its padding is masked out of the loss, so no token is lost.
 """
 
@@ -142,8 +143,9 @@ _TOKENIZER = None
 
 
 def _pack_shard(job: dict) -> dict:
-    """Tokenize documents ``[first, last)`` of the corpus (a byte range) and append their tokens, EOS-terminated,
-    to one file per split. Runs in a worker process; nothing corpus-sized is held in memory."""
+    """Tokenize documents ``[first, last)`` of the corpus (a byte range) and append their tokens, after the
+    tokenizer's own prefix (BOS where it adds one) and EOS-terminated, to one file per split. Runs in a worker
+    process; nothing corpus-sized is held in memory."""
     global _TOKENIZER
     if _TOKENIZER is None or _TOKENIZER[0] != job["model_dir"]:
         from transformers import AutoTokenizer
@@ -152,7 +154,7 @@ def _pack_shard(job: dict) -> dict:
         hf_logging.set_verbosity_error()  # documents are longer than the model context on purpose
         _TOKENIZER = (job["model_dir"], AutoTokenizer.from_pretrained(job["model_dir"]))
     tokenizer = _TOKENIZER[1]
-    dtype, eos, labels = np.dtype(job["dtype"]), job["eos"], job["labels"]
+    dtype, eos, labels, bos = np.dtype(job["dtype"]), job["eos"], job["labels"], job["bos"]
     out = {s: {"tokens": 0, "documents": 0} for s in SPLITS}
     files = {s: open(Path(job["dir"]) / f"{s}.{job['shard']:06d}.bin", "wb") for s in SPLITS}
     try:
@@ -164,8 +166,8 @@ def _pack_shard(job: dict) -> dict:
                 break
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
                 split = SPLITS[labels[i]]
-                files[split].write(np.asarray(ids + [eos], dtype=dtype).tobytes())
-                out[split]["tokens"] += len(ids) + 1
+                files[split].write(np.asarray(bos + ids + [eos], dtype=dtype).tobytes())
+                out[split]["tokens"] += len(bos) + len(ids) + 1
                 out[split]["documents"] += 1
                 i += 1
         assert i == len(labels), (i, len(labels))
@@ -173,6 +175,20 @@ def _pack_shard(job: dict) -> dict:
         for f in files.values():
             f.close()
     return out
+
+
+def document_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text by default (``add_special_tokens=True``): ``[BOS]`` for Llama-2's,
+    ``[]`` for SmolLM2's. Every packed document starts with them, so training, perplexity and lm-eval's requests
+    (which encode a context with the tokenizer's default) see one token format."""
+    probe = "The quick brown fox jumps over the lazy dog."
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return list(full[:i])
+    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')}: its special tokens change the text's own "
+                     "tokens; cannot tell which it adds around a document")
 
 
 def prepare(corpus_dir: str | Path, model_dir: str | Path, out: str | Path, cfg) -> dict:
@@ -213,6 +229,7 @@ def prepare(corpus_dir: str | Path, model_dir: str | Path, out: str | Path, cfg)
         raise ValueError(f"{model_dir}: the tokenizer has no EOS token to separate documents")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     dtype = token_dtype(len(tokenizer))
+    bos = document_prefix(tokenizer)
 
     docs_file = corpus_dir / "documents.jsonl"
     if not docs_file.exists():
@@ -229,6 +246,7 @@ def prepare(corpus_dir: str | Path, model_dir: str | Path, out: str | Path, cfg)
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "eos_id": eos,
         "pad_id": pad,
+        "document_prefix_ids": bos,
         "splits": {},
     }
     with atomic_dir(out) as tmp:
@@ -239,7 +257,7 @@ def prepare(corpus_dir: str | Path, model_dir: str | Path, out: str | Path, cfg)
         bounds = np.linspace(0, len(ids), num_shards + 1).astype(int)
         jobs = [{"model_dir": str(model_dir), "docs_file": str(docs_file), "dir": str(shard_dir), "shard": k,
                  "start": int(offsets[a]), "stop": int(offsets[b]), "labels": labels[a:b].tolist(),
-                 "batch_size": cfg.batch_size, "dtype": dtype.name, "eos": eos}
+                 "batch_size": cfg.batch_size, "dtype": dtype.name, "eos": eos, "bos": bos}
                 for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
         bar = tqdm(total=len(ids), desc="tokenize", unit="doc")
         if cfg.num_proc > 1:

@@ -206,11 +206,13 @@ def plan(params: dict, dvc: dict) -> dict:
         stages.append({
             "stage": name, "processes": world, "nodes": cfg.num_nodes, "launcher": cfg.launcher,
             "steps": steps.total_steps, "warm_steps": steps.warm_steps, "tokens": tokens, "flops": flops,
-            "device_flops": flops * (1 + recompute), "hours": float(f"{h:.3g}"), "communication": comm.as_dict(), "rank_gb": round(mem.total, 2), "on": "gpu" if gpu else "host",
+            "device_flops": flops * (1 + recompute), "hours": float(f"{h:.3g}"), "communication": comm.as_dict(),
+            "rank_gb": round(mem.total, 2), "on": "gpu" if gpu else "host",
             "rank_phase": worst, "rank_parts": mem.as_dict(), "host_gb": round(loader_host, 1),
             # DimChop's exports carry a bool [out, in] masks file of its projections (1 byte an entry)
-            "disk_gb": round((model_dir_gb(init, dtype) + (projection_entries(init) / 1e9 if args.objective == "dimchop"
-                                                           else 0)) * (1 + (args.snapshots or 0)), 1),
+            "disk_gb": round((model_dir_gb(init, cfg.export_dtype or dtype)
+                              + (projection_entries(init) / 1e9 if args.objective == "dimchop" else 0))
+                             * (1 + (args.snapshots or 0)), 1),
             "checkpoint_gb": round(checkpoint_gb(init, dimchop=args.objective == "dimchop")
                                    + (checkpoint_gb(dense) if steps.phases else 0), 1),
             "largest_checkpoint_gb": round(checkpoint_gb(dense) if steps.phases else

@@ -94,10 +94,14 @@ class ComputeMeter(Callback):
 
 def export_hf(config, state_dict: dict[str, torch.Tensor], tokenizer, out: Path, metadata: dict, card: str,
               masks: Optional[dict[str, torch.Tensor]] = None) -> None:
-    """Save weights into a freshly built model of ``config`` (no FSDP wrapper classes leak into it)."""
+    """Save weights into a freshly built model of ``config`` (no FSDP wrapper classes leak into it), in
+    ``metadata["dtype"]`` (the input model's, or ``train.export_dtype``; float32 when absent)."""
     from transformers import AutoModelForCausalLM
 
-    from layerchop.io import save_model_dir
+    from layerchop.io import DTYPES, save_model_dir
+
+    dtype = DTYPES[metadata.get("dtype", "float32")]
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config)
@@ -106,6 +110,7 @@ def export_hf(config, state_dict: dict[str, torch.Tensor], tokenizer, out: Path,
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"export: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
     fresh.tie_weights()
+    fresh.config.dtype = dtype
     metadata = {**metadata, "num_params": num_params(fresh)}
     if masks is not None:
         save_pruned_model_dir(fresh, tokenizer, out, masks=masks, metadata=metadata, card=card)

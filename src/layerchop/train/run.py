@@ -108,6 +108,8 @@ def output_metadata(plan: RunPlan) -> tuple[dict, str]:
         **{k: v for k, v in plan.init_meta.items()
            if k not in ("stage", "steps", "train_loss_last", "val_ppl_last", "compute", "snapshot", "plan")},
         "stage": "train",
+        # the exported weights' dtype: the input model's unless train.export_dtype says otherwise
+        "dtype": cfg.export_dtype or plan.init_meta.get("dtype", "float32"),
         "init": str(plan.init_dir),
         "objective": plan.objective,
         "tokens_before": int(plan.init_meta.get("tokens_trained", 0)),
