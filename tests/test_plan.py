@@ -216,8 +216,8 @@ def test_every_accelerator_stage_of_a_submitting_profile_is_a_job(capsys, path):
 
 
 def test_job_resources_defaults_and_overrides():
-    """One-GPU jobs get 12 h and 8 CPUs, CPU jobs 24 h (prepare: prepare.num_proc CPUs), the train jobs the
-    slurm section's own; ``slurm.jobs.<stage>`` replaces what it names and nothing else."""
+    """One-GPU jobs get 12 h, CPU jobs 24 h, the train jobs ``slurm.time``; all ``slurm.cpus_per_task`` CPUs a task
+    (prepare: prepare.num_proc); ``slurm.jobs.<stage>`` replaces what it names and nothing else."""
     from layerchop.launch import JobResources, job_resources
 
     params = yaml.safe_load(open(PAPER))
@@ -225,14 +225,15 @@ def test_job_resources_defaults_and_overrides():
     assert job_resources("evaluate", params) == JobResources("12:00:00", 8, None, 1)
     assert job_resources("chop", params) == JobResources("12:00:00", 8, None, 1)  # chop.device: cuda
     assert job_resources("prepare", params) == JobResources("24:00:00", 16, None, 0)  # prepare.num_proc
-    assert job_resources("download", params) == JobResources("24:00:00", 4, None, 0)
+    assert job_resources("download", params) == JobResources("24:00:00", 8, None, 0)
     assert job_resources("train", params) == JobResources("72:00:00", 8, None, 8)
     params["slurm"]["jobs"] = {"evaluate": {"time": "2:00:00", "mem": "64G"}, "train": {"cpus_per_task": 6},
                                "prune": {"gpus": 0}}
     params["evaluate"]["device"] = "cpu"
-    assert job_resources("evaluate", params) == JobResources("2:00:00", 4, "64G", 0)  # a CPU job now
+    params["slurm"]["cpus_per_task"] = 3
+    assert job_resources("evaluate", params) == JobResources("2:00:00", 3, "64G", 0)  # a CPU job now
     assert job_resources("train", params) == JobResources("72:00:00", 6, None, 8)
-    assert job_resources("prune", params) == JobResources("12:00:00", 8, None, 0)
+    assert job_resources("prune", params) == JobResources("12:00:00", 3, None, 0)
 
 
 def test_plan_warns_when_communication_bounds_the_step(capsys, tmp_path):

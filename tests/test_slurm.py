@@ -140,6 +140,27 @@ def test_batch_script_carries_geometry_limits_and_the_stage():
     assert "--no-requeue" in cpu and "gpus" not in cpu and "--signal" not in cpu
 
 
+def test_jobs_run_with_the_hub_offline_after_the_submitting_host_fetched_the_evaluation_data(monkeypatch):
+    """Every job but download's has the Hub offline; before an evaluation job, the submitting host loads the
+    datasets of the tasks lm-eval reads from the Hub (not the local mirrors, not prepare's offline tasks)."""
+    import lm_eval.tasks
+
+    from layerchop.config import EvaluateConfig
+    from layerchop.evaluate.harness import hub_tasks, prefetch_hub_datasets
+    from layerchop.launch import job_environment
+
+    assert job_environment("evaluate") == job_environment("train") == {"HF_HUB_OFFLINE": "1",
+                                                                       "HF_DATASETS_OFFLINE": "1"}
+    assert job_environment("download") == {}
+    loaded = []
+    monkeypatch.setattr(lm_eval.tasks, "get_task_dict", lambda names, tm: loaded.append(list(names)) or {})
+    embedded = EvaluateConfig()  # heldout_* from prepare, piqa from a local mirror
+    assert hub_tasks(embedded) == [] and prefetch_hub_datasets(embedded) == [] and loaded == []
+    paper = EvaluateConfig(tasks=["piqa", "hellaswag", "heldout_continuation", "arc_easy"], local_tasks={},
+                           optional_tasks=[])
+    assert prefetch_hub_datasets(paper) == ["piqa", "hellaswag", "arc_easy"] == loaded[0]
+
+
 def test_time_limit_signal_never_ends_the_process():
     """Inside a SLURM job the train stage installs its SIGUSR1 handler first thing: a time-limit warning that
     arrives outside ``fit`` (loading, between the warm start and the main run, export) sets the flag the next
@@ -329,6 +350,33 @@ def test_one_task_stage_runs_as_a_job_with_the_local_result(tmp_path, slurm_clus
     assert "--ntasks-per-node=1" in script and "--signal" not in script
     a, b = load_file(outs["local"] / "model.safetensors"), load_file(outs["slurm"] / "model.safetensors")
     assert max_abs_diff(a, b) == 0.0
+
+
+@pytest.mark.slurm
+def test_evaluation_job_runs_with_the_hub_offline(tmp_path, slurm_cluster, tiny_dir, tiny_prepared):
+    """``slurm.stages: [evaluate]``: the job exports HF_HUB_OFFLINE / HF_DATASETS_OFFLINE (the submitting host
+    fetched what the Hub serves beforehand; these tasks need nothing from it) and runs on a node whose network
+    namespace reaches only the cluster's bridge; its metrics equal the same stage's run here."""
+    params = yaml.safe_load(open(Path(__file__).resolve().parents[1] / "params.yaml"))
+    params["evaluate"].update(tasks=["heldout_continuation", "heldout_lastword"], local_tasks={}, optional_tasks=[],
+                              limit=8, ppl_max_sequences=4, batch_size=4)
+    params["slurm"] = {"time": "10", "cpus_per_task": 1, "job_dir": str(tmp_path / "jobs"), "poll_seconds": 0.5}
+    outs = {}
+    for launcher in ("local", "slurm"):
+        params["slurm"]["stages"] = ["evaluate"] if launcher == "slurm" else []
+        path = tmp_path / f"params-{launcher}.yaml"
+        path.write_text(yaml.safe_dump(params))
+        outs[launcher] = tmp_path / f"eval-{launcher}"
+        proc = subprocess.run([sys.executable, "-m", "layerchop.cli", "evaluate", "--params", str(path), "--model",
+                               str(tiny_dir), "--data", str(tiny_prepared), "--out", str(outs[launcher])],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dvc_env())
+        check(proc)
+    assert "[launch] slurm: job" in proc.stdout and "ended with status 0" in proc.stdout
+    script = (tmp_path / "jobs" / "evaluate-eval-slurm.sbatch").read_text()
+    assert "export HF_HUB_OFFLINE=1" in script and "export HF_DATASETS_OFFLINE=1" in script
+    local, job = (json.loads((outs[k] / "metrics.json").read_text()) for k in ("local", "slurm"))
+    scores = [k for k in local if k.startswith(("eval/", "val_", "test_")) and not k.endswith("_s")]
+    assert scores and {k: job[k] for k in scores} == {k: local[k] for k in scores}
 
 
 @pytest.mark.slurm

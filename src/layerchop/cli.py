@@ -53,7 +53,7 @@ def submit_one_task(args: argparse.Namespace) -> int | None:
     from pathlib import Path
 
     from layerchop.config import ONE_TASK_STAGES, load_params, section
-    from layerchop.launch import batch_script, job_resources, run_slurm, under_launcher
+    from layerchop.launch import batch_script, job_environment, job_resources, run_slurm, under_launcher
 
     if args.stage not in ONE_TASK_STAGES or under_launcher():
         return None
@@ -61,11 +61,16 @@ def submit_one_task(args: argparse.Namespace) -> int | None:
     slurm = section("slurm", params)
     if args.stage not in slurm.stages:
         return None
+    if args.stage in ("evaluate", "curve"):  # here, with the internet: the job runs with the Hub offline
+        from layerchop.evaluate.harness import prefetch_hub_datasets
+
+        prefetch_hub_datasets(section("evaluate", params))
     job = f"{args.stage}-{Path(args.out).name}"
     jobs = Path(slurm.job_dir)
     script = batch_script(job_name=f"layerchop-{job}", nodes=1, tasks_per_node=1,
                           resources=job_resources(args.stage, params), slurm=slurm, argv=args.argv,
-                          log=(jobs / f"{job}.log").resolve(), workdir=Path.cwd(), time_limit_signal=False)
+                          log=(jobs / f"{job}.log").resolve(), workdir=Path.cwd(), time_limit_signal=False,
+                          env=job_environment(args.stage))
     return run_slurm(script, jobs / f"{job}.sbatch", jobs / f"{job}.log", poll_seconds=slurm.poll_seconds)
 
 

@@ -768,8 +768,8 @@ class Table2Config:
 @dataclass
 class SlurmJobConfig:
     """One entry of ``slurm.jobs``: the resources of one stage's batch job; a null key keeps the default
-    (:func:`layerchop.launch.job_resources`: one-GPU jobs 12 h, 8 CPUs; CPU jobs 24 h, ``prepare.num_proc`` CPUs
-    for ``prepare``; the train stages ``slurm.time``, ``slurm.cpus_per_task``, ``slurm.mem``)."""
+    (:func:`layerchop.launch.job_resources`: one-GPU jobs 12 h, CPU jobs 24 h, the train stages ``slurm.time``;
+    ``slurm.cpus_per_task`` CPUs a task, ``prepare.num_proc`` for ``prepare``; ``slurm.mem``)."""
 
     time: Optional[str] = None
     """``--time`` of the job."""

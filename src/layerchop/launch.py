@@ -123,8 +123,8 @@ def run_torchrun(cfg, argv: list[str], run_id: str) -> int:
 
 # --- SLURM ------------------------------------------------------------------------------------------------
 
-GPU_JOB = {"time": "12:00:00", "cpus_per_task": 8}  # one-GPU jobs (chop, prune, evaluate, curve, bench)
-CPU_JOB = {"time": "24:00:00", "cpus_per_task": 4}  # CPU jobs (download, prepare: prepare.num_proc CPUs)
+GPU_JOB = {"time": "12:00:00"}  # one-GPU jobs (chop, prune, evaluate, curve, bench)
+CPU_JOB = {"time": "24:00:00"}  # CPU jobs (download, prepare; a stage whose device is the CPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +160,22 @@ def needs_accelerator(stage: str, params: dict, argv: Sequence[str] = ()) -> Opt
     return f"{key}.device={cfg.device}"
 
 
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def job_environment(stage: str) -> dict[str, str]:
+    """Variables of a stage's batch job: every stage but ``download`` reads only local directories and caches
+    (models and prepared data on the shared file system, evaluation datasets fetched beforehand by the submitting
+    host: :func:`layerchop.evaluate.harness.prefetch_hub_datasets`), so its job runs with the Hub offline and a
+    compute node without internet fails nowhere on a download attempt."""
+    return {} if stage == "download" else dict(OFFLINE_ENV)
+
+
 def job_resources(stage: str, params: dict) -> JobResources:
     """The resources of ``stage``'s batch job: ``slurm.jobs.<stage>`` where given, else the defaults (train:
-    ``slurm.time`` / ``slurm.cpus_per_task`` / ``slurm.mem`` and ``train.devices`` GPUs per node; a one-GPU job:
-    :data:`GPU_JOB`; a CPU job: :data:`CPU_JOB`, ``prepare.num_proc`` CPUs for ``prepare``)."""
+    ``slurm.time`` and ``train.devices`` GPUs per node; a one-GPU job: :data:`GPU_JOB`'s time; a CPU job:
+    :data:`CPU_JOB`'s; all: ``slurm.cpus_per_task`` CPUs a task, ``prepare.num_proc`` for ``prepare``, and
+    ``slurm.mem``)."""
     from layerchop.config import section
 
     slurm = section("slurm", params)
@@ -176,7 +188,8 @@ def job_resources(stage: str, params: dict) -> JobResources:
         gpu = needs_accelerator(stage, params) is not None
         if stage == "chop":  # submitted: the job gets the GPU its device names, whatever the layout
             gpu = not section("chop", params).device.startswith("cpu")
-        base = {**(GPU_JOB if gpu else CPU_JOB), "mem": slurm.mem, "gpus_per_node": int(gpu)}
+        base = {**(GPU_JOB if gpu else CPU_JOB), "cpus_per_task": slurm.cpus_per_task, "mem": slurm.mem,
+                "gpus_per_node": int(gpu)}
         if stage == "prepare":
             base["cpus_per_task"] = max(1, section("prepare", params).num_proc)
     if job is not None:

@@ -212,7 +212,30 @@ def is_in_domain(task: str) -> bool:
     return task in TASK_NAMES
 
 
-def available_tasks(cfg) -> tuple[list[str], dict[str, str]]:
+def hub_tasks(cfg) -> list[str]:
+    """The tasks of ``cfg`` (:class:`layerchop.config.EvaluateConfig`) whose data lm-eval reads from the Hugging Face
+    Hub: neither a local mirror (``evaluate.local_tasks``) nor an offline task that ``prepare`` writes."""
+    from layerchop.data.tasks import TASK_NAMES
+
+    names, _ = available_tasks(cfg, quiet=True)
+    return [n for n in names if n not in cfg.local_tasks and n not in TASK_NAMES]
+
+
+def prefetch_hub_datasets(cfg) -> list[str]:
+    """Load the datasets of :func:`hub_tasks` once, here, into the ``datasets`` cache (``HF_DATASETS_CACHE``, on
+    a file system the compute nodes share), so that evaluation jobs run with the Hub offline
+    (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``: :func:`layerchop.launch.job_environment`) and compute nodes need
+    no internet. Run by the host that submits the jobs; returns the tasks it loaded."""
+    hub = hub_tasks(cfg)
+    if hub:
+        from lm_eval.tasks import get_task_dict
+
+        print(f"[evaluate] fetching the datasets of {hub} into the datasets cache for the offline jobs", flush=True)
+        get_task_dict(hub, task_manager_for(hub))  # each task's download(): datasets.load_dataset, cached
+    return hub
+
+
+def available_tasks(cfg, quiet: bool = False) -> tuple[list[str], dict[str, str]]:
     """The tasks of :class:`layerchop.config.EvaluateConfig` ``cfg`` to run now, and the skipped ones with why.
 
     A task in ``evaluate.optional_tasks`` whose local mirror directory is absent (e.g. ``../shared`` is not beside
@@ -223,8 +246,9 @@ def available_tasks(cfg) -> tuple[list[str], dict[str, str]]:
         path = cfg.local_tasks.get(name)
         if name in cfg.optional_tasks and path is not None and not Path(path).exists():
             skipped[name] = f"{path} does not exist"
-            print(f"[evaluate] skipping {name}: its local data {path} does not exist (evaluate.optional_tasks); "
-                  f"the results have no {name} column", flush=True)
+            if not quiet:
+                    print(f"[evaluate] skipping {name}: its local data {path} does not exist (evaluate.optional_tasks); "
+                      f"the results have no {name} column", flush=True)
         else:
             run.append(name)
     return run, skipped
