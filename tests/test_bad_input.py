@@ -83,7 +83,7 @@ PARAMS_CASES = [
     ("slurm.mem", "lots", "slurm.mem='lots' is invalid: a SLURM size"),
     ("slurm.requeue", "yes", "slurm.requeue='yes' is invalid: must be true or false"),
     ("slurm.setup", "module load cuda", "slurm.setup='module load cuda' is invalid: must be a list"),
-    ("slurm.stages", ["train"], "slurm.stages='train' is invalid: choose from ['chop', 'prune', 'evaluate', 'curve', 'bench']"),
+    ("slurm.stages", ["train"], "slurm.stages='train' is invalid: choose from ['chop', 'prune', 'evaluate', 'curve', 'bench', 'prepare', 'download']"),
 ]
 
 
