@@ -63,8 +63,18 @@ def test_paper_scale_numbers(capsys):
     # utilization (0.42 s for 9.60e13 model FLOPs x (1 + its own r) on 989 TFLOP/s = 30.56 %)
     assert result["assumptions"]["utilization"] == pytest.approx(0.3056, abs=1e-4)
     assert arm["device_flops"] == pytest.approx(arm["flops"] * 1.3213, rel=1e-4)
-    assert arm["tokens"] >= 20e9 and arm["hours"] == pytest.approx(arm["device_flops"] / (32 * 312e12 * 0.3056)
-                                                                    / 3600, rel=1e-2)
+    # the dense warm start is one stage (warm_start) that the arm forks from: its hours leave out those 500 steps
+    stages = {s["stage"]: s for s in result["stages"]}
+    warm = stages["warm_start"]
+    assert (warm["steps"], warm["processes"], arm["forks_warm_start"]) == (500, 32, True)
+    assert arm["tokens"] >= 20e9 and arm["hours"] == pytest.approx(
+        (arm["flops"] - warm["flops"]) * 1.3213 / (32 * 312e12 * 0.3056) / 3600, rel=1e-2)
+    forks = [s for s in result["stages"] if s.get("forks_warm_start")]
+    assert {s["stage"] for s in forks} == {"train@layerchop", "fig4_train@layerchop", *(
+        f"layout_train@{k}" for k in ("output", "middle", "max-gap", "both", "angular", "block-influence", "ppl"))}
+    saved = (len(forks) * warm["flops"] * 1.3213 - warm["device_flops"]) / (312e12 * 0.3056) / 3600
+    totals = result["totals"]
+    assert totals["gpu_hours_without_the_shared_warm_start"] - totals["gpu_hours"] == pytest.approx(saved, rel=1e-3)
     # a step's traffic (the chopped model, 3,500,281,856 parameters): gathered once in bf16, reduced once in fp32,
     # 31/32 of both sent by each rank and leaving each node (ring), at 25 GB/s
     comm = arm["communication"]
@@ -91,10 +101,10 @@ BROKEN = [
     ({"train__warmup_steps": 6000}, "train.warmup_steps=6000 does not fit"),
     ({"train__warm_start_steps": 5000}, "train.warm_start_steps=5000 uses the whole budget"),
     ({"figure4__flop_budget": 1.0e15}, "(figure4.flop_budget)=1e+15) before the chopped model trains a step"),
-    ({"slurm__gpu_memory_gb": 24.0}, "slurm.gpu_memory_gb=24.0: train@layerchop needs ~50.1 GB"),
+    ({"slurm__gpu_memory_gb": 24.0}, "slurm.gpu_memory_gb=24.0: warm_start needs ~50.1 GB"),
     # 74 GB without checkpointing at batch 4 (under 80 before CUDA's own overhead), so at batch 8
     ({"train__activation_checkpointing": False, "train__batch_size": 8},
-     "slurm.gpu_memory_gb=80.0: train@layerchop needs ~"),
+     "slurm.gpu_memory_gb=80.0: warm_start needs ~"),
     ({"train__launcher": "local"}, "train.num_nodes=4 is invalid: with train.launcher 'local'"),
     ({"download__corpus__token_budget": 10_000_000_000}, "download.corpus.token_budget=10000000000: train@layerchop"),
     ({"evaluate__batch_size": 256}, "evaluate.batch_size=256: evaluation needs"),
@@ -246,7 +256,9 @@ def test_plan_warns_when_communication_bounds_the_step(capsys, tmp_path):
     arm = next(s for s in result["stages"] if s["stage"] == "train@layerchop")
     comm = arm["communication"]
     assert comm["bound"] == "communication" and comm["internode_s"] == pytest.approx(comm["internode_gb_per_node"], abs=0.1)
-    assert arm["hours"] == pytest.approx(arm["device_flops"] / (32 * 312e12 * result["assumptions"]["utilization"])
+    warm = next(s for s in result["stages"] if s["stage"] == "warm_start")  # the arm forks from it
+    assert arm["hours"] == pytest.approx((arm["flops"] - warm["flops"]) * arm["device_flops"] / arm["flops"]
+                                         / (32 * 312e12 * result["assumptions"]["utilization"])
                                          / 3600 * comm["internode_s"] / comm["compute_s"], rel=1e-2)
     assert any(w.startswith("train@layerchop: communication bounds the step") and
                "slurm.node_bandwidth_gb_per_s=1.0" in w for w in result["warnings"])

@@ -221,6 +221,25 @@ def test_second_node_seeing_the_file_system_late_changes_nothing(tmp_path, shape
     assert losses_and_val(uninterrupted / "ref.csv")[0] == losses_and_val(tmp_path / "stale.csv")[0]
 
 
+def test_forked_warm_start_equals_the_uninterrupted_run_on_four_processes(tmp_path, shape_dirs, tiny_prepared,
+                                                                          uninterrupted):
+    """The shared warm start as the paper-scale graph runs it: ``train --warm-start --warm-only`` on 4 ranks (2
+    simulated nodes) publishes its sharded end checkpoint, and the LayerChop arm forks from it
+    (``--warm-from``): bit for bit the arm trained whole (weights and losses of the chopped steps)."""
+    params = rehearsal_params(tmp_path, **KILL)
+    check(layerchop_train(params, shape_dirs / "chopped", tiny_prepared, tmp_path / "warm", "--warm-start",
+                          "--warm-only"))
+    assert json.loads((tmp_path / "warm" / "warm.json").read_text())["identity"]["world"] == 4
+    run = layerchop_train(params, shape_dirs / "chopped", tiny_prepared, tmp_path / "fork", "--warm-start",
+                          "--warm-from", str(tmp_path / "warm"))
+    check(run)
+    assert "phase 1: the shared warm start" in run.stdout
+    ref = uninterrupted / "ref"
+    assert max_abs_diff(load_file(ref / "model.safetensors"), load_file(tmp_path / "fork" / "model.safetensors")) == 0
+    main = KILL["warm_start_steps"]  # the merged log has the warm steps first; the fork's run logged none of them
+    assert losses_and_val(tmp_path / "fork.csv")[0] == losses_and_val(uninterrupted / "ref.csv")[0][main:]
+
+
 def test_all_gathers_per_optimizer_step_for_each_reshard_setting(tmp_path, shape_dirs, tiny_prepared):
     """The real module on 2 simulated nodes x 2 processes, accumulating 4 micro-batches a step, for each
     ``train.fsdp_reshard`` and for hybrid sharding (tests/scripts/fsdp_gathers.py counts FSDP2's all-gathers):

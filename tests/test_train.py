@@ -450,3 +450,45 @@ def test_export_keeps_the_input_dtype_and_the_plans_size(tmp_path, tiny_dir, tin
         assert data == round(model_dir_gb(config, export_dtype or "bfloat16") * 1e9)
         loaded = AutoModelForCausalLM.from_pretrained(out)
         assert loaded.dtype == (torch.float32 if export_dtype else torch.bfloat16)
+
+
+def test_forked_warm_start_equals_the_arm_trained_whole(tmp_path, tiny_dir, tiny_prepared, chopped_dir):
+    """The shared warm start (``train --warm-only``) trains the 2 dense steps once; two arms of different
+    budgets fork from it (``--warm-from``) and each ends bit for bit where the same arm trained whole ends: same
+    weights, same losses after the fork, same compute record. An arm whose train section differs in a key the
+    warm phase uses is refused, naming it; a warm start longer than the LR warmup cannot be shared."""
+    import dataclasses
+
+    cfg = tiny_train_cfg(token_budget=5 * 4 * 32, warmup_steps=3, warm_start_steps=2, ckpt_every=0)
+    warm = run(chopped_dir, tiny_prepared, tmp_path / "warm", cfg, run_dir=tmp_path / "run_warm", warm_start=True,
+               warm_only=True)
+    assert warm["steps"] == 2 and (tmp_path / "warm" / "warm.json").exists()
+    assert not (tmp_path / "warm" / "model.safetensors").exists()  # a checkpoint to fork from, not a model
+    for budget in (5, 6):
+        arm_cfg = dataclasses.replace(cfg, token_budget=budget * 4 * 32)
+        whole = run(chopped_dir, tiny_prepared, tmp_path / f"whole{budget}", arm_cfg,
+                    run_dir=tmp_path / f"run_whole{budget}", warm_start=True, log_csv=tmp_path / f"whole{budget}.csv")
+        fork = run(chopped_dir, tiny_prepared, tmp_path / f"fork{budget}", arm_cfg,
+                   run_dir=tmp_path / f"run_fork{budget}", warm_start=True, warm_from=tmp_path / "warm",
+                   log_csv=tmp_path / f"fork{budget}.csv")
+        a = load_file(tmp_path / f"whole{budget}" / "model.safetensors")
+        b = load_file(tmp_path / f"fork{budget}" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), budget
+        assert losses(tmp_path / f"fork{budget}.csv")[-(budget - 2):] == losses(tmp_path / f"whole{budget}.csv")[-(budget - 2):]
+        assert fork["warm_start_optimizer"] == whole["warm_start_optimizer"]
+        assert fork["compute"]["flops"] == whole["compute"]["flops"] and fork["steps"] == whole["steps"]
+        # the fork's end state stays the shared resume point: the arm writes no copy of it
+        assert not list((tmp_path / f"run_fork{budget}").glob("*/phases/000/step*.ckpt"))
+    # train.warm_start_steps: 0 (the embedded profile): the stage publishes a record alone and arms ignore it
+    none = dataclasses.replace(cfg, warm_start_steps=0)
+    assert run(chopped_dir, tiny_prepared, tmp_path / "nowarm", none, run_dir=tmp_path / "run_nowarm",
+               warm_start=True, warm_only=True)["checkpoint"] is None
+    cold = run(chopped_dir, tiny_prepared, tmp_path / "cold", none, run_dir=tmp_path / "run_cold", warm_start=True,
+               warm_from=tmp_path / "nowarm")
+    assert cold["steps"] == 5 and cold["compute"]["warm_start"] is None
+    with pytest.raises(ValueError, match=r"--warm-from .*made for another run \(train differ: train.lr\)"):
+        run(chopped_dir, tiny_prepared, tmp_path / "x", dataclasses.replace(cfg, lr=1e-3), run_dir=tmp_path / "rx",
+            warm_start=True, warm_from=tmp_path / "warm")
+    with pytest.raises(ValueError, match=r"train.warm_start_steps=3 > train.warmup_steps=2"):
+        run(chopped_dir, tiny_prepared, tmp_path / "y", dataclasses.replace(cfg, warmup_steps=2, warm_start_steps=3),
+            run_dir=tmp_path / "ry", warm_start=True, warm_only=True)

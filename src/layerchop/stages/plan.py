@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-TRAIN_STAGES = ("train", "fig4_train", "fig2_train", "layout_train", "fig6_train", "fig3_train")
+TRAIN_STAGES = ("warm_start", "train", "fig4_train", "fig2_train", "layout_train", "fig6_train", "fig3_train")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -140,7 +140,7 @@ def plan(params: dict, dvc: dict) -> dict:
                            "host_gb": round(model_dir_gb(dense, "float32"), 1),
                            "disk_gb": round(model_dir_gb(dense, dtype), 1)})
 
-    total_gpu_hours = total_at_fig4 = 0.0
+    total_gpu_hours = total_at_fig4 = total_unforked = 0.0
     util, util_source = (slurm.utilization, "slurm.utilization") if slurm.utilization else measured_utilization()
     warnings: list[str] = []
     warm_arms = []
@@ -158,6 +158,10 @@ def plan(params: dict, dvc: dict) -> dict:
                                  f"(got --init {args.init}, --objective {args.objective})")
             warm_arms.append(name)
         warm = cfg.warm_start_steps if args.warm_start else 0
+        if args.warm_only and not warm:  # train.warm_start_steps: 0: the stage publishes an empty record
+            stages.append({"stage": name, "processes": 1, "steps": 0, "disk_gb": 0.0,
+                           "note": "train.warm_start_steps is 0: no warm start to share"})
+            continue
         teacher = dense if args.objective == "distill" else None
         budget_key = f"--flop-budget in dvc.yaml {name} ({_budget_param(dvc, name)})" if args.flop_budget else None
         chop_every = 0
@@ -173,13 +177,18 @@ def plan(params: dict, dvc: dict) -> dict:
                            budget_key=budget_key, removed=removed, chop_every=chop_every,
                            chop_key=f"dvc.yaml {name}: --chop-every-tokens {args.chop_every_tokens}")
         tokens = steps.total_steps * steps.tokens_per_step
-        if train_tokens is not None and tokens > train_tokens * cfg.max_data_passes:
+        if train_tokens is not None and tokens > train_tokens * cfg.max_data_passes and not args.warm_only:
             raise ValueError(f"download.corpus.token_budget={corpus_tokens}: {name} trains on {tokens:,} tokens but "
                              f"the train split gets ~{train_tokens:,.0f} (train.max_data_passes={cfg.max_data_passes})")
         flops = steps.phase_flops + steps.main_steps * steps.flops_per_step
         world = cfg.devices * cfg.num_nodes
+        # the shared warm start (--warm-only) computes the dense steps once; an arm that forks from it
+        # (--warm-from) restores them: its compute record keeps them, its hours do not
+        warm_flops = steps.phases[0].steps * steps.phases[0].flops_per_step if warm and steps.phases else 0
+        run_flops = warm_flops if args.warm_only else flops - warm_flops if args.warm_from else flops
+        trained = dense if args.warm_only else init
         phases = {"main": train_memory(init, cfg, prep.seq_len, teacher_config=teacher,
-                                       dimchop=args.objective == "dimchop")}
+                                       dimchop=args.objective == "dimchop")} if not args.warm_only else {}
         if steps.phases:  # its first phase trains the dense model
             phases["gradual chopping (dense)" if chop_every else "warm start (dense)"] = train_memory(dense, cfg, prep.seq_len)
         worst = max(phases, key=lambda k: phases[k].total)
@@ -190,10 +199,13 @@ def plan(params: dict, dvc: dict) -> dict:
                 f"phase ({json.dumps(mem.as_dict())}); lower train.batch_size, turn on "
                 "train.activation_checkpointing, use train.fsdp_reshard: forward or train.reduce_grads: micro_batch, "
                 "or add GPUs")
-        recompute = recompute_fraction(init, cfg.batch_size, prep.seq_len, cfg.activation_checkpointing)
-        comm = step_communication(init, cfg, steps.flops_per_step * (1 + recompute), fig4.gpu_peak_flops, util,
+        recompute = recompute_fraction(trained, cfg.batch_size, prep.seq_len, cfg.activation_checkpointing)
+        step_flops = steps.phases[0].flops_per_step if args.warm_only else steps.flops_per_step
+        comm = step_communication(trained, cfg, step_flops * (1 + recompute), fig4.gpu_peak_flops, util,
                                   slurm.node_bandwidth_gb_per_s)
-        h = hours(flops * (1 + recompute), world, fig4.gpu_peak_flops, util)
+        h = hours(run_flops * (1 + recompute), world, fig4.gpu_peak_flops, util)
+        if not args.warm_only:  # every arm training its own warm start, as before the shared one
+            total_unforked += hours(flops * (1 + recompute), world, fig4.gpu_peak_flops, util) * world
         if comm.bound == "communication":
             h *= comm.internode_s / comm.compute_s
             warnings.append(f"{name}: communication bounds the step ({comm.internode_gb_per_node:.0f} GB leave each "
@@ -201,11 +213,14 @@ def plan(params: dict, dvc: dict) -> dict:
                             f"{slurm.node_bandwidth_gb_per_s} vs {comm.compute_s:.1f} s of compute); consider "
                             "train.fsdp_reshard: step or train.fsdp_sharding: hybrid")
         total_gpu_hours += h * world
-        total_at_fig4 += hours(flops, world, fig4.gpu_peak_flops, fig4.mfu) * world
+        total_at_fig4 += hours(run_flops, world, fig4.gpu_peak_flops, fig4.mfu) * world
+        if args.warm_only:
+            tokens, flops = steps.warm_steps * steps.tokens_per_step, warm_flops
         loader_host = model_dir_gb(dense if steps.phases or teacher else init, dtype) * (2 if teacher else 1)
         stages.append({
             "stage": name, "processes": world, "nodes": cfg.num_nodes, "launcher": cfg.launcher,
-            "steps": steps.total_steps, "warm_steps": steps.warm_steps, "tokens": tokens, "flops": flops,
+            "steps": steps.warm_steps if args.warm_only else steps.total_steps, "warm_steps": steps.warm_steps,
+            "forks_warm_start": bool(args.warm_from), "tokens": tokens, "flops": flops,
             "device_flops": flops * (1 + recompute), "hours": float(f"{h:.3g}"), "communication": comm.as_dict(),
             "rank_gb": round(mem.total, 2), "on": "gpu" if gpu else "host",
             "rank_phase": worst, "rank_parts": mem.as_dict(), "host_gb": round(loader_host, 1),
@@ -218,6 +233,12 @@ def plan(params: dict, dvc: dict) -> dict:
             "largest_checkpoint_gb": round(checkpoint_gb(dense) if steps.phases else
                                            checkpoint_gb(init, dimchop=args.objective == "dimchop"), 1),
         })
+        if args.warm_only:  # its output is the dense end checkpoint (hard links into its run directory)
+            stages[-1].update(disk_gb=round(checkpoint_gb(dense), 1), checkpoint_gb=0.0,
+                              largest_checkpoint_gb=round(checkpoint_gb(dense), 1))
+        elif args.warm_from:  # restores the shared one and writes no copy of it
+            stages[-1].update(checkpoint_gb=round(checkpoint_gb(init), 1),
+                              largest_checkpoint_gb=round(checkpoint_gb(init), 1))
 
     for name, _ in stage_commands(dvc, params, ("shrink",)):  # DimChop's structured model with its units removed
         stages.append({"stage": name, "processes": 1, "host_gb": round(model_dir_gb(dense, "float32"), 1),
@@ -246,6 +267,7 @@ def plan(params: dict, dvc: dict) -> dict:
             "stages": stages, "warm_start_stages": warm_arms, "routing": where,
             "totals": {"gpu_hours": round(total_gpu_hours, 1),
                        "gpu_hours_model_flops_at_figure4_mfu": round(total_at_fig4, 1),
+                       "gpu_hours_without_the_shared_warm_start": round(total_unforked, 1),
                        "dvc_outputs_gb": round(disk, 1),
                        "checkpoints_gb": round(sum(s.get("checkpoint_gb") or 0 for s in stages), 1),
                        "checkpoints_peak_gb": round(sum(s.get("checkpoint_gb") or 0 for s in stages)
@@ -303,7 +325,8 @@ def table(result: dict) -> str:
         if runs.startswith("job:"):
             jobs.setdefault(runs, []).append(name)
     routes = [f"{', '.join(names)}: {runs}" for runs, names in jobs.items()]
-    foot += (f"; {t['gpu_hours_model_flops_at_figure4_mfu']} GPU-hours as figure4 counts them (model FLOPs at "
+    foot += (f"; {t['gpu_hours_without_the_shared_warm_start']} if every warm-started arm trained its own warm "
+             f"start; {t['gpu_hours_model_flops_at_figure4_mfu']} GPU-hours as figure4 counts them (model FLOPs at "
              f"{a['figure4_mfu']:.0%} MFU)")
     comm = [f"{s['stage']}: {s['communication']['internode_gb_per_node']} GB leave each node a step "
             f"({s['communication']['internode_s']} s at {a['node_bandwidth_gb_per_s']} GB/s; compute "

@@ -53,6 +53,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm-start", action="store_true",
                    help="the paper's warm optimizer: the first train.warm_start_steps steps on the uncompressed "
                         "model the chopped --init came from (LayerChop arms only)")
+    p.add_argument("--warm-only", action="store_true",
+                   help="with --warm-start: train the warm start alone and publish its end checkpoint to --out, for "
+                        "every warm-started arm to fork from (--warm-from); the dense steps run once")
+    p.add_argument("--warm-from", default=None,
+                   help="with --warm-start: restore the warm start from this --warm-only output instead of training "
+                        "it (refused when it was made for another dense model, data, train section or code)")
     p.add_argument("--chop-every-tokens", type=float, default=None,
                    help="gradual chopping (Figure 6): start from the uncompressed model the chopped --init came from "
                         "and remove one of its removed_layers every this many tokens (whole optimizer steps)")
@@ -94,7 +100,8 @@ def main(args: argparse.Namespace) -> int:
         dimchop = dataclasses.replace(dimchop, structure=args.structure)  # checked again, as the section is
     plan = resolve(args.init, args.data, args.out, args.run_dir, cfg, objective=args.objective,
                    teacher_dir=args.teacher, distill_cfg=distill, dimchop_cfg=dimchop, warm_start=args.warm_start,
-                   snapshots=args.snapshots, chop_every_tokens=args.chop_every_tokens,
+                   snapshots=args.snapshots, chop_every_tokens=args.chop_every_tokens, warm_only=args.warm_only,
+                   warm_from=args.warm_from,
                    budget_key=("--flop-budget (a figure's flop_budget in dvc.yaml)" if args.flop_budget else
                                "--token-budget (a figure's token_budget in dvc.yaml)" if args.token_budget else None))
     if args.plan:  # a plan needs no GPU (a login node plans a cluster run)

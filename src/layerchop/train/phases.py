@@ -95,6 +95,50 @@ def run_phases(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[], di
     return start, spent
 
 
+def run_warm_only(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[], dict]) -> dict:
+    """``train --warm-only``: train the warm start (phase 0) and publish its end checkpoint, with the identity of
+    what it depends on, to ``plan.out``: the stage every warm-started arm forks from (``--warm-from``), so that
+    the same dense steps are computed once. Files are hard-linked from the run directory where the file system
+    allows (a copy otherwise)."""
+    import json
+
+    from layerchop.io import atomic_dir
+    from layerchop.train.checkpoint import global_rank
+
+    if plan.chop_every or len(plan.steps.phases) > 1:
+        raise RuntimeError("--warm-only: a warm start has one phase")
+    end = None
+    if plan.steps.phases:  # trained, or restored from its own end checkpoint (a re-run after an interruption)
+        _train_phase(plan, layout, 0, list(range(_dense_config(plan).num_hidden_layers)), 0,
+                     {"steps": 0, "tokens": 0, "flops": 0, "train_s": 0.0}, [], trainer_kwargs, None, None, "")
+        end = rank0_decides(lambda: newest_complete(layout.phase(0)))
+    if global_rank() != 0:
+        return {}
+    phase = plan.steps.phases[0] if plan.steps.phases else None
+    meta = {"stage": "train --warm-only", "steps": plan.steps.warm_steps, "checkpoint": end.name if end else None,
+            "tokens": plan.steps.warm_steps * plan.steps.tokens_per_step,
+            "flops": phase.steps * phase.flops_per_step if phase else 0,
+            "identity": json.loads(json.dumps(plan.warm_identity, sort_keys=True, default=str))}
+    with atomic_dir(plan.out) as tmp:  # train.warm_start_steps: 0 publishes the record alone
+        if end is not None and end.is_dir():
+            shutil.copytree(end, tmp / end.name, copy_function=_link_or_copy)
+        elif end is not None:
+            _link_or_copy(str(end), str(tmp / end.name))
+        (tmp / "warm.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"[train] shared warm start: {plan.steps.warm_steps} steps on the uncompressed model -> {plan.out}",
+          flush=True)
+    return meta
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def remove_phase_dirs(layout: RunLayout, before: int) -> None:
     """Global rank 0 deletes the checkpoints of the phases before ``before`` (their logs stay); call it only
     once a newer checkpoint of the run (a later phase's, or the main fit's) is published on every rank."""
@@ -144,7 +188,8 @@ def _train_phase(plan: RunPlan, layout: RunLayout, k: int, alive: list[int], don
         callbacks.append(Snapshots(layout.snapshots, [done + s for s in inside], tokenizer, snap_meta, card, meter,
                                    offset=done))
     # after the snapshots: a checkpoint of a step means its snapshot exists (a resumed phase does not redo it)
-    callbacks.append(AtomicCheckpoint(where, cfg.ckpt_every, save_on_train_end=True))
+    checkpoint = AtomicCheckpoint(where, cfg.ckpt_every, save_on_train_end=True)
+    callbacks.append(checkpoint)
     requeue = requeue_callbacks(where)
     trainer = L.Trainer(**{**trainer_kwargs(), "max_steps": phase.steps,
                            "logger": CSVLogger(layout.phase_logs(k).parent, name=layout.phase_logs(k).name),
@@ -153,12 +198,19 @@ def _train_phase(plan: RunPlan, layout: RunLayout, k: int, alive: list[int], don
     dm = PackedDataModule(plan.prepared_dir, cfg.batch_size, cfg.seed, cfg.val_batches, cfg.num_workers,
                           start_samples=done * cfg.accumulate * cfg.batch_size)
     resume = rank0_decides(lambda: newest_complete(where)) if layout.resume_allowed else None
+    forked = k == 0 and resume is None and plan.warm_from is not None
+    if forked:  # the shared warm start's end state: restored, not trained again; it stays the resume point
+        from layerchop.train.plan import check_warm_start
+
+        resume = rank0_decides(lambda: check_warm_start(plan.warm_from, plan.warm_identity))
+        checkpoint.saved_step = phase.steps
     if trainer.is_global_zero:
         what = "the uncompressed model" if k == 0 else f"{len(alive)} layers"
         print(f"[train] phase {k + 1}/{len(steps.phases)}: {phase.steps} steps on {what}, then layers "
               f"{list(phase.remove)} go", flush=True)
         if resume:
-            print(f"[train] phase {k + 1}: resuming from {resume}", flush=True)
+            print(f"[train] phase {k + 1}: {'the shared warm start' if forked else 'resuming from'} {resume}",
+                  flush=True)
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     if requeue and requeue[0].requeued:
         raise JobRequeued()

@@ -34,6 +34,10 @@ import torch
 OBJECTIVES = ("lm", "distill", "dimchop")
 # launch-only settings: a run may be resumed with a different launcher or restart count
 LAUNCH_KEYS = ("launcher", "rdzv_endpoint", "simulate_nodes", "max_restarts", "num_workers")
+# train keys that do not change the warm phase's arithmetic: a shared warm start (--warm-from) ignores them
+NOT_IN_WARM_PHASE = ("token_budget", "flop_budget", "val_every", "val_batches", "ckpt_every", "max_data_passes",
+                     "export_dtype", "warm_start_steps")
+WARM_FILE = "warm.json"
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,12 @@ class RunPlan:
     layer_map: Optional[list[int]] = None
     snapshot_steps: list[int] = field(default_factory=list)
     """Steps of the whole run (phases included) at which the model is exported for a curve."""
+    warm_only: bool = False
+    """Train the warm start alone and publish its end checkpoint to ``out`` (the shared warm start's stage)."""
+    warm_from: Optional[Path] = None
+    """A shared warm start (``--warm-from``): the warm phase is restored from its checkpoint, not trained."""
+    warm_identity: dict = field(default_factory=dict)
+    """What the warm phase's result depends on (:func:`warm_identity`)."""
     chop_every: int = 0
     """Gradual chopping: steps between removals (0: none)."""
     num_params: dict[str, int] = field(default_factory=dict)
@@ -300,9 +310,12 @@ def resolve(
     init_dir: str | Path, prepared_dir: str | Path, out: str | Path, run_dir: str | Path, cfg, *,
     objective: str = "lm", teacher_dir: Optional[str | Path] = None, distill_cfg=None, warm_start: bool = False,
     snapshots: int = 0, budget_key: Optional[str] = None, chop_every_tokens: Optional[float] = None,
-    dimchop_cfg=None,
+    dimchop_cfg=None, warm_only: bool = False, warm_from: Optional[str | Path] = None,
 ) -> RunPlan:
     """Resolve a training run (see the module docstring). Reads configs and metadata only.
+
+    ``warm_only``: the run is its warm start alone, published to ``out`` as a checkpoint that other runs fork
+    from (``warm_from``: a directory so made; the warm phase is restored from it instead of trained again).
 
     ``chop_every_tokens``: gradual chopping from the uncompressed model the chopped ``init_dir`` came from, one
     of its ``removed_layers`` every that many tokens (rounded to whole optimizer steps).
@@ -405,6 +418,23 @@ def resolve(
     if objective == "dimchop":
         identity["dimchop"] = dataclasses.asdict(dimchop_cfg)
         dimchop_cfg.ramp_steps(steps.total_steps)  # the ramp must have a step in this run
+    warm_id: dict = {}
+    if (warm_only or warm_from is not None) and not warm_start:
+        raise ValueError(f"{'--warm-only' if warm_only else '--warm-from'} needs --warm-start")
+    if warm_from is not None and not warm_steps:
+        warm_from = None  # train.warm_start_steps: 0, nothing to share (the --warm-only stage published no state)
+    if warm_steps and (warm_only or warm_from is not None):
+        what = "--warm-only" if warm_only else f"--warm-from {warm_from}"
+        if warm_steps > cfg.warmup_steps:
+            raise ValueError(f"train.warm_start_steps={warm_steps} > train.warmup_steps={cfg.warmup_steps}: the warm "
+                             "phase's learning rate would then depend on each run's length, so no run can share it "
+                             f"({what}); keep warm_start_steps <= warmup_steps or train each warm start itself")
+        warm_id = warm_identity(cfg, warm_steps, read_metadata(dense_dir), counts, str(dense_dir))
+        identity["warm_only" if warm_only else "warm_from"] = hashlib.sha256(
+            json.dumps(warm_id, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if warm_from is not None:
+        warm_from = Path(warm_from)
+        check_warm_start(warm_from, warm_id)
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return RunPlan(
         objective=objective, init_dir=init_dir, prepared_dir=prepared_dir, out=out, run_dir=run_dir, cfg=cfg,
@@ -413,7 +443,39 @@ def resolve(
         removed_layers=removed if steps.phases else [], masks=masks, layer_map=mapping, chop_every=chop_every,
         snapshot_steps=run_snapshot_steps(steps, snapshots, chop_every),
         num_params={k: count_params(c) for k, c in configs.items() if c is not None}, configs=configs,
+        warm_only=warm_only, warm_from=warm_from, warm_identity=warm_id,
     )
+
+
+def warm_identity(cfg, warm_steps: int, dense_meta: dict, counts: dict, dense_dir: str) -> dict:
+    """Everything the warm phase's end state depends on: the dense model, the data, the train section but the
+    keys that do not enter its arithmetic (:data:`NOT_IN_WARM_PHASE`: budgets, validation, checkpoint interval;
+    the learning rate of its steps does not depend on the run's length while they are inside the warmup),
+    the number of ranks (the data each reads) and the code."""
+    return {"dense": dense_meta, "dense_dir": dense_dir, "warm_steps": warm_steps,
+            "train": {k: v for k, v in dataclasses.asdict(cfg).items()
+                      if k not in LAUNCH_KEYS + NOT_IN_WARM_PHASE},
+            "world": cfg.devices * cfg.num_nodes, "data": counts["tokenizer_fingerprint"],
+            "splits": {k: v["tokens"] for k, v in counts["splits"].items()}, "code": code_fingerprint()}
+
+
+def check_warm_start(warm_dir: Path, expected: dict) -> Path:
+    """The checkpoint of the shared warm start in ``warm_dir`` (written by ``train --warm-only``), refused with a
+    ``ValueError`` naming what differs when it was made for another dense model, data, train section or code."""
+    meta_file = warm_dir / WARM_FILE
+    if not meta_file.exists():
+        raise FileNotFoundError(f"--warm-from {warm_dir}: no {WARM_FILE} (made by layerchop train --warm-only)")
+    made = json.loads(meta_file.read_text())
+    have = json.loads(json.dumps(expected, sort_keys=True, default=str))
+    if made["identity"] != have:
+        diff = sorted(k for k in set(have) | set(made["identity"]) if have.get(k) != made["identity"].get(k))
+        train = sorted(k for k in have.get("train", {}) if have["train"][k] != made["identity"].get("train", {}).get(k))
+        raise ValueError(f"--warm-from {warm_dir}: made for another run ({', '.join(diff)} differ"
+                         + (f": train.{', train.'.join(train)}" if train else "") + "); re-run its stage")
+    ckpt = warm_dir / made["checkpoint"]
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--warm-from {warm_dir}: {made['checkpoint']} is missing")
+    return ckpt
 
 
 def chop_every_steps(tokens: float, tokens_per_step: int, what: str = "--chop-every-tokens") -> int:

@@ -183,6 +183,10 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
     tokenizer = AutoTokenizer.from_pretrained(plan.init_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    if plan.warm_only:  # the shared warm start's stage
+        from layerchop.train.phases import run_warm_only
+
+        return run_warm_only(plan, layout, lambda: trainer_kwargs(cfg))
     metadata, card = output_metadata(plan)
     start, spent = None, None
     if steps.phases and ckpt_path is None:
@@ -264,12 +268,14 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
 
 def run(init_dir: str | Path, prepared_dir: str | Path, out: str | Path, cfg, *, run_dir: str | Path,
         objective: str = "lm", teacher_dir: Optional[str | Path] = None, distill_cfg=None, warm_start: bool = False,
-        snapshots: int = 0, chop_every_tokens: Optional[float] = None, dimchop_cfg=None, **kwargs) -> dict:
+        snapshots: int = 0, chop_every_tokens: Optional[float] = None, dimchop_cfg=None, warm_only: bool = False,
+        warm_from: Optional[str | Path] = None, **kwargs) -> dict:
     """:func:`layerchop.train.plan.resolve` then :func:`train` (``kwargs``: resume, log_csv, metrics,
     stop_after, snapshot_dir)."""
     from layerchop.train.plan import resolve
 
     plan = resolve(init_dir, prepared_dir, out, run_dir, cfg, objective=objective, teacher_dir=teacher_dir,
                    distill_cfg=distill_cfg, warm_start=warm_start, snapshots=snapshots,
-                   chop_every_tokens=chop_every_tokens, dimchop_cfg=dimchop_cfg)
+                   chop_every_tokens=chop_every_tokens, dimchop_cfg=dimchop_cfg, warm_only=warm_only,
+                   warm_from=warm_from)
     return train(plan, **kwargs)
