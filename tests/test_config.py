@@ -269,3 +269,13 @@ def test_figure2_scratch_arm_trains_as_many_tokens_as_the_layerchop_arm(path):
             assert (s.total_steps, s.total_steps * s.tokens_per_step) == planned["fig4_train@layerchop"], arm
         start, end = dimchop.ramp_steps(s.total_steps)
         assert 0 <= start < end <= s.total_steps, arm
+
+
+def test_the_shared_warm_start_stage_depends_on_the_train_keys_its_steps_use():
+    """dvc.yaml's warm_start stage re-runs for a train key its dense steps depend on, and for no other (a
+    budget change must not recompute 500 dense steps): its params are exactly train.warm_train_keys()."""
+    from layerchop.train.plan import warm_train_keys
+
+    stage = yaml.safe_load(open(REPO / "dvc.yaml"))["stages"]["warm_start"]
+    assert stage["params"] == [f"train.{k}" for k in warm_train_keys()]
+    assert "token_budget" not in warm_train_keys() and "warm_start_steps" in warm_train_keys()

@@ -313,7 +313,7 @@ class TrainConfig:
     again for its backward (two all-gathers of the model per micro-batch; least memory); ``backward``: kept from
     the forward to the backward (one per micro-batch); ``step``: kept across the micro-batches of an optimizer
     step and freed after the last backward (one all-gather of the model per optimizer step). ``backward`` and
-    ``step`` hold the whole model unsharded in ``fsdp_param_dtype`` (``layerchop plan``: ``unsharded_params``)."""
+    ``step`` hold the whole model unsharded in ``fsdp_param_dtype`` (``layerchop plan``: ``gathered_layers``)."""
     fsdp_sharding: str = "full"
     """FSDP2: ``full`` shards over every rank; ``hybrid`` (HSDP) shards within a node (``devices``) and
     replicates across nodes (a 2-D mesh): the all-gathers stay inside the node, only the gradient all-reduce

@@ -197,8 +197,9 @@ def step_communication(config, cfg, flops_per_step: float, peak_flops: float, mf
     ``(W - 1) / W x`` (gathers + reductions) leave each node; with hybrid sharding the gathers and the
     reduce-scatters stay in the node and only the all-reduce of the node's gradient shards crosses:
     ``2 (N - 1) / N x`` the reduced bytes per node."""
-    if cfg.strategy != "fsdp" or cfg.devices * cfg.num_nodes == 1:
-        return StepCommunication(0.0, 0.0, 0.0, 0.0, 0.0, flops_per_step / (peak_flops * mfu))
+    if cfg.strategy != "fsdp" or cfg.devices * cfg.num_nodes == 1:  # not modelled: DDP's all-reduce
+        return StepCommunication(0.0, 0.0, 0.0, 0.0, 0.0,
+                                 flops_per_step / (cfg.devices * cfg.num_nodes * peak_flops * mfu))
     world, nodes, d = cfg.devices * cfg.num_nodes, cfg.num_nodes, cfg.devices
     p, p_layers = count_params(config), config.num_hidden_layers * layer_params(config)
     b = dtype_bytes(cfg.fsdp_param_dtype, 4)
@@ -239,6 +240,16 @@ def recompute_fraction(config, batch_size: int, seq_len: int, checkpointing: boo
     from layerchop.train.flops import llama_forward_flops, llama_train_flops
 
     return llama_forward_flops(config, batch_size, seq_len, head=False) / llama_train_flops(config, batch_size, seq_len)
+
+
+def recompute_flops(config, batch_size: int, seq_len: int, checkpointing: bool) -> int:
+    """FLOPs activation checkpointing adds per micro-batch and rank: the decoder layers' forward once more (not
+    the output head; not a frozen teacher, which keeps no activations for a backward)."""
+    if not checkpointing:
+        return 0
+    from layerchop.train.flops import llama_forward_flops
+
+    return llama_forward_flops(config, batch_size, seq_len, head=False)
 
 
 def measured_utilization() -> tuple[float, str]:

@@ -91,7 +91,7 @@ def plan(params: dict, dvc: dict) -> dict:
     from layerchop.config import section
     from layerchop.data.sources import known_config
     from layerchop.estimate import (checkpoint_gb, count_params, hours, measured_utilization, model_dir_gb,
-                                    prepared_gb, projection_entries, recompute_fraction, step_communication,
+                                    prepared_gb, projection_entries, recompute_flops, step_communication,
                                     train_memory)
     from layerchop.pipeline import stage_commands
     from layerchop.prune.chop import removed_indices
@@ -176,6 +176,10 @@ def plan(params: dict, dvc: dict) -> dict:
                            dense_config=dense, teacher_config=teacher, distill_cfg=distill, mapping=kept,
                            budget_key=budget_key, removed=removed, chop_every=chop_every,
                            chop_key=f"dvc.yaml {name}: --chop-every-tokens {args.chop_every_tokens}")
+        if warm and (args.warm_only or args.warm_from) and warm > cfg.warmup_steps:
+            raise ValueError(f"train.warm_start_steps={warm} > train.warmup_steps={cfg.warmup_steps}: dvc.yaml {name} "
+                             "shares the warm start (--warm-only / --warm-from), whose learning rate would then "
+                             "depend on each run's length; keep warm_start_steps <= warmup_steps")
         tokens = steps.total_steps * steps.tokens_per_step
         if train_tokens is not None and tokens > train_tokens * cfg.max_data_passes and not args.warm_only:
             raise ValueError(f"download.corpus.token_budget={corpus_tokens}: {name} trains on {tokens:,} tokens but "
@@ -199,13 +203,21 @@ def plan(params: dict, dvc: dict) -> dict:
                 f"phase ({json.dumps(mem.as_dict())}); lower train.batch_size, turn on "
                 "train.activation_checkpointing, use train.fsdp_reshard: forward or train.reduce_grads: micro_batch, "
                 "or add GPUs")
-        recompute = recompute_fraction(trained, cfg.batch_size, prep.seq_len, cfg.activation_checkpointing)
-        step_flops = steps.phases[0].flops_per_step if args.warm_only else steps.flops_per_step
-        comm = step_communication(trained, cfg, step_flops * (1 + recompute), fig4.gpu_peak_flops, util,
-                                  slurm.node_bandwidth_gb_per_s)
-        h = hours(run_flops * (1 + recompute), world, fig4.gpu_peak_flops, util)
+        # the FLOPs the devices execute: plus, under activation checkpointing, each trained model's decoder layers
+        # once more per micro-batch (the phases' deeper models at their own depth)
+        per_step = cfg.accumulate * world
+        rc_dense = recompute_flops(dense, cfg.batch_size, prep.seq_len, cfg.activation_checkpointing)
+        rc_main = per_step * recompute_flops(init, cfg.batch_size, prep.seq_len, cfg.activation_checkpointing)
+        rc_phases = [ph.steps * per_step * rc_dense * ph.num_layers // dense.num_hidden_layers for ph in steps.phases]
+        device_flops = flops + steps.main_steps * rc_main + sum(rc_phases)
+        warm_device = warm_flops + rc_phases[0] if warm_flops else 0
+        run_device = warm_device if args.warm_only else device_flops - warm_device if args.warm_from else device_flops
+        step_flops = (steps.phases[0].flops_per_step + per_step * rc_dense if args.warm_only
+                      else steps.flops_per_step + rc_main)
+        comm = step_communication(trained, cfg, step_flops, fig4.gpu_peak_flops, util, slurm.node_bandwidth_gb_per_s)
+        h = hours(run_device, world, fig4.gpu_peak_flops, util)
         if not args.warm_only:  # every arm training its own warm start, as before the shared one
-            total_unforked += hours(flops * (1 + recompute), world, fig4.gpu_peak_flops, util) * world
+            total_unforked += hours(device_flops, world, fig4.gpu_peak_flops, util) * world
         if comm.bound == "communication":
             h *= comm.internode_s / comm.compute_s
             warnings.append(f"{name}: communication bounds the step ({comm.internode_gb_per_node:.0f} GB leave each "
@@ -215,13 +227,13 @@ def plan(params: dict, dvc: dict) -> dict:
         total_gpu_hours += h * world
         total_at_fig4 += hours(run_flops, world, fig4.gpu_peak_flops, fig4.mfu) * world
         if args.warm_only:
-            tokens, flops = steps.warm_steps * steps.tokens_per_step, warm_flops
+            tokens, flops, device_flops = steps.warm_steps * steps.tokens_per_step, warm_flops, warm_device
         loader_host = model_dir_gb(dense if steps.phases or teacher else init, dtype) * (2 if teacher else 1)
         stages.append({
             "stage": name, "processes": world, "nodes": cfg.num_nodes, "launcher": cfg.launcher,
             "steps": steps.warm_steps if args.warm_only else steps.total_steps, "warm_steps": steps.warm_steps,
             "forks_warm_start": bool(args.warm_from), "tokens": tokens, "flops": flops,
-            "device_flops": flops * (1 + recompute), "hours": float(f"{h:.3g}"), "communication": comm.as_dict(),
+            "device_flops": device_flops, "hours": float(f"{h:.3g}"), "communication": comm.as_dict(),
             "rank_gb": round(mem.total, 2), "on": "gpu" if gpu else "host",
             "rank_phase": worst, "rank_parts": mem.as_dict(), "host_gb": round(loader_host, 1),
             # DimChop's exports carry a bool [out, in] masks file of its projections (1 byte an entry)

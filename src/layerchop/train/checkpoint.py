@@ -52,6 +52,7 @@ def init_process_group(accelerator: str) -> None:
     uses it), so that rank 0's decisions can be broadcast before the first Trainer exists. No-op in one process."""
     import torch
     import torch.distributed as dist
+    from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
     from lightning.fabric.utilities.distributed import _init_dist_connection
 
@@ -67,7 +68,7 @@ def init_process_group(accelerator: str) -> None:
         return
     if env.world_size() <= 1:
         return
-    kwargs = {}
+    kwargs = {"timeout": default_pg_timeout}  # Lightning's (30 min; NCCL's own default is 10)
     if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", env.local_rank())
         torch.cuda.set_device(device)
@@ -79,8 +80,8 @@ def init_process_group(accelerator: str) -> None:
 
 def rank0_decides(decide: Callable[[], T]) -> T:
     """``decide()`` run on global rank 0 alone; every rank returns its answer (a collective when distributed:
-    call it on every rank at the same point). A ``ValueError`` / ``FileNotFoundError`` raised there is raised
-    on every rank. The answer goes over a gloo group (NCCL needs no part in it)."""
+    call it on every rank at the same point). An exception raised there is raised on every rank (a
+    ``ValueError`` / ``FileNotFoundError`` as such, anything else as a ``RuntimeError`` naming it). The answer goes over a gloo group (NCCL needs no part in it)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -92,13 +93,14 @@ def rank0_decides(decide: Callable[[], T]) -> T:
     if dist.get_rank() == 0:
         try:
             box[0] = ("ok", decide())
-        except (ValueError, FileNotFoundError) as e:
+        except Exception as e:  # every rank raises it: none is left waiting in the broadcast
             box[0] = (type(e).__name__, str(e))
     dist.broadcast_object_list(box, src=0, group=_DECISIONS["group"])
     kind, value = box[0]
     if kind == "ok":
         return value
-    raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(value)
+    raise {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}.get(kind, RuntimeError)(
+        value if kind in ("FileNotFoundError", "ValueError") else f"global rank 0: {kind}: {value}")
 
 
 def _step(path: Path) -> int:

@@ -345,8 +345,9 @@ class DistillModule(CausalLMModule):
 
     def export_state(self):
         """The student alone (no projections): ``(config, full state dict)``; a collective under FSDP2."""
-        from layerchop.train.sharding import full_state_dict
+        from layerchop.train.sharding import full_state_dict, reshard
 
+        reshard(self.model)
         sd = full_state_dict(self.model)
         prefix = "student."
         return self.model.student.config, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

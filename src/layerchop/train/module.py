@@ -137,6 +137,7 @@ class CausalLMModule(L.LightningModule):
 
     def export_state(self):
         """``(config, full state dict)`` of the model to export; a collective under FSDP2."""
+        sharding.reshard(self.model)
         return self.model.config, sharding.full_state_dict(self.model)
 
     # --------------------------------------------------------------------------------------- training
@@ -164,6 +165,10 @@ class CausalLMModule(L.LightningModule):
         # position t predicts token t+1; each rank scores its share, torchmetrics sums over ranks
         self.val_ppl.update(logits_BTV[:, :-1], batch["labels"][:, 1:])
         self.log("val/ppl", self.val_ppl, prog_bar=True, on_step=False, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # a forward without backward leaves the layers gathered under fsdp_reshard backward / step
+        sharding.reshard(self.model)
 
     def on_train_start(self) -> None:
         if self.start is not None and self.trainer.global_step == 0:

@@ -430,8 +430,11 @@ def resolve(
                              "phase's learning rate would then depend on each run's length, so no run can share it "
                              f"({what}); keep warm_start_steps <= warmup_steps or train each warm start itself")
         warm_id = warm_identity(cfg, warm_steps, read_metadata(dense_dir), counts, str(dense_dir))
-        identity["warm_only" if warm_only else "warm_from"] = hashlib.sha256(
-            json.dumps(warm_id, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        warm_hash = hashlib.sha256(json.dumps(warm_id, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if warm_only:  # its run directory depends on what its steps depend on alone (not the budget, not the init)
+            identity = {"warm_only": warm_hash}
+        else:
+            identity["warm_from"] = warm_hash
     if warm_from is not None:
         warm_from = Path(warm_from)
         check_warm_start(warm_from, warm_id)
@@ -447,8 +450,17 @@ def resolve(
     )
 
 
+def warm_train_keys() -> list[str]:
+    """The ``train`` keys the shared warm start depends on (its ``params`` in ``dvc.yaml``)."""
+    from layerchop.config import TrainConfig
+
+    return [f.name for f in dataclasses.fields(TrainConfig)
+            if f.name not in LAUNCH_KEYS + NOT_IN_WARM_PHASE or f.name == "warm_start_steps"]
+
+
 def warm_identity(cfg, warm_steps: int, dense_meta: dict, counts: dict, dense_dir: str) -> dict:
-    """Everything the warm phase's end state depends on: the dense model, the data, the train section but the
+    """Everything the warm phase's end state depends on: the dense model, the data (its packing, sizes and
+    document split), the train section but the
     keys that do not enter its arithmetic (:data:`NOT_IN_WARM_PHASE`: budgets, validation, checkpoint interval;
     the learning rate of its steps does not depend on the run's length while they are inside the warmup),
     the number of ranks (the data each reads) and the code."""
@@ -456,7 +468,7 @@ def warm_identity(cfg, warm_steps: int, dense_meta: dict, counts: dict, dense_di
             "train": {k: v for k, v in dataclasses.asdict(cfg).items()
                       if k not in LAUNCH_KEYS + NOT_IN_WARM_PHASE},
             "world": cfg.devices * cfg.num_nodes, "data": counts["tokenizer_fingerprint"],
-            "splits": {k: v["tokens"] for k, v in counts["splits"].items()}, "code": code_fingerprint()}
+            "seq_len": counts["seq_len"], "splits": counts["splits"], "code": code_fingerprint()}
 
 
 def check_warm_start(warm_dir: Path, expected: dict) -> Path:

@@ -260,6 +260,18 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
         model.set_requires_gradient_sync(sync)
 
 
+def reshard(model: nn.Module) -> None:
+    """Free every gathered parameter of an FSDP2 model (its modules' shards stay). Needed after a forward without
+    backward (validation) when layers keep their parameters gathered after forward (``train.fsdp_reshard``
+    ``backward`` / ``step``): otherwise they stay gathered, and an export or a checkpoint would read the
+    gathered copies. No-op for a plain module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def set_micro_batch(model: nn.Module, last: bool, cfg) -> None:
     """Before each micro-batch under FSDP2: gradients reduced on the last one only (``train.reduce_grads: step``)
     or on every one; with ``train.fsdp_reshard: step`` the parameters stay gathered after the backward of every
