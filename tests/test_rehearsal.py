@@ -304,7 +304,7 @@ def test_no_rank_but_the_loader_ever_holds_a_full_copy(tmp_path, tiny_dir, tiny_
     RSS would measure the allocator's high-water mark of all the per-layer all-gather buffers rather than
     the tensors alive at any time; a fixed threshold returns every freed large block to the system. Without
     gradient accumulation (with it, ``train.reduce_grads: step`` keeps each rank's unsharded gradients until
-    the step: a gradient copy, by design; experiments/LOG.md has both figures)."""
+    the step: a gradient copy, by design; experiments/LOG.md has both figures). With ``fsdp_reshard: forward``."""
     from transformers import AutoTokenizer
 
     from layerchop.data.sources import random_llama2_shape
@@ -317,7 +317,10 @@ def test_no_rank_but_the_loader_ever_holds_a_full_copy(tmp_path, tiny_dir, tiny_
     del model
     params = rehearsal_params(tmp_path, precision="32-true", fsdp_param_dtype=None, fsdp_reduce_dtype=None,
                               token_budget=2 * 2 * 1 * 4 * 32, accumulate=1, warmup_steps=0, ckpt_every=0,
-                              val_every=0, max_restarts=0)
+                              val_every=0, max_restarts=0, fsdp_reshard="forward")
+    # fsdp_reshard "forward": the layers free their gathered parameters after use (the rehearsal profile's
+    # "step" keeps the whole model gathered through the step, by design: +1 copy in the compute dtype, which
+    # layerchop plan counts as gathered_layers)
     proc = layerchop_train(params, tmp_path / "wide", tiny_prepared, tmp_path / "out",
                            MALLOC_MMAP_THRESHOLD_="65536")
     check(proc)
