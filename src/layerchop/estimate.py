@@ -232,16 +232,6 @@ MEASURED_STEP = {
 }
 
 
-def recompute_fraction(config, batch_size: int, seq_len: int, checkpointing: bool) -> float:
-    """Extra FLOPs of activation checkpointing as a fraction of a step's model FLOPs: every decoder layer's
-    forward runs again in the backward pass (the output head is not recomputed)."""
-    if not checkpointing:
-        return 0.0
-    from layerchop.train.flops import llama_forward_flops, llama_train_flops
-
-    return llama_forward_flops(config, batch_size, seq_len, head=False) / llama_train_flops(config, batch_size, seq_len)
-
-
 def recompute_flops(config, batch_size: int, seq_len: int, checkpointing: bool) -> int:
     """FLOPs activation checkpointing adds per micro-batch and rank: the decoder layers' forward once more (not
     the output head; not a frozen teacher, which keeps no activations for a backward)."""
@@ -250,6 +240,13 @@ def recompute_flops(config, batch_size: int, seq_len: int, checkpointing: bool) 
     from layerchop.train.flops import llama_forward_flops
 
     return llama_forward_flops(config, batch_size, seq_len, head=False)
+
+
+def recompute_fraction(config, batch_size: int, seq_len: int, checkpointing: bool) -> float:
+    """:func:`recompute_flops` as a fraction of the micro-batch's model FLOPs (forward + backward)."""
+    from layerchop.train.flops import llama_train_flops
+
+    return recompute_flops(config, batch_size, seq_len, checkpointing) / llama_train_flops(config, batch_size, seq_len)
 
 
 def measured_utilization() -> tuple[float, str]:
