@@ -259,13 +259,13 @@ def test_magnitude_unstructured_uses_one_threshold_over_the_matrix():
 def test_calibration_with_eager_attention_and_a_smaller_last_batch(method):
     """The attention mask layer 0 receives is shaped by its batch: with eager attention, reusing the first
     batch's for a last batch of 2 sequences (6 sequences, batch 4) crashed; each batch now keeps its own."""
-    from layerchop.prune.calibrate import capture_layer0_inputs
+    from layerchop.prune.calibrate import capture_layer_inputs
 
     model = make_tiny_llama(2, seed=6)
     model.config._attn_implementation = "eager"
     masks, stats = prune_model(model, _calib(n=6), method, Pattern.parse("2:4"), batch_size=4)
     assert stats["overall_pruned_fraction"] == pytest.approx(0.5)
-    h, kwargs_by_size = capture_layer0_inputs(model, _calib(n=6), torch.device("cpu"), 4)
+    h, kwargs_by_size = capture_layer_inputs(model, _calib(n=6), torch.device("cpu"), 4)
     assert h.shape[0] == 6 and sorted(kwargs_by_size) == [2, 4]
-    for size, kw in kwargs_by_size.items():  # each batch size keeps its own mask
-        assert kw["attention_mask"].shape[0] == size
+    for size, per_layer in kwargs_by_size.items():  # each batch size keeps its own mask
+        assert [kw["attention_mask"].shape[0] for kw in per_layer] == [size] * len(per_layer)

@@ -3,8 +3,8 @@
 The model is run decoder layer by decoder layer on the calibration sequences, as in the Wanda and
 SparseGPT reference implementations:
 
-1. the inputs of layer 0 are captured (embeddings, plus the keyword arguments the model passes its
-   layers: rotary position embeddings, masks);
+1. the inputs of layer 0 are captured (embeddings), and the keyword arguments the model passes each layer
+   (rotary position embeddings, the mask of the layer's attention kind: sliding-window or full);
 2. for each layer: move it to ``device``; forward hooks on its linears feed ``add_batch``; every linear
    of the layer is pruned from the statistics of this one pass; the *pruned* layer is run again to
    produce the inputs of the next layer; the layer goes back to its original device.
@@ -36,25 +36,44 @@ def prunable_linears(layer: nn.Module) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
-def capture_layer0_inputs(model: nn.Module, calib_NT: torch.Tensor, device: torch.device, batch_size: int):
-    """Hidden states entering decoder layer 0 ``[N, T, D]`` and the keyword arguments it receives, per batch
-    size (the attention mask and position embeddings are shaped by the batch: a last, smaller batch gets its
-    own; batches of one size share one set, since packed sequences have no padding)."""
+def capture_layer_inputs(model: nn.Module, calib_NT: torch.Tensor, device: torch.device, batch_size: int):
+    """Hidden states entering decoder layer 0 ``[N, T, D]`` and, per batch size, the keyword arguments every layer
+    receives from the model (``{batch size: [kwargs of layer 0, kwargs of layer 1, ...]}``).
+
+    Each layer gets its own: families that mix sliding-window and full attention (Gemma-2/3, Qwen2 with
+    ``use_sliding_window``) give each layer the mask of its kind, Gemma-3 also its own rotary tables. They are taken
+    from one pass of the model in which every layer passes its input through (nothing is computed but the embeddings,
+    the masks and the position tables). The mask and positions are shaped by the batch: a last, smaller batch gets its
+    own; batches of one size share one set, since packed sequences have no padding.
+    """
     layers = decoder_layers(model)
-    captured: dict = {"h": [], "kwargs": {}}
+    last = len(layers) - 1
+    hidden: list[torch.Tensor] = []
+    kwargs_by_size: dict[int, list] = {}
 
-    def hook(module, args, kwargs):
-        h = args[0] if args else kwargs.pop("hidden_states")
-        captured["h"].append(h.detach())
-        captured["kwargs"].setdefault(h.shape[0], {k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _Stop
+    def recorder(index: int):
+        def forward(hidden_states, *args, **kwargs):
+            if args:
+                raise TypeError(f"{type(model).__name__}: decoder layer {index} got positional inputs besides the "
+                                "hidden states; calibration supports the families whose layers take keywords")
+            if index == 0:
+                hidden.append(hidden_states.detach())
+            per_layer = kwargs_by_size.setdefault(hidden_states.shape[0], [None] * len(layers))
+            if per_layer[index] is None:
+                per_layer[index] = dict(kwargs)
+            if index == last:
+                raise _Stop  # the final norm and the head are not needed
+            return hidden_states
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    # everything before layer 0 (embeddings, rotary) must sit on the device for this pass
+        return forward
+
+    # everything before the layers (embeddings, rotary tables) must sit on the device for this pass
     model.get_input_embeddings().to(device)
     inner = model.get_decoder()
     if hasattr(inner, "rotary_emb"):
         inner.rotary_emb.to(device)
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
     try:
         for i in range(0, calib_NT.shape[0], batch_size):
             try:
@@ -62,8 +81,9 @@ def capture_layer0_inputs(model: nn.Module, calib_NT: torch.Tensor, device: torc
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    return torch.cat(captured["h"]), captured["kwargs"]
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+    return torch.cat(hidden), kwargs_by_size
 
 
 @torch.no_grad()
@@ -97,8 +117,9 @@ def prune_model(
     model.eval()
     layers = decoder_layers(model)
     prefix = _layers_prefix(model, layers)
-    inps, kwargs_by_size = capture_layer0_inputs(model, calib_NT, device, batch_size)
-    kwargs_by_size = {n: {k: _to(v, device) for k, v in kw.items()} for n, kw in kwargs_by_size.items()}
+    inps, kwargs_by_size = capture_layer_inputs(model, calib_NT, device, batch_size)
+    kwargs_by_size = {n: [{k: _to(v, device) for k, v in kw.items()} for kw in per_layer]
+                      for n, per_layer in kwargs_by_size.items()}
     masks: dict[str, torch.Tensor] = {}
     per_module: dict[str, float] = {}
     for li, layer in enumerate(tqdm(layers, desc=f"{method} {pattern}", unit="layer")):
@@ -111,7 +132,7 @@ def prune_model(
                    for n, lin in linears.items()]
         for i in range(0, inps.shape[0], batch_size):
             x = inps[i : i + batch_size]
-            layer(x, **kwargs_by_size[x.shape[0]])
+            layer(x, **kwargs_by_size[x.shape[0]][li])
         for h in handles:
             h.remove()
         for name, solver in solvers.items():
@@ -123,7 +144,7 @@ def prune_model(
         outs = []
         for i in range(0, inps.shape[0], batch_size):
             x = inps[i : i + batch_size]
-            out = layer(x, **kwargs_by_size[x.shape[0]])
+            out = layer(x, **kwargs_by_size[x.shape[0]][li])
             outs.append(out[0] if isinstance(out, tuple) else out)
         inps = torch.cat(outs)
         layer.to(home)

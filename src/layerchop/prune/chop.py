@@ -7,6 +7,7 @@ layouts of the removed block (its Figure 5 / Table 6).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Optional, Sequence
@@ -91,6 +92,11 @@ def removed_indices(
     return result
 
 
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+"""Config lists with one entry per decoder layer (attention kind; SmolLM3's RoPE-or-not): chopping keeps the entries of
+the kept layers, so a reloaded chopped model gives each layer the mask and positions it had."""
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ``nn.ModuleList`` of decoder layers of a HF causal LM (Llama, Mistral, Qwen, ...)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -128,10 +134,35 @@ def chop_layers(model: nn.Module, remove: Sequence[int]) -> list[int]:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     decoder.layers = new_layers
     model.config.num_hidden_layers = len(kept)
-    layer_types = getattr(model.config, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and len(layer_types) == num_layers:
-        model.config.layer_types = [layer_types[i] for i in kept]
+    subset_per_layer(model.config, num_layers, kept)
     return kept
+
+
+def subset_per_layer(config, num_layers: int, kept: Sequence[int]) -> None:
+    """Keep the entries of ``kept`` in every per-layer list of ``config`` (:data:`PER_LAYER_KEYS`), in place."""
+    for key in PER_LAYER_KEYS:
+        values = getattr(config, key, None)
+        if isinstance(values, (list, tuple)) and len(values) == num_layers:
+            setattr(config, key, [values[i] for i in kept])
+
+
+@contextlib.contextmanager
+def skipping(model: nn.Module, skip: Sequence[int]):
+    """Within the block, the decoder layers ``skip`` pass their input through unchanged (no weights copied; restored
+    on exit, also on error). Every other layer keeps its own attention mask and position inputs, so this computes what
+    the model chopped by :func:`chop_layers` computes, whatever the family's mix of attention kinds."""
+    layers = decoder_layers(model)
+    for i in skip:
+        layers[i].forward = _identity
+    try:
+        yield model
+    finally:
+        for i in skip:
+            layers[i].__dict__.pop("forward", None)
+
+
+def _identity(hidden_states, *args, **kwargs):
+    return hidden_states
 
 
 _LAYER_KEY = re.compile(r"(^|\.)layers\.(\d+)\.")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from layerchop.config import SELECTIONS as CRITERIA
-from layerchop.prune.chop import decoder_layers
+from layerchop.prune.chop import decoder_layers, skipping
 
 
 @torch.no_grad()
@@ -106,29 +106,20 @@ def ppl_without_each_layer(model: nn.Module, calib_NT: torch.Tensor, *, batch_si
                            device: str | torch.device = "cpu", layers: Sequence[int] | None = None) -> dict:
     """Calibration perplexity of the full model and of the model with each one layer left out.
 
-    The layer list is swapped for one without layer ``i`` for the duration of a pass (no copy of weights;
-    the model is restored afterwards, also on error).
+    Layer ``i`` passes its input through for the duration of a pass (:func:`~layerchop.prune.chop.skipping`: no copy
+    of weights, every other layer keeps its own attention mask and positions; restored afterwards, also on error).
 
     Returns:
         ``{"full": ppl, "without": [ppl without layer 0, ...]}`` (``None`` for layers not in ``layers``).
     """
     model.eval().to(device)
-    kinds = set(getattr(model.config, "layer_types", None) or [])
-    if len(kinds) > 1:  # the swap below does not subset config.layer_types (each layer's attention mask kind)
-        raise NotImplementedError(f"{type(model).__name__} mixes attention kinds {sorted(kinds)}: the ppl criterion "
-                                  "supports models whose layers all attend alike (Llama)")
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    original = decoder.layers
-    num_layers = len(original)
+    num_layers = len(decoder_layers(model))
     which = list(range(num_layers)) if layers is None else list(layers)
     full = math.exp(mean_nll(model, calib_NT, batch_size, device))
     without: list = [None] * num_layers
-    try:
-        for i in tqdm(which, desc="ppl without layer", unit="layer"):
-            decoder.layers = nn.ModuleList([m for j, m in enumerate(original) if j != i])
+    for i in tqdm(which, desc="ppl without layer", unit="layer"):
+        with skipping(model, [i]):
             without[i] = math.exp(mean_nll(model, calib_NT, batch_size, device))
-    finally:
-        decoder.layers = original
     return {"full": full, "without": without}
 
 

@@ -82,12 +82,12 @@ def depth_config(dense_config, alive: Sequence[int]):
     """The config of ``dense_config``'s model keeping the layers ``alive`` (what :func:`chop_layers` makes)."""
     import copy
 
+    from layerchop.prune.chop import subset_per_layer
+
     config = copy.deepcopy(dense_config)
     num = dense_config.num_hidden_layers
     config.num_hidden_layers = len(alive)
-    layer_types = getattr(dense_config, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and len(layer_types) == num:
-        config.layer_types = [layer_types[i] for i in alive]
+    subset_per_layer(config, num, alive)
     return config
 
 
