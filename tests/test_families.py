@@ -108,3 +108,182 @@ def test_ppl_criterion_scores_the_model_the_chop_stage_would_write(family):
         assert scores["without"][i] == pytest.approx(math.exp(mean_nll(chopped, ids, 2, "cpu")), rel=1e-6)
     assert scores["without"][1] != pytest.approx(scores["without"][2], rel=1e-4)
     assert scores["full"] == pytest.approx(math.exp(mean_nll(model, ids, 2, "cpu")), rel=1e-9)
+
+
+REFUSED_STRUCTURED = {"phi3": "fused", "olmo2": "across all heads"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_structured_shrink_computes_the_masked_model_or_is_refused(tmp_path, family):
+    """``layerchop shrink``'s export (channels and head groups removed) gives the masked model's logits, saved and
+    reloaded as the family's own class; Phi-3 (fused projections) and OLMo-2 (queries normalised across heads) are
+    refused with the reason."""
+    from transformers import AutoModelForCausalLM
+
+    from layerchop.prune.structured import build, refusal, shrink, structured_masks
+
+    model, ids = family_model(family), family_ids(seq_len=3 * WINDOW)
+    config, why = model.config, refusal(model.config)
+    if family in REFUSED_STRUCTURED:
+        assert why is not None and REFUSED_STRUCTURED[family] in why, why
+    else:
+        assert why is None, why
+    if family in REFUSED_STRUCTURED:
+        return
+    g = torch.Generator().manual_seed(1)
+    keep_ch = {i: torch.randperm(64, generator=g)[:40].sort().values for i in range(6)}
+    keep_g = {i: torch.tensor([i % 2]) for i in range(6)}
+    masked = copy.deepcopy(model)
+    params = dict(masked.named_parameters())
+    with torch.no_grad():
+        for name, m in structured_masks(config, keep_ch, keep_g).items():
+            params[name][m] = 0
+    new_config, state = shrink(masked.state_dict(), config, keep_ch, keep_g)
+    small = build(new_config, state).eval()
+    assert type(small) is type(model) and new_config.intermediate_size == 40 and new_config.num_key_value_heads == 1
+    want = _logits(masked, ids)
+    scale = float(want.abs().max())
+    torch.testing.assert_close(_logits(small, ids), want, rtol=0, atol=1e-5 * scale)
+    small.save_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), ids), want, rtol=0,
+                               atol=1e-5 * scale)
+
+
+def test_dimchop_columns_prune_fused_projections_as_one_matrix():
+    """Phi-3 holds q/k/v in ``qkv_proj`` and gate/up in ``gate_up_proj``: DimChop's seven projections are its four
+    matrices; naming only part of a fused matrix is refused, naming the key."""
+    from layerchop.config import DIMCHOP_MATRICES
+    from layerchop.train.dimchop import target_names
+
+    model = family_model("phi3")
+    names = target_names(model, list(DIMCHOP_MATRICES))
+    assert sorted({n.rsplit(".", 2)[-2] for n in names}) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    assert len(names) == 4 * 6
+    with pytest.raises(ValueError, match=r"dimchop.matrices=\['q_proj', 'o_proj'\]: Phi3ForCausalLM holds"):
+        target_names(model, ["q_proj", "o_proj"])
+    assert len(target_names(model, ["o_proj"])) == 6
+
+
+def test_fsdp2_wraps_each_familys_decoder_layer_and_trains_the_same():
+    """The FSDP2 wrap (one process, gloo) shards each family's own decoder-layer class, the one transformers lists as
+    not to be split; a training step's loss and gradients equal the unwrapped model's."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    from layerchop.prune.chop import decoder_layers
+    from layerchop.train.sharding import apply_fsdp2, local
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for family in FAMILIES:
+            model, ids = family_model(family).train(), family_ids(n=2, seq_len=2 * WINDOW)
+            layer_class = type(decoder_layers(model)[0]).__name__
+            assert layer_class in model._no_split_modules, (family, layer_class)
+            plain = copy.deepcopy(model)
+            apply_fsdp2(model, mesh, None, None)
+            assert all(isinstance(layer, FSDPModule) for layer in decoder_layers(model)), family
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            want = plain(input_ids=ids, labels=ids, use_cache=False).loss
+            want.backward()
+            assert loss.item() == pytest.approx(want.item(), rel=1e-6), family
+            grads = dict(plain.named_parameters())
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(local(p.grad), grads[name].grad, rtol=1e-5, atol=1e-7, msg=f"{family} {name}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _family_dirs(root, family, tokenizer_dir, remove):
+    """The family's tiny model and its chopped copy (``remove`` gone), saved as the download and chop stages do."""
+    from transformers import AutoTokenizer
+
+    from layerchop.io import save_model_dir
+    from layerchop.prune.chop import chop_layers
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    dense, chopped = root / f"{family}-dense", root / f"{family}-chopped"
+    model = family_model(family)
+    save_model_dir(model, tok, dense, metadata={"stage": "test", "source": family})
+    chop_layers(model, remove)
+    save_model_dir(model, tok, chopped, metadata={"removed_layers": list(remove), "chopped_from": str(dense)})
+    return dense, chopped
+
+
+@pytest.mark.parametrize("family, mode", [(f, "gradual") for f in FAMILIES] + [(f, "warm") for f in MIXED])
+def test_phase_hand_over_carries_the_kept_layers_weights_and_adam_moments(tmp_path, tiny_dir, tiny_prepared,
+                                                                         monkeypatch, family, mode):
+    """The train stage's phases on each family: at every hand-over the smaller model receives exactly the kept layers'
+    weights and Adam moments of the model before it (renumbered), and computes that model's function with the
+    removed layers skipped, each kept layer with its own attention kind (gradual: layers 2 then 3 go, one step
+    apart; warm start: one step on the dense model, then both go)."""
+    from transformers import AutoModelForCausalLM
+
+    from layerchop.config import TrainConfig
+    from layerchop.prune.chop import chop_state_keys, skipping
+    from layerchop.train import sharding
+    from layerchop.train.run import run
+
+    dense_dir, chopped_dir = _family_dirs(tmp_path, family, tiny_dir, [2, 3])
+    ids = family_ids(n=2, seq_len=3 * WINDOW)
+    sources, checks = [], []
+    take_w, take_o = sharding.local_model_state, sharding.local_optimizer_state
+    load_w, load_o = sharding.load_local_model_state, sharding.load_local_optimizer_state
+
+    def spy_take_w(model):
+        state = take_w(model)
+        sources.append({"config": copy.deepcopy(model.config), "weights": {k: v.clone() for k, v in state.items()}})
+        return state
+
+    def spy_take_o(model, opt):
+        state = take_o(model, opt)
+        sources[-1]["optimizer"] = {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in v.items()}
+                                    for k, v in state.items()}
+        return state
+
+    def spy_load_w(model, state):
+        load_w(model, state)
+        checks.append({"config": copy.deepcopy(model.config), "weights": {k: v.clone() for k, v in state.items()},
+                       "logits": _logits(model.eval(), ids)})
+
+    def spy_load_o(model, opt, state):
+        checks[-1]["optimizer"] = {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in v.items()}
+                                   for k, v in state.items()}  # the optimizer updates its moments in place
+        return load_o(model, opt, state)
+
+    monkeypatch.setattr(sharding, "local_model_state", spy_take_w)
+    monkeypatch.setattr(sharding, "local_optimizer_state", spy_take_o)
+    monkeypatch.setattr(sharding, "load_local_model_state", spy_load_w)
+    monkeypatch.setattr(sharding, "load_local_optimizer_state", spy_load_o)
+    cfg = TrainConfig(token_budget=3 * 4 * 32, batch_size=4, accumulate=1, lr=3e-3, warmup_steps=2,
+                      precision="32-true", accelerator="cpu", ckpt_every=0, val_batches=1, seed=0,
+                      warm_start_steps=1 if mode == "warm" else 0)
+    kwargs = {"chop_every_tokens": 4 * 32} if mode == "gradual" else {"warm_start": True}
+    run(chopped_dir, tiny_prepared, tmp_path / "out", cfg, run_dir=tmp_path / "run", **kwargs)
+    monkeypatch.undo()
+
+    removals = [[2], [2]] if mode == "gradual" else [[2, 3]]  # in the numbering of the model handing over
+    assert len(checks) == len(removals) and len(sources) >= len(removals)
+    for source, check, remove in zip(sources, checks, removals):
+        before = AutoModelForCausalLM.from_config(source["config"])
+        before.load_state_dict(source["weights"], strict=False)
+        before.tie_weights()
+        n = source["config"].num_hidden_layers
+        kept = [i for i in range(n) if i not in remove]
+        for key in ("layer_types", "no_rope_layers"):
+            if getattr(source["config"], key, None) is not None:
+                assert getattr(check["config"], key) == [getattr(source["config"], key)[i] for i in kept], key
+        want_w = chop_state_keys(source["weights"], kept)
+        assert set(check["weights"]) <= set(want_w) and set(want_w) - set(check["weights"]) <= {"lm_head.weight"}
+        for k, v in check["weights"].items():
+            assert torch.equal(v, want_w[k]), k
+        want_o = chop_state_keys(source["optimizer"], kept)
+        assert set(check["optimizer"]) == set(want_o) and want_o
+        for k, st in want_o.items():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(check["optimizer"][k][moment], st[moment]), (k, moment)
+        with skipping(before.eval(), remove):
+            want = _logits(before, ids)
+        torch.testing.assert_close(check["logits"], want, rtol=0, atol=1e-5 * float(want.abs().max()))

@@ -1,12 +1,18 @@
-"""Structured width pruning that makes a Llama physically smaller: MLP intermediate channels and whole attention
-head groups removed from every decoder layer, exported as a plain, smaller ``LlamaForCausalLM``.
+"""Structured width pruning that makes a decoder physically smaller: MLP intermediate channels and whole attention
+head groups removed from every decoder layer, exported as a plain, smaller model of the same family
+(``AutoModelForCausalLM`` of the same config class).
 
 A *channel* ``c`` of a layer's MLP is row ``c`` of ``gate_proj`` and ``up_proj`` and column ``c`` of
 ``down_proj``; a *head group* ``g`` is key/value head ``g`` with the ``num_attention_heads / num_key_value_heads``
 query heads that read it (rows of ``q_proj``, ``k_proj``, ``v_proj``; columns of ``o_proj``). Zeroing a channel's
 ``down_proj`` column, or a group's ``o_proj`` columns, removes its contribution exactly, so the masked model and
-the smaller one compute the same function. ``LlamaConfig`` has one ``intermediate_size`` and one head count for
+the smaller one compute the same function. The config has one ``intermediate_size`` and one head count for
 all layers: every layer keeps the same number of channels and groups.
+
+Families: those whose layers have separate ``q/k/v/o_proj`` and ``gate/up/down_proj`` and normalise queries and keys
+per head, if at all (Llama, Mistral, Qwen2/3, Gemma-2/3, SmolLM3, Granite). :func:`refusal` says why the others
+cannot be shrunk this way (Phi-3 fuses its projections; OLMo-2 normalises queries across all heads, so removing a
+head changes the others).
 """
 
 from __future__ import annotations
@@ -16,8 +22,53 @@ import copy
 import torch
 
 
+PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def refusal(config) -> str | None:
+    """Why the structured channels-and-heads width pruning cannot run on ``config``'s family (None: it can), read off
+    the family's decoder layer built on the meta device."""
+    from layerchop.prune.chop import decoder_layers
+    from layerchop.train.flops import meta_model
+
+    kind = type(config).__name__
+    if getattr(config, "mlp_bias", False):
+        return f"{kind} has mlp_bias: the structured export slices no MLP bias"
+    layer = decoder_layers(meta_model(config))[0]
+    for block, names in PROJECTIONS.items():
+        module = getattr(layer, block, None)
+        missing = [n for n in names if not hasattr(module, n)]
+        if missing:
+            fused = [n for n, _ in (module.named_children() if module is not None else []) if n.endswith("_proj")]
+            return (f"{kind}'s {block} has {fused} where channels-heads needs separate {list(names)} (fused "
+                    "projections are not sliced)")
+    _, _, head_dim = head_groups(config)
+    for norm in ("q_norm", "k_norm"):
+        weight = getattr(getattr(layer.self_attn, norm, None), "weight", None)
+        if weight is not None and weight.numel() != head_dim:
+            return (f"{kind} normalises {norm[0]} across all heads ({weight.numel()} wide, not per head of "
+                    f"{head_dim}): removing a head group would change the others")
+    return None
+
+
+def build(config, state: dict[str, torch.Tensor]):
+    """The model of ``config``'s family (``AutoModelForCausalLM``) holding ``state`` (tied weights tied)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    with no_init_weights():  # the weights come from state; buffers (rotary tables) are built as the family builds them
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"shrink: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    model.tie_weights()
+    return model
+
+
 def head_groups(config) -> tuple[int, int, int]:
-    """``(groups, query heads per group, head_dim)`` of a Llama config."""
+    """``(groups, query heads per group, head_dim)`` of a decoder config."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads, head_dim
 

@@ -2,7 +2,7 @@
 
 Reads the masks file beside the model: a channel whose ``gate_proj`` row is masked in a layer, and a head group whose
 ``k_proj`` rows are masked, are removed from that layer (:func:`layerchop.prune.structured.shrink`); the result is a
-plain ``LlamaForCausalLM`` with a smaller ``intermediate_size`` and fewer heads, which computes what the masked
+plain model of the input's family (``AutoModelForCausalLM``) with a smaller ``intermediate_size`` and fewer heads, which computes what the masked
 model computes and loads without this package.
 
 Example::
@@ -49,30 +49,25 @@ def kept_units(masks: dict[str, torch.Tensor], config) -> tuple[dict[int, torch.
 
 
 def main(args: argparse.Namespace) -> None:
-    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers import AutoConfig
 
     from layerchop.io import check_model_dir, load_model, load_tokenizer, num_params, read_metadata, save_model_dir
     from layerchop.prune.masks import load_masks
-    from layerchop.prune.structured import shrink
+    from layerchop.prune.structured import build, refusal, shrink
 
     check_model_dir(args.model, "--model")
     masks = load_masks(args.model)
     if masks is None:
         raise ValueError(f"--model {args.model}: no masks file (sparsity_masks.safetensors): nothing to shrink")
     config = AutoConfig.from_pretrained(args.model)
-    if getattr(config, "mlp_bias", False):
-        raise ValueError(f"--model {args.model}: config.json has mlp_bias: the structured export slices no MLP bias")
+    why = refusal(config)
+    if why:
+        raise ValueError(f"--model {args.model}: {why}")
     keep_ch, keep_g = kept_units(masks, config)
     meta = read_metadata(args.model)
     model = load_model(args.model, dtype=meta.get("dtype", "float32"))
     new_config, state = shrink(model.state_dict(), config, keep_ch, keep_g)
-    with torch.device("meta"):
-        small = LlamaForCausalLM(new_config)
-    missing, unexpected = small.load_state_dict(state, assign=True, strict=False)
-    tied = {"lm_head.weight"} if getattr(new_config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"shrink: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
-    small.tie_weights()
+    small = build(new_config, state)
     before, after = num_params(model), num_params(small)
     meta = {**meta, "stage": "shrink", "shrunk_from": str(args.model), "num_params": after,
             "num_params_before_shrink": before, "intermediate_size": new_config.intermediate_size,
@@ -83,6 +78,6 @@ def main(args: argparse.Namespace) -> None:
             f"head groups removed: intermediate size {config.intermediate_size} -> {new_config.intermediate_size}, "
             f"heads {config.num_attention_heads} -> {new_config.num_attention_heads} (key/value "
             f"{config.num_key_value_heads} -> {new_config.num_key_value_heads}), {before:,} -> {after:,} parameters. "
-            "Same function as the masked model; a plain `LlamaForCausalLM`.\n")
+            f"Same function as the masked model; a plain `{type(small).__name__}`.\n")
     save_model_dir(small, load_tokenizer(args.model), args.out, metadata=meta, card=card)
     print(f"[shrink] {before:,} -> {after:,} parameters -> {args.out}")

@@ -26,12 +26,31 @@ from layerchop.train.module import CausalLMModule
 from layerchop.train.sharding import is_dtensor, local
 
 
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+"""Fused projections (Phi-3) and the projections each holds: their columns are the same input dimensions, so the
+fused matrix is pruned as one matrix when ``dimchop.matrices`` lists all of its parts."""
+
+
 def target_names(model: nn.Module, matrices: list[str]) -> list[str]:
-    """The pruned weights: ``model.layers.<i>.<self_attn|mlp>.<proj>.weight`` for each projection in ``matrices``."""
+    """The pruned weights: ``model.layers.<i>.<self_attn|mlp>.<proj>.weight`` for each projection in ``matrices``
+    (a fused ``qkv_proj`` / ``gate_up_proj`` stands for the projections it holds).
+
+    Raises:
+        ValueError: naming ``dimchop.matrices`` when the model has none of them, or when it lists only some of the
+            projections one fused matrix holds.
+    """
+    present = {n.rsplit(".", 2)[-2] for n, _ in model.named_parameters() if ".layers." in n and n.endswith(".weight")}
+    wanted = set(matrices)
+    for fused, parts in FUSED.items():
+        if fused in present and wanted & set(parts):
+            if not set(parts) <= wanted:
+                raise ValueError(f"dimchop.matrices={matrices}: {type(model).__name__} holds {list(parts)} in one "
+                                 f"fused {fused}; list all of them or none")
+            wanted = (wanted - set(parts)) | {fused}
     names = [n for n, p in model.named_parameters()
-             if n.endswith(".weight") and ".layers." in n and n.rsplit(".", 2)[-2] in matrices]
+             if n.endswith(".weight") and ".layers." in n and n.rsplit(".", 2)[-2] in wanted]
     if not names:
-        raise ValueError(f"dimchop.matrices={matrices}: the model has no such projection")
+        raise ValueError(f"dimchop.matrices={matrices}: {type(model).__name__} has no such projection")
     return names
 
 

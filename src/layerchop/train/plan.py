@@ -363,6 +363,8 @@ def resolve(
     if chop_every_tokens is not None:
         what = f"--chop-every-tokens {chop_every_tokens:g}"
         chop_every = chop_every_steps(chop_every_tokens, cfg.batch_size * seq_len * cfg.accumulate * world, what)
+    if objective == "dimchop":
+        check_dimchop_family(init_dir, dimchop_cfg)
     if objective == "dimchop" and masks is not None:
         raise ValueError(f"--objective dimchop: --init {init_dir} is already masked (one-shot pruned); DimChop "
                          "prunes a dense model while it trains")
@@ -515,6 +517,22 @@ def run_snapshot_steps(steps: Steps, num: int, chop_every: int) -> list[int]:
 
 
 _PARAMS: dict[str, int] = {}
+
+
+def check_dimchop_family(init_dir: Path, dimchop_cfg) -> None:
+    """Refuse, before any work, a DimChop run the family of ``init_dir`` cannot take (its projections, or the
+    structured export's conditions: :func:`layerchop.prune.structured.refusal`)."""
+    from transformers import AutoConfig
+
+    from layerchop.prune.structured import refusal
+    from layerchop.train.dimchop import target_names
+    from layerchop.train.flops import meta_model
+
+    config = AutoConfig.from_pretrained(init_dir)
+    target_names(meta_model(config), dimchop_cfg.matrices)
+    why = refusal(config) if dimchop_cfg.structure == "channels-heads" else None
+    if why:
+        raise ValueError(f"dimchop.structure='channels-heads': {why}")
 
 
 def count_params(config) -> int:
