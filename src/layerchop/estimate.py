@@ -52,12 +52,28 @@ def dtype_bytes(name: str | None, default: int = 4) -> int:
     return 2 if name in ("bfloat16", "float16", "bf16", "fp16") else 4
 
 
+_LAYER: dict[str, tuple[int, int]] = {}
+
+
+def _layer_counts(config) -> tuple[int, int]:
+    """``(parameters, projection entries)`` of one decoder layer of ``config``'s family, counted on the layer built
+    on the meta device (exact for every family: biases, q/k norms, Gemma's four norms, fused projections)."""
+    key = config.to_json_string(use_diff=False)
+    if key not in _LAYER:
+        import torch.nn as nn
+
+        from layerchop.prune.chop import decoder_layers
+        from layerchop.train.flops import meta_model
+
+        layer = decoder_layers(meta_model(config))[0]
+        _LAYER[key] = (sum(p.numel() for p in layer.parameters()),
+                       sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear)))
+    return _LAYER[key]
+
+
 def layer_params(config) -> int:
-    h, i = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    return h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h + 3 * h * i + 2 * h
+    """Parameters of one decoder layer."""
+    return _layer_counts(config)[0]
 
 
 def count_params(config) -> int:
@@ -287,8 +303,8 @@ def model_dir_gb(config, dtype: str) -> float:
 
 
 def projection_entries(config) -> int:
-    """Entries of the seven attention and MLP projections of all layers (what DimChop scores and masks)."""
-    return config.num_hidden_layers * (layer_params(config) - 2 * config.hidden_size)
+    """Entries of the attention and MLP projections of all layers (what DimChop scores and masks)."""
+    return config.num_hidden_layers * _layer_counts(config)[1]
 
 
 def checkpoint_gb(config, dimchop: bool = False) -> float:

@@ -214,16 +214,39 @@ def llama2_7b_shape_config(hidden_size: int, vocab_size: int, **token_ids):
 
 
 def known_config(cfg):
-    """The model config of a ``download.model`` section without downloading it, or None when unknown."""
-    from transformers import LlamaConfig
+    """The model config of a ``download.model`` section without downloading weights, or None when this machine
+    cannot know it: the built-in sources, ``meta-llama/Llama-2-7b-hf``, a ``local`` model directory, the
+    ``download.model.config`` file, or the Hub cache's copy of a ``hub`` model's config (never the network)."""
+    from transformers import AutoConfig, LlamaConfig
 
     if cfg.source == "smollm2-135m":
         return LlamaConfig(**SMOLLM2_135M)
     if cfg.source == "llama2-7b-shape":
         return llama2_7b_shape_config(cfg.hidden_size, SMOLLM2_135M["vocab_size"])
-    if cfg.source == "hub" and cfg.hub_id == "meta-llama/Llama-2-7b-hf":
+    if cfg.source == "local":
+        return model_config(cfg.path, "download.model.path")
+    if cfg.config:
+        return model_config(cfg.config, "download.model.config")
+    if cfg.hub_id == "meta-llama/Llama-2-7b-hf":
         return LlamaConfig(**LLAMA2_7B)
-    return None
+    try:
+        return AutoConfig.from_pretrained(cfg.hub_id, revision=cfg.revision, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def model_config(path: str | Path, key: str):
+    """``AutoConfig`` of a ``config.json`` file or of a directory holding one; errors name ``key``."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{key}={str(path)!r}: no config.json there")
+    try:
+        return AutoConfig.from_pretrained(file)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{key}={str(path)!r}: {file} is not a transformers config ({str(e).splitlines()[0]})")
 
 
 def random_llama2_shape(tokenizer, hidden_size: int, seed: int, num_layers: Optional[int] = None):
@@ -302,6 +325,8 @@ def download_model(cfg, out: str | Path, cache_dir: str | Path) -> dict:
         return gguf_to_hf(gguf, out, dtype=cfg.dtype, provenance=prov)
     if cfg.source == "hub":
         return download_hub_model(cfg.hub_id, cfg.revision, out, dtype=cfg.dtype)
+    if cfg.source == "local":
+        return copy_local_model(cfg.path, out, dtype=cfg.dtype)
     if cfg.source == "llama2-7b-shape":
         return download_llama2_shape(cfg, out, cache_dir)
     raise ValueError(f"download.model.source={cfg.source!r} is not a known source")
@@ -309,14 +334,35 @@ def download_model(cfg, out: str | Path, cache_dir: str | Path) -> dict:
 
 def download_hub_model(hub_id: str, revision: Optional[str], out: str | Path, dtype: str = "bfloat16") -> dict:
     """Fetch ``hub_id`` at ``revision`` from the Hugging Face Hub and save it as a plain directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from layerchop.families import check_family
     from layerchop.io import DTYPES, save_model_dir
 
+    check_family(AutoConfig.from_pretrained(hub_id, revision=revision), f"download.model.hub_id={hub_id!r}")
     model = AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(hub_id, revision=revision)
     meta = {"stage": "download", "source": "hub", "hub_id": hub_id, "revision": revision, "dtype": dtype}
     card = f"# {hub_id}\n\nSaved by `layerchop download` from the Hub (revision `{revision}`), dtype {dtype}.\n"
+    save_model_dir(model, tokenizer, out, metadata=meta, card=card)
+    return meta
+
+
+def copy_local_model(path: str | Path, out: str | Path, dtype: str = "bfloat16") -> dict:
+    """The ``local`` source: the model directory ``path`` (any supported family, checked before the weights load)
+    saved again as a plain directory in ``dtype`` with this pipeline's metadata."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerchop.families import check_family
+    from layerchop.io import DTYPES, save_model_dir
+
+    config = model_config(path, "download.model.path")
+    check_family(config, f"download.model.path={str(path)!r}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    meta = {"stage": "download", "source": "local", "path": str(path), "model_type": config.model_type,
+            "dtype": dtype}
+    card = f"# {Path(path).name}\n\nSaved by `layerchop download` from the local directory `{path}`, dtype {dtype}.\n"
     save_model_dir(model, tokenizer, out, metadata=meta, card=card)
     return meta
 
@@ -429,6 +475,16 @@ def wikipedia_vital_documents(wheel: Path) -> list[dict]:
 _WS_INLINE = re.compile(r"[ \t]+")
 
 
+def local_corpus_files(local_dir: str | Path) -> list[Path]:
+    """Every ``.txt`` and ``.jsonl`` file under ``local_dir``, in name order (``download.corpus.local_paths: []``)."""
+    root = Path(local_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
+    if not files:
+        raise ValueError(f"download.corpus.local_dir={str(local_dir)!r}: no .txt or .jsonl file there "
+                         "(source 'local' with local_paths: [] reads them all)")
+    return files
+
+
 def local_documents(paths: Iterable[str | Path], text_field: str = "text", encoding: str = "utf-8") -> Iterator[dict]:
     """Documents from ``.txt`` files (one per file) or ``.jsonl`` files (one per line).
 
@@ -499,8 +555,9 @@ def download_corpus(cfg, out: str | Path, cache_dir: str | Path) -> dict:
         provenance = {"package": artifact.package, "version": artifact.version, "sha256": artifact.sha256,
                       "license": CORPUS_LICENSES[cfg.source]}
     elif cfg.source == "local":
-        docs = local_documents(cfg.local_paths, cfg.text_field, cfg.encoding)
-        provenance = {"paths": [str(p) for p in cfg.local_paths]}
+        paths = cfg.local_paths or local_corpus_files(cfg.local_dir)
+        docs = local_documents(paths, cfg.text_field, cfg.encoding)
+        provenance = {"paths": [str(p) for p in paths]}
     elif cfg.source == "hub":
         docs = hub_documents(cfg)
         provenance = {"hub_path": cfg.hub_path, "hub_name": cfg.hub_name, "split": cfg.hub_split,

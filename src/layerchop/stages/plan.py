@@ -95,7 +95,8 @@ def plan(params: dict, dvc: dict) -> dict:
                                     train_memory)
     from layerchop.pipeline import stage_commands
     from layerchop.prune.chop import removed_indices
-    from layerchop.train.plan import chop_every_steps, plan_steps
+    from layerchop.families import check_family
+    from layerchop.train.plan import chop_every_steps, depth_config, plan_steps
 
     download, prep, chop = section("download", params), section("prepare", params), section("chop", params)
     cfg0, fig4, slurm = section("train", params), section("figure4", params), section("slurm", params)
@@ -103,13 +104,13 @@ def plan(params: dict, dvc: dict) -> dict:
     where = routing(params, dvc)
     dense = known_config(download.model)
     if dense is None:
-        raise ValueError(f"download.model.hub_id={download.model.hub_id!r}: layerchop plan knows the architectures "
-                         "of smollm2-135m, llama2-7b-shape and meta-llama/Llama-2-7b-hf only (no download here)")
+        raise ValueError(f"download.model.hub_id={download.model.hub_id!r}: its config.json is not on this machine "
+                         "(layerchop plan never downloads); set download.model.config to the model's config.json")
+    check_family(dense, "download.model")
     removed = removed_indices(dense.num_hidden_layers, layout=chop.layout, num_remove=chop.num_remove,
                               indices=chop.indices)
-    chopped = copy.deepcopy(dense)
-    chopped.num_hidden_layers -= len(removed)
     kept = [i for i in range(dense.num_hidden_layers) if i not in removed]
+    chopped = depth_config(dense, kept)
     dtype = download.model.dtype
     gpu = cfg0.accelerator in ("gpu", "cuda")
     stages: list[dict] = []
