@@ -344,3 +344,30 @@ def test_plan_of_a_users_qwen25_7b_profile_from_its_config_json(tmp_path, capsys
     assert result["model"]["dense_params"] == instantiated == 7_615_616_512
     arm = next(s for s in result["stages"] if s["stage"] == "train@layerchop")
     assert arm["processes"] == 32 and arm["warm_steps"] == 500
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_distillation_of_a_model_by_itself_gives_its_own_loss_and_zero_gaps(family):
+    """The distillation losses compute the logits chunk by chunk from the final norm and the head: with the student a
+    copy of the teacher, the LM term equals the family's own loss (Granite's logit scaling included) and the KL,
+    hidden-state and attention terms are zero; a soft-capped head (Gemma-2) is refused in one line."""
+    from layerchop.config import DistillConfig
+    from layerchop.train.distill import DistillStudent, check_distill_family, distill_step, freeze, teacher_capture
+
+    teacher = family_model(family)
+    if getattr(teacher.config, "final_logit_softcapping", None):
+        with pytest.raises(ValueError, match="final_logit_softcapping=.* not supported"):
+            check_distill_family(teacher.config, teacher.config)
+        return
+    check_distill_family(teacher.config, teacher.config)
+    ids = family_ids(n=2, seq_len=2 * WINDOW)
+    cfg = DistillConfig(chunk_tokens=5)
+    mapping = list(range(teacher.config.num_hidden_layers))
+    student = DistillStudent(copy.deepcopy(teacher), teacher.config.hidden_size, mapping, cfg)
+    freeze(teacher)
+    total, terms = distill_step(student, teacher, teacher_capture(teacher, mapping, cfg), ids, ids.clone())
+    with torch.no_grad():
+        want = teacher(input_ids=ids, labels=ids, use_cache=False).loss
+    assert float(terms["lm"]) == pytest.approx(float(want), rel=1e-5)
+    for name in ("kl", "hid", "att", "emb"):
+        assert abs(float(terms[name])) < 1e-6, (name, float(terms[name]))

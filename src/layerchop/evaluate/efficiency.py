@@ -5,7 +5,8 @@ cache, so the bound on a compressed model's decode speed-up is the ratio of byte
 compute-bound: the bound is the ratio of matmul FLOPs. The break-even is the extra training cost divided by the
 saving per query.
 
-Conventions: a Llama decoder (``LlamaConfig`` fields); weights read once per forward pass; the input embedding
+Conventions: a decoder with ``LlamaConfig``'s fields (every supported family has them; the projections are counted
+exactly per family by :func:`layerchop.estimate.projection_entries`, sliding windows are not modelled); weights read once per forward pass; the input embedding
 reads one row per token (not counted), the output head reads its whole matrix (tied or not); RMSNorm weights
 counted; FLOPs are 2 per multiply-add, with full ``T x T`` attention in prefill (as the training FLOP count).
 """

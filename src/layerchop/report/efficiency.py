@@ -173,9 +173,11 @@ def break_even_rows(metrics: dict[str, Any], trainings: dict[str, tuple[str, dic
 
 
 def _config(record: dict[str, Any]):
-    from transformers import LlamaConfig
+    """The benchmarked model's config, of its own family (``model_type`` in the record; Llama for older records)."""
+    from transformers import AutoConfig
 
-    return LlamaConfig(**record["config"])
+    config = dict(record["config"])
+    return AutoConfig.for_model(config.pop("model_type", "llama"), **config)
 
 
 def speedup_figure(metrics: dict[str, Any], labels: dict[str, str], out_stem: Path) -> None:

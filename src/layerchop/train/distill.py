@@ -57,6 +57,27 @@ def layer_map(student_meta: dict, num_student_layers: int, num_teacher_layers: i
     return kept
 
 
+def logit_scale(config) -> float:
+    """The factor the family applies to ``final norm output @ head`` before the softmax (Granite divides by
+    ``logits_scaling``; 1 elsewhere): the distillation losses compute the logits themselves, chunk by chunk."""
+    return 1.0 / float(getattr(config, "logits_scaling", None) or 1.0)
+
+
+def _scaled(weight: torch.Tensor, scale: float) -> torch.Tensor:
+    return weight if scale == 1.0 else weight * scale  # no copy of the head where the family does not scale
+
+
+def check_distill_family(student_config, teacher_config) -> None:
+    """Refuse a student or teacher whose logits the chunked LM/KL loss cannot reproduce: a soft-capped head
+    (Gemma-2's ``final_logit_softcapping``) is ``tanh``-shaped, not linear."""
+    for who, config in (("--init", student_config), ("--teacher", teacher_config)):
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap:
+            raise ValueError(f"--objective distill: {who} is a {config.model_type} with final_logit_softcapping={cap}; "
+                             "the chunked LM/KL loss computes linear logits (distillation of soft-capped models is not "
+                             "supported)")
+
+
 def final_norm(model: nn.Module) -> nn.Module:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     return decoder.norm
@@ -176,7 +197,8 @@ class DistillStudent(nn.Module):
             h_s = cap_s.final.reshape(B * T, -1)
             h_t = cap_t.final.reshape(B * T, -1) if cfg.w_kl else None
             total, lm, kl = chunked_lm_kl(
-                h_s, self.student.get_output_embeddings().weight, targets_BT.reshape(-1),
+                h_s, _scaled(self.student.get_output_embeddings().weight, logit_scale(self.student.config)),
+                targets_BT.reshape(-1),
                 h_t_ND=h_t, w_t_VD=teacher.head_VD, kl_mask_N=real_BT.reshape(-1),
                 temperature=cfg.temperature, w_lm=cfg.w_lm, w_kl=cfg.w_kl, chunk=cfg.chunk_tokens,
             )
@@ -226,7 +248,8 @@ def distill_step(student: DistillStudent, teacher: nn.Module, teacher_capture: C
     try:
         out = TeacherOut(
             teacher_capture,
-            head_VD=teacher.get_output_embeddings().weight.detach() if cfg.w_kl else None,
+            head_VD=(_scaled(teacher.get_output_embeddings().weight.detach(), logit_scale(teacher.config))
+                     if cfg.w_kl else None),
             embed_VD=teacher.get_input_embeddings().weight.detach() if cfg.w_emb else None,
         )
         total, terms = student(input_ids_BT, labels_BT, teacher=out)

@@ -384,8 +384,9 @@ def resolve(
         if masks is not None:
             raise ValueError(f"--objective distill: --init {init_dir} is a masked (one-shot pruned) model; "
                              "distillation here trains chopped or dense students")
-        from layerchop.train.distill import load_layer_map
+        from layerchop.train.distill import check_distill_family, load_layer_map
 
+        check_distill_family(AutoConfig.from_pretrained(init_dir), AutoConfig.from_pretrained(teacher_dir))
         mapping = load_layer_map(init_dir, teacher_dir)
         # the teacher must read the same token ids as the data (and so as the student)
         check_data_matches_model(prepared_dir, teacher_dir, AutoTokenizer.from_pretrained(teacher_dir))
