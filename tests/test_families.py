@@ -371,3 +371,50 @@ def test_distillation_of_a_model_by_itself_gives_its_own_loss_and_zero_gaps(fami
     assert float(terms["lm"]) == pytest.approx(float(want), rel=1e-5)
     for name in ("kl", "hid", "att", "emb"):
         assert abs(float(terms[name])) < 1e-6, (name, float(terms[name]))
+
+
+def _stage(tmp_path, overrides: dict, *argv):
+    from test_cli import _run
+
+    return _run(tmp_path, {"evaluate.optional_tasks": [], "evaluate.local_tasks": {}, **overrides}, *argv)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_other_stage_runs_on_the_family(tmp_path, tiny_dir, tiny_prepared, family):
+    """The stage entry points the property tests above do not already run, on each family (tiny budgets): download of
+    a ``local`` model directory, a data-driven chop (angular), DimChop training (Phi-3: its fused projections),
+    evaluation (perplexity and the in-domain tasks) and the latency benchmark. Each exits 0 and writes its output."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from layerchop.io import read_metadata, save_model_dir
+
+    src = tmp_path / "mine"
+    save_model_dir(family_model(family), AutoTokenizer.from_pretrained(tiny_dir), src, metadata={"stage": "test"})
+    d = lambda name: str(tmp_path / name)  # noqa: E731
+    steps = [
+        ({"download.model.source": "local", "download.model.path": str(src)}, "download", "model", "--out", d("dense")),
+        ({"chop.layout": "angular", "chop.num_remove": 2, "chop.num_calibration": 4, "chop.batch_size": 2},
+         "chop", "--model", d("dense"), "--data", str(tiny_prepared), "--out", d("chopped")),
+        ({"train.precision": "32-true", "train.batch_size": 4, "train.token_budget": 2 * 4 * 32, "train.warmup_steps": 1,
+          "train.val_batches": 1, "train.ckpt_every": 0, "train.val_every": 0},
+         "train", "--objective", "dimchop", "--init", d("dense"), "--data", str(tiny_prepared), "--out", d("dimchop"),
+         "--run-dir", d("run")),
+        ({"evaluate.tasks": ["heldout_continuation"], "evaluate.ppl_max_sequences": 4, "evaluate.batch_size": 2,
+          "evaluate.limit": 4, "evaluate.autocast": None},
+         "evaluate", "--model", d("chopped"), "--data", str(tiny_prepared), "--out", d("eval")),
+        ({"bench.batch_sizes": [1], "bench.prompt_lengths": [8], "bench.new_tokens": 2, "bench.repeats": 1,
+          "bench.warmup": 0, "bench.query_prompt": 8, "bench.threads": 1},
+         "bench", "--model", f"dense={d('dense')}", "--model", f"layerchop={d('chopped')}", "--out", d("bench.json")),
+    ]
+    for overrides, *argv in steps:
+        proc = _stage(tmp_path, overrides, *argv)
+        assert proc.returncode == 0, (argv[0], proc.stderr[-2000:])
+    assert read_metadata(tmp_path / "dense")["model_type"] == family_model(family).config.model_type
+    assert read_metadata(tmp_path / "chopped")["removed_layers"] and len(read_metadata(tmp_path / "chopped")["removed_layers"]) == 2
+    assert read_metadata(tmp_path / "dimchop")["stage"].startswith("train")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["layers"] == 4 and 1 < metrics["val/ppl"] < 1e4 and 1 < metrics["test/ppl"] < 1e4
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert sorted(bench["models"]) == ["dense", "layerchop"] and bench["cells"]
