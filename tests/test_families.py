@@ -418,3 +418,16 @@ def test_every_other_stage_runs_on_the_family(tmp_path, tiny_dir, tiny_prepared,
     assert metrics["layers"] == 4 and 1 < metrics["val/ppl"] < 1e4 and 1 < metrics["test/ppl"] < 1e4
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert sorted(bench["models"]) == ["dense", "layerchop"] and bench["cells"]
+
+
+def test_the_tested_families_are_the_ones_the_docs_table_lists():
+    """``layerchop.families.TESTED`` (what the code calls tested), the tiny models here and the family x stage table
+    in docs/bring-your-own.md name the same ``model_type``s."""
+    import re
+
+    from layerchop.families import TESTED
+
+    assert {family_config(f).model_type for f in FAMILIES} == set(TESTED)
+    table = (REPO_ROOT / "docs" / "bring-your-own.md").read_text()
+    listed = set(re.findall(r"^\| (?!family)[^|]*\(`([a-z0-9_]+)`\) \|", table, flags=re.M))
+    assert listed == set(TESTED)
