@@ -221,8 +221,9 @@ CORPUS_CASES = [
                          ids=["bad-json", "text-42", "no-field", "not-object", "latin1-jsonl", "latin1-txt", "csv"])
 def test_bad_local_corpus_files_name_the_file_and_line(tmp_path, capsys, name, content, message):
     (tmp_path / name).write_bytes(content)
-    params = edited(edited(yaml.safe_load(open(REPO / "params.yaml")), "download.corpus.source", "local"),
-                    "download.corpus.local_paths", [str(tmp_path / name)])
+    params = edited(edited(edited(yaml.safe_load(open(REPO / "params.yaml")), "download.corpus.source", "local"),
+                           "download.corpus.local_paths", [str(tmp_path / name)]),
+                    "download.corpus.local_dir", str(tmp_path))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     rc, line = run_stage(capsys, ["download", "--params", str(tmp_path / "params.yaml"), "corpus", "--out",
                                   str(tmp_path / "corpus")])
@@ -237,7 +238,7 @@ def test_an_explicit_encoding_reads_latin1(tmp_path):
     (tmp_path / "plays.txt").write_bytes("Ros\u00e9\n".encode("latin-1"))
     [doc] = local_documents([tmp_path / "plays.txt"], encoding="latin-1")
     assert doc["text"] == "Ros\u00e9\n"
-    params = {"download": {"corpus": {"source": "local", "local_paths": ["x.txt"], "encoding": "utf-9"}}}
+    params = {"download": {"corpus": {"source": "local", "local_paths": ["local/corpus/x.txt"], "encoding": "utf-9"}}}
     with pytest.raises(ValueError, match=r"download.corpus.encoding='utf-9' is invalid"):
         section("download", params)
 

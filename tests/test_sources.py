@@ -22,7 +22,7 @@ def test_local_corpus_txt_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("First document.\nWith two lines.\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "second"}) + "\n\n" + json.dumps({"body": "third"}) + "\n")
     cfg = CorpusSourceConfig(source="local", local_paths=[str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")],
-                             text_field="body")
+                             text_field="body", local_dir=str(tmp_path))
     manifest = download_corpus(cfg, tmp_path / "out", tmp_path / "cache")
     docs = [json.loads(line) for line in open(tmp_path / "out" / "documents.jsonl")]
     assert [d["text"] for d in docs] == ["First document.\nWith two lines.\n", "second", "third"]
@@ -32,12 +32,12 @@ def test_local_corpus_txt_and_jsonl(tmp_path):
 
 def test_local_corpus_errors(tmp_path):
     (tmp_path / "e.txt").write_text("   \n")
-    cfg = CorpusSourceConfig(source="local", local_paths=[str(tmp_path / "e.txt")])
+    cfg = CorpusSourceConfig(source="local", local_paths=[str(tmp_path / "e.txt")], local_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"download.corpus.source='local' produced an empty corpus"):
         download_corpus(cfg, tmp_path / "out", tmp_path / "cache")
     assert not (tmp_path / "out").exists()
     (tmp_path / "x.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
-    cfg = CorpusSourceConfig(source="local", local_paths=[str(tmp_path / "x.jsonl")])
+    cfg = CorpusSourceConfig(source="local", local_paths=[str(tmp_path / "x.jsonl")], local_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"download.corpus.text_field='text'"):
         download_corpus(cfg, tmp_path / "out", tmp_path / "cache")
 
@@ -52,12 +52,54 @@ def test_local_corpus_errors(tmp_path):
          r"download.corpus.token_budget=0"),
         (CorpusSourceConfig, {"source": "hub", "hub_path": "allenai/c4", "token_budget": -5},
          r"download.corpus.token_budget=-5"),
-        (CorpusSourceConfig, {"source": "local"}, r"download.corpus.local_paths"),
+        (CorpusSourceConfig, {"source": "local", "local_paths": ["/elsewhere/a.jsonl"]},
+         r"download.corpus.local_paths='/elsewhere/a.jsonl' is invalid: not inside download.corpus.local_dir"),
+        (CorpusSourceConfig, {"source": "local", "local_dir": ""}, r"download.corpus.local_dir=''"),
+        (ModelSourceConfig, {"source": "local", "path": ""}, r"download.model.path=''"),
     ],
 )
 def test_source_config_errors(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
+
+
+def test_a_local_corpus_folder_is_read_whole_and_is_the_stages_dependency(tmp_path):
+    """``local_paths: []`` reads every .txt / .jsonl file of ``download.corpus.local_dir`` in name order (other files
+    ignored); dvc.yaml makes that folder (and ``download.model.path``) a dependency of the download stages, and the
+    default folders exist in a fresh clone so the dependency resolves."""
+    import yaml
+
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "second"}) + "\n")
+    (tmp_path / "a.txt").write_text("first\n")
+    (tmp_path / "notes.md").write_text("not a document\n")
+    cfg = CorpusSourceConfig(source="local", local_dir=str(tmp_path))
+    manifest = download_corpus(cfg, tmp_path / "out", tmp_path / "cache")
+    docs = [json.loads(line)["text"] for line in open(tmp_path / "out" / "documents.jsonl")]
+    assert docs == ["first\n", "second"] and manifest["num_documents"] == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"download.corpus.local_dir='.*empty': no .txt or .jsonl file there"):
+        download_corpus(CorpusSourceConfig(source="local", local_dir=str(empty)), tmp_path / "o2", tmp_path / "cache")
+    stages = yaml.safe_load(open(REPO / "dvc.yaml"))["stages"]
+    assert "${download.corpus.local_dir}" in stages["download_corpus"]["deps"]
+    assert "${download.model.path}" in stages["download_model"]["deps"]
+    params = yaml.safe_load(open(REPO / "params.yaml"))["download"]
+    assert (REPO / params["corpus"]["local_dir"] / "README.md").is_file()
+    assert (REPO / params["model"]["path"] / "README.md").is_file()
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("mixtral", r"download.model.path='.*': model_type 'mixtral' is a mixture of experts"),
+    ("gemma3", r"model_type 'gemma3' is a multimodal config whose text model \(gemma3_text\) sits in text_config"),
+])
+def test_a_local_model_of_an_unsupported_kind_is_refused_before_its_weights_load(tmp_path, kind, match):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(kind).save_pretrained(tmp_path / "m")  # a config alone: refused before any weight is read
+    with pytest.raises(ValueError, match=match):
+        sources.download_model(ModelSourceConfig(source="local", path=str(tmp_path / "m")), tmp_path / "out",
+                               tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
 
 
 def test_sha256_mismatch_deletes_the_download(tmp_path):
@@ -136,11 +178,17 @@ def test_hub_model_path_is_real_code(tmp_path, monkeypatch, tiny_dir):
         calls.append(("tok", name, revision))
         return tokenizer
 
+    def fake_config(name, revision=None):
+        calls.append(("config", name, revision))
+        return make_tiny_llama(4).config
+
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tok)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake_config)
     meta = sources.download_model(ModelSourceConfig(source="hub", hub_id="meta-llama/Llama-2-7b-hf",
                                                     revision="abc123", dtype="bfloat16"), tmp_path / "m", tmp_path)
-    assert ("model", "meta-llama/Llama-2-7b-hf", "abc123") in calls
+    # the family is checked on the config before the weights are fetched
+    assert calls[:2] == [("config", "meta-llama/Llama-2-7b-hf", "abc123"), ("model", "meta-llama/Llama-2-7b-hf", "abc123")]
     assert meta["hub_id"] == "meta-llama/Llama-2-7b-hf" and meta["revision"] == "abc123"
     assert (tmp_path / "m" / "model.safetensors").exists()
 
