@@ -142,7 +142,6 @@ def test_every_training_stage_of_every_params_file_fits_its_budget(path):
     """The plan checks that need no data, for every train stage dvc.yaml runs with this file: the warm start
     and the LR warmup fit every arm's budget, only the LayerChop arms warm-start, and (for a streamed corpus)
     the download budget covers the training tokens."""
-    import copy
     import dataclasses
 
     from layerchop.data.sources import known_config
@@ -155,8 +154,7 @@ def test_every_training_stage_of_every_params_file_fits_its_budget(path):
     chop = section("chop", params)
     removed = removed_indices(dense.num_hidden_layers, layout=chop.layout, num_remove=chop.num_remove,
                               indices=chop.indices)
-    chopped = copy.deepcopy(dense)
-    chopped.num_hidden_layers -= len(removed)
+    chopped = depth_config(dense, [i for i in range(dense.num_hidden_layers) if i not in removed])
     kept = [i for i in range(dense.num_hidden_layers) if i not in removed]
     seq_len = section("prepare", params).seq_len
     corpus = section("download", params).corpus

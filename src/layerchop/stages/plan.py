@@ -20,7 +20,6 @@ the streamed corpus cannot cover.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -91,16 +90,16 @@ def plan(params: dict, dvc: dict) -> dict:
     from layerchop.config import section
     from layerchop.data.sources import known_config
     from layerchop.estimate import (checkpoint_gb, count_params, hours, measured_utilization, model_dir_gb,
-                                    prepared_gb, projection_entries, recompute_flops, step_communication,
-                                    train_memory)
+                                    prepared_gb, recompute_flops, step_communication, train_memory)
     from layerchop.pipeline import stage_commands
     from layerchop.prune.chop import removed_indices
     from layerchop.families import check_family
+    from layerchop.train.methods import method
     from layerchop.train.plan import chop_every_steps, depth_config, plan_steps
 
     download, prep, chop = section("download", params), section("prepare", params), section("chop", params)
     cfg0, fig4, slurm = section("train", params), section("figure4", params), section("slurm", params)
-    ev, pr, distill = section("evaluate", params), section("prune", params), section("distill", params)
+    ev, pr = section("evaluate", params), section("prune", params)
     where = routing(params, dvc)
     dense = known_config(download.model)
     if dense is None:
@@ -153,8 +152,9 @@ def plan(params: dict, dvc: dict) -> dict:
         if args.token_budget is not None:
             cfg = dataclasses.replace(cfg, token_budget=args.token_budget, flop_budget=None)
         init = chopped if Path(args.init).name in ("chopped", "scratch-init") else dense  # same architecture
+        trainer = method(args.objective)
         if args.warm_start:
-            if init is not chopped or args.objective != "lm":
+            if init is not chopped or not trainer.phases:
                 raise ValueError(f"dvc.yaml {name}: --warm-start needs the chopped model as --init and objective lm "
                                  f"(got --init {args.init}, --objective {args.objective})")
             warm_arms.append(name)
@@ -163,18 +163,19 @@ def plan(params: dict, dvc: dict) -> dict:
             stages.append({"stage": name, "processes": 1, "steps": 0, "disk_gb": 0.0,
                            "note": "train.warm_start_steps is 0: no warm start to share"})
             continue
-        teacher = dense if args.objective == "distill" else None
+        teacher = dense if trainer.needs_teacher else None
         budget_key = f"--flop-budget in dvc.yaml {name} ({_budget_param(dvc, name)})" if args.flop_budget else None
         chop_every = 0
         if args.chop_every_tokens is not None:  # gradual chopping, from the dense model
-            if init is not chopped or args.objective != "lm":
+            if init is not chopped or not trainer.phases:
                 raise ValueError(f"dvc.yaml {name}: --chop-every-tokens needs the chopped model as --init and "
                                  f"objective lm (got --init {args.init}, --objective {args.objective})")
             chop_every = chop_every_steps(args.chop_every_tokens, cfg.batch_size * prep.seq_len * cfg.accumulate
                                           * cfg.devices * cfg.num_nodes,
                                           f"dvc.yaml {name}: --chop-every-tokens {args.chop_every_tokens}")
+        settings = trainer.settings(params, {"structure": args.structure})
         steps = plan_steps(cfg, prep.seq_len, init, objective=args.objective, warm_steps=warm,
-                           dense_config=dense, teacher_config=teacher, distill_cfg=distill, mapping=kept,
+                           dense_config=dense, teacher_config=teacher, method_cfg=settings, mapping=kept,
                            budget_key=budget_key, removed=removed, chop_every=chop_every,
                            chop_key=f"dvc.yaml {name}: --chop-every-tokens {args.chop_every_tokens}")
         if warm and (args.warm_only or args.warm_from) and warm > cfg.warmup_steps:
@@ -192,8 +193,7 @@ def plan(params: dict, dvc: dict) -> dict:
         warm_flops = steps.phases[0].steps * steps.phases[0].flops_per_step if warm and steps.phases else 0
         run_flops = warm_flops if args.warm_only else flops - warm_flops if args.warm_from else flops
         trained = dense if args.warm_only else init
-        phases = {"main": train_memory(init, cfg, prep.seq_len, teacher_config=teacher,
-                                       dimchop=args.objective == "dimchop")} if not args.warm_only else {}
+        phases = {"main": trainer.memory(init, cfg, prep.seq_len, teacher_config=teacher)} if not args.warm_only else {}
         if steps.phases:  # its first phase trains the dense model
             phases["gradual chopping (dense)" if chop_every else "warm start (dense)"] = train_memory(dense, cfg, prep.seq_len)
         worst = max(phases, key=lambda k: phases[k].total)
@@ -238,13 +238,10 @@ def plan(params: dict, dvc: dict) -> dict:
             "rank_gb": round(mem.total, 2), "on": "gpu" if gpu else "host",
             "rank_phase": worst, "rank_parts": mem.as_dict(), "host_gb": round(loader_host, 1),
             # DimChop's exports carry a bool [out, in] masks file of its projections (1 byte an entry)
-            "disk_gb": round((model_dir_gb(init, cfg.export_dtype or dtype)
-                              + (projection_entries(init) / 1e9 if args.objective == "dimchop" else 0))
+            "disk_gb": round((model_dir_gb(init, cfg.export_dtype or dtype) + trainer.extra_disk_gb(init))
                              * (1 + (args.snapshots or 0)), 1),
-            "checkpoint_gb": round(checkpoint_gb(init, dimchop=args.objective == "dimchop")
-                                   + (checkpoint_gb(dense) if steps.phases else 0), 1),
-            "largest_checkpoint_gb": round(checkpoint_gb(dense) if steps.phases else
-                                           checkpoint_gb(init, dimchop=args.objective == "dimchop"), 1),
+            "checkpoint_gb": round(trainer.checkpoint_gb(init) + (checkpoint_gb(dense) if steps.phases else 0), 1),
+            "largest_checkpoint_gb": round(checkpoint_gb(dense) if steps.phases else trainer.checkpoint_gb(init), 1),
         })
         if args.warm_only:  # its output is the dense end checkpoint (hard links into its run directory)
             stages[-1].update(disk_gb=round(checkpoint_gb(dense), 1), checkpoint_gb=0.0,

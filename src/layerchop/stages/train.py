@@ -27,7 +27,6 @@ import dataclasses
 import json
 
 from layerchop.config import DIMCHOP_STRUCTURES, load_params, section
-from layerchop.train.plan import OBJECTIVES
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -39,9 +38,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", default=None, help="write the run's compute, last loss and host memory here (JSON)")
     p.add_argument("--resume", default="auto", help="auto | never | path to a Lightning checkpoint")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps (no export)")
-    p.add_argument("--objective", default="lm", choices=OBJECTIVES,
-                   help="lm: continued pretraining; distill: CHOP + distill (params section 'distill'); dimchop: "
-                        "width pruning while training (params section 'dimchop')")
+    p.add_argument("--objective", default="lm",
+                   help="the training method (layerchop.train.methods.METHODS): lm: continued pretraining; distill: "
+                        "CHOP + distill (params section 'distill'); dimchop: width pruning while training (params "
+                        "section 'dimchop')")
     p.add_argument("--structure", default=None, choices=DIMCHOP_STRUCTURES,
                    help="--objective dimchop: this instead of dimchop.structure (one dvc stage per structure)")
     p.add_argument("--teacher", default=None, help="uncompressed teacher (HF directory) for --objective distill")
@@ -69,6 +69,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from layerchop.launch import catch_time_limit_signal, rendezvous_id, run_torchrun, under_launcher, under_slurm
+    from layerchop.train.methods import method
     from layerchop.train.plan import resolve
 
     if under_slurm():  # first thing: the time-limit warning must never end a task (see RequeueOnSignal)
@@ -92,14 +93,10 @@ def main(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, lr=args.lr)
     if args.snapshots and args.snapshot_dir is None:
         raise ValueError(f"--snapshots {args.snapshots} needs --snapshot-dir")
-    distill = section("distill", params) if args.objective == "distill" else None
-    dimchop = section("dimchop", params) if args.objective == "dimchop" else None
-    if args.structure is not None:
-        if dimchop is None:
-            raise ValueError(f"--structure {args.structure} is for --objective dimchop, not {args.objective}")
-        dimchop = dataclasses.replace(dimchop, structure=args.structure)  # checked again, as the section is
+    # the method's settings: its params section, with the stage flags it owns (DimChop's --structure)
+    settings = method(args.objective).settings(params, {"structure": args.structure})
     plan = resolve(args.init, args.data, args.out, args.run_dir, cfg, objective=args.objective,
-                   teacher_dir=args.teacher, distill_cfg=distill, dimchop_cfg=dimchop, warm_start=args.warm_start,
+                   teacher_dir=args.teacher, method_cfg=settings, warm_start=args.warm_start,
                    snapshots=args.snapshots, chop_every_tokens=args.chop_every_tokens, warm_only=args.warm_only,
                    warm_from=args.warm_from,
                    budget_key=("--flop-budget (a figure's flop_budget in dvc.yaml)" if args.flop_budget else

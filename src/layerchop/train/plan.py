@@ -31,7 +31,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-OBJECTIVES = ("lm", "distill", "dimchop")
+from layerchop.train.methods import METHODS, method as get_method  # noqa: E402
+
+OBJECTIVES = tuple(METHODS)
 # launch-only settings: a run may be resumed with a different launcher or restart count
 LAUNCH_KEYS = ("launcher", "rdzv_endpoint", "simulate_nodes", "max_restarts", "num_workers")
 # train keys that do not change the warm phase's arithmetic: a shared warm start (--warm-from) ignores them
@@ -134,16 +136,17 @@ def lm_flops(config, batch_size: int, seq_len: int) -> int:
 def plan_steps(cfg, seq_len: int, model_config, *, objective: str = "lm", warm_steps: int = 0,
                dense_config=None, teacher_config=None, distill_cfg=None, mapping=None,
                budget_key: Optional[str] = None, removed: Sequence[int] = (), chop_every: int = 0,
-               chop_key: str = "--chop-every-tokens") -> Steps:
+               chop_key: str = "--chop-every-tokens", method_cfg=None) -> Steps:
     """Steps of a run from its budget, with the checks that need no data.
 
     Args:
         cfg: :class:`layerchop.config.TrainConfig`.
         seq_len: Tokens per sequence (``prepare.seq_len``).
         model_config: Config of the trained model (the chopped model for LayerChop).
-        objective: ``lm`` or ``distill``.
+        objective: The training method's name (:data:`layerchop.train.methods.METHODS`).
         warm_steps: Warm-start steps on the uncompressed model (``dense_config``), inside the budget.
-        teacher_config, distill_cfg, mapping: The distillation teacher, loss weights and layer map.
+        teacher_config, mapping: The distillation teacher and layer map.
+        method_cfg: The method's settings (``distill_cfg``: the same, by its former name).
         budget_key: Where the budget was set, for messages (default ``train.token_budget`` / ``train.flop_budget``).
         removed: The layers of ``dense_config``'s model that the trained model lacks, in removal order.
         chop_every: Gradual chopping: steps between removals (exclusive with ``warm_steps``).
@@ -157,12 +160,8 @@ def plan_steps(cfg, seq_len: int, model_config, *, objective: str = "lm", warm_s
                          "exclude each other: both decide when the layers go")
     world = cfg.devices * cfg.num_nodes
     tokens_per_step = cfg.batch_size * seq_len * cfg.accumulate * world
-    if objective == "distill":
-        from layerchop.train.distill import distill_step_flops
-
-        micro = distill_step_flops(model_config, teacher_config, mapping, distill_cfg, cfg.batch_size, seq_len)
-    else:
-        micro = lm_flops(model_config, cfg.batch_size, seq_len)
+    settings = method_cfg if method_cfg is not None else distill_cfg
+    micro = get_method(objective).micro_flops(model_config, teacher_config, mapping, settings, cfg.batch_size, seq_len)
     flops_per_step = micro * cfg.accumulate * world
     phases = chop_phases(cfg, seq_len, dense_config, removed, warm_steps=warm_steps,
                          chop_every=chop_every) if warm_steps or chop_every else ()
@@ -236,8 +235,8 @@ class RunPlan:
     train_sequences: int
     init_meta: dict
     fingerprint: str
-    distill_cfg: Any = None
-    dimchop_cfg: Any = None
+    method_cfg: Any = None
+    """The training method's settings (its params section: ``distill``, ``dimchop``; None for ``lm``)."""
     teacher_dir: Optional[Path] = None
     dense_dir: Optional[Path] = None
     removed_layers: list[int] = field(default_factory=list)
@@ -278,9 +277,9 @@ class RunPlan:
 
         on_gpu = self.cfg.accelerator in ("gpu", "cuda") or (self.cfg.accelerator == "auto"
                                                               and torch.cuda.is_available())
-        phases = {"main": train_memory(self.configs["model"], self.cfg, self.seq_len,
-                                       teacher_config=self.configs.get("teacher"), on_gpu=on_gpu,
-                                       dimchop=self.objective == "dimchop")}
+        phases = {"main": get_method(self.objective).memory(self.configs["model"], self.cfg, self.seq_len,
+                                                            teacher_config=self.configs.get("teacher"),
+                                                            on_gpu=on_gpu)}
         if self.steps.warm_steps:  # the first phase has the deepest model
             phases["warm"] = train_memory(self.configs["dense"], self.cfg, self.seq_len, on_gpu=on_gpu)
         return {k: v.as_dict() for k, v in phases.items()}
@@ -310,7 +309,7 @@ def resolve(
     init_dir: str | Path, prepared_dir: str | Path, out: str | Path, run_dir: str | Path, cfg, *,
     objective: str = "lm", teacher_dir: Optional[str | Path] = None, distill_cfg=None, warm_start: bool = False,
     snapshots: int = 0, budget_key: Optional[str] = None, chop_every_tokens: Optional[float] = None,
-    dimchop_cfg=None, warm_only: bool = False, warm_from: Optional[str | Path] = None,
+    dimchop_cfg=None, warm_only: bool = False, warm_from: Optional[str | Path] = None, method_cfg=None,
 ) -> RunPlan:
     """Resolve a training run (see the module docstring). Reads configs and metadata only.
 
@@ -319,6 +318,9 @@ def resolve(
 
     ``chop_every_tokens``: gradual chopping from the uncompressed model the chopped ``init_dir`` came from, one
     of its ``removed_layers`` every that many tokens (rounded to whole optimizer steps).
+
+    ``method_cfg``: the settings of the ``objective``'s method (``distill_cfg`` / ``dimchop_cfg``: the same, by
+    their former names).
 
     Raises:
         ValueError / FileNotFoundError: for every input that cannot make a run, naming the key or argument.
@@ -329,23 +331,11 @@ def resolve(
     from layerchop.io import check_model_dir, read_metadata
     from layerchop.prune.masks import MASKS_FILE
     init_dir, prepared_dir, out, run_dir = Path(init_dir), Path(prepared_dir), Path(out), Path(run_dir)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"--objective {objective!r}: choose one of {list(OBJECTIVES)}")
+    method = get_method(objective)
+    settings = next((c for c in (method_cfg, distill_cfg, dimchop_cfg) if c is not None), None)
     check_model_dir(init_dir, "--init")
-    if objective == "distill":
-        if teacher_dir is None or distill_cfg is None:
-            raise ValueError("--objective distill needs --teacher (the uncompressed model) and a distill section")
-        teacher_dir = Path(teacher_dir)
-        check_model_dir(teacher_dir, "--teacher")
-    if objective == "dimchop" and dimchop_cfg is None:
-        raise ValueError("--objective dimchop needs a dimchop section")
-    if objective == "dimchop" and cfg.fsdp_sharding == "hybrid" and cfg.num_nodes > 1:
-        raise ValueError("train.fsdp_sharding='hybrid': --objective dimchop sums its PLATON scores over one "
-                         "sharding group; use train.fsdp_sharding: full")
-    if objective == "dimchop" and cfg.precision in ("bf16-true", "16-mixed"):
-        raise ValueError(f"train.precision={cfg.precision!r}: --objective dimchop keeps its PLATON averages in float32 "
-                         "and folds in every step's gradients (a bf16 module or a skipped fp16 step would spoil "
-                         "them); use 32-true or bf16-mixed")
+    method.check_args(cfg, settings, teacher_dir)
+    teacher_dir = Path(teacher_dir) if teacher_dir is not None and method.needs_teacher else None
     if snapshots < 0:
         raise ValueError(f"--snapshots {snapshots} must be >= 0")
     counts = check_data_matches_model(prepared_dir, init_dir, AutoTokenizer.from_pretrained(init_dir))
@@ -363,15 +353,11 @@ def resolve(
     if chop_every_tokens is not None:
         what = f"--chop-every-tokens {chop_every_tokens:g}"
         chop_every = chop_every_steps(chop_every_tokens, cfg.batch_size * seq_len * cfg.accumulate * world, what)
-    if objective == "dimchop":
-        check_dimchop_family(init_dir, dimchop_cfg)
-    if objective == "dimchop" and masks is not None:
-        raise ValueError(f"--objective dimchop: --init {init_dir} is already masked (one-shot pruned); DimChop "
-                         "prunes a dense model while it trains")
+    method.check_init(init_dir, settings, masks is not None)
     if warm_steps or chop_every:
         if masks is not None:
             raise ValueError(f"{what} does not apply to a pruned (masked) --init {init_dir}")
-        if objective in ("distill", "dimchop"):
+        if not method.phases:
             raise ValueError(f"{what} is not supported with --objective {objective}")
         if not (removed and init_meta.get("chopped_from")):
             raise ValueError(f"{what} needs --init to be a chopped model "
@@ -379,18 +365,7 @@ def resolve(
         dense_dir = Path(init_meta["chopped_from"])
         check_model_dir(dense_dir, f"{what}: {init_dir}/layerchop.json chopped_from")
         check_data_matches_model(prepared_dir, dense_dir, AutoTokenizer.from_pretrained(dense_dir))
-    mapping, teacher_meta = None, None
-    if objective == "distill":
-        if masks is not None:
-            raise ValueError(f"--objective distill: --init {init_dir} is a masked (one-shot pruned) model; "
-                             "distillation here trains chopped or dense students")
-        from layerchop.train.distill import check_distill_family, load_layer_map
-
-        check_distill_family(AutoConfig.from_pretrained(init_dir), AutoConfig.from_pretrained(teacher_dir))
-        mapping = load_layer_map(init_dir, teacher_dir)
-        # the teacher must read the same token ids as the data (and so as the student)
-        check_data_matches_model(prepared_dir, teacher_dir, AutoTokenizer.from_pretrained(teacher_dir))
-        teacher_meta = read_metadata(teacher_dir)
+    mapping, teacher_meta = method.teacher(init_dir, teacher_dir, prepared_dir)
 
     configs = {"model": AutoConfig.from_pretrained(init_dir),
                "dense": AutoConfig.from_pretrained(dense_dir) if dense_dir else None,
@@ -398,7 +373,7 @@ def resolve(
     steps = plan_steps(
         cfg, seq_len, configs["model"], objective=objective, warm_steps=warm_steps,
         dense_config=configs["dense"], teacher_config=configs["teacher"],
-        distill_cfg=distill_cfg, mapping=mapping, budget_key=budget_key, removed=removed, chop_every=chop_every,
+        method_cfg=settings, mapping=mapping, budget_key=budget_key, removed=removed, chop_every=chop_every,
         chop_key=what,
     )
     check_data(cfg, steps, train_sequences)
@@ -416,11 +391,7 @@ def resolve(
     }
     if chop_every:  # absent otherwise: the fingerprints of other runs stay what they were
         identity["chop_every"] = chop_every
-    if objective == "distill":
-        identity.update(teacher=teacher_meta, teacher_dir=str(teacher_dir), distill=dataclasses.asdict(distill_cfg))
-    if objective == "dimchop":
-        identity["dimchop"] = dataclasses.asdict(dimchop_cfg)
-        dimchop_cfg.ramp_steps(steps.total_steps)  # the ramp must have a step in this run
+    identity.update(method.identity(settings, teacher_dir, teacher_meta, steps.total_steps))
     warm_id: dict = {}
     if (warm_only or warm_from is not None) and not warm_start:
         raise ValueError(f"{'--warm-only' if warm_only else '--warm-from'} needs --warm-start")
@@ -445,7 +416,7 @@ def resolve(
     return RunPlan(
         objective=objective, init_dir=init_dir, prepared_dir=prepared_dir, out=out, run_dir=run_dir, cfg=cfg,
         steps=steps, seq_len=seq_len, train_sequences=train_sequences, init_meta=init_meta, fingerprint=fingerprint,
-        distill_cfg=distill_cfg, dimchop_cfg=dimchop_cfg, teacher_dir=teacher_dir, dense_dir=dense_dir,
+        method_cfg=settings, teacher_dir=teacher_dir, dense_dir=dense_dir,
         removed_layers=removed if steps.phases else [], masks=masks, layer_map=mapping, chop_every=chop_every,
         snapshot_steps=run_snapshot_steps(steps, snapshots, chop_every),
         num_params={k: count_params(c) for k, c in configs.items() if c is not None}, configs=configs,

@@ -74,20 +74,10 @@ def trainer_kwargs(cfg) -> dict:
 
 
 def build_module(plan: RunPlan, start: Optional[ShardState]) -> CausalLMModule:
-    """The LightningModule of the plan's objective."""
-    steps = plan.steps
-    if plan.objective == "distill":
-        from layerchop.train.distill import DistillModule
+    """The LightningModule of the plan's training method."""
+    from layerchop.train.methods import method
 
-        return DistillModule(plan.init_dir, plan.teacher_dir, plan.cfg, plan.distill_cfg, plan.layer_map,
-                             max_steps=steps.main_steps)
-    if plan.objective == "dimchop":
-        from layerchop.train.dimchop import DimChopModule, StructuredDimChopModule
-
-        kind = StructuredDimChopModule if plan.dimchop_cfg.structure == "channels-heads" else DimChopModule
-        return kind(plan.init_dir, plan.cfg, plan.dimchop_cfg, max_steps=steps.main_steps)
-    return CausalLMModule(plan.init_dir, plan.cfg, max_steps=steps.main_steps, schedule_offset=steps.warm_steps,
-                          schedule_steps=steps.total_steps, start=start)
+    return method(plan.objective).module(plan, start)
 
 
 def chop_schedule(plan: RunPlan) -> dict:
@@ -116,19 +106,9 @@ def output_metadata(plan: RunPlan) -> tuple[dict, str]:
         "train": dataclasses.asdict(cfg),
         "plan": plan.describe(),
     }
-    what = "Continued causal-LM pretraining"
-    if plan.objective == "distill":
-        metadata.update(teacher=str(plan.teacher_dir), distill=dataclasses.asdict(plan.distill_cfg),
-                        layer_map=plan.layer_map)
-        what = f"CHOP + distill (teacher `{plan.teacher_dir}`, frozen)"
-    if plan.objective == "dimchop":
-        d = plan.dimchop_cfg
-        start, end = d.ramp_steps(steps.total_steps)
-        metadata.update(method="dimchop", dimchop={**dataclasses.asdict(d), "ramp_steps": [start, end]})
-        units = ("the columns of every " + "/".join(d.matrices) if d.structure == "columns" else
-                 "the MLP channels and attention head groups of every layer")
-        what = (f"DimChop (width pruning: {d.target:.0%} of {units} masked by PLATON scores, growing from step "
-                f"{start} to step {end}; masks in `sparsity_masks.safetensors`)")
+    from layerchop.train.methods import method
+
+    what = method(plan.objective).card(plan, metadata)
     warm = (f", the first {steps.warm_steps} of them on the uncompressed model `{plan.dense_dir}` (warm start)"
             if steps.warm_steps else "")
     if plan.chop_every:
@@ -269,7 +249,7 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
 def run(init_dir: str | Path, prepared_dir: str | Path, out: str | Path, cfg, *, run_dir: str | Path,
         objective: str = "lm", teacher_dir: Optional[str | Path] = None, distill_cfg=None, warm_start: bool = False,
         snapshots: int = 0, chop_every_tokens: Optional[float] = None, dimchop_cfg=None, warm_only: bool = False,
-        warm_from: Optional[str | Path] = None, **kwargs) -> dict:
+        warm_from: Optional[str | Path] = None, method_cfg=None, **kwargs) -> dict:
     """:func:`layerchop.train.plan.resolve` then :func:`train` (``kwargs``: resume, log_csv, metrics,
     stop_after, snapshot_dir)."""
     from layerchop.train.plan import resolve
@@ -277,5 +257,5 @@ def run(init_dir: str | Path, prepared_dir: str | Path, out: str | Path, cfg, *,
     plan = resolve(init_dir, prepared_dir, out, run_dir, cfg, objective=objective, teacher_dir=teacher_dir,
                    distill_cfg=distill_cfg, warm_start=warm_start, snapshots=snapshots,
                    chop_every_tokens=chop_every_tokens, dimchop_cfg=dimchop_cfg, warm_only=warm_only,
-                   warm_from=warm_from)
+                   warm_from=warm_from, method_cfg=method_cfg)
     return train(plan, **kwargs)
