@@ -431,3 +431,64 @@ def test_the_tested_families_are_the_ones_the_docs_table_lists():
     table = (REPO_ROOT / "docs" / "bring-your-own.md").read_text()
     listed = set(re.findall(r"^\| (?!family)[^|]*\(`([a-z0-9_]+)`\) \|", table, flags=re.M))
     assert listed == set(TESTED)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparsegpt_and_magnitude_prune_every_linear_of_every_layer(family):
+    """SparseGPT at 4:8 and magnitude at 50 % unstructured through the one calibration driver: every linear of every
+    decoder layer (Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` included) gets its pattern, the weights under the
+    mask are zero, and nothing outside the layers (embeddings, head, norms) is touched."""
+    from layerchop.prune.calibrate import prune_model
+    from layerchop.prune.chop import decoder_layers
+    from layerchop.prune.sparsity import Pattern
+
+    for method, pattern in (("sparsegpt", "4:8"), ("magnitude", "unstructured:0.5")):
+        model, ids = family_model(family), family_ids(n=4, seq_len=2 * WINDOW)
+        before = {n: p.clone() for n, p in model.named_parameters()}
+        masks, stats = prune_model(model, ids, method, Pattern.parse(pattern), batch_size=2)
+        linears = {f"model.layers.{i}.{n}.weight" for i, layer in enumerate(decoder_layers(model))
+                   for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert set(masks) == linears, family
+        params = dict(model.named_parameters())
+        for name, mask in masks.items():
+            assert not params[name][mask].any(), name
+            if pattern == "4:8":
+                assert (mask.view(mask.shape[0], -1, 8).sum(-1) == 4).all(), name
+        assert stats["overall_pruned_fraction"] == pytest.approx(0.5, abs=1e-3)
+        for name, p in params.items():
+            if name not in masks:
+                assert torch.equal(p, before[name]), name
+
+
+def test_plan_refuses_what_a_familys_stage_would_refuse(tmp_path, capsys):
+    """``layerchop plan`` runs each arm's method checks on the architecture: a Gemma-2 model (soft-capped head) is
+    refused at the distillation arm, naming the stage, before any stage would have run."""
+    import yaml
+
+    from layerchop.cli import main
+
+    family_model("gemma2").config.save_pretrained(tmp_path / "gemma2")
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["download"]["model"].update(source="local", path=str(tmp_path / "gemma2"))
+    params["chop"]["num_remove"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    rc = main(["plan", "--params", str(tmp_path / "params.yaml"), "--dvc", str(REPO_ROOT / "dvc.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "dvc.yaml fig4_train@distill: --objective distill" in err and "final_logit_softcapping" in err
+
+
+def test_the_one_node_profile_asks_the_main_question_within_200_gpu_hours(capsys):
+    """experiments/one-node: the whole graph (every arm, not only the main ones) within ~200 GPU-hours on one node
+    of 8 GPUs, every GPU stage within 80 GB; Qwen2.5-7B's profile plans its 7.62B-parameter model."""
+    import json
+
+    from layerchop.cli import main
+
+    assert main(["plan", "--params", str(REPO_ROOT / "experiments" / "one-node" / "params.yaml"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["totals"]["gpu_hours"] <= 200
+    trained = [s for s in plan["stages"] if s["stage"].startswith(("train@", "fig4_train@"))]
+    assert {s["processes"] for s in trained} == {8} and all(s["rank_gb"] <= 80 for s in trained)
+    assert {"train@layerchop", "train@dense_cpt", "train@sparsegpt-2of4_cpt", "fig4_train@distill"} <= {
+        s["stage"] for s in trained}
+    assert plan["model"]["dense_params"] == 1_235_814_400

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_no_stage_branches_on_a_methods_name():
     """``resolve``, ``train``, ``layerchop plan`` and the train stage ask the method object; no code compares an
     objective with a name (what made a new method touch five files)."""
-    pattern = re.compile(r"objective\s*(==|!=|in\s*\()|\bobjective\s*==")
+    names = r"(lm|distill|dimchop)"
+    pattern = re.compile(rf"objective\s*(==|!=|in\s*\()|(==|!=)\s*[\"']{names}[\"']|[\"']{names}[\"']\s*(==|!=)")
     hits = [f"{p.relative_to(REPO)}:{i}" for p in (REPO / "src" / "layerchop").rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
@@ -47,7 +48,10 @@ def test_a_new_method_in_one_file_trains_through_the_stage(tmp_path, tiny_dir, t
 
     from layerchop.train import methods
 
-    monkeypatch.setitem(methods.METHODS, "frozen-embeddings", FrozenEmbeddings())
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))  # registered for this test only
+    methods.register(FrozenEmbeddings())
+    with pytest.raises(ValueError, match="'frozen-embeddings' is already a training method"):
+        methods.register(FrozenEmbeddings())
     train = {"train.precision": "32-true", "train.batch_size": 4, "train.token_budget": 2 * 4 * 32,
              "train.warmup_steps": 1, "train.val_batches": 1, "train.ckpt_every": 0}
     argv = ["train", "--objective", "frozen-embeddings", "--data", str(tiny_prepared), "--run-dir", str(tmp_path / "r")]

@@ -136,7 +136,7 @@ class CorpusSourceConfig:
         if not self.local_dir:
             _fail("download.corpus.local_dir", self.local_dir, "must name a folder (the stage's dependency)")
         root = os.path.abspath(self.local_dir)
-        for p in self.local_paths:
+        for p in self.local_paths if self.source == "local" else ():
             if os.path.commonpath([root, os.path.abspath(p)]) != root:
                 _fail("download.corpus.local_paths", p, f"not inside download.corpus.local_dir={self.local_dir!r}, "
                       "the folder DVC hashes as the corpus (move the file there, or point local_dir at its folder)")

@@ -130,7 +130,7 @@ def train_memory(config, cfg, seq_len: int, teacher_config=None, on_gpu: bool | 
                  dimchop: bool = False) -> TrainMemory:
     """Per-rank memory of training ``config`` with :class:`~layerchop.config.TrainConfig` ``cfg``; ``on_gpu``
     (default: ``train.accelerator`` is ``gpu`` or ``cuda``) adds the foreach optimizer step's temporary; ``dimchop``
-    adds PLATON's two fp32 copies of the seven projections of every layer (``--objective dimchop``)."""
+    adds PLATON's two fp32 copies of the projections of every layer (``--objective dimchop``)."""
     fsdp = cfg.strategy == "fsdp"
     world = shard_world(cfg)
     p = count_params(config)
@@ -163,7 +163,7 @@ def train_memory(config, cfg, seq_len: int, teacher_config=None, on_gpu: bool | 
         activations=(with_ac if cfg.activation_checkpointing else full) / 1e9,
         activations_without_checkpointing=full / 1e9,
         logits=t * config.vocab_size * (act + 4 + 4) / 1e9, teacher=teacher / 1e9, optimizer_temp=temp / 1e9,
-        pruning_scores=(8 * L * (layer_params(config) - 2 * h) / world / 1e9) if dimchop else 0.0)
+        pruning_scores=(8 * projection_entries(config) / world / 1e9) if dimchop else 0.0)
 
 
 def shard_world(cfg) -> int:

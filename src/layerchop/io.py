@@ -194,6 +194,15 @@ def check_model_dir(model_dir: str | Path, key: str) -> Path:
                 f.keys()
         except Exception as e:  # safetensors raises its own error types for a damaged header
             raise ValueError(f"{key} {w}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    from transformers import AutoConfig
+
+    from layerchop.families import check_family
+
+    try:
+        config = AutoConfig.from_pretrained(d)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{key} {d}: config.json is not a transformers config ({str(e).splitlines()[0][:160]})") from None
+    check_family(config, f"{key} {d}")  # a multimodal, MoE or non-causal model: refused
     return d
 
 

@@ -27,7 +27,7 @@ def _dims(config) -> tuple[int, int, int, int, int, int]:
 
 
 def projection_params(config) -> int:
-    """Entries of the seven attention and MLP projections of all layers (the plan's count)."""
+    """Entries of the attention and MLP projections of all layers (the plan's count)."""
     return projection_entries(config)
 
 

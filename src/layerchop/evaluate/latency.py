@@ -25,14 +25,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SPARSE_OP_MARKERS = ("_cslt_sparse_mm", "_sparse_semi_structured")  # cuSPARSELt; CUTLASS (linear, mm, addmm)
 
 
 def projection_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    """The attention and MLP projections of every decoder layer, by name."""
+    """The attention and MLP projections of every decoder layer (every linear inside a layer: Phi-3's fused
+    ``qkv_proj`` / ``gate_up_proj`` too), by name."""
+    from layerchop.prune.chop import decoder_layers
+
+    inside = {id(m) for layer in decoder_layers(model) for m in layer.modules()}
     return [(name, mod) for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS]
+            if isinstance(mod, torch.nn.Linear) and id(mod) in inside]
 
 
 def nm_pattern(model: torch.nn.Module, patterns: tuple[tuple[int, int], ...] = ((2, 4), (4, 8))

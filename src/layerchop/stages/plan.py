@@ -174,6 +174,10 @@ def plan(params: dict, dvc: dict) -> dict:
                                           * cfg.devices * cfg.num_nodes,
                                           f"dvc.yaml {name}: --chop-every-tokens {args.chop_every_tokens}")
         settings = trainer.settings(params, {"structure": args.structure})
+        try:  # what the stage would refuse (a family the method cannot train), refused here
+            trainer.check_config(init, teacher, settings)
+        except ValueError as e:
+            raise ValueError(f"dvc.yaml {name}: {e}") from None
         steps = plan_steps(cfg, prep.seq_len, init, objective=args.objective, warm_steps=warm,
                            dense_config=dense, teacher_config=teacher, method_cfg=settings, mapping=kept,
                            budget_key=budget_key, removed=removed, chop_every=chop_every,

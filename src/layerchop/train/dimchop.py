@@ -201,7 +201,7 @@ class StructuredDimChopModule(DimChopModule):
     ``intermediate_size`` channels (rows of ``gate_proj``/``up_proj``, columns of ``down_proj``) and of its key/value
     head groups (rows of ``q/k/v_proj``, columns of ``o_proj``), a unit's score being the sum of its entries' scores
     (:func:`layerchop.prune.structured.channel_scores` / ``group_scores``). ``layerchop shrink`` turns the export into
-    a physically smaller ``LlamaForCausalLM``."""
+    a physically smaller model of the same family."""
 
     def configure_model(self) -> None:
         from layerchop.prune.structured import head_groups

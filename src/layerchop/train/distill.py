@@ -70,7 +70,13 @@ def _scaled(weight: torch.Tensor, scale: float) -> torch.Tensor:
 def check_distill_family(student_config, teacher_config) -> None:
     """Refuse a student or teacher whose logits the chunked LM/KL loss cannot reproduce: a soft-capped head
     (Gemma-2's ``final_logit_softcapping``) is ``tanh``-shaped, not linear."""
+    from layerchop.families import TESTED
+
     for who, config in (("--init", student_config), ("--teacher", teacher_config)):
+        if config.model_type not in TESTED:
+            raise ValueError(f"--objective distill: {who} is a {config.model_type}, not a tested family: the chunked "
+                             "LM/KL loss computes the head's logits itself and knows the logit transforms of the "
+                             f"tested families only ({', '.join(TESTED)})")
         cap = getattr(config, "final_logit_softcapping", None)
         if cap:
             raise ValueError(f"--objective distill: {who} is a {config.model_type} with final_logit_softcapping={cap}; "

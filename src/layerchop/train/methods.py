@@ -6,9 +6,10 @@ terms, its LightningModule, and its model card. ``resolve`` (:mod:`layerchop.tra
 (:mod:`layerchop.train.run`), ``layerchop plan`` and the train stage call through :data:`METHODS` instead of
 branching on the name.
 
-Adding a method: subclass :class:`Method` in the file of its LightningModule and :func:`register` it (or add it to
-:data:`METHODS`); before this registry a method also touched ``train/plan.py``, ``train/run.py``, ``stages/plan.py``
-and ``stages/train.py``. ``tests/toy_method.py`` is a worked example (docs/bring-your-own.md).
+Adding a method: subclass :class:`Method` in the file of its LightningModule (under ``src/layerchop/train/``, so the
+run's code fingerprint covers it) and add it to :data:`METHODS` at the end of this file (an import there, after
+:class:`Method` exists); before this registry a method also touched ``train/plan.py``, ``train/run.py``,
+``stages/plan.py`` and ``stages/train.py``. ``tests/toy_method.py`` is a worked example (docs/bring-your-own.md).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class Method:
         """Checks of the arguments and the train section (no file read)."""
         if self.section and settings is None:
             raise ValueError(f"--objective {self.name} needs a {self.section} section")
+
+    def check_config(self, config, teacher_config, settings) -> None:
+        """Checks of the architectures alone (no file read): ``layerchop plan`` runs them for every arm, and
+        :meth:`check_init` before a run."""
 
     def check_init(self, init_dir: Path, settings, masked: bool) -> None:
         """Checks of the model it starts from (before any weight is loaded)."""
@@ -110,15 +115,20 @@ class Distill(Method):
         if teacher_dir is None or settings is None:
             raise ValueError("--objective distill needs --teacher (the uncompressed model) and a distill section")
 
+    def check_config(self, config, teacher_config, settings):
+        from layerchop.train.distill import check_distill_family
+
+        check_distill_family(config, teacher_config if teacher_config is not None else config)
+
     def teacher(self, init_dir, teacher_dir, prepared_dir):
         from transformers import AutoConfig, AutoTokenizer
 
         from layerchop.data.prepare import check_data_matches_model
         from layerchop.io import check_model_dir, read_metadata
-        from layerchop.train.distill import check_distill_family, load_layer_map
+        from layerchop.train.distill import load_layer_map
 
         check_model_dir(teacher_dir, "--teacher")
-        check_distill_family(AutoConfig.from_pretrained(init_dir), AutoConfig.from_pretrained(teacher_dir))
+        self.check_config(AutoConfig.from_pretrained(init_dir), AutoConfig.from_pretrained(teacher_dir), None)
         mapping = load_layer_map(init_dir, teacher_dir)
         # the teacher must read the same token ids as the data (and so as the student)
         check_data_matches_model(prepared_dir, teacher_dir, AutoTokenizer.from_pretrained(teacher_dir))
@@ -170,10 +180,20 @@ class DimChop(Method):
                              "float32 and folds in every step's gradients (a bf16 module or a skipped fp16 step would "
                              "spoil them); use 32-true or bf16-mixed")
 
-    def check_init(self, init_dir, settings, masked):
-        from layerchop.train.plan import check_dimchop_family
+    def check_config(self, config, teacher_config, settings):
+        from layerchop.prune.structured import refusal
+        from layerchop.train.dimchop import target_names
+        from layerchop.train.flops import meta_model
 
-        check_dimchop_family(init_dir, settings)
+        target_names(meta_model(config), settings.matrices)
+        why = refusal(config) if settings.structure == "channels-heads" else None
+        if why:
+            raise ValueError(f"dimchop.structure='channels-heads': {why}")
+
+    def check_init(self, init_dir, settings, masked):
+        from transformers import AutoConfig
+
+        self.check_config(AutoConfig.from_pretrained(init_dir), None, settings)
         if masked:
             raise ValueError(f"--objective dimchop: --init {init_dir} is already masked (one-shot pruned); DimChop "
                              "prunes a dense model while it trains")

@@ -491,22 +491,6 @@ def run_snapshot_steps(steps: Steps, num: int, chop_every: int) -> list[int]:
 _PARAMS: dict[str, int] = {}
 
 
-def check_dimchop_family(init_dir: Path, dimchop_cfg) -> None:
-    """Refuse, before any work, a DimChop run the family of ``init_dir`` cannot take (its projections, or the
-    structured export's conditions: :func:`layerchop.prune.structured.refusal`)."""
-    from transformers import AutoConfig
-
-    from layerchop.prune.structured import refusal
-    from layerchop.train.dimchop import target_names
-    from layerchop.train.flops import meta_model
-
-    config = AutoConfig.from_pretrained(init_dir)
-    target_names(meta_model(config), dimchop_cfg.matrices)
-    why = refusal(config) if dimchop_cfg.structure == "channels-heads" else None
-    if why:
-        raise ValueError(f"dimchop.structure='channels-heads': {why}")
-
-
 def count_params(config) -> int:
     """Parameters of the architecture of ``config`` (built on the meta device; tied weights counted once), counted
     once per architecture in a process."""
