@@ -56,6 +56,20 @@ def write_inputs(root: Path, small: int) -> dict[str, Path]:
     return paths
 
 
+def shrunk_dir(root: Path, tiny_dir: Path, before: int = DENSE) -> Path:
+    """The tiny model standing in for the structured arm's shrunk export, with the record ``layerchop shrink`` writes
+    (the size before, the masked entries)."""
+    import shutil
+
+    out = root / "shrunk"
+    shutil.copytree(tiny_dir, out)
+    small = tiny_size(tiny_dir)
+    meta = json.loads((out / "layerchop.json").read_text())
+    meta.update(stage="shrink", num_params_before_shrink=before, masked_entries=before - small, num_params=small)
+    (out / "layerchop.json").write_text(json.dumps(meta))
+    return out
+
+
 def args_(paths: dict[str, Path], shrunk: Path, out: Path) -> list[str]:
     return ["figure3", "--layerchop", str(paths["layerchop"]), "--start", str(paths["start"]),
             "--dimchop", str(paths["dimchop"]), "--structured", str(paths["structured"]),
@@ -79,7 +93,7 @@ def tiny_size(tiny_dir: Path) -> int:
 def test_figure3_tables_ratios_ramp_points_and_shrunk_size(tmp_path, tiny_dir):
     small = tiny_size(tiny_dir)
     paths = write_inputs(tmp_path, small)
-    assert main(args_(paths, tiny_dir, tmp_path)) == 0
+    assert main(args_(paths, shrunk_dir(tmp_path, tiny_dir), tmp_path)) == 0
     text = (tmp_path / "tables" / "dimchop.md").read_text()
     main_table, cost, along = text.split("### ")[0], text.split("### Compression cost")[1].split("###")[0], \
         text.split("### Evaluations along the runs")[1]
@@ -132,7 +146,27 @@ def test_figure3_refuses_arms_in_the_wrong_place(tmp_path, tiny_dir, capsys, swa
     paths = write_inputs(tmp_path, tiny_size(tiny_dir))
     arg, other = swap
     paths[arg] = paths[other]
-    assert main(args_(paths, tiny_dir, tmp_path)) == 2
+    assert main(args_(paths, shrunk_dir(tmp_path, tiny_dir), tmp_path)) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not (tmp_path / "tables").exists() and not (tmp_path / "figs").exists()
+
+
+def test_the_shrunk_model_is_checked_by_its_shrink_record_not_by_a_nonzero_count(tmp_path, tiny_dir, capsys):
+    """A kept weight can be exactly zero (Llama's embedding row of the padding token stays zero: the rehearsal's
+    ``dvc repro`` stopped here when the check compared the shrunk size with the nonzero count). The size is checked
+    against the shrink record (before - masked == after); a model without that record is refused."""
+    small = tiny_size(tiny_dir)
+    paths = write_inputs(tmp_path, small)
+    structured = json.loads(paths["structured"].read_text())
+    structured["points"][-1]["metrics"]["nonzero_params"] = small - 64  # one zero row of width 64 among the kept
+    paths["structured"].write_text(json.dumps(structured))
+    assert main(args_(paths, shrunk_dir(tmp_path, tiny_dir), tmp_path)) == 0
+    capsys.readouterr()
+    import shutil
+
+    shutil.rmtree(tmp_path / "tables")
+    shutil.rmtree(tmp_path / "figs")
+    assert main(args_(paths, tiny_dir, tmp_path)) == 2  # a plain model directory: no shrink record
+    assert "not the `layerchop shrink` export of the --structured run's final model" in capsys.readouterr().err
+    assert not (tmp_path / "tables").exists()

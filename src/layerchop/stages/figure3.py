@@ -42,6 +42,27 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--figures", required=True, help="output directory for fig3_dimchop_vs_layerchop.{png,pdf}")
 
 
+def check_shrunk(shrunk: Path, small: int, final: dict) -> None:
+    """``--shrunk`` is the export of the structured run's final model: its ``layerchop shrink`` record says it had the
+    final model's parameters and removed exactly the masked entries (``before - masked == small``), and it keeps at
+    least the final model's nonzero entries (a kept weight may be exactly zero, e.g. the embedding row of the padding
+    token, so the nonzero count alone is not the size).
+
+    Raises:
+        ValueError: naming ``--shrunk`` when it is not that export.
+    """
+    meta = read_json(shrunk / "layerchop.json") if (shrunk / "layerchop.json").exists() else {}
+    before, masked = meta.get("num_params_before_shrink"), meta.get("masked_entries")
+    if small < final["nonzero_params"]:
+        raise ValueError(f"--shrunk {shrunk}: {small:,} parameters, but the --structured run's final model has "
+                         f"{final['nonzero_params']:,} nonzero: not its shrunk export (or --structured is not the "
+                         "channels-heads run)")
+    if meta.get("stage") != "shrink" or before != final["params"] or masked is None or before - masked != small:
+        raise ValueError(f"--shrunk {shrunk}: not the `layerchop shrink` export of the --structured run's final model "
+                         f"({final['params']:,} parameters; its record: stage {meta.get('stage')!r}, "
+                         f"{before} before, {masked} masked, {small:,} after)")
+
+
 def shrunk_params(model_dir: Path) -> int:
     """Parameters of the smaller model (tied embeddings once), read from its config on the meta device."""
     import torch
@@ -105,10 +126,7 @@ def main(args: argparse.Namespace) -> None:
             p["hollow"] = p["metrics"]["nonzero_params"] > final  # the ramp had not masked the target yet
     small = shrunk_params(Path(args.shrunk))
     structured = [k for k, _, _ in ARMS].index("structured")
-    if small != arms[structured]["series"][-1]["metrics"]["nonzero_params"]:
-        raise ValueError(f"--shrunk {args.shrunk}: {small:,} parameters, but the --structured run's final model has "
-                         f"{arms[structured]['series'][-1]['metrics']['nonzero_params']:,} nonzero: not its shrunk "
-                         "export (or --structured is not the channels-heads run)")
+    check_shrunk(Path(args.shrunk), small, arms[structured]["series"][-1]["metrics"])
     dimchop, fig3 = section("dimchop", params), section("figure3", params)
     header, body, cost_header, cost, pheader, points = dimchop_tables(arms, fig4, cols, shrunk={structured: small})
     caption = (

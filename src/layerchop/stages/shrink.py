@@ -71,6 +71,8 @@ def main(args: argparse.Namespace) -> None:
     before, after = num_params(model), num_params(small)
     meta = {**meta, "stage": "shrink", "shrunk_from": str(args.model), "num_params": after,
             "num_params_before_shrink": before, "intermediate_size": new_config.intermediate_size,
+            # the entries the masks removed: before - masked = after, exactly (a test of the export)
+            "masked_entries": sum(int(m.sum()) for m in masks.values()),
             "num_attention_heads": new_config.num_attention_heads,
             "num_key_value_heads": new_config.num_key_value_heads}
     meta.pop("masked_nonzero_after_training", None)
