@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from layerchop.prune.chop import decoder_layers
+from layerchop.prune.chop import decoder_layers, replaced_forwards
 from layerchop.prune.solvers import SOLVERS
 from layerchop.prune.sparsity import Pattern
 
@@ -72,17 +72,12 @@ def capture_layer_inputs(model: nn.Module, calib_NT: torch.Tensor, device: torch
     inner = model.get_decoder()
     if hasattr(inner, "rotary_emb"):
         inner.rotary_emb.to(device)
-    for i, layer in enumerate(layers):
-        layer.forward = recorder(i)
-    try:
+    with replaced_forwards(model, {i: recorder(i) for i in range(len(layers))}):
         for i in range(0, calib_NT.shape[0], batch_size):
             try:
                 model(input_ids=calib_NT[i : i + batch_size].to(device), use_cache=False)
             except _Stop:
                 pass
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
     return torch.cat(hidden), kwargs_by_size
 
 

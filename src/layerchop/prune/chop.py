@@ -151,13 +151,21 @@ def skipping(model: nn.Module, skip: Sequence[int]):
     """Within the block, the decoder layers ``skip`` pass their input through unchanged (no weights copied; restored
     on exit, also on error). Every other layer keeps its own attention mask and position inputs, so this computes what
     the model chopped by :func:`chop_layers` computes, whatever the family's mix of attention kinds."""
-    layers = decoder_layers(model)
-    for i in skip:
-        layers[i].forward = _identity
-    try:
+    with replaced_forwards(model, {i: _identity for i in skip}):
         yield model
+
+
+@contextlib.contextmanager
+def replaced_forwards(model: nn.Module, forwards: dict):
+    """Within the block, decoder layer ``i`` runs ``forwards[i]`` (called as the layer would be: hidden states, then
+    the keywords the model passes) instead of its own forward; restored on exit, also on error. Hooks still fire."""
+    layers = decoder_layers(model)
+    for i, forward in forwards.items():
+        layers[i].forward = forward
+    try:
+        yield
     finally:
-        for i in skip:
+        for i in forwards:
             layers[i].__dict__.pop("forward", None)
 
 

@@ -25,16 +25,16 @@ import torch
 PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
-def refusal(config) -> str | None:
+def refusal(config, model=None) -> str | None:
     """Why the structured channels-and-heads width pruning cannot run on ``config``'s family (None: it can), read off
-    the family's decoder layer built on the meta device."""
+    the family's decoder layer (of ``model`` when given, else built on the meta device)."""
     from layerchop.prune.chop import decoder_layers
     from layerchop.train.flops import meta_model
 
     kind = type(config).__name__
     if getattr(config, "mlp_bias", False):
         return f"{kind} has mlp_bias: the structured export slices no MLP bias"
-    layer = decoder_layers(meta_model(config))[0]
+    layer = decoder_layers(model if model is not None else meta_model(config))[0]
     for block, names in PROJECTIONS.items():
         module = getattr(layer, block, None)
         missing = [n for n in names if not hasattr(module, n)]

@@ -185,8 +185,9 @@ class DimChop(Method):
         from layerchop.train.dimchop import target_names
         from layerchop.train.flops import meta_model
 
-        target_names(meta_model(config), settings.matrices)
-        why = refusal(config) if settings.structure == "channels-heads" else None
+        model = meta_model(config)  # built once for both checks
+        target_names(model, settings.matrices)
+        why = refusal(config, model) if settings.structure == "channels-heads" else None
         if why:
             raise ValueError(f"dimchop.structure='channels-heads': {why}")
 
