@@ -186,7 +186,8 @@ def test_every_training_stage_of_every_params_file_fits_its_budget(path):
     assert sorted(warm_arms) == sorted(["fig4_train@layerchop", "train@layerchop"]
                                        + [f"layout_train@{x}" for x in layouts])
     # the one-shot N:M patterns of the prune matrix divide every projection's input width
-    patterns = yaml.safe_load(open(REPO / "dvc.yaml"))["stages"]["prune"]["matrix"]["pattern"]
+    assert yaml.safe_load(open(REPO / "dvc.yaml"))["stages"]["prune"]["matrix"]["pattern"] == "${prune.patterns}"
+    patterns = section("prune", params).patterns
     head_dim = getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads
     for m in (int(p.split("of")[1]) for p in patterns):
         for width in (dense.hidden_size, dense.intermediate_size, dense.num_attention_heads * head_dim):

@@ -77,6 +77,7 @@ def test_figure_stage_failing_after_its_table_leaves_the_old_outputs(tmp_path, m
     repo = Path(__file__).resolve().parents[1]
     params = yaml.safe_load(open(repo / "params.yaml"))
     params["report"]["oneshot_rows"] = {"dense": "Dense"}
+    params["prune"]["methods"] = []  # no one-shot rows
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "eval" / "dense").mkdir(parents=True)
     m = _metrics(134.5e6, 30, 0, 90.0, 45.0, {"heldout_lastword": (0.5, 0.6)})

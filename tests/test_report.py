@@ -105,12 +105,12 @@ def test_report_stage_from_metrics_files(tmp_path):
 
 
 def test_figure1_stage_from_metrics_files(tmp_path):
-    rows = {"dense": "Dense", "layerchop": "LayerChop", "wanda-2of4": "Wanda 2:4"}
     params = yaml.safe_load(open(REPO / "params.yaml"))
-    params["report"]["oneshot_rows"] = rows
+    params["report"]["oneshot_rows"] = {"dense": "Dense", "layerchop": "LayerChop"}
+    params["prune"].update(methods=["wanda"], patterns=["2of4"])  # its row follows, labelled by the method
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for name, layers, nonzero, ppl in (("dense", 30, 134e6, 90.0), ("layerchop", 15, 81e6, 180.0),
-                                       ("wanda-2of4", 30, 81.1e6, 340.0)):
+                                       ("oneshot/wanda-2of4", 30, 81.1e6, 340.0)):
         d = tmp_path / "eval" / name
         d.mkdir(parents=True)
         m = _metrics(134.5e6 if layers == 30 else 81.4e6, layers, 0, ppl, ppl / 2, {"heldout_lastword": (0.5, 0.6)})

@@ -242,8 +242,15 @@ class ChopConfig:
 
 @dataclass
 class PruneConfig:
-    """The ``prune`` section: one-shot baselines (method and pattern come from the dvc.yaml matrix)."""
+    """The ``prune`` section: one-shot baselines. dvc.yaml runs ``prune``, then ``oneshot_evaluate``, for every
+    method of ``methods`` and pattern of ``patterns``; Figure 1 and Table 2 get a row for each."""
 
+    methods: list[str] = field(default_factory=lambda: ["wanda", "sparsegpt"])
+    """One-shot methods the pipeline runs (:func:`layerchop.prune.solvers.registry`: magnitude, wanda, sparsegpt and
+    any added in ``src/layerchop/prune/oneshot/``); no stage depends on this list as a whole, so adding one
+    runs only the new method's stages."""
+    patterns: list[str] = field(default_factory=lambda: ["2of4", "4of8"])
+    """Sparsity patterns, as directory names: ``NofM`` (N zeros in every M inputs) or ``unstructured-<ratio>``."""
     num_calibration: int = 32
     """Calibration sequences sampled from the train split (the papers: 128 x 2048 tokens of C4)."""
     calibration_seed: int = 0
@@ -259,6 +266,26 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         check_device("prune.device", self.device)
+        for key, values in (("methods", self.methods), ("patterns", self.patterns)):
+            if not isinstance(values, list) or len(set(map(str, values))) != len(values):
+                _fail(f"prune.{key}", values, "must be a list of distinct names")
+        if self.methods or self.patterns:  # the names exist (imports torch; only where the lists are set)
+            from layerchop.prune.solvers import registry
+            from layerchop.prune.sparsity import Pattern
+
+            known = registry()
+            for name in self.methods:
+                if name not in known:
+                    _fail("prune.methods", self.methods, f"{name!r} is not a one-shot method: choose from "
+                          f"{sorted(known)} (or add one in src/layerchop/prune/oneshot/)")
+            for spec in self.patterns:
+                if not re.fullmatch(r"\d+of\d+|unstructured-[0-9.]+", str(spec)):
+                    _fail("prune.patterns", self.patterns, f"{spec!r}: write NofM (e.g. 2of4) or unstructured-<ratio>, "
+                          "the form of a directory name")
+                try:
+                    Pattern.parse(spec)
+                except ValueError as e:
+                    _fail("prune.patterns", self.patterns, str(e))
         for key in ("num_calibration", "batch_size", "blocksize"):
             if getattr(self, key) <= 0:
                 _fail(f"prune.{key}", getattr(self, key), "must be > 0")
@@ -682,13 +709,11 @@ class ReportConfig:
     oneshot_rows: dict[str, str] = field(default_factory=lambda: {
         "dense": "Dense",
         "layerchop": "LayerChop + continued pretraining",
-        "wanda-4of8": "Wanda 4:8",
-        "wanda-2of4": "Wanda 2:4",
-        "sparsegpt-4of8": "SparseGPT 4:8",
-        "sparsegpt-2of4": "SparseGPT 2:4",
         "sparsegpt-2of4_cpt": "SparseGPT 2:4 + continued pretraining",
     })
-    """Rows of Figure 1 and ``paper/tables/oneshot.md``: evaluation directory name -> label."""
+    """First rows of Figure 1 and ``paper/tables/oneshot.md`` (evaluation directory name -> label); a row for each
+    run of ``prune.methods`` × ``prune.patterns`` follows (``oneshot/<method>-<pattern>``, labelled by its method
+    unless listed here)."""
     extra_labels: dict[str, str] = field(default_factory=lambda: {
         "fig4-layerchop": "LayerChop (Figure 4 arm)",
         "fig4-distill": "LayerChop + distill (Figure 4 arm)",
@@ -768,13 +793,10 @@ class Table2Config:
     rows: dict[str, str] = field(default_factory=lambda: {
         "chopped": "Chopped, no recovery",
         "layerchop": "LayerChop",
-        "wanda-2of4": "Wanda 2:4",
-        "wanda-4of8": "Wanda 4:8",
-        "sparsegpt-2of4": "SparseGPT 2:4",
-        "sparsegpt-4of8": "SparseGPT 4:8",
         "sparsegpt-2of4_cpt": "SparseGPT 2:4 + continued pretraining",
     })
-    """Evaluation directory (under the evaluations' root) -> row label, in table order; absent ones are refused."""
+    """Evaluation directory (under the evaluations' root) -> row label, in table order; absent ones are refused. A
+    row for each run of ``prune.methods`` × ``prune.patterns`` follows (as in Figure 1)."""
     dense: str = "dense"
     """The evaluation directory of the uncompressed model the drops are relative to."""
 

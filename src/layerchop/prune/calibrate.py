@@ -22,7 +22,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from layerchop.prune.chop import decoder_layers, replaced_forwards
-from layerchop.prune.solvers import SOLVERS
+from layerchop.prune.solvers import solver as oneshot_method
 from layerchop.prune.sparsity import Pattern
 
 
@@ -97,17 +97,19 @@ def prune_model(
     Args:
         model: A HF causal LM (its layers may live on the CPU).
         calib_NT: Calibration token ids ``[num_sequences, seq_len]`` (from the train split).
-        method: ``magnitude`` | ``wanda`` | ``sparsegpt``.
+        method: A one-shot method's name (:func:`layerchop.prune.solvers.registry`: ``magnitude``, ``wanda``,
+            ``sparsegpt``, and those added in ``layerchop.prune.oneshot``).
         pattern: Sparsity pattern.
         device: Where each layer is processed (default: where the embeddings are).
         batch_size: Calibration sequences per forward.
-        solver_kwargs: Extra arguments of the solver (SparseGPT ``blocksize``, ``percdamp``).
+        solver_kwargs: ``prune`` settings; each method takes those it names (``settings``: SparseGPT's
+            ``blocksize``, ``percdamp``).
 
     Returns:
         ``({parameter name: bool mask}, stats)`` where stats has per-module and overall sparsity.
     """
-    if method not in SOLVERS:
-        raise ValueError(f"prune.method={method!r}: choose one of {sorted(SOLVERS)}")
+    cls = oneshot_method(method)
+    extra = {k: v for k, v in (solver_kwargs or {}).items() if k in cls.settings}
     device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     model.eval()
     layers = decoder_layers(model)
@@ -121,8 +123,7 @@ def prune_model(
         home = next(layer.parameters()).device
         layer.to(device)
         linears = prunable_linears(layer)
-        extra = (solver_kwargs or {}) if method == "sparsegpt" else {}
-        solvers = {n: SOLVERS[method](lin, **extra) for n, lin in linears.items()}
+        solvers = {n: cls(lin, **extra) for n, lin in linears.items()}
         handles = [lin.register_forward_hook(lambda m, i, o, s=solvers[n]: s.add_batch(i[0].detach(), o))
                    for n, lin in linears.items()]
         for i in range(0, inps.shape[0], batch_size):

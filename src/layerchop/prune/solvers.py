@@ -1,21 +1,57 @@
-"""Per-linear one-shot pruning solvers: magnitude, Wanda, SparseGPT.
+"""One-shot pruning methods as pieces: magnitude, Wanda, SparseGPT, and any :class:`OneShot` added in a file.
 
-All speak the same protocol so one calibration driver runs them:
+Each method is a :class:`OneShot` subclass: one instance per linear of a decoder layer, and the same protocol, so
+one calibration driver (:func:`layerchop.prune.calibrate.prune_model`) runs them all:
 
 * ``add_batch(inp, out)`` — called by a forward hook with the linear's input ``[..., in]`` and output;
 * ``prune(pattern) -> mask`` — writes the pruned (and, for SparseGPT, reconstructed) weight in place and
   returns the bool mask (True = pruned);
 * ``free()`` — drops the statistics.
+
+The class also says what the pipeline asks of a method: its ``name`` (``layerchop prune --method``, the list
+``prune.methods`` the pipeline runs over, the directory ``data/models/<name>-<pattern>``), its ``label`` (the rows
+of Figure 1 and Table 2) and the ``prune`` keys it reads (``settings``).
+
+Adding a method: one file in ``src/layerchop/prune/oneshot/`` defining a :class:`OneShot` subclass (found there by
+:func:`registry`, no import to add), and its name in ``prune.methods``. ``tests/toy_oneshot.py`` is a worked example
+(docs/bring-your-own.md).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from layerchop.prune.sparsity import Pattern, select_mask
+
+
+class OneShot:
+    """A one-shot pruning method: built on one linear, fed its calibration inputs, then asked for a mask."""
+
+    name: ClassVar[str] = ""
+    """``--method`` / ``prune.methods`` value, and the first part of the output directory's name."""
+    label: ClassVar[str] = ""
+    """Its name in tables and figures (``<label> 2:4``)."""
+    settings: ClassVar[tuple[str, ...]] = ()
+    """The ``prune`` section keys it takes as keyword arguments (recorded in the output's ``layerchop.json``)."""
+
+    def __init__(self, layer: nn.Linear):
+        self.layer = layer
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        """Accumulate statistics of one batch of the layer's inputs (default: none)."""
+
+    def prune(self, pattern: Pattern) -> torch.Tensor:
+        """Zero the pruned weights in place and return the mask (True = pruned)."""
+        raise NotImplementedError
+
+    def free(self) -> None:
+        """Drop the statistics (default: none)."""
 
 
 def smallest_over_matrix(score: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -30,15 +66,11 @@ def smallest_over_matrix(score: torch.Tensor, ratio: float) -> torch.Tensor:
     return score <= thresh
 
 
-class Magnitude:
+class Magnitude(OneShot):
     """Prune the smallest |W|: over the whole matrix for unstructured sparsity (one threshold, as in the Wanda
     repository's magnitude baseline), per group of M for N:M. No calibration statistics."""
 
-    def __init__(self, layer: nn.Linear):
-        self.layer = layer
-
-    def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
-        pass
+    name, label = "magnitude", "Magnitude"
 
     @torch.no_grad()
     def prune(self, pattern: Pattern) -> torch.Tensor:
@@ -49,20 +81,19 @@ class Magnitude:
         W[mask] = 0
         return mask
 
-    def free(self) -> None:
-        pass
-
 
 def wanda_score(W_OI: torch.Tensor, sq_norm_I: torch.Tensor) -> torch.Tensor:
     """Wanda importance ``|W_ij| * ||X_j||_2`` (Sun et al. 2023), compared within each output row."""
     return W_OI.abs().float() * torch.sqrt(sq_norm_I.float()).unsqueeze(0)
 
 
-class Wanda:
+class Wanda(OneShot):
     """Weights and activations: accumulates the squared L2 norm of every input feature."""
 
+    name, label = "wanda", "Wanda"
+
     def __init__(self, layer: nn.Linear):
-        self.layer = layer
+        super().__init__(layer)
         self.sq_norm_I = torch.zeros(layer.in_features, dtype=torch.float64, device=layer.weight.device)
         self.num_tokens = 0
 
@@ -82,7 +113,7 @@ class Wanda:
         self.sq_norm_I = None
 
 
-class SparseGPT:
+class SparseGPT(OneShot):
     """OBS-style pruning with weight reconstruction (Frantar & Alistarh 2023).
 
     Accumulates the Hessian ``H = 2 X Xᵀ / n`` of the layer inputs; columns are processed left to right
@@ -96,8 +127,11 @@ class SparseGPT:
         percdamp: Dampening, as a fraction of the mean Hessian diagonal, added to the diagonal.
     """
 
+    name, label = "sparsegpt", "SparseGPT"
+    settings = ("blocksize", "percdamp")
+
     def __init__(self, layer: nn.Linear, blocksize: int = 128, percdamp: float = 0.01):
-        self.layer = layer
+        super().__init__(layer)
         self.blocksize, self.percdamp = blocksize, percdamp
         cols = layer.in_features
         self.H = torch.zeros(cols, cols, dtype=torch.float32, device=layer.weight.device)
@@ -164,4 +198,51 @@ class SparseGPT:
         self.H = None
 
 
-SOLVERS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
+SOLVERS: dict[str, type[OneShot]] = {c.name: c for c in (Magnitude, Wanda, SparseGPT)}
+"""The built-in methods; :func:`registry` adds those of ``layerchop.prune.oneshot``."""
+
+PLUGINS = "layerchop.prune.oneshot"
+
+
+def registry() -> dict[str, type[OneShot]]:
+    """Every one-shot method by name: :data:`SOLVERS` and each :class:`OneShot` subclass defined in a module of
+    the package ``layerchop.prune.oneshot`` (one file a method)."""
+    found = dict(SOLVERS)
+    package = importlib.import_module(PLUGINS)
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{PLUGINS}.{info.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, OneShot) and obj.__module__ == module.__name__:
+                if not obj.name or not obj.label:
+                    raise ValueError(f"{module.__file__}: one-shot method {obj.__qualname__} needs a name and a label")
+                if obj.name in found and found[obj.name] is not obj:
+                    raise ValueError(f"{module.__file__}: one-shot method name {obj.name!r} is already taken by "
+                                     f"{found[obj.name].__module__}.{found[obj.name].__qualname__}")
+                found[obj.name] = obj
+    return found
+
+
+def solver(name: str, key: str = "--method") -> type[OneShot]:
+    """The one-shot method called ``name`` (``key``: where the name was given, for the error)."""
+    methods = registry()
+    if name not in methods:
+        raise ValueError(f"{key} {name!r} is not a one-shot method: choose one of {sorted(methods)} (or add one: "
+                         "a OneShot subclass in src/layerchop/prune/oneshot/, docs/bring-your-own.md)")
+    return methods[name]
+
+
+ONESHOT_EVAL = "oneshot"
+"""The folder of the evaluations' root that holds one evaluation per one-shot run (dvc.yaml's ``oneshot_evaluate``)."""
+
+
+def oneshot_rows(prune_cfg, listed: dict[str, str]) -> dict[str, str]:
+    """The rows of a table with one row per run of ``prune.methods`` × ``prune.patterns``: ``listed`` (evaluation
+    directory -> label, in order), then each run not among them as ``oneshot/<method>-<pattern>`` -> ``<label> N:M``."""
+    from layerchop.prune.sparsity import Pattern
+
+    methods = registry()
+    rows = dict(listed)
+    for name in prune_cfg.methods:
+        for spec in prune_cfg.patterns:
+            rows.setdefault(f"{ONESHOT_EVAL}/{name}-{spec}", f"{methods[name].label} {Pattern.parse(spec)}")
+    return rows

@@ -1,5 +1,8 @@
 """Stage ``figure1``: Figure 1 (perplexity vs average accuracy) and ``oneshot.md``, from metrics files only.
 
+Rows: ``report.oneshot_rows`` (the dense model, LayerChop, the trained one-shot arm), then one row per run of
+``prune.methods`` × ``prune.patterns`` (``<eval>/oneshot/<method>-<pattern>/metrics.json``).
+
 Example::
 
     layerchop figure1 --eval data/eval --tables paper/tables --figures paper/figures
@@ -12,12 +15,13 @@ from pathlib import Path
 
 from layerchop.config import load_params, section
 from layerchop.io import staged
+from layerchop.prune.solvers import oneshot_rows
 from layerchop.report.oneshot import figure1, oneshot_table
 from layerchop.report.tables import accuracy_caption, load_rows, latex, markdown
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval", required=True, help="directory of <row>/metrics.json")
+    p.add_argument("--eval", required=True, help="directory of <row>/metrics.json (one-shot runs: oneshot/<run>/)")
     p.add_argument("--tables", required=True, help="output directory for oneshot.md / oneshot.tex")
     p.add_argument("--figures", required=True, help="output directory for fig1_oneshot_vs_layerchop.{png,pdf}")
 
@@ -25,7 +29,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     cfg, train = section("report", params), section("train", params)
-    rows = load_rows(args.eval, cfg.oneshot_rows, "report.oneshot_rows")
+    rows = load_rows(args.eval, oneshot_rows(section("prune", params), cfg.oneshot_rows),
+                     "report.oneshot_rows / prune.methods x prune.patterns")
     caption = (
         "One-shot pruning (Wanda, SparseGPT; 50 % of every attention and MLP projection, N:M along the input "
         f"dimension) against LayerChop (50 % of the layers, then {train.token_budget:,} tokens of continued "

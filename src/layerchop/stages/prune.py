@@ -1,4 +1,5 @@
-"""Stage ``prune``: one-shot pruning (magnitude, Wanda, SparseGPT) with a shared calibration driver.
+"""Stage ``prune``: one-shot pruning (magnitude, Wanda, SparseGPT, or a method added in
+``src/layerchop/prune/oneshot/``) with a shared calibration driver.
 
 Example::
 
@@ -19,11 +20,13 @@ from layerchop.data.prepare import PackedDataset, check_data_matches_model
 from layerchop.io import check_model_dir, load_model, load_tokenizer, num_params, read_metadata
 from layerchop.prune.calibrate import calibration_batch, prune_model
 from layerchop.prune.masks import nonzero_params, save_pruned_model_dir
+from layerchop.prune.solvers import solver
 from layerchop.prune.sparsity import Pattern
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--method", required=True,
+                   help="a one-shot method: magnitude | wanda | sparsegpt | one in src/layerchop/prune/oneshot/")
     p.add_argument("--pattern", required=True, help="unstructured-0.5 | 2of4 | 4of8 (or N:M)")
     p.add_argument("--model", required=True, help="dense model directory")
     p.add_argument("--data", required=True, help="prepared data (calibration from its train split)")
@@ -36,7 +39,8 @@ def main(args: argparse.Namespace) -> None:
     cfg = section("prune", path=args.params)
     check_device("prune.device", cfg.device, available=True)
     check_model_dir(args.model, "--model")
-    pattern = Pattern.parse(args.pattern)  # validate before any work
+    method = solver(args.method)  # validate before any work
+    pattern = Pattern.parse(args.pattern)
     tokenizer = load_tokenizer(args.model)
     check_data_matches_model(Path(args.data), Path(args.model), tokenizer)
     calib = calibration_batch(PackedDataset(args.data, "train"), cfg.num_calibration, cfg.calibration_seed)
@@ -44,7 +48,7 @@ def main(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     masks, stats = prune_model(model, calib, args.method, pattern, device=cfg.device,
                                batch_size=cfg.batch_size,
-                               solver_kwargs={"blocksize": cfg.blocksize, "percdamp": cfg.percdamp})
+                               solver_kwargs={k: getattr(cfg, k) for k in method.settings})
     wall = time.perf_counter() - t0
     meta = {
         **{k: v for k, v in read_metadata(args.model).items() if k in ("source", "dtype", "tokens_trained")},
@@ -54,14 +58,14 @@ def main(args: argparse.Namespace) -> None:
         "pruned_from": args.model,
         "calibration": {"split": "train", "num_sequences": cfg.num_calibration, "seq_len": int(calib.shape[1]),
                         "seed": cfg.calibration_seed},
-        "solver": {"blocksize": cfg.blocksize, "percdamp": cfg.percdamp} if args.method == "sparsegpt" else {},
+        "solver": {k: getattr(cfg, k) for k in method.settings},
         "pruned_modules": sorted(masks),
         "sparsity": stats,
         "num_params": num_params(model),
         "nonzero_params": nonzero_params(model),
         "prune_wall_s": round(wall, 1),
     }
-    card = (f"# {args.method} {pattern} of `{args.model}`\n\nOne-shot pruning of every attention and MLP "
+    card = (f"# {method.label} {pattern} of `{args.model}`\n\nOne-shot pruning of every attention and MLP "
             f"projection; {stats['overall_pruned_fraction']:.3f} of their weights are zero. Masks: "
             "`sparsity_masks.safetensors`.\n")
     save_pruned_model_dir(model, tokenizer, args.out, masks=masks, metadata=meta, card=card)

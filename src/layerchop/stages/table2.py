@@ -1,6 +1,7 @@
 """Stage ``table2``: relative drop of average accuracy against the share of parameters pruned (Table 2).
 
-This repository's rows (``table2.rows``, each an evaluation's ``metrics.json``) beside the paper's quoted rows
+This repository's rows (``table2.rows``, then one per run of ``prune.methods`` × ``prune.patterns``, each an
+evaluation's ``metrics.json``) beside the paper's quoted rows
 (Shortened LLaMA, SliceGPT, LLM Surgeon, LayerChop at 7B, with their sources). Every own row is computed the same
 way: the mean primary accuracy over the dense model's tasks, its drop relative to the dense model's, and the share
 of parameters pruned from the nonzero count (of the decoder layers, and of all parameters).
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from layerchop.config import load_params, section
 from layerchop.io import read_json, staged
+from layerchop.prune.solvers import oneshot_rows
 from layerchop.report.tables import markdown
 
 
@@ -31,18 +33,21 @@ def main(args: argparse.Namespace) -> None:
 
     from layerchop.report.efficiency import layer_share, relative_drop_table
 
-    cfg = section("table2", load_params(args.params))
+    params = load_params(args.params)
+    cfg = section("table2", params)
+    labels = oneshot_rows(section("prune", params), cfg.rows)
     if not Path(args.dense_config).is_file():
         raise FileNotFoundError(f"--dense-config {args.dense_config}: no such file")
     dense_config = AutoConfig.from_pretrained(args.dense_config)
-    paths = {name: Path(args.eval) / name / "metrics.json" for name in [cfg.dense, *cfg.rows]}
+    paths = {name: Path(args.eval) / name / "metrics.json" for name in [cfg.dense, *labels]}
     for name, path in paths.items():
         if not path.is_file():
-            key = "table2.dense" if name == cfg.dense else "table2.rows"
+            key = ("table2.dense" if name == cfg.dense else "table2.rows" if name in cfg.rows
+                   else "prune.methods x prune.patterns")
             raise FileNotFoundError(f"{key}: {name!r} has no {path}")
     dense = read_json(paths[cfg.dense])
-    rows = {name: read_json(paths[name]) for name in cfg.rows}
-    header, body, cols = relative_drop_table(rows, cfg.rows, dense, dense_config)
+    rows = {name: read_json(paths[name]) for name in labels}
+    header, body, cols = relative_drop_table(rows, labels, dense, dense_config)
     share = layer_share(dense, dense_config)
     caption = ("Table 2: relative drop of the average accuracy against the dense model, and the share of parameters "
                f"pruned (weights nonzero in the dense model and zero or removed here). Own rows: the mean of {', '.join(f'{t} ({m})' for t, m in cols)} on "

@@ -1,0 +1,160 @@
+"""One-shot methods as pieces (``layerchop.prune.solvers``): the built-ins and a new method added in one file
+(``tests/toy_oneshot.py``) plus one params line, run through prune -> evaluate -> Figure 1's table and Table 2, and
+the pipeline's lists come from params."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = "layerchop.prune.oneshot.toy_oneshot"
+
+
+@pytest.fixture
+def toy_in_the_package(tmp_path, monkeypatch):
+    """``tests/toy_oneshot.py`` as if copied into ``src/layerchop/prune/oneshot/`` (a folder added to the package's
+    path, so the source tree is not touched)."""
+    import layerchop.prune.oneshot as package
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    shutil.copy(REPO / "tests" / "toy_oneshot.py", plugins / "toy_oneshot.py")
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(plugins)])
+    yield
+    sys.modules.pop(TOY, None)
+
+
+def test_the_built_in_methods_and_the_registry():
+    from layerchop.prune.solvers import SOLVERS, registry, solver
+
+    assert {n: (c.label, c.settings) for n, c in SOLVERS.items()} == {
+        "magnitude": ("Magnitude", ()), "wanda": ("Wanda", ()), "sparsegpt": ("SparseGPT", ("blocksize", "percdamp"))}
+    assert registry() == SOLVERS  # nothing in src/layerchop/prune/oneshot/ but its __init__
+    with pytest.raises(ValueError, match=r"--method 'act-l1' is not a one-shot method: choose one of "
+                                         r"\['magnitude', 'sparsegpt', 'wanda'\]"):
+        solver("act-l1")
+
+
+def test_a_bad_method_file_or_a_name_taken_twice_is_refused(tmp_path, monkeypatch):
+    import layerchop.prune.oneshot as package
+    from layerchop.prune.solvers import registry
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(plugins)])
+    (plugins / "twice.py").write_text("from layerchop.prune.solvers import Wanda\n\n"
+                                      "class Mine(Wanda):\n    label = 'Mine'\n")
+    try:
+        with pytest.raises(ValueError, match=r"twice.py: one-shot method name 'wanda' is already taken by "
+                                             r"layerchop.prune.solvers.Wanda"):
+            registry()
+    finally:
+        sys.modules.pop("layerchop.prune.oneshot.twice", None)
+
+
+def test_unknown_methods_and_patterns_are_refused_naming_the_key(tmp_path, tiny_dir, tiny_prepared):
+    from test_cli import _run
+
+    proc = _run(tmp_path, {}, "prune", "--method", "act-l1", "--pattern", "2of4", "--model", str(tiny_dir),
+                "--data", str(tiny_prepared), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "--method 'act-l1' is not a one-shot method" in proc.stderr
+    assert not (tmp_path / "o").exists()
+    proc = _run(tmp_path, {"prune.methods": ["wanda", "act-l1"]}, "figure1", "--eval", str(tmp_path / "e"),
+                "--tables", str(tmp_path / "t"), "--figures", str(tmp_path / "f"))
+    assert proc.returncode == 2 and "prune.methods=['wanda', 'act-l1'] is invalid: 'act-l1' is not a one-shot " \
+                                    "method" in proc.stderr
+    proc = _run(tmp_path, {"prune.patterns": ["2:4"]}, "figure1", "--eval", str(tmp_path / "e"),
+                "--tables", str(tmp_path / "t"), "--figures", str(tmp_path / "f"))
+    assert proc.returncode == 2 and "prune.patterns=['2:4'] is invalid: '2:4': write NofM" in proc.stderr
+    assert not (tmp_path / "t").exists()
+
+
+def test_the_pipeline_runs_over_the_params_lists(tmp_path):
+    """dvc.yaml's one-shot stages come from ``prune.methods`` × ``prune.patterns``: one more name gives its prune
+    and evaluation stages, which Figure 1 and Table 2 depend on (through ``data/eval/oneshot``); no stage depends on
+    the lists as a whole, so the existing runs stay as they are."""
+    import networkx
+    from dvc.repo import Repo
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load(open(REPO / "params.yaml"))
+    params["prune"]["methods"].append("act-l1")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    Repo.init(str(tmp_path), no_scm=True)
+    with Repo(str(tmp_path)) as repo:
+        stages = {s.name: s for s in repo.index.stages}
+        graph = repo.index.graph
+        for name in ("prune@act-l1-2of4", "prune@act-l1-4of8", "oneshot_evaluate@act-l1-2of4",
+                     "oneshot_evaluate@act-l1-4of8", "prune@wanda-2of4", "oneshot_evaluate@sparsegpt-4of8"):
+            assert name in stages, sorted(stages)
+        # figure1 and table2 come after the new evaluation (a dependency edge in DVC's graph)
+        ev = stages["oneshot_evaluate@act-l1-2of4"]
+        for report in ("figure1", "table2"):
+            assert ev in networkx.descendants(graph, stages[report]), report
+        for name, stage in stages.items():
+            if name.startswith(("prune@", "oneshot_evaluate@")):
+                keys = {k for p in stage.params for k in p.params}
+                assert not {"prune", "prune.methods", "prune.patterns"} & keys, (name, keys)
+
+
+def test_a_new_method_in_one_file_runs_through_prune_evaluate_and_figure1(tmp_path, tiny_dir, tiny_prepared,
+                                                                          toy_in_the_package, capsys):
+    """The worked example: ``tests/toy_oneshot.py`` in the methods' folder and ``act-l1`` in ``prune.methods``;
+    the stages as dvc.yaml runs them (in this process): its pruned model is exactly 2:4, its evaluation lands in
+    Figure 1's table and Table 2 beside Wanda's, with the numbers of its own metrics."""
+    from layerchop.cli import main
+    from layerchop.io import load_model, read_json, read_metadata
+    from layerchop.prune.masks import load_masks
+    from layerchop.prune.solvers import registry
+    from toy_oneshot import ActivationL1
+
+    assert registry()["act-l1"].label == ActivationL1.label
+    params = yaml.safe_load(open(REPO / "params.yaml"))
+    params["prune"].update(methods=["wanda", "act-l1"], patterns=["2of4"], num_calibration=8, batch_size=4)
+    params["evaluate"].update(limit=24, ppl_max_sequences=2, optional_tasks=["piqa"],
+                              local_tasks={"piqa": str(tmp_path / "absent")})
+    params["report"]["oneshot_rows"] = {"dense": "Dense"}
+    params["table2"]["rows"] = {"oneshot/wanda-2of4": "Wanda 2:4 (own label)"}
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    models, ev = tmp_path / "models", tmp_path / "eval"
+    common = ["--params", str(pfile)]
+    for method in ("wanda", "act-l1"):
+        assert main(["prune", *common, "--method", method, "--pattern", "2of4", "--model", str(tiny_dir),
+                     "--data", str(tiny_prepared), "--out", str(models / f"{method}-2of4")]) == 0
+    meta = read_metadata(models / "act-l1-2of4")
+    assert meta["method"] == "act-l1" and meta["pattern"] == "2:4" and meta["solver"] == {}
+    assert meta["sparsity"]["overall_pruned_fraction"] == 0.5
+    masks = load_masks(models / "act-l1-2of4")
+    model = load_model(models / "act-l1-2of4")
+    weights = dict(model.named_parameters())
+    for name, mask in masks.items():  # 2 of every 4 consecutive inputs of each row, and the weights zero there
+        assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all(), name
+        assert (weights[name][mask] == 0).all() and (weights[name][~mask] != 0).all(), name
+    wanda = load_masks(models / "wanda-2of4")
+    assert any(not torch.equal(m, wanda[n]) for n, m in masks.items())  # its own score, not Wanda's
+    for out, model_dir in (("dense", tiny_dir), ("oneshot/wanda-2of4", models / "wanda-2of4"),
+                           ("oneshot/act-l1-2of4", models / "act-l1-2of4")):
+        assert main(["evaluate", *common, "--model", str(model_dir), "--data", str(tiny_prepared),
+                     "--out", str(ev / out)]) == 0
+    assert main(["figure1", *common, "--eval", str(ev), "--tables", str(tmp_path / "t"),
+                 "--figures", str(tmp_path / "f")]) == 0
+    md = (tmp_path / "t" / "oneshot.md").read_text()
+    labels = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")][1:]
+    assert labels == ["Dense", "Wanda 2:4", "Activation-L1 2:4"]
+    m = read_json(ev / "oneshot" / "act-l1-2of4" / "metrics.json")
+    row = next(line for line in md.splitlines() if line.startswith("| Activation-L1 2:4 |"))
+    assert f"| {m['val/ppl']:.2f} | {m['test/ppl']:.2f} |" in row
+    assert f"| {m['nonzero_params'] / 1e6:.1f} |" in row
+    assert (tmp_path / "f" / "fig1_oneshot_vs_layerchop.png").stat().st_size > 1000
+    assert main(["table2", *common, "--eval", str(ev), "--dense-config", str(tiny_dir / "config.json"),
+                 "--tables", str(tmp_path / "t")]) == 0
+    t2 = (tmp_path / "t" / "table2_relative_drop.md").read_text()
+    assert "| Wanda 2:4 (own label) |" in t2 and "| Activation-L1 2:4 |" in t2 and "| Wanda 2:4 |" not in t2
