@@ -284,3 +284,61 @@ def test_tables45_are_read_from_the_configs_and_the_evaluation_record(tmp_path, 
             "5 (12) | 0 | acc_norm | by the choice's length in characters (lm-eval acc_norm) | `{{context}}` | 1.0 | "
             "lm-eval 0.4.13 |") in t5
     assert "Precision: float32 throughout; batch 3; at most 5 items a task; seed 1234." in t5
+
+
+TOY_CRITERION = '''"""A toy layer-selection criterion in one file: the layers of smallest weight norm."""
+from layerchop.prune.chop import decoder_layers
+from layerchop.prune.select import Criterion, lowest
+
+
+class SmallestWeights(Criterion):
+    name = "weight-norm"
+
+    def scores(self, model, calib_NT, num_remove, *, batch_size, device):
+        norms = [sum(float(p.float().pow(2).sum()) for p in layer.parameters()) ** 0.5
+                 for layer in decoder_layers(model)]
+        return {"criterion": self.name, "norms": norms}
+
+    def select(self, scores, num_layers, num_remove):
+        return lowest(scores["norms"], num_remove, list(range(1, num_layers - 1)))
+
+    def plotted(self, scores):
+        return "weight norm of layer i", scores["norms"]
+'''
+
+
+def test_a_new_criterion_in_one_file_is_a_layout_of_the_chop_stage(tmp_path, tiny_dir, tiny_prepared, monkeypatch):
+    """Layer-selection criteria are a registry like the one-shot methods: a :class:`Criterion` in a file of
+    ``src/layerchop/prune/criteria/`` (here a folder added to that package's path) is a ``chop.layout`` and a
+    ``table6.layouts`` name; the chop stage removes what it selects and records its scores."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    import layerchop.prune.criteria as package
+    from layerchop.config import data_driven_layouts, section
+    from layerchop.prune.chop import decoder_layers
+
+    assert data_driven_layouts() == ("angular", "block-influence", "ppl")
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "weight_norm.py").write_text(TOY_CRITERION)
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(plugins)])
+    try:
+        assert data_driven_layouts() == ("angular", "block-influence", "ppl", "weight-norm")
+        assert section("table6", {"table6": {"layouts": ["middle", "weight-norm"]}}).layouts == ["middle", "weight-norm"]
+        pfile = _params(tmp_path, chop={"num_remove": 2, "num_calibration": 4, "calibration_seed": 0, "batch_size": 4})
+        out = tmp_path / "chopped"
+        assert main(["chop", "--params", str(pfile), "--layout", "weight-norm", "--model", str(tiny_dir), "--data",
+                     str(tiny_prepared), "--out", str(out)]) == 0
+        dense = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        norms = [sum(float(p.pow(2).sum()) for p in layer.parameters()) ** 0.5 for layer in decoder_layers(dense)]
+        expected = sorted(sorted(range(1, 5), key=lambda i: (norms[i], i))[:2])
+        meta = read_metadata(out)
+        assert meta["removed_layers"] == expected and meta["layout"] == "weight-norm"
+        assert meta["selection"]["norms"] == pytest.approx(norms, rel=1e-6)
+    finally:
+        monkeypatch.undo()
+        sys.modules.pop("layerchop.prune.criteria.weight_norm", None)
+    with pytest.raises(ValueError, match="chop.layout='weight-norm' is invalid: choose one of"):
+        section("chop", {"chop": {"layout": "weight-norm"}})

@@ -4,7 +4,6 @@ the pipeline's lists come from params."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -158,3 +157,39 @@ def test_a_new_method_in_one_file_runs_through_prune_evaluate_and_figure1(tmp_pa
                  "--tables", str(tmp_path / "t")]) == 0
     t2 = (tmp_path / "t" / "table2_relative_drop.md").read_text()
     assert "| Wanda 2:4 (own label) |" in t2 and "| Activation-L1 2:4 |" in t2 and "| Wanda 2:4 |" not in t2
+
+
+def test_a_trained_arm_added_with_dvc_exp_run_set_param_gets_its_own_stages(tmp_path):
+    """The trained arms and the evaluated models are params lists too (``arms``): the overrides ``dvc exp run -S``
+    applies (DVC's own Hydra parser) add ``train@<arm>`` and ``evaluate@<arm>``, the params still pass their checks,
+    and the existing train stages do not depend on the ``arms`` section."""
+    from dvc.repo import Repo
+    from dvc.utils.hydra import apply_overrides
+
+    from layerchop.config import load_params, section
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    evaluated = section("arms", load_params(REPO / "params.yaml")).evaluated
+    apply_overrides(tmp_path / "params.yaml", [
+        "+arms.trained.chopped_cpt={init: data/models/chopped, flags: --objective lm, warm: data/models/dense}",
+        f"arms.evaluated=[{','.join(evaluated + ['chopped_cpt'])}]"])
+    assert "time: 72:00:00\n" in (tmp_path / "params.yaml").read_text()  # DVC drops the quotes: YAML 1.1 would
+    assert section("slurm", load_params(tmp_path / "params.yaml")).time == "72:00:00"  # read 259200 seconds
+    arms = section("arms", load_params(tmp_path / "params.yaml"))
+    assert arms.trained["chopped_cpt"].init == "data/models/chopped" and arms.evaluated[-1] == "chopped_cpt"
+    Repo.init(str(tmp_path), no_scm=True)
+    with Repo(str(tmp_path)) as repo:
+        stages = {s.name: s for s in repo.index.stages}
+        assert "--objective lm --init data/models/chopped" in stages["train@chopped_cpt"].cmd
+        assert "data/models/chopped_cpt" in {str(o.def_path) for o in stages["train@chopped_cpt"].outs}
+        assert "--model data/models/chopped_cpt" in stages["evaluate@chopped_cpt"].cmd
+        assert "--warm-start --warm-from data/warm --init data/models/chopped" in stages["train@layerchop"].cmd
+        for name, stage in stages.items():
+            keys = {k for p in stage.params for k in p.params}
+            assert not any(k == "arms" or k.startswith("arms.") for k in keys), (name, keys)
+    bad = yaml.safe_load(open(tmp_path / "params.yaml"))
+    bad["arms"]["trained"]["chopped_cpt"]["flags"] = "--warm-start --warm-from data/warm"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match=r"arms.trained.<arm>.warm='data/models/dense' is invalid"):
+        load_params(tmp_path / "bad.yaml")

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from layerchop.cli import main
+from layerchop.config import load_params, section
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*/params.yaml"))]
@@ -28,11 +29,11 @@ def test_every_profile_plans(capsys, path):
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[1].split()[:5] == ["stage", "runs", "proc", "steps", "tokens"]
-    dvc = yaml.safe_load(open(REPO / "dvc.yaml"))["stages"]
+    arms = section("arms", load_params(path))
     end = next(i for i, line in enumerate(lines) if line.startswith("total: "))
     stages = {line.split()[0] for line in lines[3:end]}
-    assert {f"train@{k}" for k in dvc["train"]["foreach"]} <= stages
-    assert {f"evaluate@{k}" for k in dvc["evaluate"]["foreach"]} <= stages
+    assert {f"train@{k}" for k in arms.trained} <= stages and len(arms.trained) == 3
+    assert {f"evaluate@{k}" for k in arms.evaluated} <= stages and len(arms.evaluated) == 5
 
 
 def test_paper_scale_numbers(capsys):
@@ -99,7 +100,7 @@ def edited(tmp_path: Path, base: Path, **changes) -> Path:
             node = node[p]
         node[last] = value
     out = tmp_path / "params.yaml"
-    out.write_text(yaml.safe_dump(params))
+    out.write_text(yaml.safe_dump(params, sort_keys=False))  # the arms in their order
     return out
 
 
@@ -139,10 +140,10 @@ def test_broken_paper_scale_variants_exit_2_naming_the_key(tmp_path, capsys, cha
 
 
 def test_warm_start_on_a_stage_that_refuses_it(tmp_path, capsys):
-    dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
-    dvc["stages"]["train"]["foreach"]["dense_cpt"]["method"] = "--warm-start"
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc))
-    rc, _, err = plan(capsys, PAPER, dvc=tmp_path / "dvc.yaml")
+    params = yaml.safe_load(open(PAPER))
+    params["arms"]["trained"]["dense_cpt"]["flags"] = "--warm-start"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    rc, _, err = plan(capsys, tmp_path / "params.yaml")
     assert rc == 2 and "dvc.yaml train@dense_cpt: --warm-start needs the chopped model as --init" in err, err
 
 

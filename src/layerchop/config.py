@@ -22,7 +22,14 @@ import yaml
 MODEL_SOURCES = ("smollm2-135m", "hub", "local", "llama2-7b-shape")
 CORPUS_SOURCES = ("wikipedia-vital", "shakespeare", "hub", "local")
 LAYOUTS = ("input", "output", "middle", "max-gap", "both")
-SELECTIONS = ("angular", "block-influence", "ppl")  # data-driven layouts (layerchop.prune.select)
+
+
+def data_driven_layouts() -> tuple[str, ...]:
+    """The layouts chosen from calibration data: the criteria of :func:`layerchop.prune.select.criteria` (angular,
+    block-influence, ppl and any added in ``src/layerchop/prune/criteria/``; imports torch)."""
+    from layerchop.prune.select import criteria
+
+    return tuple(criteria())
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 STRATEGIES = ("auto", "fsdp")
 LAUNCHERS = ("local", "torchrun", "slurm")
@@ -228,8 +235,9 @@ class ChopConfig:
 
     def __post_init__(self) -> None:
         if self.indices is None:
-            if self.layout not in LAYOUTS + SELECTIONS:
-                _fail("chop.layout", self.layout, f"choose one of {list(LAYOUTS + SELECTIONS)} or set chop.indices")
+            if self.layout not in LAYOUTS and self.layout not in data_driven_layouts():
+                _fail("chop.layout", self.layout, f"choose one of {list(LAYOUTS + data_driven_layouts())} or set "
+                      "chop.indices")
             if self.num_remove < 1:
                 _fail("chop.num_remove", self.num_remove, "must be >= 1 (removing nothing is the dense model)")
         elif not self.indices:
@@ -634,15 +642,15 @@ class Table6Config:
     """The ``table6`` section: the layouts compared in Table 6 / Figure 5 (the ``layout_*`` stages of ``dvc.yaml``
     run once per entry; each chops ``chop.num_remove`` layers and recovers with the ``train`` section)."""
 
-    layouts: list[str] = field(default_factory=lambda: list(LAYOUTS + SELECTIONS))
+    layouts: list[str] = field(default_factory=lambda: list(LAYOUTS + data_driven_layouts()))
     """Fixed layouts and data-driven selections to chop, recover and evaluate."""
 
     def __post_init__(self) -> None:
         if not self.layouts:
             _fail("table6.layouts", self.layouts, "needs at least one layout")
         for name in self.layouts:
-            if name not in LAYOUTS + SELECTIONS:
-                _fail("table6.layouts", name, f"choose from {list(LAYOUTS + SELECTIONS)}")
+            if name not in LAYOUTS and name not in data_driven_layouts():
+                _fail("table6.layouts", name, f"choose from {list(LAYOUTS + data_driven_layouts())}")
         if len(set(self.layouts)) != len(self.layouts):
             _fail("table6.layouts", self.layouts, "lists a layout twice")
 
@@ -693,6 +701,49 @@ class EvaluateConfig:
             if name not in self.local_tasks:
                 _fail("evaluate.optional_tasks", self.optional_tasks,
                       f"{name!r} is not a key of evaluate.local_tasks (only local mirrors can be optional)")
+
+
+@dataclass
+class TrainedArm:
+    """One entry of ``arms.trained``: the stage ``train@<name>`` (``data/models/<name>``)."""
+
+    init: str
+    """The model it starts from (an output of another stage, e.g. ``data/models/chopped``)."""
+    flags: str = "--objective lm"
+    """The train stage's flags (the method, the warm start)."""
+    warm: str = "data/models/dense"
+    """One more dependency: ``data/warm`` for an arm forking the shared warm start (``--warm-from data/warm``), the
+    dense model again otherwise."""
+
+    def __post_init__(self) -> None:
+        if ("--warm-from data/warm" in self.flags) != (self.warm == "data/warm"):
+            _fail("arms.trained.<arm>.warm", self.warm, "is data/warm exactly when the flags fork the shared warm "
+                  "start (--warm-from data/warm)")
+
+
+@dataclass
+class ArmsConfig:
+    """The ``arms`` section: the trained arms and the models evaluated, the lists dvc.yaml's ``train`` and ``evaluate``
+    stages run over (``foreach``). No stage depends on the section as a whole: adding an arm (``dvc exp run -S``) adds
+    its stages and re-runs nothing else."""
+
+    trained: dict[str, TrainedArm] = field(default_factory=lambda: {
+        "layerchop": TrainedArm("data/models/chopped", "--warm-start --warm-from data/warm", "data/warm"),
+        "dense_cpt": TrainedArm("data/models/dense"),
+        "sparsegpt-2of4_cpt": TrainedArm("data/models/sparsegpt-2of4"),
+    })
+    """Arm name -> how it trains: ``train@<name>`` writes ``data/models/<name>``."""
+    evaluated: list[str] = field(default_factory=lambda: ["dense", "chopped", "layerchop", "dense_cpt",
+                                                          "sparsegpt-2of4_cpt"])
+    """Models ``evaluate@<name>`` evaluates (``data/models/<name>`` into ``data/eval/<name>``); the one-shot runs
+    have their own stage (``oneshot_evaluate``, from ``prune.methods`` × ``prune.patterns``)."""
+
+    def __post_init__(self) -> None:
+        for name in self.trained:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in ("dense", "chopped"):
+                _fail("arms.trained", name, "must be a directory name other than dense and chopped")
+        if len(set(self.evaluated)) != len(self.evaluated):
+            _fail("arms.evaluated", self.evaluated, "lists a model twice")
 
 
 @dataclass
@@ -1009,10 +1060,24 @@ SECTIONS = {
     "table6": Table6Config,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,
+    "arms": ArmsConfig,
     "bench": BenchConfig,
     "table2": Table2Config,
     "slurm": SlurmConfig,
 }
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers: ``72:00:00`` stays the string it reads as (YAML 1.2,
+    what DVC's own parser gives). ``dvc exp run -S`` rewrites params.yaml without the quotes, and the safe loader would
+    read ``slurm.time: 72:00:00`` as the integer 259200."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, re.compile(r"(?!.*:)" + regexp.pattern, regexp.flags)
+                 if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") else regexp)
+                for tag, regexp in resolvers]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -1027,7 +1092,7 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found (run from the repository root or pass --params)")
     try:
         with open(path, encoding="utf-8") as f:
-            params = yaml.safe_load(f)
+            params = yaml.load(f, Loader=_ParamsLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

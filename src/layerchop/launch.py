@@ -141,7 +141,7 @@ def needs_accelerator(stage: str, params: dict, argv: Sequence[str] = ()) -> Opt
     """The params key whose value puts ``layerchop <stage> <argv>`` on an accelerator (e.g.
     ``"evaluate.device=cuda"``), or None when the stage runs on the CPU. ``chop`` uses its device only for
     a data-driven layout (``--layout`` or ``chop.layout``)."""
-    from layerchop.config import ONE_TASK_STAGES, SELECTIONS, section
+    from layerchop.config import ONE_TASK_STAGES, data_driven_layouts, section
 
     if stage == "train":
         cfg = section("train", params)
@@ -155,7 +155,7 @@ def needs_accelerator(stage: str, params: dict, argv: Sequence[str] = ()) -> Opt
     if stage == "chop":
         argv = list(argv)
         layout = argv[argv.index("--layout") + 1] if "--layout" in argv else cfg.layout
-        if cfg.indices is not None and "--layout" not in argv or layout not in SELECTIONS:
+        if cfg.indices is not None and "--layout" not in argv or layout not in data_driven_layouts():
             return None  # a fixed layout: no forward pass, the device is never used
     return f"{key}.device={cfg.device}"
 

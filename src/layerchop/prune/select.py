@@ -16,20 +16,21 @@ last layer (as every LayerChop layout does):
   (scored one at a time, removed together, as in that paper's one-shot variant).
 
 ``h_i`` is the residual stream entering decoder layer ``i`` (``h_L`` leaves the last layer, before the
-final norm). All functions are pure: they read the model and return numbers.
+final norm). All functions are pure: they read the model and return numbers. Each criterion is a
+:class:`Criterion`; :func:`criteria` finds the built-in ones and those added in a file of
+``src/layerchop/prune/criteria/``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from layerchop.config import SELECTIONS as CRITERIA
 from layerchop.prune.chop import decoder_layers, skipping
 
 
@@ -131,37 +132,110 @@ def lowest(scores: Sequence[float | None], k: int, candidates: Sequence[int]) ->
     return sorted(ranked[:k])
 
 
-def select_layers(criterion: str, scores: dict, num_layers: int, num_remove: int) -> list[int]:
-    """Indices to remove from ``scores`` (of :func:`layer_scores`), never the first or last layer."""
-    interior = list(range(1, num_layers - 1))
-    if criterion == "block-influence":
-        return lowest(scores["block-influence"], num_remove, interior)
-    if criterion == "ppl":
-        return lowest(scores["ppl_without"], num_remove, interior)
-    if criterion == "angular":
+class Criterion:
+    """A data-driven layout (``chop.layout: <name>``): scores of the dense model's layers on calibration sequences,
+    and the ``num_remove`` layers they select (never the first or the last).
+
+    Adding one: a subclass with a ``name`` in a file of ``src/layerchop/prune/criteria/`` (found by :func:`criteria`),
+    then ``chop.layout: <name>`` or its name in ``table6.layouts``."""
+
+    name: ClassVar[str] = ""
+    block: ClassVar[bool] = False
+    """Whether it removes one contiguous block (its scores are indexed by the block's first layer)."""
+
+    def scores(self, model: nn.Module, calib_NT: torch.Tensor, num_remove: int, *, batch_size: int,
+               device: str | torch.device) -> dict:
+        """JSON-able scores (lists indexed by layer or block start), recorded in the chopped model's metadata."""
+        raise NotImplementedError
+
+    def select(self, scores: dict, num_layers: int, num_remove: int) -> list[int]:
+        """The layers to remove, sorted, from :meth:`scores`."""
+        raise NotImplementedError
+
+    def plotted(self, scores: dict) -> tuple[str, list]:
+        """Figure 5's curve: its axis label and one value per layer (or block start)."""
+        raise NotImplementedError
+
+
+class Angular(Criterion):
+    """The contiguous block whose input and output hidden states are closest in angle (Gromov et al. 2024)."""
+
+    name, block = "angular", True
+
+    def scores(self, model, calib_NT, num_remove, *, batch_size, device):
+        s = stream_similarity_scores(model, calib_NT, num_remove, batch_size=batch_size, device=device)
+        return {"criterion": self.name, "block": num_remove, **s}
+
+    def select(self, scores, num_layers, num_remove):
         starts = [s for s in range(1, num_layers - num_remove) if s + num_remove <= num_layers - 1]
         if not starts:
             raise ValueError(f"num_remove={num_remove}: no block of that many layers between the first and last "
                              f"of {num_layers}")
         best = min(starts, key=lambda s: (scores["angular"][s], s))
         return list(range(best, best + num_remove))
-    raise ValueError(f"criterion {criterion!r}: choose one of {list(CRITERIA)}")
+
+    def plotted(self, scores):
+        return f"angular distance h_l -> h_l+{scores['block']} (block start l)", scores["angular"]
 
 
-def layer_scores(criterion: str, model: nn.Module, calib_NT: torch.Tensor, num_remove: int, *,
-                 batch_size: int = 8, device: str | torch.device = "cpu") -> dict:
-    """The scores ``criterion`` ranks layers (or blocks) by, as JSON-able lists indexed by layer (block start)."""
-    if criterion in ("angular", "block-influence"):
+class BlockInfluence(Criterion):
+    """The layers that change the residual stream least (ShortGPT's Block Influence, Men et al. 2024)."""
+
+    name = "block-influence"
+
+    def scores(self, model, calib_NT, num_remove, *, batch_size, device):
         s = stream_similarity_scores(model, calib_NT, num_remove, batch_size=batch_size, device=device)
-        return {"criterion": criterion, "block": num_remove, **s}
-    if criterion == "ppl":
+        return {"criterion": self.name, "block": num_remove, **s}
+
+    def select(self, scores, num_layers, num_remove):
+        return lowest(scores["block-influence"], num_remove, list(range(1, num_layers - 1)))
+
+    def plotted(self, scores):
+        return "block influence 1 - cos(h_i, h_i+1)", scores["block-influence"]
+
+
+class Perplexity(Criterion):
+    """The layers whose removal alone raises the calibration perplexity least (Shortened LLaMA's PPL criterion)."""
+
+    name = "ppl"
+
+    def scores(self, model, calib_NT, num_remove, *, batch_size, device):
         r = ppl_without_each_layer(model, calib_NT, batch_size=batch_size, device=device)
-        return {"criterion": criterion, "ppl_full": r["full"], "ppl_without": r["without"]}
-    raise ValueError(f"criterion {criterion!r}: choose one of {list(CRITERIA)}")
+        return {"criterion": self.name, "ppl_full": r["full"], "ppl_without": r["without"]}
+
+    def select(self, scores, num_layers, num_remove):
+        return lowest(scores["ppl_without"], num_remove, list(range(1, num_layers - 1)))
+
+    def plotted(self, scores):
+        return "calibration ppl without layer i", scores["ppl_without"]
 
 
-SCORE_LABELS: dict[str, Callable[[dict], tuple[str, list]]] = {
-    "angular": lambda s: (f"angular distance h_l -> h_l+{s['block']} (block start l)", s["angular"]),
-    "block-influence": lambda s: ("block influence 1 - cos(h_i, h_i+1)", s["block-influence"]),
-    "ppl": lambda s: ("calibration ppl without layer i", s["ppl_without"]),
-}
+CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Angular, BlockInfluence, Perplexity)}
+"""The built-in criteria; :func:`criteria` adds those of ``layerchop.prune.criteria``."""
+
+
+def criteria() -> dict[str, type[Criterion]]:
+    """Every data-driven layout by name: :data:`CRITERIA` and each :class:`Criterion` subclass defined in a module of
+    the package ``layerchop.prune.criteria``."""
+    from layerchop.plugins import with_package
+
+    return with_package(CRITERIA, "layerchop.prune.criteria", Criterion, "layer-selection criterion")
+
+
+def criterion(name: str) -> Criterion:
+    """The criterion called ``name``."""
+    found = criteria()
+    if name not in found:
+        raise ValueError(f"criterion {name!r}: choose one of {list(found)}")
+    return found[name]()
+
+
+def select_layers(name: str, scores: dict, num_layers: int, num_remove: int) -> list[int]:
+    """Indices to remove from ``scores`` (of :func:`layer_scores`), never the first or last layer."""
+    return criterion(name).select(scores, num_layers, num_remove)
+
+
+def layer_scores(name: str, model: nn.Module, calib_NT: torch.Tensor, num_remove: int, *,
+                 batch_size: int = 8, device: str | torch.device = "cpu") -> dict:
+    """The scores criterion ``name`` ranks layers (or blocks) by, as JSON-able lists indexed by layer (block start)."""
+    return criterion(name).scores(model, calib_NT, num_remove, batch_size=batch_size, device=device)

@@ -19,9 +19,7 @@ Adding a method: one file in ``src/layerchop/prune/oneshot/`` defining a :class:
 
 from __future__ import annotations
 
-import importlib
 import math
-import pkgutil
 from typing import ClassVar
 
 import torch
@@ -207,18 +205,12 @@ PLUGINS = "layerchop.prune.oneshot"
 def registry() -> dict[str, type[OneShot]]:
     """Every one-shot method by name: :data:`SOLVERS` and each :class:`OneShot` subclass defined in a module of
     the package ``layerchop.prune.oneshot`` (one file a method)."""
-    found = dict(SOLVERS)
-    package = importlib.import_module(PLUGINS)
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{PLUGINS}.{info.name}")
-        for obj in vars(module).values():
-            if isinstance(obj, type) and issubclass(obj, OneShot) and obj.__module__ == module.__name__:
-                if not obj.name or not obj.label:
-                    raise ValueError(f"{module.__file__}: one-shot method {obj.__qualname__} needs a name and a label")
-                if obj.name in found and found[obj.name] is not obj:
-                    raise ValueError(f"{module.__file__}: one-shot method name {obj.name!r} is already taken by "
-                                     f"{found[obj.name].__module__}.{found[obj.name].__qualname__}")
-                found[obj.name] = obj
+    from layerchop.plugins import with_package
+
+    found = with_package(SOLVERS, PLUGINS, OneShot, "one-shot method")
+    unlabelled = [c.__qualname__ for c in found.values() if not c.label]
+    if unlabelled:
+        raise ValueError(f"one-shot methods {unlabelled} need a label (their rows in Figure 1 and Table 2)")
     return found
 
 

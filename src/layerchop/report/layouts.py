@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from layerchop.config import SELECTIONS
+from layerchop.config import data_driven_layouts
 from layerchop.report.tables import (fmt_acc, fmt_ppl, mean_accuracy, save_figure, split_columns, task_columns)
 
 STATES = ("chopped", "recovered")
@@ -50,7 +50,7 @@ def _groups(rows: list[dict[str, Any]], dense: dict[str, Any]) -> list[tuple[str
 
 
 def kind(name: str) -> str:
-    return "data-driven" if name in SELECTIONS else "fixed"
+    return "data-driven" if name in data_driven_layouts() else "fixed"
 
 
 def layouts_table(rows: list[dict[str, Any]], dense: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -174,24 +174,25 @@ def figure5(rows: list[dict[str, Any]], dense: dict[str, Any], out_stem: Path) -
     ax.set_title("(a) removed layers per layout", fontsize=10)
 
     ax = axes[0][1]
-    from layerchop.prune.select import SCORE_LABELS
+    from layerchop.prune.select import criterion
 
     for i, r in enumerate(rows):
         sel = r["selection"]
         if not sel:
             continue
-        label, values = SCORE_LABELS[sel["criterion"]](sel)
+        crit = criterion(sel["criterion"])
+        label, values = crit.plotted(sel)
         v = np.array([np.nan if x is None else x for x in values], dtype=float)
         # scaled over the positions a selection may take (layer 0 and the last never go: removing layer 0 raises
         # perplexity by orders of magnitude and would flatten the rest), each criterion on [0, 1]
-        last = r["num_layers"] - (len(r["removed"]) if sel["criterion"] == "angular" else 1)
+        last = r["num_layers"] - (len(r["removed"]) if crit.block else 1)
         v[0] = np.nan
         v[last:] = np.nan
         v = (v - np.nanmin(v)) / max(np.nanmax(v) - np.nanmin(v), 1e-12)
         ax.plot(range(len(v)), v, marker="o", markersize=3, label=f"{r['name']}: {label}", color=f"C{i}")
-        marked = [r["removed"][0]] if sel["criterion"] == "angular" else r["removed"]
+        marked = [r["removed"][0]] if crit.block else r["removed"]
         ax.scatter(marked, v[marked], color=f"C{i}", s=40, marker="x", zorder=3)
-    ax.set_xlabel("layer (angular: first layer of the block)")
+    ax.set_xlabel("layer (a block's criterion, e.g. angular: the block's first layer)")
     ax.set_ylabel("score, min-max scaled per criterion")
     ax.set_title("(b) data-driven scores on calibration data (x: removed)", fontsize=10)
     if any(r["selection"] for r in rows):

@@ -18,7 +18,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from layerchop.config import SELECTIONS, check_device, section
+from layerchop.config import check_device, data_driven_layouts, section
 from layerchop.io import check_model_dir, load_model, load_tokenizer, read_metadata, save_model_dir
 from layerchop.prune.chop import chop_layers, removed_indices
 
@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
     num_layers = AutoConfig.from_pretrained(args.model).num_hidden_layers
-    data_driven = cfg.indices is None and cfg.layout in SELECTIONS
+    data_driven = cfg.indices is None and cfg.layout in data_driven_layouts()
     # validate before loading weights or writing anything
     if data_driven:
         if args.data is None:

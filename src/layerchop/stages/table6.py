@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from layerchop.config import SELECTIONS, load_params, section
+from layerchop.config import data_driven_layouts, load_params, section
 from layerchop.io import read_json, staged, write_json
 from layerchop.prune.chop import removed_indices
 from layerchop.report.layouts import figure5, findings, findings_text, layouts_table, load_layout, load_layouts
@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(f"table6.layouts={layouts} lists {main_name!r}, chop.layout: its row is the main arm's "
                          "(--main-chopped / --main-recovered), not chopped and recovered a second time; remove it")
     main_row = load_layout(main_name, args.main_chopped, args.main_recovered, "--main-chopped/--main-recovered")
-    if main_name in SELECTIONS:  # chosen from data: the layers are whatever the scores chose, the criterion is known
+    if main_name in data_driven_layouts():  # chosen from data: the layers are whatever the scores chose, the criterion is known
         fresh = main_row["layout"] == main_name and len(main_row["removed"]) == chop.num_remove
     else:
         fresh = main_row["removed"] == removed_indices(main_row["num_layers"], layout=chop.layout,

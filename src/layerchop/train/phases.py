@@ -67,7 +67,7 @@ def run_phases(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[], di
     """
     from transformers import AutoConfig
 
-    cfg, steps = plan.cfg, plan.steps
+    steps = plan.steps
     dense_config = AutoConfig.from_pretrained(plan.dense_dir)
     alive = list(range(dense_config.num_hidden_layers))
     first = resume_phase(plan, layout)

@@ -188,10 +188,11 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
     if cfg.ckpt_every:
         on_saved = None
         if steps.phases:  # the phases' last checkpoints are no longer the resume point
+            import functools
+
             from layerchop.train.phases import remove_phase_dirs
 
-            def on_saved() -> None:
-                remove_phase_dirs(layout, len(steps.phases))
+            on_saved = functools.partial(remove_phase_dirs, layout, len(steps.phases))
         callbacks.append(AtomicCheckpoint(layout.checkpoints, cfg.ckpt_every, on_saved=on_saved))
     requeue = requeue_callbacks(layout.checkpoints)
     callbacks += requeue
