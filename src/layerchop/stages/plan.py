@@ -258,7 +258,8 @@ def plan(params: dict, dvc: dict) -> dict:
         stages.append({"stage": name, "processes": 1, "host_gb": round(model_dir_gb(dense, "float32"), 1),
                        "disk_gb": round(model_dir_gb(dense, dtype), 1), "note": "at most the dense model's size; "
                        "reads the trained export (fp32 weights at most)"})
-    evals = stage_commands(dvc, params, ("evaluate", "layout_evaluate", "curve", "fig6_curve"))
+    evals = [(name, argv) for name, argv in stage_commands(dvc, params, tuple(dvc.get("stages", {})))
+             if argv[0] in ("evaluate", "curve")]  # by command: evaluate, oneshot_evaluate, layout_evaluate, curve...
     if evals:
         e_bytes = 2 if ev.dtype in ("bfloat16", "float16") else 4
         eval_gb = count_params(dense) * e_bytes / 1e9 + ev.batch_size * prep.seq_len * dense.vocab_size * 4 / 1e9
