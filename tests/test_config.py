@@ -95,7 +95,7 @@ def test_every_evaluated_model_is_produced_by_a_stage():
         for key, st in _expand(stage, params):
             for o in st.get("outs", []):
                 outs.add(o if isinstance(o, str) else next(iter(o)))
-            if name in ("evaluate", "layout_evaluate", "curve"):
+            if name in ("evaluate", "oneshot_evaluate", "layout_evaluate", "curve"):
                 argv = shlex.split(_interpolate_params(st["cmd"], params))
                 for flag in ("--model", "--final", "--snapshots", "--init", "--like"):
                     if flag in argv:

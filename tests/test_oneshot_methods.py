@@ -13,7 +13,7 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-TOY = "layerchop.prune.oneshot.toy_oneshot"
+TOY = "layerchop.prune.oneshot.act-l1"
 
 
 @pytest.fixture
@@ -24,21 +24,22 @@ def toy_in_the_package(tmp_path, monkeypatch):
 
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    shutil.copy(REPO / "tests" / "toy_oneshot.py", plugins / "toy_oneshot.py")
+    shutil.copy(REPO / "tests" / "toy_oneshot.py", plugins / "act-l1.py")  # named as the method
     monkeypatch.setattr(package, "__path__", [*package.__path__, str(plugins)])
     yield
     sys.modules.pop(TOY, None)
 
 
 def test_the_built_in_methods_and_the_registry():
-    from layerchop.prune.solvers import SOLVERS, registry, solver
+    from layerchop.prune.solvers import BUILT_IN, registry, solver
 
-    assert {n: (c.label, c.settings) for n, c in SOLVERS.items()} == {
+    found = registry()
+    assert {n: (found[n].label, found[n].settings) for n in BUILT_IN} == {
         "magnitude": ("Magnitude", ()), "wanda": ("Wanda", ()), "sparsegpt": ("SparseGPT", ("blocksize", "percdamp"))}
-    assert registry() == SOLVERS  # nothing in src/layerchop/prune/oneshot/ but its __init__
-    with pytest.raises(ValueError, match=r"--method 'act-l1' is not a one-shot method: choose one of "
-                                         r"\['magnitude', 'sparsegpt', 'wanda'\]"):
-        solver("act-l1")
+    assert all(c.__module__ == f"layerchop.prune.oneshot.{n}" for n, c in found.items())  # a file each, its name
+    with pytest.raises(ValueError, match=r"--method 'no-such' is not a one-shot method: choose one of "
+                                         r"\[.*'magnitude', 'sparsegpt', 'wanda'.*\]"):
+        solver("no-such")
 
 
 def test_a_bad_method_file_or_a_name_taken_twice_is_refused(tmp_path, monkeypatch):
@@ -48,14 +49,23 @@ def test_a_bad_method_file_or_a_name_taken_twice_is_refused(tmp_path, monkeypatc
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     monkeypatch.setattr(package, "__path__", [*package.__path__, str(plugins)])
-    (plugins / "twice.py").write_text("from layerchop.prune.solvers import Wanda\n\n"
-                                      "class Mine(Wanda):\n    label = 'Mine'\n")
-    try:
-        with pytest.raises(ValueError, match=r"twice.py: one-shot method name 'wanda' is already taken by "
-                                             r"layerchop.prune.solvers.Wanda"):
-            registry()
-    finally:
-        sys.modules.pop("layerchop.prune.oneshot.twice", None)
+    cases = {  # file -> (its text, the error)
+        "twice": ("from layerchop.prune.oneshot.wanda import Wanda\n\nclass Mine(Wanda):\n    label = 'Mine'\n",
+                  r"twice.py: one-shot method name 'wanda' is already taken by layerchop.prune.oneshot.wanda.Wanda"),
+        "mine": ("from layerchop.prune.oneshot.wanda import Wanda\n\nclass Mine(Wanda):\n    name = 'other'\n",
+                 r"layerchop.prune.oneshot.mine: one-shot method 'other' must be in a file of its own name, other.py"),
+        "unknown_key": ("from layerchop.prune.oneshot.wanda import Wanda\n\nclass K(Wanda):\n"
+                        "    name, settings = 'unknown_key', ('alpha',)\n",
+                        r"one-shot method 'unknown_key' reads \['alpha'\], not keys of the prune section"),
+    }
+    for stem, (text, error) in cases.items():
+        (plugins / f"{stem}.py").write_text(text)
+        try:
+            with pytest.raises(ValueError, match=error):
+                registry()
+        finally:
+            (plugins / f"{stem}.py").unlink()
+            sys.modules.pop(f"layerchop.prune.oneshot.{stem}", None)
 
 
 def test_unknown_methods_and_patterns_are_refused_naming_the_key(tmp_path, tiny_dir, tiny_prepared):
@@ -97,6 +107,11 @@ def test_the_pipeline_runs_over_the_params_lists(tmp_path):
         ev = stages["oneshot_evaluate@act-l1-2of4"]
         for report in ("figure1", "table2"):
             assert ev in networkx.descendants(graph, stages[report]), report
+        for name, method in (("prune@wanda-2of4", "wanda"), ("prune@act-l1-4of8", "act-l1")):
+            deps = {str(d.def_path) for d in stages[name].deps}  # its own method's file, no other
+            assert f"src/layerchop/prune/oneshot/{method}.py" in deps, deps
+            assert not any(d.startswith("src/layerchop/prune/oneshot") and not d.endswith(f"/{method}.py")
+                           for d in deps), deps
         for name, stage in stages.items():
             if name.startswith(("prune@", "oneshot_evaluate@")):
                 keys = {k for p in stage.params for k in p.params}

@@ -9,7 +9,10 @@ import torch.nn as nn
 
 from conftest import make_tiny_llama
 from layerchop.prune.calibrate import prune_model
-from layerchop.prune.solvers import SOLVERS, wanda_score
+from layerchop.prune.oneshot.wanda import wanda_score
+from layerchop.prune.solvers import registry
+
+SOLVERS = registry()
 from layerchop.prune.sparsity import Pattern, select_mask
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]

@@ -1,5 +1,6 @@
 """A worked example of a new one-shot pruning method in one file: Wanda's score with the mean absolute activation in
-place of the L2 norm, ``|W_ij| * mean_t |X_tj|``. Copied into ``src/layerchop/prune/oneshot/`` and named in
+place of the L2 norm, ``|W_ij| * mean_t |X_tj|``. Copied to ``src/layerchop/prune/oneshot/act-l1.py`` (a method's
+file is named as the method) and named in
 ``prune.methods`` (``methods: [wanda, sparsegpt, act-l1]``), it is a method of ``layerchop prune --method``, and
 ``dvc repro`` runs ``prune@act-l1-2of4``, ``oneshot_evaluate@act-l1-2of4`` and gives it rows in Figure 1 and Table 2
 (``tests/test_oneshot_methods.py`` runs exactly that; docs/bring-your-own.md)."""

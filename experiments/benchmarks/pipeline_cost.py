@@ -18,7 +18,7 @@ from pathlib import Path
 FAMILIES = [  # (family, path prefix under data/)
     ("main table + Figure 1: recoveries", ("runs/layerchop", "runs/dense_cpt", "runs/sparsegpt-2of4_cpt")),
     ("main table + Figure 1: evaluations", ("eval/dense/", "eval/chopped/", "eval/layerchop/", "eval/dense_cpt/",
-                                            "eval/wanda-", "eval/sparsegpt-")),
+                                            "eval/wanda-", "eval/sparsegpt-", "eval/oneshot/")),
     ("Figure 4: trainings", ("runs/fig4-",)),
     ("Figure 4: curves", ("eval/fig4-",)),
     ("Figure 2: training", ("runs/fig2-",)),

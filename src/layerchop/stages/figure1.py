@@ -15,7 +15,8 @@ from pathlib import Path
 
 from layerchop.config import load_params, section
 from layerchop.io import staged
-from layerchop.prune.solvers import oneshot_rows
+from layerchop.prune.solvers import oneshot_rows, registry
+from layerchop.prune.sparsity import Pattern
 from layerchop.report.oneshot import figure1, oneshot_table
 from layerchop.report.tables import accuracy_caption, load_rows, latex, markdown
 
@@ -29,13 +30,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     cfg, train = section("report", params), section("train", params)
-    rows = load_rows(args.eval, oneshot_rows(section("prune", params), cfg.oneshot_rows),
-                     "report.oneshot_rows / prune.methods x prune.patterns")
+    prune = section("prune", params)
+    rows = load_rows(args.eval, oneshot_rows(prune, cfg.oneshot_rows), "report.oneshot_rows / prune.methods x prune.patterns")
+    methods = registry()
+    patterns = [Pattern.parse(p) for p in prune.patterns]
+    trained = [r["label"] for r in rows if r["name"].endswith("_cpt")]
     caption = (
-        "One-shot pruning (Wanda, SparseGPT; 50 % of every attention and MLP projection, N:M along the input "
-        f"dimension) against LayerChop (50 % of the layers, then {train.token_budget:,} tokens of continued "
-        "pretraining) and SparseGPT 2:4 with the same continued pretraining, masks fixed. Non-zero counts "
-        "include embeddings and norms. "
+        f"One-shot pruning ({', '.join(methods[m].label for m in prune.methods) or 'none'} at "
+        f"{', '.join(f'{p} ({p.ratio:.0%})' for p in patterns) or 'no pattern'} of every attention and MLP "
+        "projection; N:M along the input dimension) against LayerChop (the chopped model, then "
+        f"{train.token_budget:,} tokens of continued pretraining)"
+        + (f"; {', '.join(trained)}: the one-shot model with the same continued pretraining, masks fixed" if trained
+           else "")
+        + ". Non-zero counts include embeddings and norms. "
     ) + accuracy_caption(section("download", params).corpus, rows, section("evaluate", params))
     header, body = oneshot_table(rows)
     with staged(args.tables, args.figures) as (tables, figures):  # all outputs or none
