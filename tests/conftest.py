@@ -66,16 +66,6 @@ def synthetic_documents(n: int, seed: int = 0, min_words: int = 150, max_words: 
     return docs
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``--dist loadgroup``): the multi-process cluster tests run on one worker per file, in
-    file order, so each file's module fixtures (a local SLURM cluster, the rehearsal's reference run) are built
-    once; everything else is shared out over the workers."""
-    for item in items:
-        for mark in ("rehearsal", "slurm"):
-            if item.get_closest_marker(mark):
-                item.add_marker(pytest.mark.xdist_group(mark))
-
-
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama model directory (6 layers) with its tokenizer."""
