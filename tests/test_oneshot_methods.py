@@ -208,3 +208,25 @@ def test_a_trained_arm_added_with_dvc_exp_run_set_param_gets_its_own_stages(tmp_
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError, match=r"arms.trained.<arm>.warm='data/models/dense' is invalid"):
         load_params(tmp_path / "bad.yaml")
+
+
+def test_a_table_row_without_its_evaluation_stage_is_refused(tmp_path):
+    """A row of the main table or Figure 1 must be a model the pipeline evaluates: one added to ``report.rows``
+    without ``arms.evaluated`` (or to ``report.oneshot_rows`` outside the one-shot runs) is refused when the params
+    are read, not hours later when the table is built."""
+    from layerchop.config import load_params
+
+    def load(edit):
+        params = yaml.safe_load(open(REPO / "params.yaml"))
+        edit(params)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        return load_params(tmp_path / "params.yaml")
+
+    with pytest.raises(ValueError, match=r"report.rows=.* is invalid: \['chopped_cpt'\] is not evaluated by the "
+                                         r"pipeline: add it to arms.evaluated \(evaluate@<name>\)$"):
+        load(lambda p: p["report"]["rows"].update(chopped_cpt="New row"))
+    load(lambda p: (p["report"]["rows"].update(chopped_cpt="New row"), p["arms"]["evaluated"].append("chopped_cpt")))
+    with pytest.raises(ValueError, match=r"\['oneshot/act-l1-2of4'\] is not evaluated by the pipeline: .* or "
+                                         r"prune.methods x prune.patterns"):
+        load(lambda p: p["report"]["oneshot_rows"].update({"oneshot/act-l1-2of4": "New row"}))
+    load(lambda p: p["report"]["oneshot_rows"].update({"oneshot/wanda-2of4": "Wanda 2:4 (own label)"}))

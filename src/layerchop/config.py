@@ -1112,7 +1112,26 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise ValueError(f"{path}: unknown section(s) {unknown}; the sections are {list(SECTIONS)}")
     for name in params:
         section(name, params)
+    if "report" in params or "arms" in params:
+        _check_rows(params)
     return params
+
+
+def _check_rows(params: dict[str, Any]) -> None:
+    """The main table's and Figure 1's rows name models the pipeline evaluates (``arms.evaluated``, or a one-shot run
+    of ``prune.methods`` × ``prune.patterns``): a row added without its evaluation stage would only fail when the
+    table is built."""
+    arms, report = section("arms", params), section("report", params)
+    prune = params.get("prune") or {}
+    runs = {f"oneshot/{m}-{p}" for m in prune.get("methods", PruneConfig().methods)
+            for p in prune.get("patterns", PruneConfig().patterns)}
+    for key, rows, allowed in (("report.rows", report.rows, set(arms.evaluated)),
+                               ("report.oneshot_rows", report.oneshot_rows, set(arms.evaluated) | runs)):
+        missing = [name for name in rows if name not in allowed]
+        if missing:
+            _fail(key, list(rows), f"{missing} is not evaluated by the pipeline: add it to arms.evaluated "
+                  "(evaluate@<name>)" + (" or prune.methods x prune.patterns (oneshot/<method>-<pattern>)"
+                                         if key == "report.oneshot_rows" else ""))
 
 
 def section(name: str, params: dict[str, Any] | None = None, path: str | Path = "params.yaml"):
