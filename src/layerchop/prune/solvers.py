@@ -109,8 +109,6 @@ ONESHOT_EVAL = "oneshot"
 def oneshot_rows(prune_cfg, listed: dict[str, str]) -> dict[str, str]:
     """The rows of a table with one row per run of ``prune.methods`` × ``prune.patterns``: ``listed`` (evaluation
     directory -> label, in order), then each run not among them as ``oneshot/<method>-<pattern>`` -> ``<label> N:M``."""
-    from layerchop.prune.sparsity import Pattern
-
     methods = registry()
     rows = dict(listed)
     for name in prune_cfg.methods:
