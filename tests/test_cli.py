@@ -130,3 +130,53 @@ def test_train_budgets_that_cannot_work_exit_2_before_writing(tmp_path, tiny_dir
     [line] = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert message in line and line.startswith("layerchop train: error:")
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_command_imports_only_its_own_stage():
+    """``layerchop --help`` and a stage's parser import no torch (a fresh interpreter): every stage process, torchrun
+    worker and SLURM task builds the command line first, and building all 22 stages' once cost seconds of imports
+    (torch, transformers, torchmetrics, matplotlib) per process, for nothing."""
+    import sys
+
+    probe = ("import sys\nfrom layerchop.cli import build_parser, main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'matplotlib') if m in sys.modules))")
+    for argv in (["--help"], ["train", "--help"], ["plan", "--help"]):
+        proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[-1] == "[]", (argv, proc.stdout[-300:])
+    # every stage is listed with its first docstring line, though none was imported
+    proc = subprocess.run([sys.executable, "-m", "layerchop.cli", "--help"], capture_output=True, text=True, timeout=60)
+    from layerchop.cli import STAGES, stage_doc
+
+    listing = " ".join(proc.stdout.split())
+    for name in STAGES:
+        first = " ".join(stage_doc(name).split()[:4])
+        assert f"{name} {first}" in listing, (name, first)
+
+
+def test_a_stage_process_exits_without_a_final_collection(monkeypatch, tmp_path):
+    """``main()`` as a process's entry point (no ``argv``) freezes the collector after the stage (the final
+    collections over torch's and transformers' objects cost ~1.3 s of each process's exit); called with an
+    ``argv``, as these tests do in-process, it leaves the collector alone."""
+    import gc
+    import sys
+
+    from layerchop import cli
+
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    monkeypatch.setattr(sys, "argv", ["layerchop", "plan", "--params", str(REPO / "params.yaml"), "--json"])
+    monkeypatch.chdir(REPO)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert cli.main() == 0
+    assert frozen == [True] and json_total(out.getvalue()) > 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["plan", "--params", str(REPO / "params.yaml"), "--json"]) == 0
+    assert frozen == [True]
+
+
+def json_total(text: str) -> float:
+    import json
+
+    return float(json.loads(text)["totals"]["dvc_outputs_gb"])

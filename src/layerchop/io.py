@@ -17,12 +17,28 @@ import socket
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 METADATA_FILE = "layerchop.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def dtypes() -> dict[str, "torch.dtype"]:
+    """Dtype name -> ``torch.dtype``, built on use: importing this module (and so every stage's command line,
+    ``layerchop --help`` included) must not import torch."""
+    import torch
+
+    return {n: getattr(torch, n) for n in DTYPE_NAMES}
+
+
+def __getattr__(name: str):
+    """``DTYPES``: :func:`dtypes`, for ``from layerchop.io import DTYPES``."""
+    if name == "DTYPES":
+        return dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def tmp_suffix() -> str:
@@ -213,7 +229,7 @@ def load_model(model_dir: str | Path, dtype: str = "float32"):
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtypes()[dtype])
 
 
 def load_tokenizer(model_dir: str | Path):

@@ -201,11 +201,6 @@ class ExportHF(_Exporter):
             self.exported = True
 
 
-def snapshot_steps(max_steps: int, num: int) -> list[int]:
-    """``num`` evenly spaced optimizer steps strictly before ``max_steps`` (the final model is the output)."""
-    return sorted({round(max_steps * i / (num + 1)) for i in range(1, num + 1)} - {0, max_steps})
-
-
 class Snapshots(_Exporter):
     """Export the model as a HF directory ``root/step_XXXXXX`` at given optimizer steps of the run, for
     intermediate evaluations. A snapshot that already exists (a resumed run) is kept.

@@ -1,7 +1,8 @@
 """Training compute: FLOPs per optimizer step, measured and analytic.
 
 Convention: matrix-multiply FLOPs only (2 per multiply-add), counted by ``torch.utils.flop_counter``
-through Lightning's ``measure_flops`` on a meta-device copy of the model (no memory, no time), for
+(as Lightning's ``measure_flops`` does, without importing Lightning: the launcher and ``layerchop plan`` need
+none of it) on a meta-device copy of the model (no memory, no time), for
 one micro-batch of the real shape. Backward counts twice the forward (gradients of activations and of
 weights). Attention scores count the full ``T x T`` product (as SDPA's math path does; a causal flash
 kernel skips about half of it). Elementwise work (norms, softmax, losses) is not counted.
@@ -15,7 +16,7 @@ import torch
 
 
 def measure(fn: Callable[[], torch.Tensor], backward: bool = True) -> int:
-    """FLOPs of ``fn()`` (and of ``fn().backward()`` when ``backward``), via Lightning's ``measure_flops``.
+    """FLOPs of ``fn()`` (and of ``fn().backward()`` when ``backward``), counted by torch's ``FlopCounterMode``.
 
     transformers inspects ``position_ids`` for packed sequences with a data-dependent ``.item()``, which a
     meta tensor cannot answer; our inputs never pack several documents with position resets (positions
@@ -23,10 +24,14 @@ def measure(fn: Callable[[], torch.Tensor], backward: bool = True) -> int:
     """
     from unittest import mock
 
-    from lightning.fabric.utilities.throughput import measure_flops
+    from torch.utils.flop_counter import FlopCounterMode
 
-    with mock.patch("transformers.masking_utils.find_packed_sequence_indices", lambda position_ids: None):
-        return int(measure_flops(torch.nn.Identity(), fn, (lambda y: y) if backward else None))
+    counter = FlopCounterMode(display=False)
+    with mock.patch("transformers.masking_utils.find_packed_sequence_indices", lambda position_ids: None), counter:
+        y = fn()
+        if backward:
+            y.backward()
+    return int(counter.get_total_flops())
 
 
 def meta_model(config) -> torch.nn.Module:

@@ -206,9 +206,9 @@ def check_data(cfg, steps: Steps, train_sequences: int) -> None:
 
 
 def code_fingerprint() -> str:
-    """Hash of the code a training run executes, and of the library versions it runs on."""
-    import lightning
-    import transformers
+    """Hash of the code a training run executes, and of the library versions it runs on (read from the installed
+    distributions: the same strings as their ``__version__``, without importing Lightning in the launcher)."""
+    from importlib.metadata import version
 
     root = Path(__file__).resolve().parents[1]
     files = sorted((root / "train").glob("*.py")) + [root / "data" / "prepare.py", root / "prune" / "masks.py",
@@ -216,7 +216,7 @@ def code_fingerprint() -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.read_bytes())
-    h.update(f"{torch.__version__} {lightning.__version__} {transformers.__version__}".encode())
+    h.update(f"{torch.__version__} {version('lightning')} {version('transformers')}".encode())
     return h.hexdigest()[:16]
 
 
@@ -476,11 +476,14 @@ def chop_every_steps(tokens: float, tokens_per_step: int, what: str = "--chop-ev
     return round(tokens / tokens_per_step)
 
 
+def snapshot_steps(max_steps: int, num: int) -> list[int]:
+    """``num`` evenly spaced optimizer steps strictly before ``max_steps`` (the final model is the output)."""
+    return sorted({round(max_steps * i / (num + 1)) for i in range(1, num + 1)} - {0, max_steps})
+
+
 def run_snapshot_steps(steps: Steps, num: int, chop_every: int) -> list[int]:
     """Steps of the whole run at which a snapshot is exported: evenly over the run when layers go gradually (a
     snapshot may be of an intermediate depth), evenly over the chopped model's fit after a warm start."""
-    from layerchop.train.callbacks import snapshot_steps
-
     if not num:
         return []
     if chop_every:
