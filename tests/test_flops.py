@@ -94,3 +94,56 @@ def test_flop_budget_config_and_gpu_hours():
     # 312 TFLOP/s at 40 % MFU: 1e18 FLOPs take 1e18 / 124.8e12 s
     assert to_gpu_hours(1e18, 312e12, 0.4) == pytest.approx(1e18 / 124.8e12 / 3600)
     assert llama_forward_flops(make_tiny_llama().config, 1, 1, head=False) == 2 * 6 * 9216 + 6 * 4 * 32
+
+
+def test_a_started_process_reuses_its_launchers_counts(monkeypatch):
+    """The launcher's FLOP counts reach the workers it starts (``LAYERCHOP_MEASURED_FLOPS``): a worker resolving the
+    same plan counts nothing again; another architecture or shape is counted."""
+    from layerchop.train import flops
+
+    monkeypatch.setattr(flops, "_MEASURED", {})
+    monkeypatch.delenv(flops.MEASURED_ENV, raising=False)
+    calls = []
+
+    def count() -> int:
+        calls.append(1)
+        return 1234
+
+    assert flops.measured("lm", ("config", 2, 8), count) == 1234
+    assert flops.measured("lm", ("config", 2, 8), count) == 1234 and len(calls) == 1  # once per process
+    env = flops.measured_env()
+    monkeypatch.setattr(flops, "_MEASURED", {})  # a new process, started with the launcher's environment
+    monkeypatch.setenv(flops.MEASURED_ENV, env[flops.MEASURED_ENV])
+    assert flops.measured("lm", ("config", 2, 8), lambda: pytest.fail("counted again")) == 1234
+    assert flops.measured("lm", ("config", 2, 16), count) == 1234 and len(calls) == 2
+    assert flops.measured("distill", ("config", 2, 8), count) == 1234 and len(calls) == 3
+
+
+def test_the_counts_a_worker_inherits_are_the_counts_it_would_make(tmp_path):
+    """A real architecture: the count inherited through the environment equals a fresh count in a new process."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig, LlamaConfig
+
+    from layerchop.train import flops
+
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    config.save_pretrained(tmp_path)  # launcher and workers read the same directory
+    here = flops.lm_step_flops(AutoConfig.from_pretrained(tmp_path), 2, 16)
+    probe = ("import sys\nfrom transformers import AutoConfig\nfrom layerchop.train import flops\n"
+             "flops.measure = lambda *a, **k: sys.exit('counted again')\n"
+             f"print(flops.lm_step_flops(AutoConfig.from_pretrained({str(tmp_path)!r}), 2, 16))")
+    env = {**__import__("os").environ, **flops.measured_env()}
+    inherited = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert inherited.returncode == 0, inherited.stderr[-2000:]
+    assert int(inherited.stdout.split()[-1]) == here
+    fresh = subprocess.run([sys.executable, "-c", probe.replace("flops.measure = lambda *a, **k: sys.exit('counted "
+                                                                "again')\n", "")],
+                           env={k: v for k, v in env.items() if k != flops.MEASURED_ENV}, capture_output=True,
+                           text=True, timeout=120)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert int(fresh.stdout.split()[-1]) == here
+    assert json.loads(env[flops.MEASURED_ENV])

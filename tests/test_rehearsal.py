@@ -203,34 +203,31 @@ def test_killed_ranks_resume_to_the_uninterrupted_result(tmp_path, shape_dirs, t
 STALE_VIEW = REPO / "tests" / "scripts" / "stale_view"
 
 
-def test_second_node_seeing_the_file_system_late_changes_nothing(tmp_path, shape_dirs, tiny_prepared, uninterrupted):
-    """The ranks of the second simulated node see the shared file system late (tests/scripts/stale_view: a
-    missing path stays missing for 60 s once looked up, listings hide entries younger than that), as NFS
-    clients on other hosts do. Every decision that reads the disk is rank 0's, broadcast: the warm start's last
-    step, asked to be saved twice (at max_steps, then at the end of the phase), is saved once, no rank enters a
-    checkpoint collective alone, and the run ends with the uninterrupted run's weights. Before rank 0 decided,
-    the second node's ranks entered the checkpoint barrier alone and the job failed (LOG, 2026-12-07)."""
+def stale_view(seconds: int = 60) -> dict:
+    """Environment for :func:`layerchop_train` in which the ranks of the second simulated node see the shared file
+    system late (tests/scripts/stale_view: a missing path stays missing for ``seconds`` once looked up, listings
+    hide entries younger than that), as NFS clients on other hosts do."""
     pythonpath = os.pathsep.join(filter(None, [str(STALE_VIEW), os.environ.get("PYTHONPATH")]))
-    run = layerchop_train(rehearsal_params(tmp_path, **KILL), shape_dirs / "chopped", tiny_prepared,
-                          tmp_path / "stale", "--warm-start", timeout=420, PYTHONPATH=pythonpath,
-                          LAYERCHOP_TEST_STALE_SECONDS="60")
-    check(run)
-    ref = uninterrupted / "ref"
-    assert max_abs_diff(load_file(ref / "model.safetensors"), load_file(tmp_path / "stale" / "model.safetensors")) == 0
-    assert losses_and_val(uninterrupted / "ref.csv")[0] == losses_and_val(tmp_path / "stale.csv")[0]
+    return {"PYTHONPATH": pythonpath, "LAYERCHOP_TEST_STALE_SECONDS": str(seconds)}
 
 
-def test_forked_warm_start_equals_the_uninterrupted_run_on_four_processes(tmp_path, shape_dirs, tiny_prepared,
-                                                                          uninterrupted):
-    """The shared warm start as the paper-scale graph runs it: ``train --warm-start --warm-only`` on 4 ranks (2
-    simulated nodes) publishes its sharded end checkpoint, and the LayerChop arm forks from it
-    (``--warm-from``): bit for bit the arm trained whole (weights and losses of the chopped steps)."""
+def test_forked_warm_start_on_a_late_file_system_equals_the_uninterrupted_run(tmp_path, shape_dirs, tiny_prepared,
+                                                                               uninterrupted):
+    """The shared warm start as the paper-scale graph runs it, on a file system the second node sees late:
+    ``train --warm-start --warm-only`` on 4 ranks (2 simulated nodes) publishes its sharded end checkpoint, and
+    the LayerChop arm forks from it (``--warm-from``) at once, while that checkpoint is still too new for the
+    second node's listings. Every decision that reads the disk is rank 0's, broadcast: the warm start's last
+    step, asked to be saved twice (at max_steps, then at the end of the phase), is saved once, no rank enters a
+    checkpoint collective alone, and the fork is bit for bit the arm trained whole on a consistent view
+    (weights and losses of the chopped steps). Before rank 0 decided, the second node's ranks entered the
+    checkpoint barrier alone and the job failed (LOG, 2026-12-07)."""
     params = rehearsal_params(tmp_path, **KILL)
-    check(layerchop_train(params, shape_dirs / "chopped", tiny_prepared, tmp_path / "warm", "--warm-start",
-                          "--warm-only"))
+    warm = layerchop_train(params, shape_dirs / "chopped", tiny_prepared, tmp_path / "warm", "--warm-start",
+                           "--warm-only", timeout=420, **stale_view())
+    check(warm)
     assert json.loads((tmp_path / "warm" / "warm.json").read_text())["identity"]["world"] == 4
     run = layerchop_train(params, shape_dirs / "chopped", tiny_prepared, tmp_path / "fork", "--warm-start",
-                          "--warm-from", str(tmp_path / "warm"))
+                          "--warm-from", str(tmp_path / "warm"), timeout=420, **stale_view())
     check(run)
     assert "phase 1: the shared warm start" in run.stdout
     ref = uninterrupted / "ref"

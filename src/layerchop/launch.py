@@ -88,7 +88,10 @@ def run_torchrun(cfg, argv: list[str], run_id: str) -> int:
     # Restarted workers must not read the previous round's process-group addresses: with the agents' shared
     # store (torch's default) the keys of the killed workers are still there and the new gloo/NCCL mesh
     # tries to connect to dead peers. A per-round store hosted by worker rank 0 starts empty.
-    env = {**os.environ, ARGV_ENV: json.dumps(argv), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    from layerchop.train.flops import measured_env
+
+    # and the workers resolve the run's plan again without counting its FLOPs again (seconds each)
+    env = {**os.environ, ARGV_ENV: json.dumps(argv), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **measured_env()}
     procs = [subprocess.Popen(cmd, start_new_session=True, env=env) for cmd in cmds]
 
     def stop(sig=signal.SIGTERM) -> None:

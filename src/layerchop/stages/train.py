@@ -136,11 +136,12 @@ def submit_slurm(args: argparse.Namespace, cfg, slurm, fingerprint: str) -> int:
 
     from layerchop.config import load_params
     from layerchop.launch import batch_script, job_environment, job_resources, run_slurm
+    from layerchop.train.flops import measured_env
 
     jobs = Path(args.run_dir) / "slurm"
     log = jobs / f"{fingerprint}.log"
     script = batch_script(job_name=f"layerchop-train-{Path(args.out).name}", nodes=cfg.num_nodes,
                           tasks_per_node=cfg.devices, resources=job_resources("train", load_params(args.params)),
                           slurm=slurm, argv=args.argv, log=log.resolve(), workdir=Path.cwd(),
-                          env=job_environment("train"))
+                          env={**job_environment("train"), **measured_env()})
     return run_slurm(script, jobs / f"{fingerprint}.sbatch", log, poll_seconds=slurm.poll_seconds)

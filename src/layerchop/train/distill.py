@@ -280,14 +280,19 @@ def distill_step_flops(student_config, teacher_config, mapping: Sequence[int], c
                        seq_len: int) -> int:
     """Measured FLOPs of one distillation micro-batch: student forward + backward (with projections and
     the chunked head) and teacher forward."""
-    from layerchop.train.flops import measure, meta_model
+    from layerchop.train.flops import measure, measured, meta_model
 
-    with torch.device("meta"):
-        student = DistillStudent(meta_model(student_config), teacher_config.hidden_size, mapping, cfg)
-    teacher = freeze(meta_model(teacher_config))
-    cap = teacher_capture(teacher, mapping, cfg)
-    x_BT = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-    return measure(lambda: distill_step(student, teacher, cap, x_BT, x_BT)[0])
+    def count() -> int:
+        with torch.device("meta"):
+            student = DistillStudent(meta_model(student_config), teacher_config.hidden_size, mapping, cfg)
+        teacher = freeze(meta_model(teacher_config))
+        cap = teacher_capture(teacher, mapping, cfg)
+        x_BT = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+        return measure(lambda: distill_step(student, teacher, cap, x_BT, x_BT)[0])
+
+    return measured("distill", (student_config.to_json_string(use_diff=False),
+                                teacher_config.to_json_string(use_diff=False), list(mapping),
+                                dataclasses.asdict(cfg), batch_size, seq_len), count)
 
 
 class DistillModule(CausalLMModule):

@@ -10,6 +10,7 @@ kernel skips about half of it). Elementwise work (norms, softmax, losses) is not
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -44,18 +45,50 @@ def meta_model(config) -> torch.nn.Module:
     return model
 
 
-_STEP_FLOPS: dict[tuple[str, int, int], int] = {}
+MEASURED_ENV = "LAYERCHOP_MEASURED_FLOPS"
+"""The measurements of the process that started this one (a launcher's, for its torchrun workers and SLURM tasks):
+JSON ``{key: flops}``, keys as :func:`measured` makes them."""
+
+_MEASURED: dict[str, int] = {}
+
+
+def measured(what: str, parts: tuple, count: Callable[[], int]) -> int:
+    """``count()``, once per process and per ``(what, parts)``, and never again in the processes this one starts.
+
+    A training run's plan is resolved by its launcher and again by each worker (each must hold the same plan);
+    counting a 32-layer model's FLOPs op by op takes seconds, so the launcher's counts reach its workers through
+    :data:`MEASURED_ENV` (:func:`measured_env`). The key hashes ``parts`` (the architecture's whole config and the
+    shapes) with the torch and transformers versions, so an inherited count is used only for the same count; a
+    worker without it (another host's environment) counts again and gets the same number."""
+    import hashlib
+    import json
+    from importlib.metadata import version
+
+    key = hashlib.sha256(json.dumps([what, *parts, torch.__version__, version("transformers")], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:32]
+    if key not in _MEASURED:
+        inherited = json.loads(os.environ.get(MEASURED_ENV) or "{}")
+        _MEASURED[key] = int(inherited[key]) if key in inherited else int(count())
+    return _MEASURED[key]
+
+
+def measured_env() -> dict[str, str]:
+    """The counts this process made, as the environment of the processes it starts (:func:`measured`)."""
+    import json
+
+    return {MEASURED_ENV: json.dumps(_MEASURED, sort_keys=True)} if _MEASURED else {}
 
 
 def lm_step_flops(config, batch_size: int, seq_len: int) -> int:
     """Measured FLOPs of one causal-LM training micro-batch (forward + backward); measured once per architecture
-    and shape in a process (``layerchop plan`` asks for the same few architectures for every training stage)."""
-    key = (config.to_json_string(use_diff=False), batch_size, seq_len)
-    if key not in _STEP_FLOPS:
+    and shape in a process and the processes it starts (``layerchop plan`` asks for the same few architectures
+    for every training stage; torchrun's workers for their launcher's: :func:`measured`)."""
+    def count() -> int:
         model = meta_model(config)
         x_BT = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-        _STEP_FLOPS[key] = measure(lambda: model(input_ids=x_BT, labels=x_BT, use_cache=False).loss)
-    return _STEP_FLOPS[key]
+        return measure(lambda: model(input_ids=x_BT, labels=x_BT, use_cache=False).loss)
+
+    return measured("lm", (config.to_json_string(use_diff=False), batch_size, seq_len), count)
 
 
 def llama_forward_flops(config, batch_size: int, seq_len: int, head: bool = True) -> int:

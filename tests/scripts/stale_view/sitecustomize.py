@@ -1,6 +1,6 @@
 """Test hook: the ranks of the second simulated node see the shared file system late, as an NFS client with
 attribute and negative-lookup caches does. Imported as ``sitecustomize`` by every Python process started with
-this directory on ``PYTHONPATH`` (tests/test_rehearsal.py's stale-view test only); it acts only in torchrun workers
+this directory on ``PYTHONPATH`` (tests/test_rehearsal.py, the forked warm start only); it acts only in torchrun workers
 of node 1 (``GROUP_RANK=1``) and only when ``LAYERCHOP_TEST_STALE_SECONDS`` is set:
 
 - a path that this process looked up and found missing stays missing for that many seconds (a cached negative
