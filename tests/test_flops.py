@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig
 
 from conftest import make_tiny_llama
+from families import FAMILIES, MIXED, family_config
 from layerchop.config import DistillConfig, TrainConfig
 from layerchop.train.flops import llama_forward_flops, llama_train_flops, lm_step_flops, measure, to_gpu_hours
 
@@ -120,7 +121,8 @@ def test_a_started_process_reuses_its_launchers_counts(monkeypatch):
 
 
 def test_the_counts_a_worker_inherits_are_the_counts_it_would_make(tmp_path):
-    """A real architecture: the count inherited through the environment equals a fresh count in a new process."""
+    """A real architecture: the count a new process inherits through the environment, without counting, is the count
+    made here."""
     import json
     import subprocess
     import sys
@@ -140,10 +142,31 @@ def test_the_counts_a_worker_inherits_are_the_counts_it_would_make(tmp_path):
     inherited = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert inherited.returncode == 0, inherited.stderr[-2000:]
     assert int(inherited.stdout.split()[-1]) == here
-    fresh = subprocess.run([sys.executable, "-c", probe.replace("flops.measure = lambda *a, **k: sys.exit('counted "
-                                                                "again')\n", "")],
-                           env={k: v for k, v in env.items() if k != flops.MEASURED_ENV}, capture_output=True,
-                           text=True, timeout=120)
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
-    assert int(fresh.stdout.split()[-1]) == here
     assert json.loads(env[flops.MEASURED_ENV])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_counting_by_layer_kind_equals_counting_the_whole_model(family):
+    """``lm_step_flops`` counts a model of one layer and one of two per layer kind and adds up; on every family
+    (sliding-window and full attention mixed, RoPE-less layers) that sum is the whole model's count."""
+    from layerchop.train import flops
+
+    config = family_config(family)
+    config.num_hidden_layers = 7  # odd, so that Gemma's alternation and SmolLM3's every-third pattern are cut
+    for key in ("layer_types", "no_rope_layers"):
+        if isinstance(getattr(config, key, None), list):
+            setattr(config, key, (getattr(config, key) * 2)[:7])
+    assert len(set(flops.layer_kinds(config))) == (2 if family in MIXED + ("smollm3",) else 1), family
+    model = flops.meta_model(config)
+    x_BT = torch.zeros(2, 24, dtype=torch.long, device="meta")  # longer than the sliding window (4)
+    whole = measure(lambda: model(input_ids=x_BT, labels=x_BT, use_cache=False).loss)
+    assert flops.by_layer_kind(config, lambda alive: measure_depth(config, alive)) == whole
+
+
+def measure_depth(config, alive):
+    from layerchop.train.flops import meta_model
+    from layerchop.train.plan import depth_config
+
+    model = meta_model(depth_config(config, alive))
+    x_BT = torch.zeros(2, 24, dtype=torch.long, device="meta")
+    return measure(lambda: model(input_ids=x_BT, labels=x_BT, use_cache=False).loss)

@@ -79,16 +79,54 @@ def measured_env() -> dict[str, str]:
     return {MEASURED_ENV: json.dumps(_MEASURED, sort_keys=True)} if _MEASURED else {}
 
 
-def lm_step_flops(config, batch_size: int, seq_len: int) -> int:
-    """Measured FLOPs of one causal-LM training micro-batch (forward + backward); measured once per architecture
-    and shape in a process and the processes it starts (``layerchop plan`` asks for the same few architectures
-    for every training stage; torchrun's workers for their launcher's: :func:`measured`)."""
-    def count() -> int:
-        model = meta_model(config)
-        x_BT = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-        return measure(lambda: model(input_ids=x_BT, labels=x_BT, use_cache=False).loss)
+def layer_kinds(config) -> list[tuple]:
+    """Each decoder layer's kind: its entries in the config's per-layer lists (``PER_LAYER_KEYS``: attention kind,
+    RoPE or not). Layers of one kind are the same function of their input, at the same cost."""
+    from layerchop.prune.chop import PER_LAYER_KEYS
 
-    return measured("lm", (config.to_json_string(use_diff=False), batch_size, seq_len), count)
+    num = config.num_hidden_layers
+    lists = [getattr(config, key, None) for key in PER_LAYER_KEYS]
+    lists = [v for v in lists if isinstance(v, (list, tuple)) and len(v) == num]
+    return [tuple(v[i] for v in lists) for i in range(num)]
+
+
+def by_layer_kind(config, count: Callable[[list[int]], int]) -> int:
+    """``count(all layers)`` from models of one and two layers: ``count([0])`` plus, for every other layer, what
+    one more layer of its kind adds (``count([0, i]) - count([0])`` for the first layer ``i`` of each kind).
+
+    Exact, not an estimate: a decoder layer's matmuls depend on its kind and the shapes, not on its neighbours
+    or the depth (tests/test_flops.py checks the sum against counting the whole model, for every family). A
+    32-layer model counted op by op takes seconds on the meta device; two tiny ones, a fraction of that."""
+    kinds = layer_kinds(config)
+    if len(kinds) <= 2:
+        return count(list(range(len(kinds))))
+    one = count([0])
+    added: dict[tuple, int] = {}
+    for i, kind in enumerate(kinds[1:], start=1):
+        if kind not in added:
+            added[kind] = count([0, i]) - one
+    return one + sum(added[kind] for kind in kinds[1:])
+
+
+def lm_step_flops(config, batch_size: int, seq_len: int) -> int:
+    """Measured FLOPs of one causal-LM training micro-batch (forward + backward), counted by layer kind
+    (:func:`by_layer_kind`); once per architecture and shape in a process and the processes it starts
+    (``layerchop plan`` asks for the same few architectures for every training stage; torchrun's workers for
+    their launcher's: :func:`measured`)."""
+    from layerchop.train.plan import depth_config
+
+    def count_layers(alive: list[int]) -> int:  # the small models recur at every depth of a gradual schedule
+        small = depth_config(config, alive)
+
+        def count() -> int:
+            model = meta_model(small)
+            x_BT = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+            return measure(lambda: model(input_ids=x_BT, labels=x_BT, use_cache=False).loss)
+
+        return measured("lm-model", (small.to_json_string(use_diff=False), batch_size, seq_len), count)
+
+    return measured("lm", (config.to_json_string(use_diff=False), batch_size, seq_len),
+                    lambda: by_layer_kind(config, count_layers))
 
 
 def llama_forward_flops(config, batch_size: int, seq_len: int, head: bool = True) -> int:

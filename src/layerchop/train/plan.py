@@ -100,21 +100,8 @@ def chop_phases(cfg, seq_len: int, dense_config, removed: Sequence[int], *, warm
     world = cfg.devices * cfg.num_nodes
     num = dense_config.num_hidden_layers
 
-    def measured(alive):
+    def flops(alive):  # counted by layer kind (layerchop.train.flops.by_layer_kind): cheap at every depth
         return lm_flops(depth_config(dense_config, alive), cfg.batch_size, seq_len) * cfg.accumulate * world
-
-    # a decoder layer's FLOPs do not depend on its neighbours: measure the full depth and one layer less, and take
-    # the rest on that line when the chopped depth lies on it too (else measure every depth)
-    full, one_less = measured(list(range(num))), measured(list(range(num - 1)))
-    kept = [i for i in range(num) if i not in set(removed)]
-    linear = measured(kept) == full - (num - len(kept)) * (full - one_less)
-    if not linear:
-        import warnings
-
-        warnings.warn("layer FLOPs are not uniform over depth; measuring every depth", stacklevel=2)
-
-    def flops(alive):
-        return full - (num - len(alive)) * (full - one_less) if linear else measured(alive)
 
     if chop_every:
         phases, alive = [], list(range(num))
