@@ -34,13 +34,6 @@ def dtypes() -> dict[str, "torch.dtype"]:
     return {n: getattr(torch, n) for n in DTYPE_NAMES}
 
 
-def __getattr__(name: str):
-    """``DTYPES``: :func:`dtypes`, for ``from layerchop.io import DTYPES``."""
-    if name == "DTYPES":
-        return dtypes()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def tmp_suffix() -> str:
     """A temporary-name suffix unique across hosts and processes (a PID alone repeats on other nodes)."""
     return f"tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -153,7 +153,7 @@ def gguf_to_hf(gguf_path: Path, out: Path, dtype: str = "float32", provenance: O
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from layerchop.io import DTYPES, num_params, save_model_dir
+    from layerchop.io import dtypes, num_params, save_model_dir
 
     folder, name = str(gguf_path.parent), gguf_path.name
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -168,7 +168,7 @@ def gguf_to_hf(gguf_path: Path, out: Path, dtype: str = "float32", provenance: O
         clean = AutoModelForCausalLM.from_config(config)
     clean.load_state_dict(loaded.state_dict(), assign=True)
     clean.tie_weights()
-    clean = clean.to(DTYPES[dtype])
+    clean = clean.to(dtypes()[dtype])
     del loaded
     provenance = dict(provenance or {})
     meta = {
@@ -280,11 +280,11 @@ def download_llama2_shape(cfg, out: Path, cache_dir: str | Path) -> dict:
     Llama-2-7B's depth and proportions at ``download.model.hidden_size``, saved as a plain HF directory."""
     from transformers import AutoTokenizer
 
-    from layerchop.io import DTYPES, num_params, save_model_dir
+    from layerchop.io import dtypes, num_params, save_model_dir
 
     gguf = smollm2_gguf(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = random_llama2_shape(tokenizer, cfg.hidden_size, cfg.seed).to(DTYPES[cfg.dtype])
+    model = random_llama2_shape(tokenizer, cfg.hidden_size, cfg.seed).to(dtypes()[cfg.dtype])
     meta = {"stage": "download", "source": cfg.source, "hidden_size": cfg.hidden_size, "seed": cfg.seed,
             "dtype": cfg.dtype, "shape_of": "meta-llama/Llama-2-7b-hf", "tokenizer_from": SMOLLM2_GGUF_MEMBER,
             "package": SMOLLM2_WHEEL.package, "version": SMOLLM2_WHEEL.version}
@@ -348,10 +348,10 @@ def download_hub_model(hub_id: str, revision: Optional[str], out: str | Path, dt
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from layerchop.families import check_family
-    from layerchop.io import DTYPES, save_model_dir
+    from layerchop.io import dtypes, save_model_dir
 
     check_family(AutoConfig.from_pretrained(hub_id, revision=revision), f"download.model.hub_id={hub_id!r}")
-    model = AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=dtypes()[dtype])
     tokenizer = AutoTokenizer.from_pretrained(hub_id, revision=revision)
     meta = {"stage": "download", "source": "hub", "hub_id": hub_id, "revision": revision, "dtype": dtype}
     card = f"# {hub_id}\n\nSaved by `layerchop download` from the Hub (revision `{revision}`), dtype {dtype}.\n"
@@ -365,11 +365,11 @@ def copy_local_model(path: str | Path, out: str | Path, dtype: str = "bfloat16")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from layerchop.families import check_family
-    from layerchop.io import DTYPES, save_model_dir
+    from layerchop.io import dtypes, save_model_dir
 
     config = model_config(path, "download.model.path")
     check_family(config, f"download.model.path={str(path)!r}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes()[dtype])
     tokenizer = AutoTokenizer.from_pretrained(path)
     meta = {"stage": "download", "source": "local", "path": str(path), "model_type": config.model_type,
             "dtype": dtype}

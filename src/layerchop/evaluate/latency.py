@@ -332,7 +332,7 @@ def environment(cfg, device) -> dict:
 def bench_run(models: dict, records: dict[str, dict], cfg, device) -> dict:
     """Time the prepared models (the first is the baseline) on the grid of ``cfg`` and return the metrics record:
     environment, settings, models, every cell with its bounds, the query shape of Table 3."""
-    from layerchop.io import DTYPES
+    from layerchop.io import dtypes
 
     vocab = {m.config.vocab_size for m in models.values()}
     if len(vocab) != 1:
@@ -340,7 +340,7 @@ def bench_run(models: dict, records: dict[str, dict], cfg, device) -> dict:
     grid = Grid(cfg.batch_sizes, cfg.prompt_lengths, cfg.new_tokens, cfg.repeats, cfg.warmup, cfg.seed)
     cells = measure(models, grid, vocab.pop(), device, progress=lambda s: print(f"[bench] {s}", flush=True))
     configs = {name: m.config for name, m in models.items()}
-    add_bounds(cells, records, configs, torch.tensor([], dtype=DTYPES[cfg.dtype]).element_size())
+    add_bounds(cells, records, configs, torch.tensor([], dtype=dtypes()[cfg.dtype]).element_size())
     return {"environment": environment(cfg, device), "bench": vars(cfg), "baseline": next(iter(models)),
             "model_order": list(models), "models": records, "cells": cells,
             "query": {"batch": cfg.query_batch, "prompt": cfg.query_prompt, "new_tokens": cfg.new_tokens}}

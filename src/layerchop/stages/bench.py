@@ -22,7 +22,7 @@ import argparse
 from pathlib import Path
 
 from layerchop.config import check_device, load_params, section
-from layerchop.io import DTYPES, check_model_dir, write_json
+from layerchop.io import dtypes, check_model_dir, write_json
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -59,8 +59,8 @@ def prepare_model(name: str, path: Path, cfg, device) -> tuple[object, dict]:
 
     from layerchop.evaluate.latency import prepare
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
-    model, record = prepare(name, model, device, DTYPES[cfg.dtype], cfg.sparse_kernel)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes()[cfg.dtype])
+    model, record = prepare(name, model, device, dtypes()[cfg.dtype], cfg.sparse_kernel)
     return model, {"path": str(path), **record}
 
 

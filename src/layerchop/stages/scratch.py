@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from layerchop.config import section
-from layerchop.io import DTYPES, check_model_dir, load_tokenizer, read_metadata, save_model_dir
+from layerchop.io import dtypes, check_model_dir, load_tokenizer, read_metadata, save_model_dir
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> None:
     config = AutoConfig.from_pretrained(args.like)
     src = read_metadata(args.like)
     dtype = src.get("dtype", "float32")
-    model = random_init(config, cfg.seed).to(DTYPES[dtype])
+    model = random_init(config, cfg.seed).to(dtypes()[dtype])
     meta = {"stage": "scratch", "init_kind": "scratch", "seed": cfg.seed, "architecture_of": str(Path(args.like)),
             "dtype": dtype, "source": src.get("source"), "tokens_trained": 0}
     card = (f"# Random initialisation with the architecture of `{args.like}`\n\n"

@@ -98,9 +98,9 @@ def export_hf(config, state_dict: dict[str, torch.Tensor], tokenizer, out: Path,
     ``metadata["dtype"]`` (the input model's, or ``train.export_dtype``; float32 when absent)."""
     from transformers import AutoModelForCausalLM
 
-    from layerchop.io import DTYPES, save_model_dir
+    from layerchop.io import dtypes, save_model_dir
 
-    dtype = DTYPES[metadata.get("dtype", "float32")]
+    dtype = dtypes()[metadata.get("dtype", "float32")]
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
     with torch.device("meta"):

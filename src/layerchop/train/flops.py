@@ -10,6 +10,7 @@ kernel skips about half of it). Elementwise work (norms, softmax, losses) is not
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -62,14 +63,20 @@ def measured(what: str, parts: tuple, count: Callable[[], int]) -> int:
     worker without it (another host's environment) counts again and gets the same number."""
     import hashlib
     import json
-    from importlib.metadata import version
 
-    key = hashlib.sha256(json.dumps([what, *parts, torch.__version__, version("transformers")], sort_keys=True,
+    key = hashlib.sha256(json.dumps([what, *parts, torch.__version__, _transformers_version()], sort_keys=True,
                                     default=str).encode()).hexdigest()[:32]
     if key not in _MEASURED:
         inherited = json.loads(os.environ.get(MEASURED_ENV) or "{}")
         _MEASURED[key] = int(inherited[key]) if key in inherited else int(count())
     return _MEASURED[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
 
 
 def measured_env() -> dict[str, str]:

@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from layerchop.io import DTYPES
+from layerchop.io import dtypes
 
 
 def is_dtensor(t) -> bool:
@@ -66,8 +66,8 @@ def apply_fsdp2(model: nn.Module, mesh, param_dtype: Optional[str], reduce_dtype
     from layerchop.prune.chop import decoder_layers
 
     mp = MixedPrecisionPolicy(
-        param_dtype=DTYPES[param_dtype] if param_dtype else None,
-        reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype else None,
+        param_dtype=dtypes()[param_dtype] if param_dtype else None,
+        reduce_dtype=dtypes()[reduce_dtype] if reduce_dtype else None,
     )
     for layer in decoder_layers(model) if layers is None else layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard == "forward")
