@@ -54,28 +54,6 @@ def check(proc) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-@pytest.fixture(scope="module")
-def shape_dirs(tmp_path_factory, tiny_dir):
-    """A Llama of Llama-2-7B's shape (32 layers) at width 64 with the test tokenizer, and its LayerChop
-    (input layout, 16 removed), as plain HF directories."""
-    from transformers import AutoTokenizer
-
-    from layerchop.data.sources import random_llama2_shape
-    from layerchop.io import save_model_dir
-    from layerchop.prune.chop import chop_layers, removed_indices
-
-    root = tmp_path_factory.mktemp("shape")
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    model = random_llama2_shape(tok, 64, seed=0)
-    save_model_dir(model, tok, root / "dense", metadata={"stage": "test", "source": "llama2-7b-shape"})
-    removed = removed_indices(32, layout="input", num_remove=16)
-    chop_layers(model, removed)
-    save_model_dir(model, tok, root / "chopped", metadata={"stage": "chop", "removed_layers": removed,
-                                                           "chopped_from": str(root / "dense"),
-                                                           "num_layers_before": 32})
-    return root
-
-
 def losses_and_val(csv_path: Path) -> tuple[list[float], list[float]]:
     rows = list(csv.DictReader(open(csv_path)))
     return ([float(r["train/loss"]) for r in rows if r.get("train/loss")],

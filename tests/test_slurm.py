@@ -22,8 +22,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from test_rehearsal import (check, layerchop_train, losses_and_val, max_abs_diff, rehearsal_params,  # noqa: F401
-                            shape_dirs)
+from test_rehearsal import check, layerchop_train, losses_and_val, max_abs_diff, rehearsal_params
 
 CLUSTER = Path(__file__).parent / "slurm" / "local_cluster.sh"
 
