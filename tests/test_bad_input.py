@@ -90,12 +90,13 @@ PARAMS_CASES = [
 @pytest.mark.parametrize("key,value,message", PARAMS_CASES, ids=[f"{k}={v!r}" for k, v, _ in PARAMS_CASES])
 def test_bad_params_exit_2_naming_the_key_and_write_nothing(tmp_path, tiny_dir, capsys, key, value, message):
     params = edited(yaml.safe_load(open(REPO / "params.yaml")), key, value)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    rc, line = run_stage(capsys, ["chop", "--params", str(tmp_path / "params.yaml"), "--model", str(tiny_dir),
+    path = tmp_path / "ablation.yaml"  # the message names the file read, whatever its name
+    path.write_text(yaml.safe_dump(params))
+    rc, line = run_stage(capsys, ["chop", "--params", str(path), "--model", str(tiny_dir),
                                   "--out", str(tmp_path / "out")])
     assert rc == 2
-    assert line.startswith("layerchop chop: error: ") and message in line, line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+    assert line.startswith(f"layerchop chop: error: {path}: ") and message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation.yaml"]
 
 
 # whole files that are not a params mapping

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -145,14 +146,77 @@ def test_a_command_imports_only_its_own_stage():
         proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.splitlines()[-1] == "[]", (argv, proc.stdout[-300:])
-    # every stage is listed with its first docstring line, though none was imported
-    proc = subprocess.run([sys.executable, "-m", "layerchop.cli", "--help"], capture_output=True, text=True, timeout=60)
-    from layerchop.cli import STAGES, stage_doc
 
-    listing = " ".join(proc.stdout.split())
-    for name in STAGES:
-        first = " ".join(stage_doc(name).split()[:4])
-        assert f"{name} {first}" in listing, (name, first)
+
+def test_help_lists_every_command_in_its_group_as_plain_text():
+    """``layerchop --help``: every command under its group (pipeline stages, reports, tools) with its summary,
+    though no stage was imported; no reStructuredText markup is shown literally; ``--version`` gives the
+    installed version."""
+    import sys
+    from importlib.metadata import version
+
+    from layerchop.cli import GROUPS, STAGES
+
+    env = {**os.environ, "COLUMNS": "200"}  # one line per command
+    proc = subprocess.run([sys.executable, "-m", "layerchop.cli", "--help"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "``" not in text and "::" not in text and ":func:" not in text
+    assert sorted(STAGES) == sorted(set(STAGES)) and len(STAGES) == 22
+    groups = text.split("pipeline stages (dvc.yaml runs them):")[1]
+    for group, names in GROUPS.items():
+        block = groups.split(f"{group}:")[1] if group in groups else groups
+        listed = [line.split()[0] for line in block.strip().split("\n\n")[0].splitlines()]
+        assert listed == list(names), (group, listed)
+    assert re.search(r"^  chop +LayerChop, remove whole decoder layers", text, re.M)
+    assert re.search(r"^  plan +a dry run of the whole pipeline", text, re.M)  # no "`layerchop plan`:" prefix
+    proc = subprocess.run([sys.executable, "-m", "layerchop.cli", "--version"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip() == f"layerchop {version('layerchop')}"
+
+
+def test_a_stages_help_keeps_its_examples_lines():
+    """A stage's ``--help`` shows its example commands line by line (a continued command keeps its ``\\``) and
+    its text without markup."""
+    from layerchop.cli import build_parser
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser(stages=("chop",)).parse_args(["chop", "--help"])
+    lines = out.getvalue().splitlines()
+    assert "Example:" in lines
+    assert ("    layerchop chop --layout block-influence --model data/models/dense --data data/prepared \\"
+            in lines)
+    assert "        --out data/models/layouts/block-influence/chopped" in lines
+    assert "``" not in out.getvalue()
+
+
+def test_outside_the_repository_every_key_has_its_default(tmp_path, monkeypatch, capsys):
+    """With no params.yaml in the working directory and no ``--params``, a stage that needs no repository file
+    runs on every key's default (chop: the 15 input-side layers of a 20-layer model); a ``--params`` file that
+    does not exist is refused naming the option; a bad value names the file it came from."""
+    from conftest import make_tiny_llama, make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from layerchop.cli import main
+    from layerchop.io import save_model_dir
+
+    save_model_dir(make_tiny_llama(num_layers=20), make_tokenizer(tmp_path / "tok"), tmp_path / "deep",
+                   metadata={"stage": "test"})
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["chop", "--model", str(tmp_path / "deep"), "--out", "out"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(work / "out").config.num_hidden_layers == 5
+    capsys.readouterr()
+    assert main(["chop", "--params", "mine.yaml", "--model", str(tmp_path / "deep"), "--out", "out2"]) == 2
+    assert capsys.readouterr().err.strip() == "layerchop chop: error: --params mine.yaml: not found"
+    (work / "mine.yaml").write_text("chop:\n  num_remove: 0\n")
+    assert main(["chop", "--params", "mine.yaml", "--model", str(tmp_path / "deep"), "--out", "out2"]) == 2
+    assert capsys.readouterr().err.strip() == ("layerchop chop: error: mine.yaml: chop.num_remove=0 is invalid: "
+                                               "must be >= 1 (removing nothing is the dense model)")
+    assert sorted(p.name for p in work.iterdir()) == ["mine.yaml", "out"]
 
 
 def test_a_stage_process_exits_without_a_final_collection(monkeypatch, tmp_path):

@@ -14,12 +14,21 @@ import importlib
 import importlib.util
 import json
 import os
+import re
+import shutil
 import sys
+import textwrap
 import time
 
-STAGES = ("download", "prepare", "chop", "scratch", "prune", "train", "benchmarks", "evaluate", "curve", "report", "figure1", "figure3", "figure4",
-          "figure2", "figure6", "table6", "tables45", "plan", "shrink",
-          "bench", "table3", "table2")
+# every subcommand, grouped as ``layerchop --help`` lists them
+GROUPS = {
+    "pipeline stages (dvc.yaml runs them)": ("download", "prepare", "chop", "scratch", "prune", "train", "shrink",
+                                            "benchmarks", "evaluate", "curve", "bench"),
+    "reports (tables and figures from metrics files)": ("report", "figure1", "figure2", "figure3", "figure4",
+                                                        "figure6", "table2", "table3", "table6", "tables45"),
+    "tools": ("plan",),
+}
+STAGES = tuple(name for names in GROUPS.values() for name in names)
 
 
 def stage_doc(name: str) -> str:
@@ -29,19 +38,59 @@ def stage_doc(name: str) -> str:
         return ast.get_docstring(ast.parse(f.read())) or ""
 
 
+def plain(doc: str) -> str:
+    """A docstring as a terminal shows it: reStructuredText's literals, roles and ``::`` become plain text."""
+    doc = re.sub(r":(?:func|mod|class|meth|attr|data):`~?([^`]+)`", r"`\1`", doc)
+    doc = re.sub(r"``([^`]+)``", r"`\1`", doc)
+    return re.sub(r"(\S)::$", r"\1:", doc, flags=re.M)
+
+
+def summary(name: str) -> str:
+    """The first sentence of a stage's docstring, without its ``Stage ``x``:`` prefix."""
+    first = plain(stage_doc(name)).split("\n\n")[0].replace("\n", " ")
+    return re.sub(r"^(Stage )?`[^`]+`: ", "", first)
+
+
+def overview() -> str:
+    """The commands by group, one wrapped summary each (the terminal's width)."""
+    width = max(map(len, STAGES)) + 4
+    columns = max(shutil.get_terminal_size().columns, 60)
+    lines = []
+    for group, names in GROUPS.items():
+        lines.append(f"{group}:")
+        for name in names:
+            lines += textwrap.wrap(summary(name), columns, initial_indent=f"  {name:<{width - 2}}",
+                                   subsequent_indent=" " * width, break_on_hyphens=False)
+        lines.append("")
+    return "\n".join(lines) + "\n`layerchop <command> --help` shows a command's arguments and an example."
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("layerchop")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+        return "unknown (not installed)"
+
+
 def build_parser(stages: tuple[str, ...] = STAGES) -> argparse.ArgumentParser:
     """Every stage's subcommand; the arguments of those in ``stages`` (their modules are imported).
 
     A command imports only its own stage's module: building all of them imports most of the library (torch,
     transformers, matplotlib, torchmetrics), seconds that every stage process, torchrun worker and
     ``layerchop --help`` would pay for nothing."""
-    parser = argparse.ArgumentParser(prog="layerchop", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="stage", required=True)
+    parser = argparse.ArgumentParser(prog="layerchop", description=plain(__doc__.splitlines()[0]),
+                                     epilog=overview(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"layerchop {version()}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="<command>",
+                                help="one of the commands below")
     for name in STAGES:
-        doc = stage_doc(name)
-        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+        p = sub.add_parser(name, description=plain(stage_doc(name)),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("--params", default=None,
+                       help="params file (default: params.yaml here; where there is none, every key's default)")
         if name in stages:
             importlib.import_module(f"layerchop.stages.{name}").add_args(p)
     return parser

@@ -7,6 +7,7 @@ Every dataclass validates itself in ``__post_init__`` and raises a ``ValueError`
 from __future__ import annotations
 
 import codecs
+import contextvars
 import dataclasses
 import math
 import os
@@ -43,8 +44,13 @@ RESHARDS = ("forward", "backward", "step")  # when FSDP2 frees the gathered para
 SHARDINGS = ("full", "hybrid")  # FSDP2 over every rank, or within a node and replicated across (train.fsdp_sharding)
 
 
+DEFAULT_PARAMS = "params.yaml"
+# the params file the values being checked came from, named in every error (the last one load_params read)
+_PARAMS_FILE: contextvars.ContextVar[str] = contextvars.ContextVar("params_file", default=DEFAULT_PARAMS)
+
+
 def _fail(key: str, value: Any, why: str) -> None:
-    raise ValueError(f"params.yaml: {key}={value!r} is invalid: {why}")
+    raise ValueError(f"{_PARAMS_FILE.get()}: {key}={value!r} is invalid: {why}")
 
 
 def check_device(key: str, device: str, *, available: bool = False) -> None:
@@ -1041,11 +1047,11 @@ def _build(cls, data: dict | None, prefix: str):
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(hints))
     if unknown:
-        raise ValueError(f"params.yaml: unknown key(s) {[f'{prefix}.{k}' for k in unknown]}")
+        raise ValueError(f"{_PARAMS_FILE.get()}: unknown key(s) {[f'{prefix}.{k}' for k in unknown]}")
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ValueError(f"params.yaml: {prefix} needs the key(s) {[f'{prefix}.{k}' for k in missing]}")
+        raise ValueError(f"{_PARAMS_FILE.get()}: {prefix} needs the key(s) {[f'{prefix}.{k}' for k in missing]}")
     return cls(**{name: _typed(value, hints[name], f"{prefix}.{name}") for name, value in data.items()})
 
 
@@ -1084,16 +1090,26 @@ class _ParamsLoader(yaml.SafeLoader):
     }
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read ``params.yaml`` as a plain dict, checking every section it has (unknown sections and keys, types,
+def load_params(path: str | Path | None = None) -> dict[str, Any]:
+    """Read a params file as a plain dict, checking every section it has (unknown sections and keys, types,
     ranges) so that a bad value stops every stage before any work.
+
+    Args:
+        path: The file (``--params``). None: ``params.yaml`` in the working directory, and where there is none
+            (a stage run outside the repository) every key at its default.
 
     Raises:
         FileNotFoundError / ValueError: naming the file, the line (invalid YAML) or the key.
     """
+    if path is None:
+        if not Path(DEFAULT_PARAMS).exists():
+            _PARAMS_FILE.set("the default params")
+            return {}
+        path = DEFAULT_PARAMS
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found (run from the repository root or pass --params)")
+        raise FileNotFoundError(f"--params {path}: not found")
+    _PARAMS_FILE.set(str(path))
     try:
         with open(path, encoding="utf-8") as f:
             params = yaml.load(f, Loader=_ParamsLoader)
@@ -1134,13 +1150,13 @@ def _check_rows(params: dict[str, Any]) -> None:
                                          if key == "report.oneshot_rows" else ""))
 
 
-def section(name: str, params: dict[str, Any] | None = None, path: str | Path = "params.yaml"):
+def section(name: str, params: dict[str, Any] | None = None, path: str | Path | None = None):
     """Build the typed config of one ``params.yaml`` section.
 
     Args:
         name: Section name, e.g. ``"chop"``.
         params: Already-loaded params dict; read from ``path`` when None.
-        path: ``params.yaml`` location.
+        path: The params file (:func:`load_params`: None is ``params.yaml`` here, or the defaults).
     """
     if params is None:
         params = load_params(path)

@@ -3,7 +3,7 @@
 Example::
 
     layerchop chop --model data/models/dense --out data/models/chopped
-    layerchop chop --layout block-influence --model data/models/dense --data data/prepared \
+    layerchop chop --layout block-influence --model data/models/dense --data data/prepared \\
         --out data/models/layouts/block-influence/chopped
 
 A fixed layout (``input``, ``output``, ``middle``, ``max-gap``, ``both``) needs only the model; a data-driven

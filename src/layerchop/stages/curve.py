@@ -5,7 +5,7 @@ Each point carries the compute spent to reach it (tokens, FLOPs, device-seconds)
 
 Example::
 
-    layerchop curve --snapshots data/snapshots/fig4-distill --final data/models/fig4-distill \
+    layerchop curve --snapshots data/snapshots/fig4-distill --final data/models/fig4-distill \\
         --data data/prepared --out data/eval/fig4-distill
 """
 

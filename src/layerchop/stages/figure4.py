@@ -5,7 +5,7 @@ to reach each point) and the chopped start's ``metrics.json``.
 
 Example::
 
-    layerchop figure4 --curves data/eval/fig4-layerchop/curve.json data/eval/fig4-distill/curve.json \
+    layerchop figure4 --curves data/eval/fig4-layerchop/curve.json data/eval/fig4-distill/curve.json \\
         --start data/eval/chopped/metrics.json --tables paper/tables --figures paper/figures
 """
 

@@ -3,8 +3,8 @@
 
 Example::
 
-    layerchop figure6 --gradual data/eval/fig6 --at-once data/eval/fig4-layerchop/curve.json \
-        --dense data/eval/dense/metrics.json --start data/eval/chopped/metrics.json --tables paper/tables \
+    layerchop figure6 --gradual data/eval/fig6 --at-once data/eval/fig4-layerchop/curve.json \\
+        --dense data/eval/dense/metrics.json --start data/eval/chopped/metrics.json --tables paper/tables \\
         --figures paper/figures
 """
 

@@ -38,7 +38,7 @@ def _train_args(argv: list[str]) -> argparse.Namespace:
     from layerchop.stages import train
 
     p = argparse.ArgumentParser(prog="layerchop train", add_help=False)
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default=None)
     train.add_args(p)
     return p.parse_args(argv[1:])
 

@@ -3,7 +3,7 @@
 
 Example::
 
-    layerchop prune --method wanda --pattern 2of4 --model data/models/dense --data data/prepared \
+    layerchop prune --method wanda --pattern 2of4 --model data/models/dense --data data/prepared \\
         --out data/models/wanda-2of4
 
 The output is a plain HF directory whose weights contain the zeros, plus ``sparsity_masks.safetensors``

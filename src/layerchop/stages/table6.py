@@ -2,7 +2,7 @@
 
 Example::
 
-    layerchop table6 --eval data/eval/layouts --main-chopped data/eval/chopped --main-recovered data/eval/layerchop \
+    layerchop table6 --eval data/eval/layouts --main-chopped data/eval/chopped --main-recovered data/eval/layerchop \\
         --dense data/eval/dense/metrics.json --tables paper/tables --figures paper/figures
 
 The main arm's layout (``chop.layout``) is a row of the table without a stage of its own: its chop and recovery

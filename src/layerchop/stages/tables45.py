@@ -3,7 +3,7 @@ and protocol), generated from the model directories and an evaluation's ``result
 
 Example::
 
-    layerchop tables45 --models data/models/dense data/models/chopped data/models/layerchop \
+    layerchop tables45 --models data/models/dense data/models/chopped data/models/layerchop \\
         --results data/eval/dense/results.json --tables paper/tables
 """
 

@@ -2,12 +2,12 @@
 
 Example::
 
-    layerchop train --init data/models/chopped --data data/prepared --out data/models/layerchop \
-        --run-dir data/checkpoints/layerchop --log data/runs/layerchop.csv --metrics data/runs/layerchop.json \
+    layerchop train --init data/models/chopped --data data/prepared --out data/models/layerchop \\
+        --run-dir data/checkpoints/layerchop --log data/runs/layerchop.csv --metrics data/runs/layerchop.json \\
         --warm-start
 
-    layerchop train --objective distill --teacher data/models/dense --init data/models/chopped \
-        --data data/prepared --out data/models/fig4-distill --run-dir data/checkpoints/fig4-distill \
+    layerchop train --objective distill --teacher data/models/dense --init data/models/chopped \\
+        --data data/prepared --out data/models/fig4-distill --run-dir data/checkpoints/fig4-distill \\
         --flop-budget 8.0e13 --snapshots 3 --snapshot-dir data/snapshots/fig4-distill
 
     layerchop train --chop-every-tokens 4096 --token-budget 163840 --init data/models/chopped ...  # gradual
