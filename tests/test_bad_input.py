@@ -6,6 +6,7 @@ edit or a file, the stage it is given to, and the text the one-line message must
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,8 @@ PARAMS_CASES = [
     ("train.token_budget", "1e5.5", "train.token_budget='1e5.5' is invalid: must be an integer"),
     ("train.token_budget", ".nan", "train.token_budget='.nan' is invalid: must be an integer"),
     ("train.precision", 16, "train.precision=16 is invalid: must be a string"),
+    ("train.accelerator", "tpu", "train.accelerator='tpu' is invalid: choose one of ['auto', 'cpu', 'gpu', 'cuda'] (the "
+     "training path runs on CPUs and CUDA GPUs only; Lightning's mps and tpu are not supported)"),
     ("train.activation_checkpointing", "yes", "train.activation_checkpointing='yes' is invalid: must be true or false"),
     ("train.devices", None, "train.devices=None is invalid: must be an integer"),
     ("train", 5, "train=5 is invalid: must be a mapping of keys"),
@@ -231,6 +234,75 @@ def test_bad_local_corpus_files_name_the_file_and_line(tmp_path, capsys, name, c
     assert rc == 2 and message in line, line
     assert not (tmp_path / "corpus").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus")]  # no temporary left
+
+
+# a prepared corpus (the download stage's documents.jsonl, or one written by hand) that prepare cannot read
+DOCUMENTS_CASES = [
+    (b'{"id": "a", "text": "x"}\n{"text": "no id"}\n', "documents.jsonl:2: a document needs a string 'id' (its keys: "
+     "['text'])"),
+    (b'{"id": "a", "text": "x"}\n\n{"id": "b", "text": 7}\n', "documents.jsonl:3: a document needs a string 'text', "
+     "not 7"),
+    (b'{"id": "a", "text": "x"\n', "documents.jsonl:1: not valid JSON (Expecting ',' delimiter at column 24)"),
+    (b'["a"]\n', "documents.jsonl:1: a document is a JSON object, not a list"),
+    ('{"id": "a", "text": "caf\u00e9"}\n'.encode("latin-1"), "documents.jsonl:1: not UTF-8 text (invalid continuation "
+     "byte at byte 24)"),
+]
+
+
+@pytest.mark.parametrize("content,message", DOCUMENTS_CASES, ids=["no-id", "text-7", "bad-json", "list", "latin-1"])
+def test_a_prepared_corpus_that_cannot_be_read_names_its_file_and_line(tmp_path, tiny_dir, capsys, content, message):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "documents.jsonl").write_bytes(content)
+    params = tmp_path / "params.yaml"  # the tiny model's context is 128
+    params.write_text(yaml.safe_dump(edited(yaml.safe_load(open(REPO / "params.yaml")), "prepare.seq_len", 32)))
+    rc, line = run_stage(capsys, ["prepare", "--params", str(params), "--corpus", str(corpus),
+                                  "--model", str(tiny_dir), "--out", str(tmp_path / "prepared")])
+    assert rc == 2 and line == f"layerchop prepare: error: {corpus / message}", line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "params.yaml"]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"layers": 30,\n "val/ppl": }\n', "dense/metrics.json:2: not valid JSON (Expecting value at column 13)"),
+    (b'[1, 2]\n', "dense/metrics.json: an evaluation's metrics are a JSON object, not a list"),
+    (b'{"note": "\xe9"}', "dense/metrics.json: not UTF-8 text (invalid continuation byte at byte 10)"),
+], ids=["bad-json", "list", "latin-1"])
+def test_a_corrupt_metrics_file_given_to_report_names_the_file(tmp_path, capsys, content, message):
+    (tmp_path / "eval" / "dense").mkdir(parents=True)
+    (tmp_path / "eval" / "dense" / "metrics.json").write_bytes(content)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(edited(yaml.safe_load(open(REPO / "params.yaml")), "report.rows",
+                                            {"dense": "Dense"})))
+    rc, line = run_stage(capsys, ["report", "--params", str(params), "--eval", str(tmp_path / "eval"),
+                                  "--tables", str(tmp_path / "tables")])
+    assert rc == 2 and line == f"layerchop report: error: {tmp_path / 'eval' / message}", line
+    assert not (tmp_path / "tables").exists()
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 64 KiB file system (tmpfs; needs root) that a model directory overflows."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
+                           text=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a small tmpfs to fill up: {mount.stderr.strip() or mount.returncode}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_disk_that_fills_up_while_a_model_is_written_names_the_output(tmp_path, tiny_dir, small_disk, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(edited(yaml.safe_load(open(REPO / "params.yaml")), "chop.num_remove", 2)))
+    rc, line = run_stage(capsys, ["chop", "--params", str(params), "--model", str(tiny_dir),
+                                  "--out", str(small_disk / "chopped")])
+    assert rc == 2, line
+    assert re.fullmatch(rf"layerchop chop: error: {small_disk}/chopped: the disk filled up while it was written "
+                        rf"\([0-9.]+ MiB free on {small_disk}\); nothing was left behind", line), line
+    assert list(small_disk.iterdir()) == []
 
 
 def test_an_explicit_encoding_reads_latin1(tmp_path):

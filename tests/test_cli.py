@@ -114,6 +114,28 @@ def test_train_plan_prints_the_resolved_run_and_writes_nothing(tmp_path, tiny_di
     assert (plan["total_steps"], plan["warm_steps"], plan["tokens_per_step"], plan["world"]) == (10, 0, 128, 1)
     assert plan["flops"] == 10 * plan["flops_per_step"]
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+    assert "warning" not in proc.stderr
+
+
+def test_a_warm_start_setting_the_stage_ignores_is_reported_once(tmp_path, tiny_dir, chopped_dir, tiny_prepared):
+    """``train.warm_start_steps`` set for a stage without ``--warm-start``: one warning naming the key and, from
+    ``dvc.yaml``, the stages that use it; the run goes on."""
+    import shutil
+
+    from layerchop.stages.train import ignored_warm_start
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    proc = _train(tmp_path, {"train.token_budget": 10 * 4 * 32, "train.warmup_steps": 4, "train.warm_start_steps": 2},
+                  tiny_dir, tiny_prepared, "--plan")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert warnings == [ignored_warm_start(2, REPO / "dvc.yaml").replace(str(REPO / "dvc.yaml"), "dvc.yaml")]
+    assert warnings[0].startswith("layerchop train: warning: train.warm_start_steps=2 is ignored by this run (no "
+                                  "--warm-start); only stages that pass --warm-start use it (dvc.yaml: warm_start, ")
+    assert "layout_train" in warnings[0] and "scratch" not in warnings[0]
+    proc = _train(tmp_path, {"train.token_budget": 10 * 4 * 32, "train.warmup_steps": 4, "train.warm_start_steps": 2},
+                  chopped_dir, tiny_prepared, "--plan", "--warm-start")
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(

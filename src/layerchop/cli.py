@@ -163,13 +163,15 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser(stages=tuple(argv[:1])).parse_args(argv)
     args.argv = argv  # a stage that relaunches itself (torchrun) repeats its own arguments
     mod = importlib.import_module(f"layerchop.stages.{args.stage}")
+    from layerchop.io import OutputError
+
     t0 = time.perf_counter()
     try:
         check_outputs(args)
         rc = submit_one_task(args)
         if rc is None:
             rc = mod.main(args) or 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, OutputError) as e:
         print(f"layerchop {args.stage}: error: {e}", file=sys.stderr)
         return 2
     if rc:

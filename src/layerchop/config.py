@@ -38,7 +38,7 @@ LAUNCHERS = ("local", "torchrun", "slurm")
 # (None: a CPU job, e.g. prepare's tokenization or a download, for clusters that kill long work on login nodes)
 ONE_TASK_STAGES = {"chop": "chop", "prune": "prune", "evaluate": "evaluate", "curve": "evaluate", "bench": "bench",
                    "prepare": None, "download": None}
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's names
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")  # Lightning's names of those the training path runs on
 GRAD_REDUCTIONS = ("step", "micro_batch")
 RESHARDS = ("forward", "backward", "step")  # when FSDP2 frees the gathered parameters (train.fsdp_reshard)
 SHARDINGS = ("full", "hybrid")  # FSDP2 over every rank, or within a node and replicated across (train.fsdp_sharding)
@@ -407,7 +407,9 @@ class TrainConfig:
             if getattr(self, key) <= 0:
                 _fail(f"train.{key}", getattr(self, key), "must be > 0")
         if self.accelerator not in ACCELERATORS:
-            _fail("train.accelerator", self.accelerator, f"choose one of {list(ACCELERATORS)}")
+            _fail("train.accelerator", self.accelerator, f"choose one of {list(ACCELERATORS)}"
+                  + (" (the training path runs on CPUs and CUDA GPUs only; Lightning's mps and tpu are not "
+                     "supported)" if self.accelerator in ("mps", "tpu") else ""))
         if self.lr <= 0:
             _fail("train.lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -8,6 +8,7 @@ finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -72,9 +73,27 @@ def remove_stale_temporaries(out: str | Path) -> list[Path]:
     return removed
 
 
+class OutputError(OSError):
+    """An output that could not be written (one line for the user: the path and why)."""
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error`` says the disk or quota is full: ``OSError`` ENOSPC/EDQUOT, or safetensors' own error
+    (its Rust writer reports ``StorageFull``/``QuotaExceeded`` inside a ``SafetensorError``)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return type(error).__name__ == "SafetensorError" and ("StorageFull" in str(error) or "QuotaExceeded" in str(error)
+                                                          or "No space left" in str(error))
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out`` only if the block succeeds."""
+    """Yield a temporary directory that replaces ``out`` only if the block succeeds.
+
+    Raises:
+        OutputError: the disk (or quota) filled up while the block wrote (naming ``out``; the partial
+            directory is removed).
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
@@ -83,8 +102,12 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):
+            free = shutil.disk_usage(out.parent).free
+            raise OutputError(f"{out}: the disk filled up while it was written ({free / 2**20:.1f} MiB free on "
+                              f"{out.parent}); nothing was left behind") from None
         raise
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -154,7 +177,14 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file's content; a ``ValueError`` naming the file (and line) where it is not UTF-8 JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

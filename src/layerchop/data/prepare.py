@@ -113,14 +113,33 @@ def check_data_matches_model(prepared_dir: Path, model_dir: Path, tokenizer) -> 
     return counts
 
 
+def _document(line: bytes, docs_file: Path, number: int) -> dict:
+    """One line of ``documents.jsonl`` as a document; a ``ValueError`` naming the file and line otherwise."""
+    where = f"{docs_file}:{number}"
+    try:
+        doc = json.loads(line.rstrip(b"\r\n").decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: a document is a JSON object, not a {type(doc).__name__}")
+    for key in ("id", "text"):
+        if not isinstance(doc.get(key), str):
+            raise ValueError(f"{where}: a document needs a string {key!r}"
+                             + (f", not {doc[key]!r}" if key in doc else f" (its keys: {sorted(doc)})"))
+    return doc
+
+
 def _scan_corpus(docs_file: Path) -> tuple[np.ndarray, list[str]]:
-    """Byte offset of every line of ``documents.jsonl`` (plus the end) and the document ids, in file order."""
+    """Byte offset of every line of ``documents.jsonl`` (plus the end) and the document ids, in file order; every
+    line is checked (:func:`_document`) before any tokenizing."""
     offsets, ids = [0], []
     with open(docs_file, "rb") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             offsets.append(offsets[-1] + len(line))
             if line.strip():
-                ids.append(json.loads(line)["id"])
+                ids.append(_document(line, docs_file, number)["id"])
             else:
                 offsets.pop()
                 offsets[-1] += len(line)  # a blank line belongs to no document

@@ -19,7 +19,10 @@ def load_rows(eval_dir: str | Path, rows: dict[str, str], key: str) -> list[dict
         path = Path(eval_dir) / name / "metrics.json"
         if not path.exists():
             raise FileNotFoundError(f"{key}: {name!r} has no {path}")
-        out.append({"name": name, "label": label, "metrics": read_json(path)})
+        metrics = read_json(path)
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{path}: an evaluation's metrics are a JSON object, not a {type(metrics).__name__}")
+        out.append({"name": name, "label": label, "metrics": metrics})
     return out
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
 from layerchop.config import DIMCHOP_STRUCTURES, load_params, section
 
@@ -101,6 +103,8 @@ def main(args: argparse.Namespace) -> int:
                    warm_from=args.warm_from,
                    budget_key=("--flop-budget (a figure's flop_budget in dvc.yaml)" if args.flop_budget else
                                "--token-budget (a figure's token_budget in dvc.yaml)" if args.token_budget else None))
+    if cfg.warm_start_steps and not args.warm_start and not under_launcher():  # once: not again in each worker
+        print(ignored_warm_start(cfg.warm_start_steps), file=sys.stderr, flush=True)
     if args.plan:  # a plan needs no GPU (a login node plans a cluster run)
         print(json.dumps(plan.describe(), indent=2))
         return 0
@@ -125,6 +129,20 @@ def main(args: argparse.Namespace) -> int:
     train(plan, resume=args.resume, log_csv=args.log, metrics=args.metrics, stop_after=args.stop_after,
           snapshot_dir=args.snapshot_dir)
     return 0
+
+
+def ignored_warm_start(steps: int, dvc: str | Path = "dvc.yaml") -> str:
+    """The warning for a ``train.warm_start_steps`` that a stage without ``--warm-start`` ignores, naming the stages
+    of ``dvc`` (where there is one here) that use it."""
+    import yaml
+
+    line = (f"layerchop train: warning: train.warm_start_steps={steps} is ignored by this run (no --warm-start); "
+            "only stages that pass --warm-start use it")
+    if Path(dvc).exists():
+        stages = (yaml.safe_load(Path(dvc).read_text()) or {}).get("stages") or {}
+        users = [name for name, stage in stages.items() if "--warm-start" in yaml.safe_dump(stage)]
+        line += f" ({dvc}: {', '.join(users) or 'none'})"
+    return line
 
 
 def submit_slurm(args: argparse.Namespace, cfg, slurm, fingerprint: str) -> int:
