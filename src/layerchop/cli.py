@@ -26,7 +26,7 @@ GROUPS = {
                                             "benchmarks", "evaluate", "curve", "bench"),
     "reports (tables and figures from metrics files)": ("report", "figure1", "figure2", "figure3", "figure4",
                                                         "figure6", "table2", "table3", "table6", "tables45"),
-    "tools": ("plan",),
+    "tools": ("plan", "push"),
 }
 STAGES = tuple(name for names in GROUPS.values() for name in names)
 
@@ -177,7 +177,7 @@ def run(argv: list[str] | None = None) -> int:
     if rc:
         print(f"layerchop {args.stage}: failed with status {rc}", file=sys.stderr)
         return rc
-    if args.stage != "plan":  # plan's output is the table or JSON alone
+    if args.stage not in ("plan", "push"):  # plan's output is the table or JSON alone, push --dry-run's the card
         print(f"[{args.stage}] done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 

@@ -282,7 +282,7 @@ def save_model_dir(
         tokenizer: Tokenizer saved beside it.
         out: Destination directory.
         metadata: Written as ``layerchop.json`` (parameters and layer counts are added).
-        card: Markdown model card (``README.md``).
+        card: The model card's Markdown text (``README.md``, below the metadata of :func:`layerchop.cards.render`).
         state_dict: Full (unsharded) weights to save instead of the model's own.
     """
     metadata = dict(metadata)
@@ -295,4 +295,6 @@ def save_model_dir(
         metadata["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
         write_json(tmp / METADATA_FILE, metadata)
         if card:
-            (tmp / "README.md").write_text(card)
+            from layerchop.cards import render
+
+            (tmp / "README.md").write_text(render(card, metadata, Path(out).name))
