@@ -316,10 +316,14 @@ def test_equal_flop_arms_curves_and_figure4(tmp_path, tiny_dir, tiny_prepared):
     curve = read_json(tmp_path / "eval" / "distill" / "curve.json")
     assert [p["step"] for p in curve["points"]][-1] == kd["steps"] and len(curve["points"]) == 3
     assert all(a["flops"] < b["flops"] for a, b in zip(curve["points"], curve["points"][1:]))
-    assert main(["figure4", *P, "--curves", str(tmp_path / "eval" / "layerchop" / "curve.json"),
-                 str(tmp_path / "eval" / "distill" / "curve.json"), "--start",
-                 str(tmp_path / "eval" / "chopped" / "metrics.json"), "--tables", str(tmp_path / "tables"),
-                 "--figures", str(tmp_path / "figs")]) == 0
+    figure4 = ["figure4", *P, "--curves", str(tmp_path / "eval" / "layerchop" / "curve.json"),
+               str(tmp_path / "eval" / "distill" / "curve.json"), "--start",
+               str(tmp_path / "eval" / "chopped" / "metrics.json"), "--tables", str(tmp_path / "tables"),
+               "--figures", str(tmp_path / "figs")]
+    # the dense reference line: any evaluation's metrics.json (the chopped one stands in); a missing one is refused
+    assert main([*figure4, "--dense", str(tmp_path / "eval" / "dense" / "metrics.json")]) == 2
+    assert not (tmp_path / "tables").exists()
+    assert main([*figure4, "--dense", str(tmp_path / "eval" / "chopped" / "metrics.json")]) == 0
     table = (tmp_path / "tables" / "distill.md").read_text()
     assert "LayerChop + distill" in table and "A100-hours @ 40% MFU" in table
     assert f"{kd['tokens']:,}" in table and f"{lm['tokens']:,}" in table

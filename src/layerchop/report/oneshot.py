@@ -24,22 +24,42 @@ def oneshot_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return header, body
 
 
+# how a task and its metric read in a figure (a task not listed keeps its lm-eval name)
+TASK_NAMES = {"heldout_continuation": "held-out continuation", "heldout_lastword": "held-out last word",
+              "piqa": "PIQA", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "hellaswag": "HellaSwag",
+              "winogrande": "WinoGrande", "boolq": "BoolQ", "lambada_openai": "LAMBADA"}
+METRIC_NAMES = {"acc": "accuracy", "acc_norm": "length-normalised accuracy"}
+
+
 def _group_title(group: str, gcols: list[tuple[str, str]]) -> str:
-    tasks = ", ".join(f"{t} {m}" for t, m in gcols)
-    return f"{group} accuracy (%): " + (tasks if len(gcols) == 1 else f"mean of {tasks}")
+    """A panel's title: what its y axis averages, in words."""
+    tasks = ", ".join(f"{TASK_NAMES.get(t, t)} ({METRIC_NAMES.get(m, m)})" for t, m in gcols)
+    return f"{group[0].upper()}{group[1:]}: " + (tasks if len(gcols) == 1 else f"mean of {tasks}")
+
+
+def plain_log_ticks(axis) -> None:
+    """Log-scale ticks labelled as plain numbers (20, 30, 50, 100), not 2×10¹."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def figure1(rows: list[dict[str, Any]], out_stem: Path) -> None:
     """Val perplexity (log x) against accuracy, one panel per group of tasks (in-domain: built from held-out
-    text of the recovery corpus; general: benchmarks outside it), one labelled point per model with its
-    standard error as a bar."""
+    text of the recovery corpus; general: benchmarks outside it), one point per model with its standard error
+    as a bar; one legend for both panels, below them."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import textwrap
+
     import matplotlib.pyplot as plt
 
     groups = [(g, c) for g, c in zip(("in-domain", "general"), split_columns(task_columns(rows))) if c]
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(6.0 * max(1, len(groups)), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.6 * max(1, len(groups)), 4.8), squeeze=False)
+    handles = {}
     for ax, (group, gcols) in zip(axes[0], groups):
         for i, r in enumerate(rows):
             m, name = r["metrics"], r["name"]
@@ -48,13 +68,19 @@ def figure1(rows: list[dict[str, Any]], out_stem: Path) -> None:
                 continue
             marker = ("*" if name == "dense" else "o" if "layerchop" in name else "s" if name.endswith("_cpt")
                       else "^")
-            ax.errorbar(m["val/ppl"], 100 * acc[0], yerr=None if acc[1] is None else 100 * acc[1], fmt=marker,
-                        color=f"C{i}", markersize=11 if marker == "*" else 7, capsize=3, zorder=3, label=r["label"])
+            handles[r["label"]] = ax.errorbar(
+                m["val/ppl"], 100 * acc[0], yerr=None if acc[1] is None else 100 * acc[1], fmt=marker,
+                color=f"C{i}", markersize=11 if marker == "*" else 7, capsize=3, zorder=3)
         ax.set_xscale("log")
-        ax.set_xlabel("validation perplexity (log scale)")
-        ax.set_ylabel(_group_title(group, gcols), fontsize=9)
+        plain_log_ticks(ax.xaxis)
+        ax.set_xlabel("validation perplexity (log scale; lower is better)")
+        ax.set_ylabel(f"{group} accuracy (%)")
+        ax.set_title("\n".join(textwrap.wrap(_group_title(group, gcols), 60, break_on_hyphens=False)), fontsize=9)
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=7, loc="best", framealpha=0.9)
-    fig.suptitle("One-shot pruning vs LayerChop (bars: ± 1 binomial standard error)", fontsize=10)
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, max(1, len(handles))),
+               fontsize=8, frameon=False)
+    fig.suptitle("One-shot pruning vs LayerChop: better models sit up and to the left "
+                 "(bars: ± 1 binomial standard error)", fontsize=10)
+    rows_of_legend = -(-len(handles) // 4)
+    fig.tight_layout(rect=(0, 0.05 * rows_of_legend + 0.02, 1, 1))
     save_figure(fig, out_stem)

@@ -1,12 +1,13 @@
 """Stage ``figure4``: LayerChop vs LayerChop + distill at equal training FLOPs (Figure 4, ``distill.md``).
 
 Reads only metrics files: each arm's ``curve.json`` (evaluations along the run, with the compute spent
-to reach each point) and the chopped start's ``metrics.json``.
+to reach each point), the chopped start's ``metrics.json`` and, for the dotted reference line, the dense model's.
 
 Example::
 
     layerchop figure4 --curves data/eval/fig4-layerchop/curve.json data/eval/fig4-distill/curve.json \\
-        --start data/eval/chopped/metrics.json --tables paper/tables --figures paper/figures
+        --start data/eval/chopped/metrics.json --dense data/eval/dense/metrics.json --tables paper/tables \\
+        --figures paper/figures
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 
 from layerchop.config import load_params, section
 from layerchop.io import read_json, staged
-from layerchop.report.compute import distill_tables, figure4, load_arms
+from layerchop.report.compute import arm_series, distill_tables, figure4, load_arms
 from layerchop.report.tables import accuracy_caption, markdown
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curves", nargs="+", required=True, help="curve.json of each arm")
     p.add_argument("--start", required=True, help="metrics.json of the shared chopped start")
+    p.add_argument("--dense", default=None, help="metrics.json of the uncompressed model (a dotted reference line)")
     p.add_argument("--tables", required=True, help="output directory for distill.md")
     p.add_argument("--figures", required=True, help="output directory for fig4_distill_vs_layerchop.{png,pdf}")
 
@@ -33,7 +35,11 @@ def main(args: argparse.Namespace) -> None:
     for c in args.curves:
         if not Path(c).exists():
             raise FileNotFoundError(f"--curves: {c} does not exist (run `layerchop curve` first)")
+    if args.dense is not None and not Path(args.dense).exists():
+        raise FileNotFoundError(f"--dense: {args.dense} does not exist (run `layerchop evaluate` on the dense model)")
     arms, cols = load_arms([read_json(c) for c in args.curves], read_json(args.start))
+    reference = None if args.dense is None else {**arm_series({"points": []}, read_json(args.dense), cols)[0],
+                                                 "label": "dense (uncompressed)"}
     header, body, pheader, points = distill_tables(arms, cfg, cols)
     weights = ", ".join(f"{k} {getattr(distill, k)}" for k in ("w_lm", "w_kl", "w_hid", "w_att", "w_emb"))
     caption = (
@@ -52,5 +58,7 @@ def main(args: argparse.Namespace) -> None:
     text += "\n### Evaluations along the runs\n\n" + markdown(pheader, points, "Step 0 is the shared chopped model.")
     with staged(args.tables, args.figures) as (tables, figures):  # all outputs or none
         (tables / "distill.md").write_text(text)
-        figure4(arms, figures / "fig4_distill_vs_layerchop", cfg.gpu)
+        figure4(arms, figures / "fig4_distill_vs_layerchop", cfg.gpu, reference=reference,
+                title=f"LayerChop vs LayerChop + distill at equal training FLOPs ({cfg.gpu}-hours: "
+                      "paper/tables/distill.md)" + ("; dotted: dense" if reference else ""))
     print(text)
