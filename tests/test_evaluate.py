@@ -233,6 +233,14 @@ def test_evaluate_stage_runs_the_local_piqa_mirror_with_item_counts(tmp_path, ti
     for t in default["tasks"]:
         p, n = metrics[f"eval/{t}/acc_norm"], metrics[f"eval/{t}/n"]
         assert metrics[f"eval/{t}/acc_norm_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / n))
+    # summary.json (dvc metrics show): the headline numbers, in percent, from the same metrics
+    summary = read_json(out / "summary.json")
+    assert sorted(summary) == ["in_domain", "in_domain_se", "piqa", "piqa_n", "piqa_se", "test_ppl", "val_ppl"]
+    assert summary["piqa"] == round(100 * metrics["eval/piqa/acc_norm"], 2) and summary["piqa_n"] == 24
+    assert summary["piqa_se"] == round(100 * metrics["eval/piqa/acc_norm_stderr"], 2)
+    assert summary["val_ppl"] == round(metrics["val/ppl"], 3)
+    assert summary["in_domain"] == round(100 * (metrics["eval/heldout_continuation/acc"]  # each task's primary metric
+                                                + metrics["eval/heldout_lastword/acc_norm"]) / 2, 2)
     # the stage scored PIQA's first 24 validation items with their labels from valid-labels.lst, in the standard
     # prompt: the same accuracies by hand from the release files
     labels = (piqa_dir / "valid-labels.lst").read_text().split()[:24]

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from layerchop.config import section
 from layerchop.evaluate.suite import evaluate_model
 from layerchop.io import atomic_dir, check_model_dir, read_metadata, write_json
+from layerchop.report.summary import summary
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -57,3 +58,4 @@ def main(args: argparse.Namespace) -> None:
         write_json(tmp / "curve.json", {"objective": final_meta.get("objective", "lm"), "points": points,
                                         "compute": final_meta["compute"], "distill": final_meta.get("distill")})
         write_json(tmp / "metrics.json", final)
+        write_json(tmp / "summary.json", summary(final))  # the final model's headline numbers

@@ -13,12 +13,13 @@ from layerchop.config import section
 from layerchop.evaluate.suite import evaluate_model
 from layerchop.config import check_device
 from layerchop.io import atomic_dir, check_model_dir, write_json
+from layerchop.report.summary import summary
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--out", required=True, help="output directory (metrics.json, results.json)")
+    p.add_argument("--out", required=True, help="output directory (metrics.json, summary.json, results.json)")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -29,5 +30,6 @@ def main(args: argparse.Namespace) -> None:
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "results.json", results)
         write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "summary.json", summary(metrics))  # the headline numbers (dvc metrics show)
     print(f"[evaluate] {args.model}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                      if isinstance(v, float)))
