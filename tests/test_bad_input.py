@@ -294,15 +294,35 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(disk)], check=True)
 
 
-def test_a_disk_that_fills_up_while_a_model_is_written_names_the_output(tmp_path, tiny_dir, small_disk, capsys):
+@pytest.mark.parametrize("stage", ["chop", "prune"])  # prune: the masked model's directory is written inside another
+def test_a_disk_that_fills_up_while_a_model_is_written_names_the_output(tmp_path, tiny_dir, tiny_prepared, small_disk,
+                                                                        capsys, stage):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(edited(yaml.safe_load(open(REPO / "params.yaml")), "chop.num_remove", 2)))
-    rc, line = run_stage(capsys, ["chop", "--params", str(params), "--model", str(tiny_dir),
-                                  "--out", str(small_disk / "chopped")])
+    argv = {"chop": ["--model", str(tiny_dir)],
+            "prune": ["--method", "magnitude", "--pattern", "2of4", "--model", str(tiny_dir), "--data",
+                      str(tiny_prepared)]}[stage]
+    rc, line = run_stage(capsys, [stage, "--params", str(params), *argv, "--out", str(small_disk / "model")])
     assert rc == 2, line
-    assert re.fullmatch(rf"layerchop chop: error: {small_disk}/chopped: the disk filled up while it was written "
+    assert re.fullmatch(rf"layerchop {stage}: error: {small_disk}/model: the disk filled up while it was written "
                         rf"\([0-9.]+ MiB free on {small_disk}\); nothing was left behind", line), line
     assert list(small_disk.iterdir()) == []
+
+
+def test_what_counts_as_a_full_disk():
+    """Without a small file system to fill (no mount rights): the errors a full disk raises, and those it does not."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from layerchop.io import disk_full
+
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert disk_full(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not disk_full(SafetensorError("Error while deserializing header: HeaderTooLarge"))
+    assert not disk_full(ValueError("No space left on device"))
 
 
 def test_an_explicit_encoding_reads_latin1(tmp_path):

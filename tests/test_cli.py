@@ -122,17 +122,24 @@ def test_a_warm_start_setting_the_stage_ignores_is_reported_once(tmp_path, tiny_
     ``dvc.yaml``, the stages that use it; the run goes on."""
     import shutil
 
-    from layerchop.stages.train import ignored_warm_start
-
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     proc = _train(tmp_path, {"train.token_budget": 10 * 4 * 32, "train.warmup_steps": 4, "train.warm_start_steps": 2},
                   tiny_dir, tiny_prepared, "--plan")
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
-    assert warnings == [ignored_warm_start(2, REPO / "dvc.yaml").replace(str(REPO / "dvc.yaml"), "dvc.yaml")]
-    assert warnings[0].startswith("layerchop train: warning: train.warm_start_steps=2 is ignored by this run (no "
-                                  "--warm-start); only stages that pass --warm-start use it (dvc.yaml: warm_start, ")
-    assert "layout_train" in warnings[0] and "scratch" not in warnings[0]
+    # the stages of dvc.yaml passing --warm-start, an arm's flags (arms.trained in params.yaml) resolved
+    assert warnings == ["layerchop train: warning: train.warm_start_steps=2 is ignored by this run (no --warm-start); "
+                        "only stages that pass --warm-start use it (dvc.yaml: warm_start, train@layerchop, "
+                        "fig4_train@layerchop, layout_train@*)"]
+    # a process that Lightning's launcher started beside the first says nothing
+    from layerchop.stages.train import first_process
+
+    os.environ["LOCAL_RANK"] = "1"
+    try:
+        assert not first_process()
+    finally:
+        del os.environ["LOCAL_RANK"]
+    assert first_process()
     proc = _train(tmp_path, {"train.token_budget": 10 * 4 * 32, "train.warmup_steps": 4, "train.warm_start_steps": 2},
                   chopped_dir, tiny_prepared, "--plan", "--warm-start")
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
@@ -231,7 +238,7 @@ def test_outside_the_repository_every_key_has_its_default(tmp_path, monkeypatch,
     monkeypatch.chdir(work)
     assert main(["chop", "--model", str(tmp_path / "deep"), "--out", "out"]) == 0
     assert AutoModelForCausalLM.from_pretrained(work / "out").config.num_hidden_layers == 5
-    capsys.readouterr()
+    assert f"layerchop: no params.yaml in {work}: every key at its default" in capsys.readouterr().err
     assert main(["chop", "--params", "mine.yaml", "--model", str(tmp_path / "deep"), "--out", "out2"]) == 2
     assert capsys.readouterr().err.strip() == "layerchop chop: error: --params mine.yaml: not found"
     (work / "mine.yaml").write_text("chop:\n  num_remove: 0\n")

@@ -54,11 +54,15 @@ def card_data(metadata: dict[str, Any], name: str):
 
 
 def render(text: str, metadata: dict[str, Any], name: str) -> str:
-    """The card (``README.md``) of a model directory: YAML metadata, then ``text``."""
-    from huggingface_hub import ModelCard
+    """The card (``README.md``) of a model directory: YAML metadata, then ``text``. A ``text`` that carries its own
+    metadata block keeps the keys this one does not set."""
+    from huggingface_hub import ModelCard, ModelCardData
 
-    data = card_data(metadata, name)
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text.strip()}\n"))
+    data = card_data(metadata, name).to_dict()
+    if text.lstrip().startswith("---"):
+        given = ModelCard(text)
+        data, text = {**given.data.to_dict(), **data}, given.text
+    return str(ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n\n{text.strip()}\n"))
 
 
 def eval_results(metrics: dict[str, Any], model_name: str) -> list:
@@ -100,6 +104,6 @@ def push_card(card_text: str, metrics: Optional[dict[str, Any]], commit: Optiona
     if metrics:
         card.data.eval_results = eval_results(metrics, name)
         card.data.model_name = name
-    if commit:
-        card.data.layerchop = {**(card.data.layerchop or {}), "pipeline_commit": commit}
+    if commit:  # (a card written before cards carried metadata has no layerchop key)
+        card.data.layerchop = {**(getattr(card.data, "layerchop", None) or {}), "pipeline_commit": commit}
     return str(card)

@@ -1105,6 +1105,11 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
     """
     if path is None:
         if not Path(DEFAULT_PARAMS).exists():
+            if _PARAMS_FILE.get() != "the default params":  # said once per process
+                import sys
+
+                print(f"layerchop: no {DEFAULT_PARAMS} in {Path.cwd()}: every key at its default (--params names a "
+                      "file)", file=sys.stderr, flush=True)
             _PARAMS_FILE.set("the default params")
             return {}
         path = DEFAULT_PARAMS

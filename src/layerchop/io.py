@@ -104,7 +104,7 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
         yield tmp
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(e):
+        if disk_full(e) or isinstance(e, OutputError):  # (an inner atomic_dir's: named by the outer output)
             free = shutil.disk_usage(out.parent).free
             raise OutputError(f"{out}: the disk filled up while it was written ({free / 2**20:.1f} MiB free on "
                               f"{out.parent}); nothing was left behind") from None
@@ -274,6 +274,7 @@ def save_model_dir(
     metadata: dict[str, Any],
     card: Optional[str] = None,
     state_dict: Optional[dict[str, torch.Tensor]] = None,
+    name: Optional[str] = None,
 ) -> None:
     """Save a plain HF model directory (safetensors + tokenizer + metadata + model card), atomically.
 
@@ -284,6 +285,7 @@ def save_model_dir(
         metadata: Written as ``layerchop.json`` (parameters and layer counts are added).
         card: The model card's Markdown text (``README.md``, below the metadata of :func:`layerchop.cards.render`).
         state_dict: Full (unsharded) weights to save instead of the model's own.
+        name: The model's name in its card (default: ``out``'s).
     """
     metadata = dict(metadata)
     metadata.setdefault("num_hidden_layers", int(model.config.num_hidden_layers))
@@ -297,4 +299,4 @@ def save_model_dir(
         if card:
             from layerchop.cards import render
 
-            (tmp / "README.md").write_text(render(card, metadata, Path(out).name))
+            (tmp / "README.md").write_text(render(card, metadata, name or Path(out).name))

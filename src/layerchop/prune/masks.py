@@ -40,7 +40,8 @@ def save_pruned_model_dir(model, tokenizer, out: str | Path, *, masks: dict[str,
 
     with atomic_dir(out) as tmp:
         inner = tmp / "hf"
-        save_model_dir(model, tokenizer, inner, metadata=metadata, card=card, state_dict=state_dict)
+        save_model_dir(model, tokenizer, inner, metadata=metadata, card=card, state_dict=state_dict,
+                       name=Path(out).name)
         save_masks(inner, masks)
         for f in inner.iterdir():
             f.rename(tmp / f.name)

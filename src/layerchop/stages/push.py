@@ -28,7 +28,8 @@ from pathlib import Path
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (a stage's output)")
     p.add_argument("--repo-id", required=True, help="the Hub repository, <user or organisation>/<name>")
-    p.add_argument("--metrics", default=None, help="the model's metrics.json from `layerchop evaluate`")
+    p.add_argument("--metrics", dest="metrics_file", default=None,  # an input: not checked as a writable output
+                   help="the model's metrics.json from `layerchop evaluate`")
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--dry-run", action="store_true", help="print the card that would be published; upload nothing")
 
@@ -55,9 +56,11 @@ def main(args: argparse.Namespace) -> int:
     model = check_model_dir(args.model, "--model")
     if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
         raise ValueError(f"--repo-id {args.repo_id!r}: must be <user or organisation>/<name>")
-    metrics = read_json(args.metrics) if args.metrics else None
+    if args.metrics_file and not Path(args.metrics_file).is_file():
+        raise FileNotFoundError(f"--metrics {args.metrics_file}: no such file")
+    metrics = read_json(args.metrics_file) if args.metrics_file else None
     if metrics is not None and not isinstance(metrics, dict):
-        raise ValueError(f"--metrics {args.metrics}: not the JSON object of `layerchop evaluate`")
+        raise ValueError(f"--metrics {args.metrics_file}: not the JSON object of `layerchop evaluate`")
     meta = read_json(model / METADATA_FILE) if (model / METADATA_FILE).exists() else {}
     text = (model / "README.md").read_text() if (model / "README.md").exists() else render("", meta, model.name)
     card = push_card(text, metrics, pipeline_commit(Path.cwd()), args.repo_id.split("/")[1])
@@ -71,8 +74,16 @@ def main(args: argparse.Namespace) -> int:
     operations = [CommitOperationAdd(path_in_repo=f.relative_to(model).as_posix(), path_or_fileobj=str(f))
                   for f in files]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
     api = HfApi()
-    url = api.create_repo(args.repo_id, private=args.private, exist_ok=True, repo_type="model")
-    api.create_commit(args.repo_id, operations, commit_message=f"layerchop push of {model.name}", repo_type="model")
+    try:
+        url = api.create_repo(args.repo_id, private=args.private, exist_ok=True, repo_type="model")
+        api.create_commit(args.repo_id, operations, commit_message=f"layerchop push of {model.name}",
+                          repo_type="model")
+    except LocalTokenNotFoundError:
+        raise ValueError(f"--repo-id {args.repo_id}: not logged in to the Hub (run `hf auth login`)") from None
+    except HfHubHTTPError as e:
+        raise ValueError(f"--repo-id {args.repo_id}: the Hub refused the push ({str(e).splitlines()[0]})") from None
     print(f"[push] {len(files)} files and the card to {url}")
     return 0

@@ -31,6 +31,14 @@ from pathlib import Path
 from layerchop.config import DIMCHOP_STRUCTURES, load_params, section
 
 
+def first_process() -> bool:
+    """Not a process that Lightning's own launcher started beside the first (``devices > 1`` without torchrun
+    re-runs this command once per further device, with ``LOCAL_RANK`` set)."""
+    import os
+
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", required=True, help="initial weights (HF directory)")
     p.add_argument("--data", required=True, help="prepared data directory")
@@ -103,8 +111,8 @@ def main(args: argparse.Namespace) -> int:
                    warm_from=args.warm_from,
                    budget_key=("--flop-budget (a figure's flop_budget in dvc.yaml)" if args.flop_budget else
                                "--token-budget (a figure's token_budget in dvc.yaml)" if args.token_budget else None))
-    if cfg.warm_start_steps and not args.warm_start and not under_launcher():  # once: not again in each worker
-        print(ignored_warm_start(cfg.warm_start_steps), file=sys.stderr, flush=True)
+    if cfg.warm_start_steps and not args.warm_start and not under_launcher() and first_process():
+        print(ignored_warm_start(cfg.warm_start_steps, params), file=sys.stderr, flush=True)
     if args.plan:  # a plan needs no GPU (a login node plans a cluster run)
         print(json.dumps(plan.describe(), indent=2))
         return 0
@@ -131,17 +139,55 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def ignored_warm_start(steps: int, dvc: str | Path = "dvc.yaml") -> str:
-    """The warning for a ``train.warm_start_steps`` that a stage without ``--warm-start`` ignores, naming the stages
-    of ``dvc`` (where there is one here) that use it."""
+def warm_start_stages(dvc: str | Path, params: dict) -> list[str]:
+    """The stages of ``dvc`` whose command passes ``--warm-start``, with ``foreach`` items resolved from ``params``
+    (an arm's flags in ``arms.trained`` included): ``name@key``, or ``name@*`` when every item of it does."""
+    import re
+
     import yaml
 
+    def lookup(ref: str):
+        node = params
+        for part in ref.split("."):
+            node = (node or {}).get(part)
+        return node
+
+    def resolve(cmd: str, key: str, item) -> str:
+        def value(m):
+            path = m.group(1)
+            if path == "key":
+                return key
+            if path == "item":
+                return str(item)
+            if path.startswith("item."):
+                node = item
+                for part in path.split(".")[1:]:
+                    node = node.get(part) if isinstance(node, dict) else None
+                return "" if node is None else str(node)
+            return str(lookup(path))
+        return re.sub(r"\$\{([^}]+)\}", value, cmd)
+
+    users = []
+    for name, stage in ((yaml.safe_load(Path(dvc).read_text()) or {}).get("stages") or {}).items():
+        if "foreach" in stage:
+            items = stage["foreach"]
+            if isinstance(items, str):
+                items = lookup(items.strip("${} "))
+            pairs = list(items.items()) if isinstance(items, dict) else [(str(i), i) for i in items or []]
+            using = [key for key, item in pairs if "--warm-start" in resolve(stage["do"]["cmd"], key, item)]
+            users += [f"{name}@*"] if using and len(using) == len(pairs) else [f"{name}@{key}" for key in using]
+        elif "--warm-start" in str(stage.get("cmd", "")):
+            users.append(name + ("@*" if "matrix" in stage else ""))
+    return users
+
+
+def ignored_warm_start(steps: int, params: dict, dvc: str | Path = "dvc.yaml") -> str:
+    """The warning for a ``train.warm_start_steps`` that a stage without ``--warm-start`` ignores, naming the stages
+    of ``dvc`` (where there is one here) that use it."""
     line = (f"layerchop train: warning: train.warm_start_steps={steps} is ignored by this run (no --warm-start); "
             "only stages that pass --warm-start use it")
     if Path(dvc).exists():
-        stages = (yaml.safe_load(Path(dvc).read_text()) or {}).get("stages") or {}
-        users = [name for name, stage in stages.items() if "--warm-start" in yaml.safe_dump(stage)]
-        line += f" ({dvc}: {', '.join(users) or 'none'})"
+        line += f" ({dvc}: {', '.join(warm_start_stages(dvc, params)) or 'none'})"
     return line
 
 
