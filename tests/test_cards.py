@@ -140,3 +140,16 @@ def test_a_card_with_its_own_metadata_or_none_is_completed_not_doubled():
     old = push_card("# an older card, no metadata\n", METRICS, "abc123", "old")
     assert ModelCard(old).data.layerchop == {"pipeline_commit": "abc123"}
     assert len(ModelCard(old).data.eval_results) == 4
+
+
+def test_a_trained_models_card_shows_its_training_settings():
+    from layerchop.cards import render
+
+    meta = {"stage": "train", "objective": "distill", "source": "hub", "hub_id": "meta-llama/Llama-2-7b-hf",
+            "tokens_trained": 4096, "train": {"lr": 1e-3, "token_budget": 4096, "flop_budget": None, "batch_size": 8,
+                                              "launcher": "slurm"}}
+    data = ModelCard(render("# run\n", meta, "fig4-distill")).data
+    assert data.base_model == "meta-llama/Llama-2-7b-hf" and data.license is None  # a Hub model's licence: unknown
+    assert data.tags == ["layerchop", "distill"]
+    assert data.layerchop == {"stage": "train", "objective": "distill", "tokens_trained": 4096,
+                              "training": {"lr": 1e-3, "token_budget": 4096, "batch_size": 8}}

@@ -18,6 +18,9 @@ KNOWN_ORIGINS = {
 # the layerchop.json keys that describe how a model was compressed or trained (copied into the card's metadata)
 COMPRESSION_KEYS = ("stage", "method", "objective", "layout", "removed_layers", "num_layers_before", "pattern",
                     "sparsity", "structure", "dequantized_from", "tokens_trained", "tokens_before")
+# the training settings a card shows (layerchop.json's "train" holds them all)
+TRAINING_KEYS = ("lr", "token_budget", "flop_budget", "batch_size", "accumulate", "warmup_steps", "min_lr_ratio",
+                 "warm_start_steps", "precision", "seed")
 # evaluation metrics (metrics.json of `layerchop evaluate`) -> (metric type, dataset name) on the Hub
 PERPLEXITY = {"val/ppl": ("validation", "the recovery corpus"), "test/ppl": ("test", "the recovery corpus")}
 
@@ -42,6 +45,9 @@ def card_data(metadata: dict[str, Any], name: str):
     tags = ["layerchop", *([method] if method and method != "layerchop" else []),
             *(["pruned"] if metadata.get("stage") in ("chop", "prune", "shrink") else [])]
     compression = {k: metadata[k] for k in COMPRESSION_KEYS if k in metadata}
+    if isinstance(metadata.get("train"), dict):  # a training stage's settings (the rest is in layerchop.json)
+        compression["training"] = {k: metadata["train"][k] for k in TRAINING_KEYS
+                                   if metadata["train"].get(k) is not None}
     return ModelCardData(
         model_name=name,
         base_model=None if metadata.get("stage") == "scratch" else base,  # scratch: the architecture only
