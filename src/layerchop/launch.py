@@ -148,7 +148,7 @@ def needs_accelerator(stage: str, params: dict, argv: Sequence[str] = ()) -> Opt
 
     if stage == "train":
         cfg = section("train", params)
-        return f"train.accelerator={cfg.accelerator}" if cfg.accelerator in ("gpu", "cuda", "mps", "tpu") else None
+        return f"train.accelerator={cfg.accelerator}" if cfg.accelerator in ("gpu", "cuda") else None
     key = ONE_TASK_STAGES.get(stage)
     if key is None:
         return None
