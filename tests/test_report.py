@@ -125,3 +125,48 @@ def test_figure1_stage_from_metrics_files(tmp_path):
     assert "Not evaluated: heldout_continuation, piqa (no model has a result;" in md
     for ext in ("png", "pdf"):
         assert (tmp_path / "f" / f"fig1_oneshot_vs_layerchop.{ext}").stat().st_size > 1000
+
+
+def test_figure1_reads_without_a_legend_to_decode(monkeypatch):
+    """What Figure 1 shows, read from the drawn figure: axis labels in words (the tasks in each panel's title, not
+    in the y label), perplexity ticks as plain numbers (not 2×10¹), one legend for both panels naming every row."""
+    from layerchop.report import oneshot
+
+    drawn = []
+    monkeypatch.setattr(oneshot, "save_figure", lambda fig, stem: drawn.append(fig))
+    accs = {"heldout_continuation": (0.6, 0.5), "heldout_lastword": (0.5, 0.7), "piqa": (0.6, 0.62)}
+    rows = [{"name": name, "label": label, "metrics": _metrics(1e8, 30, 0, ppl, ppl, accs, n=200)}
+            for name, label, ppl in (("dense", "Dense", 19.5), ("layerchop", "LayerChop", 53.5),
+                                     ("oneshot/wanda-2of4", "Wanda 2:4", 172.0))]
+    oneshot.figure1(rows, Path("unused"))
+    [fig] = drawn
+    fig.canvas.draw()
+    left, right = fig.axes
+    assert (left.get_ylabel(), right.get_ylabel()) == ("in-domain accuracy (%)", "general accuracy (%)")
+    assert left.get_title().replace("\n", " ") == ("In-domain: mean of held-out continuation (accuracy), held-out last "
+                                                   "word (length-normalised accuracy)")
+    assert right.get_title() == "General: PIQA (length-normalised accuracy)"
+    ticks = [t.get_text() for t in left.get_xticklabels() if t.get_text()]
+    assert "20" in ticks and "50" in ticks and "100" in ticks and not any("10^" in t or "×" in t for t in ticks), ticks
+    [legend] = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["Dense", "LayerChop", "Wanda 2:4"]
+    assert not left.get_legend() and not right.get_legend()
+
+
+def test_figure4_draws_the_dense_reference(monkeypatch):
+    from layerchop.report import compute
+
+    drawn = []
+    monkeypatch.setattr(compute, "save_figure", lambda fig, stem: drawn.append(fig))
+    cols = [("heldout_lastword", "acc_norm")]
+    point = {"step": 1, "tokens": 10, "flops": 1e12, "device_s": 3.0,
+             "metrics": _metrics(1e8, 15, 10, 60.0, 60.0, {"heldout_lastword": (0.5, 0.6)}, n=200)}
+    arms = [{"label": "LayerChop", "series": compute.arm_series({"points": [point]}, None, cols)}]
+    dense = {**compute.arm_series({"points": []}, _metrics(1e8, 30, 0, 19.5, 19.5, {"heldout_lastword": (0.9, 0.95)},
+                                                            n=200), cols)[0], "label": "dense (uncompressed)"}
+    compute.figure4(arms, Path("unused"), "A100", reference=dense)
+    [fig] = drawn
+    lines = [(ax, line) for ax in fig.axes for line in ax.get_lines() if line.get_label() == "dense (uncompressed)"]
+    assert len(lines) == 4  # perplexity and in-domain accuracy, against FLOPs and against device-hours
+    assert {round(line.get_ydata()[0], 3) for _, line in lines} == {19.5, 95.0}
+    assert all(line.get_linestyle() == ":" for _, line in lines)
