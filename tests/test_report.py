@@ -170,3 +170,18 @@ def test_figure4_draws_the_dense_reference(monkeypatch):
     assert len(lines) == 4  # perplexity and in-domain accuracy, against FLOPs and against device-hours
     assert {round(line.get_ydata()[0], 3) for _, line in lines} == {19.5, 95.0}
     assert all(line.get_linestyle() == ":" for _, line in lines)
+
+
+def test_summary_holds_the_headline_numbers_with_the_same_keys_for_every_model():
+    """summary.json (``dvc metrics show``): perplexities, the in-domain average of the primary metrics with its
+    error, and each general task with its error and item count, in percent; a model without a task lacks its keys."""
+    from layerchop.report.summary import summary
+
+    accs = {"heldout_continuation": (0.6, 0.5), "heldout_lastword": (0.5, 0.7), "piqa": (0.6, 0.62)}
+    full = summary(_metrics(1e8, 30, 0, 19.4771, 18.9893, accs, n=200))
+    se_in = 100 * math.hypot(math.sqrt(0.6 * 0.4 / 200), math.sqrt(0.7 * 0.3 / 200)) / 2
+    assert full == {"val_ppl": 19.477, "test_ppl": 18.989, "in_domain": 65.0, "in_domain_se": round(se_in, 2),
+                    "piqa": 62.0, "piqa_se": round(100 * math.sqrt(0.62 * 0.38 / 200), 2), "piqa_n": 200}
+    other = summary(_metrics(1e8, 15, 0, 53.5, 55.5, {**accs, "piqa": (0.5, 0.54)}, n=1000))
+    assert sorted(other) == sorted(full)
+    assert summary({"val/ppl": 20.0}) == {"val_ppl": 20.0, "test_ppl": None}
