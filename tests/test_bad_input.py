@@ -392,3 +392,19 @@ def test_a_gpu_run_on_a_machine_without_one_is_refused(tmp_path, tiny_dir, tiny_
                                   str(tmp_path / "r")])
     assert rc == 2 and "train.accelerator='gpu': this machine has no CUDA device" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_a_json_output_on_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from layerchop.io import OutputError, write_json
+
+    def full(self, *a, **k):
+        with open(self, "w") as f:
+            f.write("{")  # a partial file, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OutputError, match=r"out.json: the disk filled up while it was written; nothing was left"):
+        write_json(tmp_path / "out.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []

@@ -167,12 +167,18 @@ def check_writable(path: str | Path, key: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (tmp file + rename), sorted keys, trailing newline."""
+    """Write JSON atomically (tmp file + rename), sorted keys, trailing newline; a full disk leaves nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{tmp_suffix()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise OutputError(f"{path}: the disk filled up while it was written; nothing was left behind") from None
+        raise
     tmp.rename(path)
 
 
