@@ -20,6 +20,7 @@ import typing
 from functools import lru_cache
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,29 +151,13 @@ def _lookup(params, dotted: str):
     return params
 
 
-def _items(value, params) -> list[str]:
-    """The items a ``foreach`` or a ``matrix`` axis runs over: a literal, or ``${a.b}`` from params."""
-    if isinstance(value, str) and (m := re.fullmatch(r"\$\{([\w.]+)\}", value.strip())):
-        value = _lookup(params, m.group(1))
-    if isinstance(value, dict):
-        return [str(k) for k in value]
-    return [str(v) for v in value]
-
-
 def stage_names_for(repo: Path, params: dict) -> set[str]:
     """The stages ``dvc.yaml`` defines under ``params``: ``name``, ``name@<item>`` for a ``foreach`` and
-    ``name@<a>-<b>`` for a ``matrix`` (DVC's own naming)."""
+    ``name@<a>-<b>`` for a ``matrix`` (DVC's own naming, as :func:`layerchop.pipeline.expand` gives it)."""
+    from layerchop.pipeline import expand
+
     stages = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    names = set()
-    for name, stage in stages.items():
-        if "foreach" in stage:
-            names |= {f"{name}@{item}" for item in _items(stage["foreach"], params)}
-        elif "matrix" in stage:
-            axes = [_items(v, params) for v in stage["matrix"].values()]
-            names |= {f"{name}@{'-'.join(combo)}" for combo in itertools.product(*axes)}
-        else:
-            names.add(name)
-    return names
+    return {f"{name}@{key}" if key else name for name, stage in stages.items() for key, _ in expand(stage, params)}
 
 
 def profiles(repo: Path) -> list[Path]:
@@ -522,44 +507,10 @@ CHECKS = (check_main_table, check_generated_excerpts, check_layerchop_commands, 
 
 # ------------------------------------------------------------------------------------------------------- the tests
 
-def test_the_readme_main_table_is_the_generated_one():
-    assert not (problems := check_main_table(REPO, REPO)), "\n".join(problems)
-
-
-def test_tables_copied_into_the_docs_are_verbatim_excerpts_of_the_generated_files():
-    assert not (problems := check_generated_excerpts(REPO, REPO)), "\n".join(problems)
-
-
-def test_every_layerchop_subcommand_and_option_in_the_docs_exists():
-    assert not (problems := check_layerchop_commands(REPO, REPO)), "\n".join(problems)
-
-
-def test_every_dvc_target_and_override_in_the_docs_exists():
-    assert not (problems := check_dvc_targets(REPO, REPO)), "\n".join(problems)
-
-
-def test_every_stage_named_in_the_docs_exists():
-    assert not (problems := check_stage_spans(REPO, REPO)), "\n".join(problems)
-
-
-def test_every_repository_path_in_the_docs_exists():
-    assert not (problems := check_paths(REPO, REPO)), "\n".join(problems)
-
-
-def test_every_params_key_in_the_docs_exists():
-    assert not (problems := check_params_keys(REPO, REPO)), "\n".join(problems)
-
-
-def test_every_relative_link_in_the_docs_resolves():
-    assert not (problems := check_links(REPO, REPO)), "\n".join(problems)
-
-
-def test_the_readme_shows_its_two_commands_each_alone():
-    assert not (problems := check_readme_commands(REPO, REPO)), "\n".join(problems)
-
-
-def test_the_docs_link_nothing_outside_the_repository():
-    assert not (problems := check_no_external_addresses(REPO, REPO)), "\n".join(problems)
+@pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("check_") for c in CHECKS])
+def test_the_docs_match_the_repository(check):
+    """Each check over README.md and docs/ (what each one checks: its docstring or name): no problem found."""
+    assert not (problems := check(REPO, REPO)), "\n".join(problems)
 
 
 def test_the_checks_see_what_they_check():

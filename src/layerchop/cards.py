@@ -76,7 +76,7 @@ def eval_results(metrics: dict[str, Any], model_name: str) -> list:
     primary accuracy of each task (with its standard error and item count in the source name)."""
     from huggingface_hub import EvalResult
 
-    from layerchop.report.tables import PRIMARY_METRIC
+    from layerchop.report.tables import task_columns
 
     results = []
     for key, (split, dataset) in PERPLEXITY.items():
@@ -85,11 +85,7 @@ def eval_results(metrics: dict[str, Any], model_name: str) -> list:
                                       dataset_name=dataset, dataset_split=split, metric_type="perplexity",
                                       metric_value=round(float(metrics[key]), 4),
                                       metric_name=f"perplexity ({metrics.get(key + '_tokens', '?')} tokens)"))
-    tasks = sorted({k.split("/")[1] for k in metrics if k.startswith("eval/")})
-    for task in tasks:
-        metric = PRIMARY_METRIC.get(task, "acc")
-        if f"eval/{task}/{metric}" not in metrics:
-            metric = "acc"
+    for task, metric in task_columns([{"metrics": metrics}]):  # each task's primary metric, as the tables pick it
         value = metrics.get(f"eval/{task}/{metric}")
         if value is None:
             continue

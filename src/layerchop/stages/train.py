@@ -140,44 +140,21 @@ def main(args: argparse.Namespace) -> int:
 
 
 def warm_start_stages(dvc: str | Path, params: dict) -> list[str]:
-    """The stages of ``dvc`` whose command passes ``--warm-start``, with ``foreach`` items resolved from ``params``
-    (an arm's flags in ``arms.trained`` included): ``name@key``, or ``name@*`` when every item of it does."""
-    import re
-
+    """The stages of ``dvc`` whose command passes ``--warm-start``, expanded as DVC expands them
+    (:mod:`layerchop.pipeline`; an arm's flags in ``arms.trained`` included): ``name@key``, or ``name@*`` when every
+    instance of it does."""
     import yaml
 
-    def lookup(ref: str):
-        node = params
-        for part in ref.split("."):
-            node = (node or {}).get(part)
-        return node
-
-    def resolve(cmd: str, key: str, item) -> str:
-        def value(m):
-            path = m.group(1)
-            if path == "key":
-                return key
-            if path == "item":
-                return str(item)
-            if path.startswith("item."):
-                node = item
-                for part in path.split(".")[1:]:
-                    node = node.get(part) if isinstance(node, dict) else None
-                return "" if node is None else str(node)
-            return str(lookup(path))
-        return re.sub(r"\$\{([^}]+)\}", value, cmd)
+    from layerchop.pipeline import expand, interpolate
 
     users = []
     for name, stage in ((yaml.safe_load(Path(dvc).read_text()) or {}).get("stages") or {}).items():
-        if "foreach" in stage:
-            items = stage["foreach"]
-            if isinstance(items, str):
-                items = lookup(items.strip("${} "))
-            pairs = list(items.items()) if isinstance(items, dict) else [(str(i), i) for i in items or []]
-            using = [key for key, item in pairs if "--warm-start" in resolve(stage["do"]["cmd"], key, item)]
-            users += [f"{name}@*"] if using and len(using) == len(pairs) else [f"{name}@{key}" for key in using]
-        elif "--warm-start" in str(stage.get("cmd", "")):
-            users.append(name + ("@*" if "matrix" in stage else ""))
+        instances = expand(stage, params)
+        using = [key for key, body in instances if "--warm-start" in interpolate(str(body.get("cmd", "")), params)]
+        if not using:
+            continue
+        users += [name] if using == [""] else [f"{name}@*"] if len(using) == len(instances) else \
+            [f"{name}@{key}" for key in using]
     return users
 
 
