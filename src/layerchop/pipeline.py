@@ -3,8 +3,11 @@ from params), so that a dry run (``layerchop plan``) and the tests see the comma
 
 from __future__ import annotations
 
+import ast
 import itertools
 import re
+from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -76,3 +79,55 @@ def stage_commands(dvc: dict, params: dict, names: tuple[str, ...]) -> list[tupl
             argv = shlex.split(interpolate(" ".join(body["cmd"].split()), params))
             out.append((f"{name}@{key}" if key else name, argv[1:]))
     return out
+
+
+def _module_file(name: str, src: Path) -> Optional[Path]:
+    """The source file of module ``name`` under ``src`` (a package's ``__init__.py``), or None."""
+    base = src.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _runs_code(init: Path) -> bool:
+    """A package ``__init__.py`` that does more than hold a docstring (importing anything below it runs it)."""
+    body = ast.parse(init.read_text()).body
+    return any(not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)) for node in body)
+
+
+def code_closure(module: str, src: str | Path = "src") -> set[Path]:
+    """The source files that running ``module`` can execute from its own package: every ``layerchop`` module it
+    imports, at any depth, at module level or inside a function, every module of a package that a registry
+    imports by name (a string constant naming a package, :func:`layerchop.plugins.with_package`), and each
+    package ``__init__.py`` on the way that runs code. A superset of what one run imports, which is what a DVC
+    stage's ``deps`` must cover so that editing any of them re-runs the stage."""
+    import pkgutil
+
+    src = Path(src)
+    top = module.split(".")[0]
+    seen: set[Path] = set()
+    visited: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in visited:
+            continue
+        visited.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:k]) for k in range(1, len(parts))]  # importing it runs the packages above first
+        path = _module_file(name, src)
+        if path is None or path in seen or (path.name == "__init__.py" and not _runs_code(path)):
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.split(".")[0] == top]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] == top:
+                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(f"{top}."):
+                pkg = src.joinpath(*node.value.split("."))
+                if (pkg / "__init__.py").is_file():  # a registry's package: every module in it
+                    todo += [f"{node.value}.{m.name}" for m in pkgutil.iter_modules([str(pkg)])]
+    return seen

@@ -8,6 +8,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import sys
 
 from layerchop.config import section
 from layerchop.evaluate.suite import evaluate_model
@@ -26,6 +27,7 @@ def main(args: argparse.Namespace) -> None:
     cfg = section("evaluate", path=args.params)
     check_device("evaluate.device", cfg.device, available=True)
     check_model_dir(args.model, "--model")
+    warn_slow_bf16(cfg)
     metrics, results = evaluate_model(args.model, args.data, cfg)
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "results.json", results)
@@ -33,3 +35,17 @@ def main(args: argparse.Namespace) -> None:
         write_json(tmp / "summary.json", summary(metrics))  # the headline numbers (dvc metrics show)
     print(f"[evaluate] {args.model}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                      if isinstance(v, float)))
+
+
+def warn_slow_bf16(cfg, stage: str = "evaluate") -> None:
+    """One line on stderr where this evaluation would run bf16 matmuls on a CPU whose bf16 is the slow path."""
+    import torch
+
+    from layerchop.machine import slow_bf16
+
+    if torch.device(cfg.device).type != "cpu":
+        return
+    line = (slow_bf16("evaluate.autocast", cfg.autocast, "null") if cfg.autocast == "bfloat16" else
+            slow_bf16("evaluate.dtype", cfg.dtype, "float32") if cfg.dtype == "bfloat16" else None)
+    if line:
+        print(f"layerchop {stage}: {line}", file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 from layerchop.config import DIMCHOP_STRUCTURES, load_params, section
 
@@ -113,6 +114,8 @@ def main(args: argparse.Namespace) -> int:
                                "--token-budget (a figure's token_budget in dvc.yaml)" if args.token_budget else None))
     if cfg.warm_start_steps and not args.warm_start and not under_launcher() and first_process():
         print(ignored_warm_start(cfg.warm_start_steps, params), file=sys.stderr, flush=True)
+    if not args.plan and not under_launcher() and first_process() and (line := slow_precision(cfg)):
+        print(line, file=sys.stderr, flush=True)
     if args.plan:  # a plan needs no GPU (a login node plans a cluster run)
         print(json.dumps(plan.describe(), indent=2))
         return 0
@@ -137,6 +140,21 @@ def main(args: argparse.Namespace) -> int:
     train(plan, resume=args.resume, log_csv=args.log, metrics=args.metrics, stop_after=args.stop_after,
           snapshot_dir=args.snapshot_dir)
     return 0
+
+
+def slow_precision(cfg) -> Optional[str]:
+    """The warning for a bf16 ``train.precision`` on a CPU whose bf16 matmuls are the slow path, or None."""
+    if not cfg.precision.startswith("bf16") or cfg.accelerator not in ("cpu", "auto"):
+        return None
+    if cfg.accelerator == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+    from layerchop.machine import slow_bf16
+
+    line = slow_bf16("train.precision", cfg.precision, "32-true")
+    return f"layerchop train: {line}" if line else None
 
 
 def warm_start_stages(dvc: str | Path, params: dict) -> list[str]:

@@ -1,0 +1,58 @@
+"""The machine a stage runs on: what it is (recorded beside results), and whether its CPU computes bf16 fast.
+
+Some CPUs (e.g. AMD Zen 3: AVX2, no AVX-512/BF16) run torch's bf16 matmuls on a slow path, 20-40x slower than
+float32, so a profile that trains in ``bf16-mixed`` or evaluates under bf16 autocast stalls there for hours.
+:func:`slow_bf16` measures it in a few milliseconds before a stage starts, and the stage says so in one line that
+names the key to change.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from functools import lru_cache
+from typing import Optional
+
+SLOW_BF16 = 4.0
+"""A bf16 matmul this many times slower than float32 on the CPU is the slow path (fast CPUs: 0.3-2x)."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what :mod:`platform` knows elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=None)
+def bf16_slowdown(size: int = 256, reps: int = 3) -> float:
+    """How many times longer a ``size``-cubed bf16 matmul takes than a float32 one on this CPU (best of ``reps``)."""
+    import torch
+
+    def best(dtype) -> float:
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        a @ b  # first call: kernel selection
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+
+
+def slow_bf16(key: str, value: str, avoid: str) -> Optional[str]:
+    """The warning for ``key: value`` (a bf16 setting on the CPU) where this CPU's bf16 matmuls are the slow path,
+    naming the value that avoids it; None where bf16 is fast enough."""
+    ratio = bf16_slowdown()
+    if ratio < SLOW_BF16:
+        return None
+    return (f"warning: {key}={value!r}: a bf16 matmul is {ratio:.0f}x slower than float32 on this CPU "
+            f"({cpu_model()}), so this stage may run for hours; {key}: {avoid} avoids it")
