@@ -172,6 +172,29 @@ def test_figure4_draws_the_dense_reference(monkeypatch):
     assert all(line.get_linestyle() == ":" for _, line in lines)
 
 
+def test_figure2_draws_the_dense_reference_and_says_so(monkeypatch):
+    from layerchop.report import compute
+
+    drawn = []
+    monkeypatch.setattr(compute, "save_figure", lambda fig, stem: drawn.append(fig))
+    cols = [("heldout_lastword", "acc_norm"), ("piqa", "acc_norm")]
+    point = {"step": 1, "tokens": 10, "flops": 1e12, "device_s": 3.0,
+             "metrics": _metrics(1e8, 15, 10, 60.0, 60.0, {"heldout_lastword": (0.5, 0.6), "piqa": (0.5, 0.55)},
+                                 n=200)}
+    arms = [{"label": "LayerChop", "series": compute.arm_series({"points": [point]}, None, cols)}]
+    dense = {**compute.arm_series({"points": []}, _metrics(1e8, 30, 0, 19.5, 19.5, {"heldout_lastword": (0.9, 0.95),
+                                                                                     "piqa": (0.6, 0.66)}, n=200),
+                                  cols)[0], "label": "dense (uncompressed)"}
+    compute.figure2(arms, Path("unused"), dense)
+    compute.figure2(arms, Path("unused"))
+    with_ref, without = drawn
+    lines = [line for ax in with_ref.axes for line in ax.get_lines() if line.get_label() == "dense (uncompressed)"]
+    assert [round(line.get_ydata()[0], 3) for line in lines] == [19.5, 95.0, 66.0]  # perplexity, in-domain, general
+    assert all(line.get_linestyle() == ":" for line in lines)
+    assert with_ref._suptitle.get_text().endswith("; dotted: dense")
+    assert not any(line.get_label() == "dense (uncompressed)" for ax in without.axes for line in ax.get_lines())
+
+
 def test_summary_holds_the_headline_numbers_with_the_same_keys_for_every_model():
     """summary.json (``dvc metrics show``): perplexities, the in-domain average of the primary metrics with its
     error, and each general task with its error and item count, in percent; a model without a task lacks its keys."""
@@ -185,3 +208,45 @@ def test_summary_holds_the_headline_numbers_with_the_same_keys_for_every_model()
     other = summary(_metrics(1e8, 15, 0, 53.5, 55.5, {**accs, "piqa": (0.5, 0.54)}, n=1000))
     assert sorted(other) == sorted(full)
     assert summary({"val/ppl": 20.0}) == {"val_ppl": 20.0, "test_ppl": None}
+
+
+def test_the_headline_is_layerchops_summary_and_the_share_of_lost_points_it_recovered(tmp_path):
+    """``paper/summary.json`` (``report --summary``): LayerChop's summary keys plus the share of the accuracy points
+    chopping lost that recovery brought back, per task group; the caption says the same. Without the three rows
+    the stage refuses before writing anything."""
+    from layerchop.report.summary import headline, recovered_share, summary
+
+    accs = {"dense": {"heldout_continuation": (0.9, 0.8), "heldout_lastword": (0.9, 1.0), "piqa": (0.6, 0.66)},
+            "chopped": {"heldout_continuation": (0.3, 0.2), "heldout_lastword": (0.3, 0.4), "piqa": (0.5, 0.50)},
+            "layerchop": {"heldout_continuation": (0.6, 0.5), "heldout_lastword": (0.6, 0.85), "piqa": (0.5, 0.54)}}
+    layers = {"dense": 30, "chopped": 15, "layerchop": 15}
+    metrics = {k: _metrics(1e8, layers[k], 0, 50.0, 40.0, a, n=200) for k, a in accs.items()}
+    # in-domain primary metrics (acc, acc_norm): dense 0.95, chopped 0.35, LayerChop 0.725 -> 62.5 %;
+    # PIQA (acc_norm): 0.66, 0.50, 0.54 -> 25 %
+    assert recovered_share(metrics["dense"], metrics["chopped"], metrics["layerchop"]) == {
+        "in_domain": 62.5, "general": 25.0}
+    head = headline(metrics["dense"], metrics["chopped"], metrics["layerchop"])
+    assert head == {**summary(metrics["layerchop"]), "in_domain_recovered": 62.5, "general_recovered": 25.0}
+    assert recovered_share(metrics["dense"], metrics["dense"], metrics["layerchop"]) == {
+        "in_domain": None, "general": None}  # nothing lost: no share
+
+    params = yaml.safe_load(open(REPO / "params.yaml"))
+    params["report"]["rows"] = {k: k for k in accs}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for name, m in metrics.items():
+        (tmp_path / "eval" / name).mkdir(parents=True)
+        (tmp_path / "eval" / name / "metrics.json").write_text(json.dumps(m))
+    cmd = [sys.executable, "-m", "layerchop.cli", "report", "--params", str(tmp_path / "params.yaml"),
+           "--eval", str(tmp_path / "eval"), "--tables", str(tmp_path / "tables"), "--summary",
+           str(tmp_path / "summary.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "summary.json").read_text()) == head
+    assert ("Continued pretraining brings back 62 % of the in-domain accuracy points that chopping lost and 25 % of "
+            "the general ones.") in (tmp_path / "tables" / "main.md").read_text()
+    params["report"]["rows"] = {"dense": "dense", "layerchop": "layerchop"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run(cmd[:-1] + [str(tmp_path / "other.json")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "report.rows: --summary needs the rows ['dense', 'chopped', 'layerchop']" in \
+        proc.stderr, proc.stderr
+    assert not (tmp_path / "other.json").exists()

@@ -25,7 +25,7 @@ GROUPS = {
     "pipeline stages (dvc.yaml runs them)": ("download", "prepare", "chop", "scratch", "prune", "train", "shrink",
                                             "benchmarks", "evaluate", "curve", "bench"),
     "reports (tables and figures from metrics files)": ("report", "figure1", "figure2", "figure3", "figure4",
-                                                        "figure6", "table2", "table3", "table6", "tables45"),
+                                                        "figure6", "table2", "table3", "table6", "tables45", "paper"),
     "tools": ("plan", "push"),
 }
 STAGES = tuple(name for names in GROUPS.values() for name in names)
@@ -97,7 +97,7 @@ def build_parser(stages: tuple[str, ...] = STAGES) -> argparse.ArgumentParser:
 
 
 # the arguments through which stages write: each is refused up front when it cannot be written
-OUTPUT_ARGS = ("out", "tables", "figures", "run_dir", "log", "metrics", "snapshot_dir", "cache")
+OUTPUT_ARGS = ("out", "tables", "figures", "run_dir", "log", "metrics", "snapshot_dir", "cache", "summary")
 
 
 def check_outputs(args: argparse.Namespace) -> None:

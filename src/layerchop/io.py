@@ -168,12 +168,17 @@ def check_writable(path: str | Path, key: str) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (tmp file + rename), sorted keys, trailing newline; a full disk leaves nothing."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (tmp file + rename); a full disk leaves nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{tmp_suffix()}")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(text)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if disk_full(e):

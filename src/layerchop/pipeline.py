@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import itertools
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -96,6 +97,16 @@ def _runs_code(init: Path) -> bool:
     return any(not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)) for node in body)
 
 
+@lru_cache(maxsize=None)
+def _parsed(path: Path, mtime_ns: int) -> tuple:
+    return tuple(ast.walk(ast.parse(path.read_text())))
+
+
+def _nodes(path: Path) -> tuple:
+    """Every AST node of a source file (parsed once per version of the file)."""
+    return _parsed(path, path.stat().st_mtime_ns)
+
+
 def code_closure(module: str, src: str | Path = "src") -> set[Path]:
     """The source files that running ``module`` can execute from its own package: every ``layerchop`` module it
     imports, at any depth, at module level or inside a function, every module of a package that a registry
@@ -120,7 +131,7 @@ def code_closure(module: str, src: str | Path = "src") -> set[Path]:
         if path is None or path in seen or (path.name == "__init__.py" and not _runs_code(path)):
             continue
         seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in _nodes(path):
             if isinstance(node, ast.Import):
                 todo += [a.name for a in node.names if a.name.split(".")[0] == top]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \

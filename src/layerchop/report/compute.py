@@ -164,9 +164,10 @@ def load_arms(curves: list[dict[str, Any]], start: dict[str, Any]) -> tuple[list
     return arms, cols
 
 
-def figure2(arms: list[dict[str, Any]], out_stem: Path) -> None:
+def figure2(arms: list[dict[str, Any]], out_stem: Path, reference: Optional[dict[str, Any]] = None) -> None:
     """Val perplexity (log) and each group's accuracy against training tokens, one line per arm (LayerChop starts at
-    the chopped model, the scratch arm at its first snapshot), ± 1 standard error at each evaluation."""
+    the chopped model, the scratch arm at its first snapshot), ± 1 standard error at each evaluation; ``reference``
+    (a point of :func:`arm_series` with a ``label``, the dense model) as a dotted horizontal line in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,6 +184,11 @@ def figure2(arms: list[dict[str, Any]], out_stem: Path) -> None:
             y = [100 * p[key][0] if p[key] is not None else float("nan") for p in pts]
             err = [100 * p[key][1] if p[key] is not None and p[key][1] is not None else 0.0 for p in pts]
             axes[0, col].errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{i}", label=arm["label"])
+    if reference is not None:
+        for ax, key in zip(axes[0], ["val_ppl"] + [k for k, _ in acc]):
+            value = reference[key] if key == "val_ppl" else (100 * reference[key][0] if reference[key] else None)
+            if value is not None:
+                ax.axhline(value, color="0.4", linestyle=":", linewidth=1, label=reference["label"])
     axes[0, 0].set_yscale("log")
     axes[0, 0].set_ylabel("validation perplexity (log scale)")
     for col, (_, title) in enumerate(acc, start=1):
@@ -191,8 +197,8 @@ def figure2(arms: list[dict[str, Any]], out_stem: Path) -> None:
         ax.set_xlabel("training tokens (thousands)")
         ax.grid(alpha=0.3, which="both")
     axes[0, 0].legend(fontsize=8, loc="best")
-    fig.suptitle("LayerChop vs the same half-depth architecture pretrained from scratch (same data, tokens, batch)",
-                 fontsize=10)
+    fig.suptitle("LayerChop vs the same half-depth architecture pretrained from scratch (same data, tokens, batch)"
+                 + ("; dotted: dense" if reference is not None else ""), fontsize=10)
     fig.tight_layout()
     save_figure(fig, out_stem)
 

@@ -201,7 +201,8 @@ def speedup_figure(metrics: dict[str, Any], labels: dict[str, str], out_stem: Pa
             lo = [m - c["models"][name][f"{phase}_speedup"]["q1"] for m, c in zip(med, cells)]
             hi = [c["models"][name][f"{phase}_speedup"]["q3"] - m for m, c in zip(med, cells)]
             ax.errorbar(batches, med, yerr=[lo, hi], marker="o", color=colour, capsize=3,
-                        label=f"{label(name, labels)} ({metrics['models'][name]['kernel']})")
+                        label=label(name, labels) + ("" if metrics["models"][name]["kernel"] == "dense"
+                                                     else f" ({metrics['models'][name]['kernel']})"))
             ax.plot(batches, [c["models"][name]["bound"][phase] for c in cells], ":", color=colour)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
@@ -212,7 +213,9 @@ def speedup_figure(metrics: dict[str, Any], labels: dict[str, str], out_stem: Pa
     axes[0].set_ylabel("speed-up over the dense model (dotted: bound)")
     env = metrics["environment"]
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"{env['device_name']}, {env['dtype']}, {env['threads']} threads", fontsize=9)
+    fig.suptitle("Speed-up of each compressed model over the dense model against batch size\n(median and quartiles "
+                 "of interleaved repeats; dotted: the FLOP or byte bound)\n"
+                 f"{env['device_name']}, {env['dtype']}, {env['threads']} threads", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out_stem)
     plt.close(fig)

@@ -31,3 +31,32 @@ def summary(metrics: dict[str, Any]) -> dict[str, Any]:
             out[f"{task}_se"] = pct(metrics.get(f"eval/{task}/{metric}_stderr"))
             out[f"{task}_n"] = metrics.get(f"eval/{task}/n")
     return out
+
+
+HEADLINE = ("dense", "chopped", "layerchop")
+"""The evaluations (under ``data/eval``) the pipeline's headline compares: the dense model, the chopped model and
+LayerChop, the chopped model after continued pretraining."""
+
+
+def recovered_share(dense: dict[str, Any], chopped: dict[str, Any], recovered: dict[str, Any]) -> dict[str, Any]:
+    """Per task group (``in_domain``, ``general``): the share (%) of the accuracy points chopping lost that
+    continued pretraining brought back, ``100 (recovered - chopped) / (dense - chopped)`` on the mean primary
+    metric; None where a group has no task or chopping lost nothing."""
+    rows = [{"metrics": m} for m in (dense, chopped, recovered)]
+    out: dict[str, Any] = {}
+    for name, cols in zip(("in_domain", "general"), split_columns(task_columns(rows))):
+        means = [mean_accuracy(m, cols) for m in (dense, chopped, recovered)]
+        if any(x is None for x in means) or means[0][0] == means[1][0]:
+            out[name] = None
+            continue
+        (d, _), (c, _), (r, _) = means
+        out[name] = round(100 * (r - c) / (d - c), 1)
+    return out
+
+
+def headline(dense: dict[str, Any], chopped: dict[str, Any], recovered: dict[str, Any]) -> dict[str, Any]:
+    """``paper/summary.json``, the pipeline's headline: LayerChop's :func:`summary` (the same keys as every
+    model's) and the share of the lost points it recovered (:func:`recovered_share`), so that ``dvc exp show
+    --keep paper/summary.json`` compares experiments by one row each."""
+    share = recovered_share(dense, chopped, recovered)
+    return {**summary(recovered), "in_domain_recovered": share["in_domain"], "general_recovered": share["general"]}

@@ -243,16 +243,20 @@ def training_curves(logs: dict[str, Path], out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from layerchop.report.oneshot import plain_log_ticks
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, path in logs.items():
         s = read_log(path).get("train/loss", [])
         if s:
-            ax.plot([t for t, _ in s], [v for _, v in s], label=label)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("train loss (nats/token)")
+            ax.plot([t / 1000 for t, _ in s], [v for _, v in s], label=label)
+    ax.set_xlabel("training tokens (thousands)")
+    ax.set_ylabel("training loss (nats per token, log scale)")
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    plain_log_ticks(ax.yaxis)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title("Training loss of the main table's trained arms (same data order and budget)", fontsize=9)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=150)

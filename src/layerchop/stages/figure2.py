@@ -4,7 +4,8 @@
 Example::
 
     layerchop figure2 --layerchop data/eval/fig4-layerchop/curve.json --scratch data/eval/fig2-scratch/curve.json \\
-        --start data/eval/chopped/metrics.json --tables paper/tables --figures paper/figures
+        --start data/eval/chopped/metrics.json --dense data/eval/dense/metrics.json --tables paper/tables \
+        --figures paper/figures
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layerchop", required=True, help="curve.json of the LayerChop run")
     p.add_argument("--scratch", required=True, help="curve.json of the from-scratch run")
     p.add_argument("--start", required=True, help="metrics.json of the chopped start")
+    p.add_argument("--dense", default=None, help="metrics.json of the uncompressed model (a dotted reference line)")
     p.add_argument("--tables", required=True, help="output directory for scratch.md")
     p.add_argument("--figures", required=True, help="output directory for fig2_scratch_vs_layerchop.{png,pdf}")
 
@@ -29,8 +31,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     fig2, train = section("figure2", params), section("train", params)
-    for key in ("layerchop", "scratch", "start"):
-        if not Path(getattr(args, key)).exists():
+    for key in ("layerchop", "scratch", "start", "dense"):
+        if getattr(args, key) is not None and not Path(getattr(args, key)).exists():
             raise FileNotFoundError(f"--{key}: {getattr(args, key)} does not exist")
     lc, sc, start = read_json(args.layerchop), read_json(args.scratch), read_json(args.start)
     if lc["compute"]["tokens"] != sc["compute"]["tokens"]:
@@ -41,6 +43,8 @@ def main(args: argparse.Namespace) -> None:
              "compute": lc["compute"]},
             {"label": "same architecture from scratch", "series": arm_series(sc, None, cols), "compute": sc["compute"]}]
     finals = [{"metrics": a["series"][-1]["metrics"]} for a in arms]
+    reference = None if args.dense is None else {**arm_series({"points": []}, read_json(args.dense), cols)[0],
+                                                 "label": "dense (uncompressed)"}
     header = ["Arm", "Peak LR", "Steps", "Tokens", "Train FLOPs", "Val PPL", "Test PPL"] + accuracy_header(finals, cols)
     body = []
     for arm, lr in zip(arms, (train.lr, fig2.lr)):
@@ -60,5 +64,5 @@ def main(args: argparse.Namespace) -> None:
                          "its first snapshot.")
     with staged(args.tables, args.figures) as (tables, figures):  # all outputs or none
         (tables / "scratch.md").write_text(text)
-        figure2(arms, figures / "fig2_scratch_vs_layerchop")
+        figure2(arms, figures / "fig2_scratch_vs_layerchop", reference)
     print(text)

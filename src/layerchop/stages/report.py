@@ -11,8 +11,9 @@ import argparse
 from pathlib import Path
 
 from layerchop.config import load_params, section
-from layerchop.io import staged
+from layerchop.io import staged, write_json
 from layerchop.prune.chop import removed_indices
+from layerchop.report.summary import HEADLINE, headline, recovered_share
 from layerchop.report.tables import accuracy_caption, load_rows, latex, markdown, table_rows, training_curves
 
 
@@ -21,6 +22,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", default=None, help="directory of <run>.csv training logs")
     p.add_argument("--tables", required=True, help="output directory for main.md / main.tex")
     p.add_argument("--figures", default=None, help="output directory for training_curves.png")
+    p.add_argument("--summary", default=None,
+                   help="write the pipeline's headline here (JSON: LayerChop's summary and the share of the lost "
+                        "accuracy it recovered; needs report.rows dense, chopped and layerchop)")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -36,6 +40,14 @@ def main(args: argparse.Namespace) -> None:
         f"Continued pretraining budget: {train.token_budget:,} tokens (AdamW, peak lr {train.lr}, "
         f"cosine to {train.min_lr_ratio}x). "
     ) + accuracy_caption(section("download", params).corpus, rows, section("evaluate", params))
+    by_name = {r["name"]: r["metrics"] for r in rows}
+    share = recovered_share(*(by_name[n] for n in HEADLINE)) if set(HEADLINE) <= set(by_name) else None
+    if share is not None and share["in_domain"] is not None:
+        caption += (f" Continued pretraining brings back {share['in_domain']:.0f} % of the in-domain accuracy points "
+                    "that chopping lost" + (f" and {share['general']:.0f} % of the general ones."
+                                            if share["general"] is not None else "."))
+    if args.summary and share is None:
+        raise ValueError(f"report.rows: --summary needs the rows {list(HEADLINE)}, not {list(by_name)}")
     header, body = table_rows(rows)
     logs = {}
     if args.runs and args.figures:
@@ -47,4 +59,6 @@ def main(args: argparse.Namespace) -> None:
         (tables / "main.tex").write_text(latex(header, body, caption))
         if logs:
             training_curves(logs, figures[0] / "training_curves.png")
+    if args.summary:  # after the tables: a failed report leaves no new headline behind
+        write_json(args.summary, headline(*(by_name[n] for n in HEADLINE)))
     print((Path(args.tables) / "main.md").read_text())

@@ -1,0 +1,133 @@
+"""``paper/README.md``: every artifact beside the paper's result, with a verdict computed from the metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from layerchop.report.paper import ARTIFACTS, Comparison, verdict_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _m(ppl: float, general: float, in_domain: float, params: float = 1e8, n: int = 1000) -> dict:
+    """Metrics with PIQA (acc_norm) at ``general`` and both in-domain tasks at ``in_domain``."""
+    m = {"val/ppl": ppl, "test/ppl": ppl, "params": params, "layers": 15}
+    for task, metric, p in (("piqa", "acc_norm", general), ("heldout_continuation", "acc", in_domain),
+                            ("heldout_lastword", "acc_norm", in_domain)):
+        m[f"eval/{task}/{metric}"] = p
+        m[f"eval/{task}/{metric}_stderr"] = math.sqrt(p * (1 - p) / n)
+        m[f"eval/{task}/n"] = n
+    return m
+
+
+def _tree(root: Path, fig4_distill: dict) -> Path:
+    """Every input of the stage: the tables and figures (placeholders) and the metrics it reads."""
+    tables, figures, ev = root / "paper" / "tables", root / "paper" / "figures", root / "data" / "eval"
+    for art in ARTIFACTS:
+        (tables / art.table).parent.mkdir(parents=True, exist_ok=True)
+        (tables / art.table).write_text(f"| {art.id} table |\n|---|\n\n{art.id} caption.\n")
+        if art.figure:
+            figures.mkdir(parents=True, exist_ok=True)
+            (figures / art.figure).write_bytes(b"png")
+    evals = {"dense": _m(19.5, 0.66, 0.94, params=1.35e8), "chopped": _m(26000, 0.50, 0.32),
+             "layerchop": _m(53.5, 0.62, 0.80, params=0.81e8), "sparsegpt-2of4_cpt": _m(32.0, 0.58, 0.82),
+             "oneshot/wanda-2of4": _m(172.0, 0.55, 0.67), "oneshot/sparsegpt-2of4": _m(70.0, 0.56, 0.75),
+             **{f"layouts/{x}/recovered": _m(p, 0.56, 0.75) for x, p in
+                (("output", 100.4), ("middle", 43.3), ("max-gap", 68.1), ("both", 82.6))}}
+    curves = {"fig4-layerchop": _m(53.5, 0.62, 0.80), "fig2-scratch": _m(1204, 0.50, 0.26),
+              "fig3-dimchop": _m(126.2, 0.61, 0.79), "fig4-distill": fig4_distill,
+              **{f"fig6/every{n}": _m(60.0 + n / 1000, 0.60, 0.79) for n in (4096, 8192, 10240)}}
+    for name, m in evals.items():
+        (ev / name).mkdir(parents=True, exist_ok=True)
+        (ev / name / "metrics.json").write_text(json.dumps(m))
+    for name, m in curves.items():
+        (ev / name).mkdir(parents=True, exist_ok=True)
+        (ev / name / "curve.json").write_text(json.dumps({"points": [{"metrics": _m(1e4, 0.5, 0.3)},
+                                                                     {"metrics": m}]}))
+    q = {"median": 1.84, "q1": 1.82, "q3": 1.88}
+    bench = {"query": {"batch": 1, "prompt": 128}, "cells": [{"batch": 1, "prompt": 128, "models": {
+        "dense": {"query_speedup": {"median": 1.0, "q1": 1.0, "q3": 1.0}}, "layerchop": {"query_speedup": q},
+        "wanda-2of4": {"query_speedup": {"median": 1.0, "q1": 0.98, "q3": 1.04}}}}]}
+    (root / "data" / "bench").mkdir(parents=True)
+    (root / "data" / "bench" / "metrics.json").write_text(json.dumps(bench))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+ARGS = ["paper", "--tables", "paper/tables", "--figures", "paper/figures", "--eval", "data/eval", "--bench",
+        "data/bench/metrics.json", "--out", "paper/README.md"]
+
+
+def _run(root: Path):
+    """The stage as `dvc repro` runs it, in a process of its own, from ``root``."""
+    return subprocess.run([sys.executable, "-m", "layerchop.cli", *ARGS], capture_output=True, text=True, cwd=root)
+
+
+def _run_here(root: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """The stage in this process (no interpreter start-up), from ``root``: its status and stderr."""
+    from layerchop.cli import main
+
+    monkeypatch.chdir(root)
+    rc = main(ARGS)
+    return rc, capsys.readouterr().err
+
+
+def test_verdicts_follow_the_comparisons():
+    better, worse, tie = (Comparison("general", (60.0, 1.5), (50.0, 1.5)), Comparison("general", (50.0, 1.5),
+                          (60.0, 1.5)), Comparison("general", (52.0, 1.5), (50.0, 1.5)))
+    assert (better.sign, worse.sign, tie.sign) == (1, -1, 0)
+    assert round(better.z, 3) == round(10 / math.hypot(1.5, 1.5), 3)
+    assert tie.text() == "general 52.0 vs 50.0 (+2.0 points, z = 0.9: a tie)"
+    assert verdict_of([1, 1], +1) == "agrees" and verdict_of([1, 0], +1) == "partly"
+    assert verdict_of([0, 0], +1) == "a tie" and verdict_of([1, -1], +1) == "differs"
+    assert verdict_of([-1, -1], -1) == "agrees"
+
+
+def test_the_page_holds_every_artifact_with_its_verdict(tmp_path):
+    root = _tree(tmp_path, fig4_distill=_m(187.4, 0.54, 0.70))
+    proc = _run(root)
+    assert proc.returncode == 0, proc.stderr
+    page = (root / "paper" / "README.md").read_text()
+    for art in ARTIFACTS:  # every artifact's table (with its caption) and figure, by a relative link
+        assert f"## {art.id}: {art.title}" in page and f"{art.id} caption." in page
+        if art.figure:
+            assert f"](figures/{art.figure})" in page
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[2] for line in page.splitlines()
+            if line.startswith("| ") and "`dvc repro" in line}
+    # LayerChop 62.0 general vs one-shot 2:4 55-56 (z > 2) but 58.0 vs SparseGPT 2:4 + CPT (z 1.9: a tie); in-domain
+    # 80 vs 82 a tie, vs 67 and 75 better: no comparison against the paper, some ties -> partly
+    assert rows["Figure 1"] == "**partly**"
+    assert rows["Table 3"] == "**agrees**"  # 1.82 (LayerChop's first quartile) above 1.04 (2:4's third)
+    assert rows["Figure 4"] == "**agrees**"  # distill worse on both groups beyond noise
+    assert rows["Table 6 / Figure 5"] == "**partly**"  # output worst, middle (not input) best
+    assert rows["Table 4"] == rows["Table 5"] == "**descriptive**"
+    assert "Fixed layouts by validation perplexity after recovery: middle 43.3, input 53.5" in page
+    # the paper's -12.1 / -12.8 % at 50 %: here (62 - 66) / 66 = -6.1 % at 40 % pruned, its error
+    # hypot(sqrt(.66 * .34 / 1000), sqrt(.62 * .38 / 1000)) / .66 = 3.25 %
+    assert "changes by -6.1 % (± 3.2) relative to the dense model with 40 % of the parameters removed" in page
+
+
+def test_distillation_within_noise_is_not_called_worse(tmp_path, monkeypatch, capsys):
+    root = _tree(tmp_path, fig4_distill=_m(187.4, 0.615, 0.795))  # perplexity worse, accuracy within noise
+    assert _run_here(root, monkeypatch, capsys)[0] == 0
+    page = (root / "paper" / "README.md").read_text()
+    assert "| Figure 4 | LayerChop against CHOP + distill at equal compute | **partly** |" in page
+
+
+@pytest.mark.parametrize("missing", ["data/eval/fig6/every8192/curve.json", "paper/figures/fig6_gradual.png",
+                                     "paper/tables/distill.md"])
+def test_a_missing_input_names_its_file_and_writes_nothing(tmp_path, monkeypatch, capsys, missing):
+    root = _tree(tmp_path, fig4_distill=_m(187.4, 0.54, 0.70))
+    (root / missing).unlink()
+    rc, err = _run_here(root, monkeypatch, capsys)
+    assert rc == 2 and f"{missing}: not found" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (root / "paper" / "README.md").exists()
