@@ -47,18 +47,21 @@ def test_every_stage_depends_on_the_code_it_imports():
 
 
 def test_the_closure_follows_lazy_imports_registries_and_package_inits(tmp_path):
-    """A function-level import, a registry's package named by a string, and an ``__init__`` that runs code are
-    in the closure; a docstring-only ``__init__``, a module never imported and other packages are not."""
+    """A function-level import, a relative import, a registry's package named by a string, and an ``__init__`` that
+    runs code are in the closure; an ``__init__`` of a docstring and constants, a module never imported, a string
+    that is a sentence rather than a module name, and other packages are not."""
     pkg = tmp_path / "src" / "layerchop"
     files = {
-        "__init__.py": '"""doc only."""\n',
+        "__init__.py": '"""doc and constants only."""\n__version__ = "1.0"\n__all__ = ["a"]\n',
         "stages/__init__.py": '"""doc."""\n',
         "stages/s.py": "import os\nfrom layerchop.a import f\n\ndef main():\n    from layerchop.b import g\n",
         "a.py": "REGISTRY = 'layerchop.plug'\ndef f(): pass\n",
-        "b.py": "import layerchop.c.d\n",
+        "b.py": "import layerchop.c.d\nMESSAGE = 'layerchop.unused is not imported; nor is layerchop.stages.'\n",
         "c/__init__.py": "from layerchop.c.e import X\n",
         "c/d.py": "",
-        "c/e.py": "X = 1\n",
+        "c/e.py": "from . import f\nfrom ..g import h\n",
+        "c/f.py": "",
+        "g.py": "def h(): pass\n",
         "plug/__init__.py": "",
         "plug/one.py": "",
         "plug/two.py": "",
@@ -68,7 +71,8 @@ def test_the_closure_follows_lazy_imports_registries_and_package_inits(tmp_path)
         (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
         (pkg / rel).write_text(text)
     got = {str(p.relative_to(pkg)) for p in code_closure("layerchop.stages.s", tmp_path / "src")}
-    assert got == {"stages/s.py", "a.py", "b.py", "c/__init__.py", "c/d.py", "c/e.py", "plug/one.py", "plug/two.py"}
+    assert got == {"stages/s.py", "a.py", "b.py", "c/__init__.py", "c/d.py", "c/e.py", "c/f.py", "g.py",
+                   "plug/one.py", "plug/two.py"}
 
 
 def test_a_stage_missing_an_import_is_found(tmp_path):

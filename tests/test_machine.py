@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
@@ -12,7 +13,7 @@ from layerchop.config import section
 
 def test_bf16_slowdown_is_a_measured_ratio():
     ratio = machine.bf16_slowdown(size=64, reps=2)
-    assert ratio > 0 and ratio == machine.bf16_slowdown(size=64, reps=2)  # measured once per process
+    assert math.isfinite(ratio) and ratio > 0
     assert machine.cpu_model()
 
 
@@ -29,7 +30,7 @@ def test_slow_bf16_names_the_key_the_ratio_and_the_value_that_avoids_it(monkeypa
 
 
 def test_train_and_evaluate_warn_only_for_bf16_on_the_cpu(monkeypatch, capsys):
-    from layerchop.stages.evaluate import warn_slow_bf16
+    from layerchop.machine import warn_slow_evaluation
     from layerchop.stages.train import slow_precision
 
     monkeypatch.setattr(machine, "bf16_slowdown", lambda: 30.0)
@@ -41,15 +42,15 @@ def test_train_and_evaluate_warn_only_for_bf16_on_the_cpu(monkeypatch, capsys):
         "layerchop train: warning: train.precision='bf16-true': a bf16 matmul is 30x slower")
     evaluate = section("evaluate", {})
     for cfg in (dataclasses.replace(evaluate, autocast=None), dataclasses.replace(evaluate, device="cuda")):
-        warn_slow_bf16(cfg)
+        warn_slow_evaluation(cfg, "evaluate")
         assert capsys.readouterr().err == ""
-    warn_slow_bf16(dataclasses.replace(evaluate, autocast="bfloat16"), "curve")
+    warn_slow_evaluation(dataclasses.replace(evaluate, autocast="bfloat16"), "curve")
     assert capsys.readouterr().err.startswith("layerchop curve: warning: evaluate.autocast='bfloat16'")
-    warn_slow_bf16(dataclasses.replace(evaluate, autocast=None, dtype="bfloat16"))
+    warn_slow_evaluation(dataclasses.replace(evaluate, autocast=None, dtype="bfloat16"), "evaluate")
     assert "evaluate.dtype: float32 avoids it" in capsys.readouterr().err
     monkeypatch.setattr(machine, "bf16_slowdown", lambda: 1.5)  # a CPU with fast bf16: nothing
     assert slow_precision(dataclasses.replace(train, precision="bf16-mixed")) is None
-    warn_slow_bf16(dataclasses.replace(evaluate, autocast="bfloat16"))
+    warn_slow_evaluation(dataclasses.replace(evaluate, autocast="bfloat16"), "evaluate")
     assert capsys.readouterr().err == ""
 
 

@@ -16,9 +16,9 @@ from layerchop.report.paper import ARTIFACTS, Comparison, verdict_of
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _m(ppl: float, general: float, in_domain: float, params: float = 1e8, n: int = 1000) -> dict:
+def _m(ppl: float, general: float, in_domain: float, params: float = 1e8, n: int = 1000, layers: int = 15) -> dict:
     """Metrics with PIQA (acc_norm) at ``general`` and both in-domain tasks at ``in_domain``."""
-    m = {"val/ppl": ppl, "test/ppl": ppl, "params": params, "layers": 15}
+    m = {"val/ppl": ppl, "test/ppl": ppl, "params": params, "layers": layers}
     for task, metric, p in (("piqa", "acc_norm", general), ("heldout_continuation", "acc", in_domain),
                             ("heldout_lastword", "acc_norm", in_domain)):
         m[f"eval/{task}/{metric}"] = p
@@ -36,7 +36,7 @@ def _tree(root: Path, fig4_distill: dict) -> Path:
         if art.figure:
             figures.mkdir(parents=True, exist_ok=True)
             (figures / art.figure).write_bytes(b"png")
-    evals = {"dense": _m(19.5, 0.66, 0.94, params=1.35e8), "chopped": _m(26000, 0.50, 0.32),
+    evals = {"dense": _m(19.5, 0.66, 0.94, params=1.35e8, layers=30), "chopped": _m(26000, 0.50, 0.32),
              "layerchop": _m(53.5, 0.62, 0.80, params=0.81e8), "sparsegpt-2of4_cpt": _m(32.0, 0.58, 0.82),
              "oneshot/wanda-2of4": _m(172.0, 0.55, 0.67), "oneshot/sparsegpt-2of4": _m(70.0, 0.56, 0.75),
              **{f"layouts/{x}/recovered": _m(p, 0.56, 0.75) for x, p in
@@ -62,7 +62,7 @@ def _tree(root: Path, fig4_distill: dict) -> Path:
     return root
 
 
-ARGS = ["paper", "--tables", "paper/tables", "--figures", "paper/figures", "--eval", "data/eval", "--bench",
+ARGS = ["paper", "--tables-dir", "paper/tables", "--figures-dir", "paper/figures", "--eval", "data/eval", "--bench",
         "data/bench/metrics.json", "--out", "paper/README.md"]
 
 
@@ -89,6 +89,21 @@ def test_verdicts_follow_the_comparisons():
     assert verdict_of([1, 1], +1) == "agrees" and verdict_of([1, 0], +1) == "partly"
     assert verdict_of([0, 0], +1) == "a tie" and verdict_of([1, -1], +1) == "differs"
     assert verdict_of([-1, -1], -1) == "agrees"
+    assert verdict_of([], +1) == "not measured"  # no evidence is no verdict
+    same = Comparison("general", (100.0, 0.0), (100.0, 0.0))  # no error at all: equal is a tie, not "worse"
+    assert (same.z, same.sign) == (0.0, 0)
+    assert Comparison("general", (100.0, 0.0), (90.0, 0.0)).sign == 1
+
+
+def test_perplexity_counts_beyond_its_margin_and_joins_the_verdict():
+    from layerchop.report.paper import PPL_MARGIN, ppl_sign, versus
+
+    a, b = _m(50.0, 0.60, 0.80), _m(50.0 * (1 + PPL_MARGIN) + 0.1, 0.60, 0.80)
+    assert (ppl_sign(a, b), ppl_sign(b, a), ppl_sign(a, a)) == (1, -1, 0)
+    # accuracies equal: the perplexity decides "partly"/"differs" rather than "a tie"
+    assert versus(b, a, "B", "A", -1)[0] == "partly"  # the paper: B worse; B's perplexity is, accuracy a tie
+    assert versus(a, b, "A", "B", -1)[0] == "differs"  # the paper: A worse; A's perplexity is better
+    assert versus(a, a, "A", "A", -1)[0] == "a tie"
 
 
 def test_the_page_holds_every_artifact_with_its_verdict(tmp_path):
@@ -110,9 +125,13 @@ def test_the_page_holds_every_artifact_with_its_verdict(tmp_path):
     assert rows["Table 6 / Figure 5"] == "**partly**"  # output worst, middle (not input) best
     assert rows["Table 4"] == rows["Table 5"] == "**descriptive**"
     assert "Fixed layouts by validation perplexity after recovery: middle 43.3, input 53.5" in page
-    # the paper's -12.1 / -12.8 % at 50 %: here (62 - 66) / 66 = -6.1 % at 40 % pruned, its error
-    # hypot(sqrt(.66 * .34 / 1000), sqrt(.62 * .38 / 1000)) / .66 = 3.25 %
-    assert "changes by -6.1 % (± 3.2) relative to the dense model with 40 % of the parameters removed" in page
+    # as Table 2, the mean over the dense model's three tasks: (.80 + .80 + .62) / 3 = .740 against
+    # (.94 + .94 + .66) / 3 = .8467: -12.6 % at 50 % of the decoder layers, within two errors of the paper's
+    # -12.1 / -12.8 % (error: hypot(sqrt(2 * .16 + .2356) / 3, sqrt(2 * .0564 + .2244) / 3) / 1000**.5 / .8467
+    # = 1.18 %)
+    assert ("changes by -12.6 % (± 1.2) relative to the dense model with 50 % of the decoder layers removed"
+            in page) and rows["Table 2"] == "**agrees**"
+    assert rows["Main table"] == "**agrees**"  # (80 - 32) / (94 - 32) = 77 % in-domain, (62 - 50) / (66 - 50) = 75 % general
 
 
 def test_distillation_within_noise_is_not_called_worse(tmp_path, monkeypatch, capsys):
@@ -120,6 +139,20 @@ def test_distillation_within_noise_is_not_called_worse(tmp_path, monkeypatch, ca
     assert _run_here(root, monkeypatch, capsys)[0] == 0
     page = (root / "paper" / "README.md").read_text()
     assert "| Figure 4 | LayerChop against CHOP + distill at equal compute | **partly** |" in page
+
+
+@pytest.mark.parametrize("path,content,message", [
+    ("data/eval/fig4-distill/curve.json", {"points": []}, "not a curve with evaluated points"),
+    ("data/eval/layerchop/metrics.json", {"params": 1}, "not an evaluation's metrics (no val/ppl)"),
+    ("data/bench/metrics.json", {"query": {"batch": 1, "prompt": 128}, "cells": []},
+     "not a bench record with the query's cell"),
+])
+def test_a_malformed_input_names_its_file_and_writes_nothing(tmp_path, monkeypatch, capsys, path, content, message):
+    root = _tree(tmp_path, fig4_distill=_m(187.4, 0.54, 0.70))
+    (root / path).write_text(json.dumps(content))
+    rc, err = _run_here(root, monkeypatch, capsys)
+    assert rc == 2 and f"{path}: {message}" in err and len(err.strip().splitlines()) == 1, err
+    assert not (root / "paper" / "README.md").exists()
 
 
 @pytest.mark.parametrize("missing", ["data/eval/fig6/every8192/curve.json", "paper/figures/fig6_gradual.png",

@@ -1,7 +1,7 @@
 """The machine a stage runs on: what it is (recorded beside results), and whether its CPU computes bf16 fast.
 
-Some CPUs (e.g. AMD Zen 3: AVX2, no AVX-512/BF16) run torch's bf16 matmuls on a slow path, 20-40x slower than
-float32, so a profile that trains in ``bf16-mixed`` or evaluates under bf16 autocast stalls there for hours.
+Some CPUs (e.g. AMD Zen 3: AVX2, no AVX-512/BF16) run torch's bf16 matmuls on a slow path (a 256^3 matmul 58x
+and a training step 34x slower than float32 on one), so a profile that trains in ``bf16-mixed`` or evaluates under bf16 autocast stalls there for hours.
 :func:`slow_bf16` measures it in a few milliseconds before a stage starts, and the stage says so in one line that
 names the key to change.
 """
@@ -56,3 +56,18 @@ def slow_bf16(key: str, value: str, avoid: str) -> Optional[str]:
         return None
     return (f"warning: {key}={value!r}: a bf16 matmul is {ratio:.0f}x slower than float32 on this CPU "
             f"({cpu_model()}), so this stage may run for hours; {key}: {avoid} avoids it")
+
+
+def warn_slow_evaluation(cfg, stage: str) -> None:
+    """One line on stderr where an evaluation (``cfg``: the ``evaluate`` section) would run bf16 matmuls on a CPU
+    whose bf16 is the slow path; nothing (and no measurement) otherwise."""
+    import sys
+
+    import torch
+
+    if torch.device(cfg.device).type != "cpu":
+        return
+    line = (slow_bf16("evaluate.autocast", cfg.autocast, "null") if cfg.autocast == "bfloat16" else
+            slow_bf16("evaluate.dtype", cfg.dtype, "float32") if cfg.dtype == "bfloat16" else None)
+    if line:
+        print(f"layerchop {stage}: {line}", file=sys.stderr, flush=True)

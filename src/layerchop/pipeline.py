@@ -92,9 +92,18 @@ def _module_file(name: str, src: Path) -> Optional[Path]:
 
 
 def _runs_code(init: Path) -> bool:
-    """A package ``__init__.py`` that does more than hold a docstring (importing anything below it runs it)."""
-    body = ast.parse(init.read_text()).body
-    return any(not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)) for node in body)
+    """A package ``__init__.py`` that does more than hold a docstring and constants (``__version__ = "0.1.0"``,
+    ``__all__ = [...]``): importing anything below it runs it."""
+    def inert(node) -> bool:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            return True
+        return isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None and all(
+            isinstance(n, (ast.Constant, ast.List, ast.Tuple, ast.Load)) for n in ast.walk(node.value))
+
+    return not all(inert(node) for node in ast.parse(init.read_text()).body)
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 @lru_cache(maxsize=None)
@@ -131,13 +140,19 @@ def code_closure(module: str, src: str | Path = "src") -> set[Path]:
         if path is None or path in seen or (path.name == "__init__.py" and not _runs_code(path)):
             continue
         seen.add(path)
+        package = parts if path.name == "__init__.py" else parts[:-1]
         for node in _nodes(path):
             if isinstance(node, ast.Import):
                 todo += [a.name for a in node.names if a.name.split(".")[0] == top]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
-                    and node.module.split(".")[0] == top:
-                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(f"{top}."):
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package of this module, level - 1 packages up
+                    anchor = package[:len(package) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                if base.split(".")[0] == top:
+                    todo += [base] + [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and _MODULE_NAME.fullmatch(node.value) and node.value.startswith(f"{top}."):
                 pkg = src.joinpath(*node.value.split("."))
                 if (pkg / "__init__.py").is_file():  # a registry's package: every module in it
                     todo += [f"{node.value}.{m.name}" for m in pkgutil.iter_modules([str(pkg)])]

@@ -9,6 +9,7 @@ count. Accuracies are in percent.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from layerchop.report.tables import mean_accuracy, split_columns, task_columns
@@ -41,15 +42,20 @@ LayerChop, the chopped model after continued pretraining."""
 def recovered_share(dense: dict[str, Any], chopped: dict[str, Any], recovered: dict[str, Any]) -> dict[str, Any]:
     """Per task group (``in_domain``, ``general``): the share (%) of the accuracy points chopping lost that
     continued pretraining brought back, ``100 (recovered - chopped) / (dense - chopped)`` on the mean primary
-    metric; None where a group has no task or chopping lost nothing."""
+    metric; None where a group has no task, or where chopping lost no more than two standard errors of the
+    difference (a share of noise would be meaningless)."""
     rows = [{"metrics": m} for m in (dense, chopped, recovered)]
     out: dict[str, Any] = {}
     for name, cols in zip(("in_domain", "general"), split_columns(task_columns(rows))):
         means = [mean_accuracy(m, cols) for m in (dense, chopped, recovered)]
-        if any(x is None for x in means) or means[0][0] == means[1][0]:
+        if any(x is None for x in means):
             out[name] = None
             continue
-        (d, _), (c, _), (r, _) = means
+        (d, d_se), (c, c_se), (r, _) = means
+        lost_se = math.hypot(d_se or 0.0, c_se or 0.0)
+        if d - c <= 2 * lost_se or d == c:
+            out[name] = None
+            continue
         out[name] = round(100 * (r - c) / (d - c), 1)
     return out
 

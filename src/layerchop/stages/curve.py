@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from layerchop.config import section
 from layerchop.evaluate.suite import evaluate_model
-from layerchop.stages.evaluate import warn_slow_bf16
 from layerchop.io import atomic_dir, check_model_dir, read_metadata, write_json
+from layerchop.machine import warn_slow_evaluation
 from layerchop.report.summary import summary
 
 
@@ -42,7 +42,7 @@ def run_points(snapshots: Path, final: Path) -> list[Path]:
 def main(args: argparse.Namespace) -> None:
     cfg = section("evaluate", path=args.params)
     dirs = run_points(Path(args.snapshots), Path(args.final))
-    warn_slow_bf16(cfg, "curve")
+    warn_slow_evaluation(cfg, "curve")
     points = []
     for d in tqdm(dirs, desc="curve", unit="model"):
         metrics, _ = evaluate_model(d, args.data, cfg)

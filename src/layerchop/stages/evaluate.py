@@ -8,12 +8,12 @@ Example::
 from __future__ import annotations
 
 import argparse
-import sys
 
 from layerchop.config import section
 from layerchop.evaluate.suite import evaluate_model
 from layerchop.config import check_device
 from layerchop.io import atomic_dir, check_model_dir, write_json
+from layerchop.machine import warn_slow_evaluation
 from layerchop.report.summary import summary
 
 
@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> None:
     cfg = section("evaluate", path=args.params)
     check_device("evaluate.device", cfg.device, available=True)
     check_model_dir(args.model, "--model")
-    warn_slow_bf16(cfg)
+    warn_slow_evaluation(cfg, "evaluate")
     metrics, results = evaluate_model(args.model, args.data, cfg)
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "results.json", results)
@@ -36,16 +36,3 @@ def main(args: argparse.Namespace) -> None:
     print(f"[evaluate] {args.model}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                      if isinstance(v, float)))
 
-
-def warn_slow_bf16(cfg, stage: str = "evaluate") -> None:
-    """One line on stderr where this evaluation would run bf16 matmuls on a CPU whose bf16 is the slow path."""
-    import torch
-
-    from layerchop.machine import slow_bf16
-
-    if torch.device(cfg.device).type != "cpu":
-        return
-    line = (slow_bf16("evaluate.autocast", cfg.autocast, "null") if cfg.autocast == "bfloat16" else
-            slow_bf16("evaluate.dtype", cfg.dtype, "float32") if cfg.dtype == "bfloat16" else None)
-    if line:
-        print(f"layerchop {stage}: {line}", file=sys.stderr, flush=True)

@@ -4,7 +4,7 @@
 Example::
 
     layerchop figure2 --layerchop data/eval/fig4-layerchop/curve.json --scratch data/eval/fig2-scratch/curve.json \\
-        --start data/eval/chopped/metrics.json --dense data/eval/dense/metrics.json --tables paper/tables \
+        --start data/eval/chopped/metrics.json --dense data/eval/dense/metrics.json --tables paper/tables \\
         --figures paper/figures
 """
 

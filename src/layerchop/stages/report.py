@@ -42,10 +42,11 @@ def main(args: argparse.Namespace) -> None:
     ) + accuracy_caption(section("download", params).corpus, rows, section("evaluate", params))
     by_name = {r["name"]: r["metrics"] for r in rows}
     share = recovered_share(*(by_name[n] for n in HEADLINE)) if set(HEADLINE) <= set(by_name) else None
-    if share is not None and share["in_domain"] is not None:
-        caption += (f" Continued pretraining brings back {share['in_domain']:.0f} % of the in-domain accuracy points "
-                    "that chopping lost" + (f" and {share['general']:.0f} % of the general ones."
-                                            if share["general"] is not None else "."))
+    got = [] if share is None else [(g, share[k]) for g, k in (("in-domain", "in_domain"), ("general", "general"))
+                                    if share[k] is not None]
+    if got:
+        caption += (" Continued pretraining brings back " + " and ".join(f"{v:.0f} % of the {g} accuracy points"
+                                                                           for g, v in got) + " that chopping lost.")
     if args.summary and share is None:
         raise ValueError(f"report.rows: --summary needs the rows {list(HEADLINE)}, not {list(by_name)}")
     header, body = table_rows(rows)

@@ -114,7 +114,9 @@ def main(args: argparse.Namespace) -> int:
                                "--token-budget (a figure's token_budget in dvc.yaml)" if args.token_budget else None))
     if cfg.warm_start_steps and not args.warm_start and not under_launcher() and first_process():
         print(ignored_warm_start(cfg.warm_start_steps, params), file=sys.stderr, flush=True)
-    if not args.plan and not under_launcher() and first_process() and (line := slow_precision(cfg)):
+    # here, where the steps run (a login node that submits to SLURM measures nothing)
+    if not args.plan and cfg.launcher != "slurm" and not under_launcher() and first_process() \
+            and (line := slow_precision(cfg)):
         print(line, file=sys.stderr, flush=True)
     if args.plan:  # a plan needs no GPU (a login node plans a cluster run)
         print(json.dumps(plan.describe(), indent=2))
