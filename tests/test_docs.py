@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import itertools
 import re
 import shlex
@@ -256,6 +257,20 @@ def repo_paths(repo: Path) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(top), frozenset(everything)
 
 
+@functools.lru_cache(maxsize=None)
+def stage_outputs(repo: Path) -> frozenset[str]:
+    """The literal paths ``dvc.yaml``'s stages write (``outs`` and ``metrics``): a page may name one before the
+    pipeline has run (like the paths under ``data/``)."""
+    out = set()
+    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
+        body = stage.get("do", stage)
+        for entry in body.get("outs", []) + body.get("metrics", []):
+            path = entry if isinstance(entry, str) else next(iter(entry))
+            if "${" not in path:
+                out.add(path)
+    return frozenset(out)
+
+
 def path_problem(repo: Path, token: str) -> str | None:
     """None when ``token`` is not a repository path or names one that exists; else why not."""
     token = token.rstrip("/")
@@ -267,7 +282,7 @@ def path_problem(repo: Path, token: str) -> str | None:
     if first == "data":  # DVC outputs: not in a checkout until the pipeline runs
         return None
     if first in top:
-        if token in PLANNED_PATHS or (repo / token).exists():
+        if token in PLANNED_PATHS or (repo / token).exists() or token in stage_outputs(repo):
             return None
         return f"`{token}` does not exist in the repository"
     if token.endswith(FILE_SUFFIXES):

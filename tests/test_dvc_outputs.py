@@ -21,10 +21,11 @@ def stage_entries(field: str) -> dict[str, list[str]]:
     return out
 
 
-def test_metrics_are_the_models_summaries_only():
+def test_metrics_are_the_models_summaries_and_the_pipelines_headline_only():
     metrics = {name: paths for name, paths in stage_entries("metrics").items() if paths}
     assert metrics == {"evaluate": ["data/eval/${item}/summary.json"],
-                       "oneshot_evaluate": ["data/eval/oneshot/${item.method}-${item.pattern}/summary.json"]}
+                       "oneshot_evaluate": ["data/eval/oneshot/${item.method}-${item.pattern}/summary.json"],
+                       "report": ["paper/summary.json"]}
     assert not any(stage_entries("plots").values())  # per-stage plots: none (the top-level plots section)
     outs = [p for paths in stage_entries("outs").values() for p in paths]
     for plain in ("data/bench/metrics.json", "data/runs/${key}.json", "data/runs/${key}.csv",
