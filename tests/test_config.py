@@ -269,6 +269,24 @@ def test_figure2_scratch_arm_trains_as_many_tokens_as_the_layerchop_arm(path):
         assert 0 <= start < end <= s.total_steps, arm
 
 
+def test_training_stages_depend_on_every_train_key_but_how_the_job_starts():
+    """Each stage that trains lists every train key (a new one is a dependency the day it is added) but the
+    launch-only ones: switching train.launcher, its rendezvous, restarts or loader workers re-runs nothing."""
+    from layerchop.train.plan import LAUNCH_KEYS, train_keys
+
+    stages = {name: s.get("do", s) for name, s in yaml.safe_load(open(REPO / "dvc.yaml"))["stages"].items()}
+    trains = {name: s for name, s in stages.items() if " ".join(s["cmd"].split()).startswith("layerchop train ")
+              and "--warm-only" not in s["cmd"]}
+    assert set(trains) == {"train", "fig4_train", "fig3_train", "layout_train", "fig2_train", "fig6_train"}
+    for name, stage in trains.items():
+        listed = [p for p in stage["params"] if isinstance(p, str) and p.split(".")[0] == "train"]
+        assert listed == [f"train.{k}" for k in train_keys()], name
+    assert train_keys() and not set(train_keys()) & set(LAUNCH_KEYS) and "launcher" in LAUNCH_KEYS
+    for name, stage in stages.items():
+        assert not {p for p in stage.get("params", []) if isinstance(p, str)} & (
+            {"train"} | {f"train.{k}" for k in LAUNCH_KEYS}), name
+
+
 def test_the_shared_warm_start_stage_depends_on_the_train_keys_its_steps_use():
     """dvc.yaml's warm_start stage re-runs for a train key its dense steps depend on, and for no other (a
     budget change must not recompute 500 dense steps): its params are exactly train.warm_train_keys()."""

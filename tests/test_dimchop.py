@@ -142,7 +142,7 @@ def test_a_dimchop_run_killed_mid_ramp_resumes_to_the_same_model(tmp_path, tiny_
 
     cfg = cfg_(ckpt_every=1)
     run(tiny_dir, tiny_prepared, tmp_path / "a", cfg, run_dir=tmp_path / "run_a", objective="dimchop",
-        dimchop_cfg=DIM)
+        dimchop_cfg=DIM, metrics=tmp_path / "a.json")
     save = checkpoint.AtomicCheckpoint.save
 
     def save_then_die(self, trainer):
@@ -163,17 +163,18 @@ def test_a_dimchop_run_killed_mid_ramp_resumes_to_the_same_model(tmp_path, tiny_
     assert any(k.startswith("platon.ibar__") for k in state) and any(k.startswith("platon.mask__") for k in state)
     assert ckpt["dimchop_scoring"]["mask_updates"] == 2 and ckpt["dimchop_scoring"]["scoring_s"] > 0  # steps 3, 4
     run(tiny_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", objective="dimchop",
-        dimchop_cfg=DIM)
+        dimchop_cfg=DIM, metrics=tmp_path / "b.json")
     # the scoring's cost, across the resume: masks chosen at steps 3..6, PLATON's 10 FLOPs per pruned weight a step
     # and 3 per mask choice, its wall time a part of the run's
-    from layerchop.io import read_metadata
+    from layerchop.io import read_json, read_metadata
 
     entries = sum(w.numel() for k, w in load_file(tmp_path / "a" / "model.safetensors").items()
                   if k.rsplit(".", 2)[-2] in DIM.matrices)
     for out in ("a", "b"):
-        c = read_metadata(tmp_path / out)["compute"]
+        c, m = read_metadata(tmp_path / out)["compute"], read_json(tmp_path / f"{out}.json")
         assert c["scoring_mask_updates"] == 4 and c["scoring_flops"] == 10 * entries * 8 + 3 * entries * 4
-        assert 0 < c["scoring_device_s"] < c["device_s"]
+        assert "scoring_device_s" not in c and "device_s" not in c  # wall times: the run's metrics, not the model
+        assert 0 < m["scoring_device_s"] < m["device_s"] and m["scoring_mask_updates"] == 4
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
@@ -232,7 +233,7 @@ def test_fsdp2_processes_grow_the_same_masks(tmp_path, tiny_dir, tiny_prepared, 
 
     c1, cf = (read_metadata(tmp_path / k)["compute"] for k in ("single", "fsdp"))
     assert c1["scoring_mask_updates"] == cf["scoring_mask_updates"] == 4
-    assert c1["scoring_flops"] == cf["scoring_flops"] > 0 and 0 < cf["scoring_device_s"] < cf["device_s"]
+    assert c1["scoring_flops"] == cf["scoring_flops"] > 0
 
 
 STRUCT = DimChopConfig(target=0.5, start=0.25, end=0.75, structure="channels-heads")

@@ -234,9 +234,14 @@ def test_distill_run_exports_student_snapshots_and_compute(tmp_path, tiny_dir, t
     meta = read_metadata(out)
     assert meta["steps"] == 6 and meta["objective"] == "distill" and meta["layer_map"] == mapping
     assert meta["compute"]["flops"] == 6 * per_step <= budget
-    assert meta["compute"]["tokens"] == 6 * 4 * 32 and meta["compute"]["device_s"] > 0
+    assert meta["compute"]["tokens"] == 6 * 4 * 32 and "device_s" not in meta["compute"]  # no wall time in it
     m = read_json(tmp_path / "m.json")
-    assert m["flops"] == 6 * per_step and m["tokens"] == 768 and m["s_per_step"] > 0
+    assert m["flops"] == 6 * per_step and m["tokens"] == 768 and m["s_per_step"] > 0 and m["device_s"] > 0
+    # each snapshot's wall times, and the machine, in the run's metrics
+    assert sorted(m["snapshots"]) == ["step_000002", "step_000004"]
+    assert 0 < m["snapshots"]["step_000002"]["device_s"] < m["snapshots"]["step_000004"]["device_s"] < m["device_s"]
+    assert m["machine"]["threads"] >= 1 and m["machine"]["cpu"]
+    assert m["machine"]["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     snaps = sorted(p.name for p in (tmp_path / "snaps").iterdir())
     assert snaps == ["step_000002", "step_000004"]
     assert read_metadata(tmp_path / "snaps" / "step_000002")["compute"]["flops"] == 2 * per_step
@@ -305,9 +310,11 @@ def test_equal_flop_arms_curves_and_figure4(tmp_path, tiny_dir, tiny_prepared):
                                                                           str(tiny_dir)])):
         assert main(["train", *P, *extra, "--init", str(chopped), "--data", str(tiny_prepared), "--out",
                      str(tmp_path / arm), "--run-dir", str(tmp_path / "runs" / arm), "--flop-budget", "2.0e9",
-                     "--snapshots", "2", "--snapshot-dir", str(tmp_path / "snaps" / arm)]) == 0
+                     "--snapshots", "2", "--snapshot-dir", str(tmp_path / "snaps" / arm),
+                     "--metrics", str(tmp_path / f"{arm}.json")]) == 0
         assert main(["curve", *P, "--snapshots", str(tmp_path / "snaps" / arm), "--final", str(tmp_path / arm),
-                     "--data", str(tiny_prepared), "--out", str(tmp_path / "eval" / arm)]) == 0
+                     "--record", str(tmp_path / f"{arm}.json"), "--data", str(tiny_prepared), "--out",
+                     str(tmp_path / "eval" / arm)]) == 0
     lm, kd = (read_metadata(tmp_path / a)["compute"] for a in ("layerchop", "distill"))
     # same budget, never exceeded; distillation steps cost more, so it takes fewer of them
     assert lm["flops"] <= 2.0e9 and kd["flops"] <= 2.0e9
@@ -361,7 +368,7 @@ def test_interrupted_distill_run_resumes_to_the_uninterrupted_result(tmp_path, t
     snapshots written before the interruption are kept."""
     from safetensors.torch import load_file
 
-    from layerchop.io import read_metadata
+    from layerchop.io import read_json, read_metadata
     from layerchop.prune.chop import chop_layers
     from layerchop.train.run import run
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -381,9 +388,11 @@ def test_interrupted_distill_run_resumes_to_the_uninterrupted_result(tmp_path, t
           snapshot_dir=tmp_path / "snap_b", **kw)
     assert not (tmp_path / "b").exists() and len(list((tmp_path / "run_b").glob("*/snapshots/step_000003"))) == 1
     meta = run(chopped, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b", resume="auto",
-                 snapshot_dir=tmp_path / "snap_b", log_csv=tmp_path / "b.csv", **kw)
+                 snapshot_dir=tmp_path / "snap_b", log_csv=tmp_path / "b.csv", metrics=tmp_path / "b.json", **kw)
     assert meta["steps"] == 6 and meta["compute"]["flops"] == 6 * meta["compute"]["flops_per_step"]
-    assert meta["compute"]["train_s"] > 0
+    # the wall times: the run's (both invocations), and the snapshot's, written before the interruption
+    m = read_json(tmp_path / "b.json")
+    assert 0 < m["snapshots"]["step_000003"]["train_s"] < m["train_s"] and m["snapshots"]["step_000003"]["steps"] == 3
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:

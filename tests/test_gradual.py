@@ -223,10 +223,17 @@ def test_a_run_killed_mid_schedule_resumes_to_the_same_model(tmp_path, tiny_prep
     monkeypatch.undo()
     assert not (tmp_path / "b").exists()  # nothing exported by the killed run
     again = run(chopped_dir, tiny_prepared, tmp_path / "b", cfg, run_dir=tmp_path / "run_b",
-                chop_every_tokens=EVERY, snapshots=2, snapshot_dir=tmp_path / "snaps_b")
+                chop_every_tokens=EVERY, snapshots=2, snapshot_dir=tmp_path / "snaps_b", metrics=tmp_path / "b.json")
     assert again["compute"]["flops"] == ref["compute"]["flops"] and again["compute"]["steps"] == 6
     assert again["compute"]["chop_schedule"] == ref["compute"]["chop_schedule"]
-    assert again["compute"]["train_s"] > 0 and again["compute"]["tokens"] == ref["compute"]["tokens"]
+    assert again["compute"]["tokens"] == ref["compute"]["tokens"]
+    # the wall times (the run's metrics): the whole run's, across the kill, and each snapshot's, whichever
+    # invocation wrote it
+    from layerchop.io import read_json
+
+    rec = read_json(tmp_path / "b.json")
+    assert rec["train_s"] > 0 and sorted(rec["snapshots"]) == ["step_000002", "step_000004"]
+    assert 0 < rec["snapshots"]["step_000002"]["train_s"] < rec["snapshots"]["step_000004"]["train_s"] <= rec["train_s"]
     # the chopped model's fit checkpointed, so the phases' checkpoints are gone (their logs stay)
     assert not list((tmp_path / "run_b").glob("*/phases/*/step*.ckpt"))
     assert len(list((tmp_path / "run_b").glob("*/phase-logs/*"))) == 2
@@ -300,11 +307,12 @@ def test_figure6_from_real_runs_and_curves(tmp_path, tiny_dir, tiny_prepared, ch
     for name, extra in (("gradual", ["--chop-every-tokens", str(EVERY)]), ("once", [])):
         assert main(["train", *p, "--init", str(chopped_dir), *data, "--out", str(tmp_path / name), "--run-dir",
                      str(tmp_path / f"run_{name}"), "--token-budget", str(6 * TOKENS_PER_STEP), "--snapshots", "2",
-                     "--snapshot-dir", str(tmp_path / f"snaps_{name}"), *extra]) == 0
+                     "--snapshot-dir", str(tmp_path / f"snaps_{name}"), "--metrics", str(tmp_path / f"{name}.json"),
+                     *extra]) == 0
     out = {"gradual": tmp_path / "eval" / "fig6" / f"every{EVERY}", "once": tmp_path / "eval" / "once"}
     for name, dest in out.items():
         assert main(["curve", *p, "--snapshots", str(tmp_path / f"snaps_{name}"), "--final", str(tmp_path / name),
-                     *data, "--out", str(dest)]) == 0
+                     "--record", str(tmp_path / f"{name}.json"), *data, "--out", str(dest)]) == 0
     for name, model in (("dense", tiny_dir), ("chopped", chopped_dir)):
         assert main(["evaluate", *p, "--model", str(model), *data, "--out", str(tmp_path / "eval" / name)]) == 0
     args = ["figure6", *p, "--gradual", str(tmp_path / "eval" / "fig6"), "--at-once",

@@ -31,7 +31,7 @@ def test_data_driven_chop_stage_removes_what_its_scores_select(tmp_path, tiny_di
     from transformers import AutoModelForCausalLM
 
     from layerchop.data.prepare import PackedDataset
-    from layerchop.prune.calibrate import calibration_batch
+    from layerchop.data.prepare import calibration_batch
     from layerchop.prune.select import layer_scores, select_layers
 
     pfile = _params(tmp_path, chop={"num_remove": 2, "num_calibration": 6, "calibration_seed": 3, "batch_size": 4})
@@ -323,7 +323,7 @@ def test_a_new_criterion_in_one_file_is_a_layout_of_the_chop_stage(tmp_path, tin
     assert before[:3] == ("angular", "block-influence", "ppl") and "weight-norm" not in before
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    (plugins / "weight_norm.py").write_text(TOY_CRITERION)
+    (plugins / "weight-norm.py").write_text(TOY_CRITERION)  # named as the criterion (read without importing it)
     monkeypatch.setattr(package, "__path__", [*package.__path__, str(plugins)])
     try:
         assert data_driven_layouts() == (*before, "weight-norm")
@@ -340,6 +340,19 @@ def test_a_new_criterion_in_one_file_is_a_layout_of_the_chop_stage(tmp_path, tin
         assert meta["selection"]["norms"] == pytest.approx(norms, rel=1e-6)
     finally:
         monkeypatch.undo()
-        sys.modules.pop("layerchop.prune.criteria.weight_norm", None)
+        sys.modules.pop("layerchop.prune.criteria.weight-norm", None)
     with pytest.raises(ValueError, match="chop.layout='weight-norm' is invalid: choose one of"):
         section("chop", {"chop": {"layout": "weight-norm"}})
+    # a criterion in a file of another name is refused by the registry, naming the file
+    (plugins / "weight-norm.py").rename(plugins / "norms.py")
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(plugins)])
+    try:
+        from layerchop.prune.select import criteria
+
+        with pytest.raises(ValueError, match=r"norms.py: layer-selection criterion 'weight-norm' must be in a file "
+                                             r"of its own name, weight-norm.py"):
+            criteria()
+    finally:
+        monkeypatch.undo()
+        for m in ("norms", "weight-norm"):
+            sys.modules.pop(f"layerchop.prune.criteria.{m}", None)

@@ -31,7 +31,8 @@ def toy_in_the_package(tmp_path, monkeypatch):
 
 
 def test_the_built_in_methods_and_the_registry():
-    from layerchop.prune.solvers import BUILT_IN, registry, solver
+    from layerchop.prune.registry import BUILT_IN, registry
+    from layerchop.prune.solvers import solver
 
     found = registry()
     assert {n: (found[n].label, found[n].settings) for n in BUILT_IN} == {
@@ -42,9 +43,47 @@ def test_the_built_in_methods_and_the_registry():
         solver("no-such")
 
 
+def test_a_stage_that_runs_one_method_imports_no_other_and_params_checks_import_none():
+    """``solver(name)`` imports that method's file alone, and the params check of ``prune.methods`` reads the file
+    names: so ``prune@wanda-*`` runs (and in dvc.yaml depends on) no other method's code, and no stage's params check
+    runs any (in a fresh interpreter: this one has imported them all)."""
+    import subprocess
+
+    code = ("import sys\nfrom layerchop.config import load_params, section\n"
+            "section('prune', load_params('params.yaml'))\n"
+            "print(sorted(m for m in sys.modules if m.startswith('layerchop.prune.oneshot.')))\n"
+            "from layerchop.prune.solvers import solver\nsolver('wanda')\n"
+            "print(sorted(m for m in sys.modules if m.startswith('layerchop.prune.oneshot.')))\n"
+            "from layerchop.config import data_driven_layouts\nprint(data_driven_layouts())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["[]", "['layerchop.prune.oneshot.wanda']", "('angular', 'block-influence', 'ppl')"]
+
+
+def test_the_built_in_criteria_are_the_ones_params_checks_know():
+    from layerchop.plugins import BUILT_IN_CRITERIA
+    from layerchop.prune.select import CRITERIA, criteria
+
+    assert tuple(CRITERIA) == BUILT_IN_CRITERIA and tuple(criteria()) == BUILT_IN_CRITERIA
+
+
+def test_a_method_file_without_its_method_is_refused_naming_the_file(tmp_path, monkeypatch):
+    import layerchop.prune.oneshot as package
+    from layerchop.prune.solvers import solver
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "empty.py").write_text("X = 1\n")
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(plugins)])
+    try:
+        with pytest.raises(ValueError, match=r"empty.py: defines no one-shot method named 'empty'"):
+            solver("empty")
+    finally:
+        sys.modules.pop("layerchop.prune.oneshot.empty", None)
+
+
 def test_a_bad_method_file_or_a_name_taken_twice_is_refused(tmp_path, monkeypatch):
     import layerchop.prune.oneshot as package
-    from layerchop.prune.solvers import registry
+    from layerchop.prune.registry import registry
 
     plugins = tmp_path / "plugins"
     plugins.mkdir()
@@ -126,7 +165,7 @@ def test_a_new_method_in_one_file_runs_through_prune_evaluate_and_figure1(tmp_pa
     from layerchop.cli import main
     from layerchop.io import load_model, read_json, read_metadata
     from layerchop.prune.masks import load_masks
-    from layerchop.prune.solvers import registry
+    from layerchop.prune.registry import registry
     from toy_oneshot import ActivationL1
 
     assert registry()["act-l1"].label == ActivationL1.label

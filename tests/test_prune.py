@@ -10,7 +10,7 @@ import torch.nn as nn
 from conftest import make_tiny_llama
 from layerchop.prune.calibrate import prune_model
 from layerchop.prune.oneshot.wanda import wanda_score
-from layerchop.prune.solvers import registry
+from layerchop.prune.registry import registry
 
 SOLVERS = registry()
 from layerchop.prune.sparsity import Pattern, select_mask

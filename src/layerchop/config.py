@@ -27,10 +27,11 @@ LAYOUTS = ("input", "output", "middle", "max-gap", "both")
 
 def data_driven_layouts() -> tuple[str, ...]:
     """The layouts chosen from calibration data: the criteria of :func:`layerchop.prune.select.criteria` (angular,
-    block-influence, ppl and any added in ``src/layerchop/prune/criteria/``; imports torch)."""
-    from layerchop.prune.select import criteria
+    block-influence, ppl and any added in ``src/layerchop/prune/criteria/``), by name: no criterion's code runs, so
+    that the params check of every stage depends on none of it."""
+    from layerchop.plugins import BUILT_IN_CRITERIA, CRITERIA, names
 
-    return tuple(criteria())
+    return BUILT_IN_CRITERIA + tuple(n for n in names(CRITERIA) if n not in BUILT_IN_CRITERIA)
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 STRATEGIES = ("auto", "fsdp")
 LAUNCHERS = ("local", "torchrun", "slurm")
@@ -260,7 +261,7 @@ class PruneConfig:
     method of ``methods`` and pattern of ``patterns``; Figure 1 and Table 2 get a row for each."""
 
     methods: list[str] = field(default_factory=lambda: ["wanda", "sparsegpt"])
-    """One-shot methods the pipeline runs (:func:`layerchop.prune.solvers.registry`: magnitude, wanda, sparsegpt and
+    """One-shot methods the pipeline runs (:func:`layerchop.prune.registry.registry`: magnitude, wanda, sparsegpt and
     any added in ``src/layerchop/prune/oneshot/``); no stage depends on this list as a whole, so adding one
     runs only the new method's stages."""
     patterns: list[str] = field(default_factory=lambda: ["2of4", "4of8"])
@@ -283,11 +284,11 @@ class PruneConfig:
         for key, values in (("methods", self.methods), ("patterns", self.patterns)):
             if not isinstance(values, list) or len(set(map(str, values))) != len(values):
                 _fail(f"prune.{key}", values, "must be a list of distinct names")
-        if self.methods or self.patterns:  # the names exist (imports torch; only where the lists are set)
-            from layerchop.prune.solvers import registry
+        if self.methods or self.patterns:  # the names exist (by file name: no method's code runs)
+            from layerchop.plugins import ONESHOT, names
             from layerchop.prune.sparsity import Pattern
 
-            known = registry()
+            known = names(ONESHOT)
             for name in self.methods:
                 if name not in known:
                     _fail("prune.methods", self.methods, f"{name!r} is not a one-shot method: choose from "

@@ -29,6 +29,36 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+PACKAGES = ("torch", "lightning", "transformers", "datasets", "lm_eval", "torchmetrics", "huggingface_hub",
+            "safetensors", "numpy")
+"""The libraries whose versions a stage's metrics record (the ones that compute or read its numbers)."""
+
+
+def gpu_name() -> Optional[str]:
+    """The first visible CUDA device's name, or None (no CUDA, or torch not built with it)."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def machine_record() -> dict:
+    """What a stage's metrics record of the machine that produced them: CPU model, GPU (or None), torch's
+    threads, Python and each of :data:`PACKAGES`' installed version (None where it is not installed)."""
+    import sys
+    from importlib import metadata
+
+    import torch
+
+    def version(name: str) -> Optional[str]:
+        try:
+            return metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"cpu": cpu_model(), "gpu": gpu_name(), "threads": torch.get_num_threads(),
+            "python": sys.version.split()[0], "versions": {name: version(name) for name in PACKAGES}}
+
+
 @lru_cache(maxsize=None)
 def bf16_slowdown(size: int = 256, reps: int = 3) -> float:
     """How many times longer a ``size``-cubed bf16 matmul takes than a float32 one on this CPU (best of ``reps``)."""

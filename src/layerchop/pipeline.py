@@ -103,9 +103,6 @@ def _runs_code(init: Path) -> bool:
     return not all(inert(node) for node in ast.parse(init.read_text()).body)
 
 
-_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
-
-
 @lru_cache(maxsize=None)
 def _parsed(path: Path, mtime_ns: int) -> tuple:
     return tuple(ast.walk(ast.parse(path.read_text())))
@@ -119,7 +116,8 @@ def _nodes(path: Path) -> tuple:
 def code_closure(module: str, src: str | Path = "src") -> set[Path]:
     """The source files that running ``module`` can execute from its own package: every ``layerchop`` module it
     imports, at any depth, at module level or inside a function, every module of a package that a registry
-    imports by name (a string constant naming a package, :func:`layerchop.plugins.with_package`), and each
+    imports (a call of :func:`layerchop.plugins.with_package`; a plugin loaded alone by a name known at run time,
+    :func:`layerchop.plugins.load`, is not here: :func:`plugin_loads`), and each
     package ``__init__.py`` on the way that runs code. A superset of what one run imports, which is what a DVC
     stage's ``deps`` must cover so that editing any of them re-runs the stage."""
     import pkgutil
@@ -151,9 +149,75 @@ def code_closure(module: str, src: str | Path = "src") -> set[Path]:
                     base = ".".join(anchor + ([base] if base else []))
                 if base.split(".")[0] == top:
                     todo += [base] + [f"{base}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
-                    and _MODULE_NAME.fullmatch(node.value) and node.value.startswith(f"{top}."):
-                pkg = src.joinpath(*node.value.split("."))
-                if (pkg / "__init__.py").is_file():  # a registry's package: every module in it
-                    todo += [f"{node.value}.{m.name}" for m in pkgutil.iter_modules([str(pkg)])]
+            elif (pkg_name := _plugin_package(node, path, src, "with_package", 1)) is not None:
+                pkg = src.joinpath(*pkg_name.split("."))  # a registry: it imports every module of the package
+                todo += [pkg_name] + [f"{pkg_name}.{m.name}" for m in pkgutil.iter_modules([str(pkg)])]
+                if (pkg / "__init__.py").is_file():  # (inert or not: the folder, where a new plugin appears)
+                    seen.add(pkg / "__init__.py")
     return seen
+
+
+def _constant(path: Path, name: str, src: Path) -> Optional[str]:
+    """The string a module-level name of ``path`` is bound to: ``NAME = "..."``, or ``from m import X as NAME``
+    with ``X`` such a constant of ``m``."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return node.value.value if isinstance(node.value, ast.Constant) else None
+    for node in _nodes(path):  # imported (at module level or in a function)
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                if (alias.asname or alias.name) == name and (origin := _module_file(node.module, src)) is not None:
+                    return _constant(origin, alias.name, src)
+    return None
+
+
+def _plugin_package(node, path: Path, src: Path, function: str, index: int) -> Optional[str]:
+    """The package named by argument ``index`` of a call to ``function`` (:mod:`layerchop.plugins`' ``with_package``
+    or ``load``) at ``node``, resolved to its string; None for any other node."""
+    if not isinstance(node, ast.Call) or len(node.args) <= index:
+        return None
+    callee = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+    if callee != function:
+        return None
+    arg = node.args[index]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    return _constant(path, arg.id, src) if isinstance(arg, ast.Name) else None
+
+
+def plugin_loads(module: str, src: str | Path = "src") -> set[str]:
+    """The plugin packages that running ``module`` loads one plugin of, by a name known only at run time
+    (:func:`layerchop.plugins.load`): a stage's ``deps`` must hold that package's folder, or the file of the plugin
+    its command names."""
+    src = Path(src)
+    found = set()
+    for path in code_closure(module, src):
+        for node in _nodes(path):
+            if (pkg := _plugin_package(node, path, src, "load", 0)) is not None:
+                found.add(pkg)
+    return found
+
+
+def covering_deps(files: set[Path], src: str | Path = "src") -> list[str]:
+    """The shortest list of ``deps`` (relative to ``src``'s parent) that covers ``files`` (a :func:`code_closure`)
+    and nothing else: a folder where every source file in it (an inert package ``__init__.py`` aside) is needed,
+    so that a module added to it later (a registry's new method) is a dependency too; the files elsewhere."""
+    src = Path(src)
+    root = src.parent
+    files = {Path(f).resolve() for f in files}
+
+    def needed(path: Path) -> bool:
+        return path.name != "__init__.py" or _runs_code(path)
+
+    def full(folder: Path) -> bool:
+        sources = [p.resolve() for p in folder.rglob("*.py") if needed(p) or p.resolve() in files]
+        return bool(sources) and all(p in files for p in sources)
+
+    out: list[str] = []
+    for f in sorted(files):
+        folder = max((d for d in f.parents if src.resolve() in d.parents and full(d)),
+                     key=lambda d: -len(d.parts), default=None)  # the topmost full folder below src/<package>
+        dep = (folder or f).relative_to(root.resolve())
+        if str(dep) not in out:
+            out.append(str(dep))
+    return out

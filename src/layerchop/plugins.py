@@ -1,6 +1,6 @@
 """Registries that grow by a file: the classes of a kind defined in the modules of a package, by their ``name``.
 
-One-shot pruning methods (:func:`layerchop.prune.solvers.registry`, package ``layerchop.prune.oneshot``) and
+One-shot pruning methods (:func:`layerchop.prune.registry.registry`, package ``layerchop.prune.oneshot``) and
 data-driven layer-selection criteria (:func:`layerchop.prune.select.criteria`, package ``layerchop.prune.criteria``)
 are found this way: adding one is a file in the package, no import or list to edit."""
 
@@ -8,6 +8,35 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+
+ONESHOT = "layerchop.prune.oneshot"
+"""The package of the one-shot pruning methods, one file each, named as the method."""
+CRITERIA = "layerchop.prune.criteria"
+"""The package of the layer-selection criteria added to the built-in ones, one file each, named as the criterion."""
+BUILT_IN_CRITERIA = ("angular", "block-influence", "ppl")
+"""The criteria defined in :mod:`layerchop.prune.select` itself (``CRITERIA`` there; a test keeps them equal), so that
+a params check can know every criterion's name without importing torch or any criterion's code."""
+
+
+def names(package: str) -> list[str]:
+    """The plugins of ``package`` by name, found by their file names: none of their code runs (a params check that
+    a name exists then depends on no plugin's code)."""
+    pkg = importlib.import_module(package)
+    return sorted(info.name for info in pkgutil.iter_modules(pkg.__path__))
+
+
+def load(package: str, name: str, base: type, what: str) -> type:
+    """The plugin ``name`` of ``package``: the subclass of ``base`` called ``name`` in the module of that name, the
+    only plugin module imported (a stage that runs one method runs no other method's code).
+
+    Raises:
+        ValueError: naming the file, when it defines no such class.
+    """
+    module = importlib.import_module(f"{package}.{name}")
+    for obj in vars(module).values():
+        if isinstance(obj, type) and issubclass(obj, base) and obj.__module__ == module.__name__ and obj.name == name:
+            return obj
+    raise ValueError(f"{module.__file__}: defines no {what} named {name!r} (a {what}'s file is named as it)")
 
 
 def with_package(built_in: dict[str, type], package: str, base: type, what: str) -> dict[str, type]:

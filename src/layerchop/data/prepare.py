@@ -326,3 +326,13 @@ def read_splits(prepared_dir: str | Path) -> dict[str, list[str]]:
             doc, split = line.rstrip("\n").rsplit("\t", 1)
             out[split].append(doc)
     return out
+
+
+def calibration_batch(dataset, num: int, seed: int, key: str = "prune.num_calibration") -> torch.Tensor:
+    """``num`` packed training sequences chosen with ``seed`` → ``[num, T]`` token ids (``key``: the params key of
+    ``num``, for the error)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset), generator=g)[:num].tolist()
+    if len(idx) < num:
+        raise ValueError(f"{key}={num} exceeds the {len(dataset)} training sequences")
+    return torch.stack([dataset[i]["input_ids"] for i in idx])

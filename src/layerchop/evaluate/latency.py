@@ -19,7 +19,6 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -305,24 +304,20 @@ def add_bounds(cells: list[dict[str, Any]], records: dict[str, dict[str, Any]], 
 
 
 def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from layerchop.machine import cpu_model
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def environment(cfg, device) -> dict:
     import transformers
 
+    from layerchop.machine import machine_record
+
     env = {"device": str(device), "device_name": device_name(device), "dtype": cfg.dtype,
            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
            "python": sys.version.split()[0], "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "host": platform.node()}
+           "host": platform.node(), "machine": machine_record()}
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["cusparselt"] = bool(torch.backends.cusparselt.is_available())

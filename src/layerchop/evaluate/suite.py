@@ -13,6 +13,7 @@ from layerchop.data.prepare import check_data_matches_model
 from layerchop.evaluate.harness import available_tasks, check_tasks, flat_task_metrics, zero_shot
 from layerchop.evaluate.perplexity import perplexity
 from layerchop.io import load_model, load_tokenizer, num_params, read_metadata
+from layerchop.machine import machine_record
 from layerchop.prune.masks import nonzero_params
 
 
@@ -42,6 +43,11 @@ def fp32_output_head(model, device: str, enabled: bool = True):
             head.forward = own
 
 
+# lm-eval's record of when, where and by which commit it ran: moved from results.json into the metrics' record, so
+# that results.json is a function of the model, the data and the settings (the same bytes on a re-run)
+RUN_RECORD = ("date", "start_time", "end_time", "total_evaluation_time_seconds", "git_hash", "upper_git_hash",
+              "pretty_env_info", "transformers_version")
+
 # what the evaluated model's layerchop.json says of how it was made (kept in results.json for the reports)
 PROVENANCE = ("stage", "method", "layout", "removed_layers", "kept_layers", "num_layers_before", "selection",
               "objective", "tokens_trained", "pattern")
@@ -52,8 +58,10 @@ def evaluate_model(model_dir: str | Path, data: str | Path, cfg) -> tuple[dict[s
 
     Returns:
         ``(metrics, results)``: flat DVC metrics (``val/ppl``, ``eval/<task>/<metric>`` with its ``_stderr``,
-        ``eval/<task>/n``, ...) and lm-eval's raw results, with ``skipped_tasks`` (optional tasks whose local
-        data is absent, and why) and ``model`` (the model's provenance from its ``layerchop.json``).
+        ``eval/<task>/n``, ...; ``machine``: where and with which libraries it ran, :func:`machine_record`) and
+        lm-eval's raw results without its dates, host and commit (:data:`RUN_RECORD`), with ``skipped_tasks``
+        (optional tasks whose local data is absent, and why) and ``model`` (the model's provenance from its
+        ``layerchop.json``).
     """
     data = Path(data)
     names, skipped = available_tasks(cfg)
@@ -89,4 +97,6 @@ def evaluate_model(model_dir: str | Path, data: str | Path, cfg) -> tuple[dict[s
     results["skipped_tasks"] = skipped
     results["model"] = {k: meta[k] for k in PROVENANCE if k in meta}
     metrics["eval_wall_s"] = round(time.perf_counter() - t0, 1)
+    record = {k: results.pop(k) for k in RUN_RECORD if k in results}
+    metrics["machine"] = {**machine_record(), "lm_eval": {k: v for k, v in record.items() if k != "pretty_env_info"}}
     return metrics, results

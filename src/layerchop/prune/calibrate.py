@@ -97,7 +97,7 @@ def prune_model(
     Args:
         model: A HF causal LM (its layers may live on the CPU).
         calib_NT: Calibration token ids ``[num_sequences, seq_len]`` (from the train split).
-        method: A one-shot method's name (:func:`layerchop.prune.solvers.registry`: ``magnitude``, ``wanda``,
+        method: A one-shot method's name (:func:`layerchop.prune.registry.registry`: ``magnitude``, ``wanda``,
             ``sparsegpt``, and those added in ``layerchop.prune.oneshot``).
         pattern: Sparsity pattern.
         device: Where each layer is processed (default: where the embeddings are).
@@ -164,13 +164,3 @@ def _layers_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
         if module is layers:
             return name
     raise RuntimeError("decoder layers not found among the model's modules")
-
-
-def calibration_batch(dataset, num: int, seed: int, key: str = "prune.num_calibration") -> torch.Tensor:
-    """``num`` packed training sequences chosen with ``seed`` → ``[num, T]`` token ids (``key``: the params key of
-    ``num``, for the error)."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(dataset), generator=g)[:num].tolist()
-    if len(idx) < num:
-        raise ValueError(f"{key}={num} exceeds the {len(dataset)} training sequences")
-    return torch.stack([dataset[i]["input_ids"] for i in idx])

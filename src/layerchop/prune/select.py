@@ -218,9 +218,13 @@ def criteria() -> dict[str, type[Criterion]]:
     """Every data-driven layout by name: :data:`CRITERIA` and each :class:`Criterion` subclass defined in a module of
     the package ``layerchop.prune.criteria``."""
     from layerchop.config import LAYOUTS
-    from layerchop.plugins import with_package
+    from layerchop.plugins import CRITERIA as PACKAGE, with_package
 
-    found = with_package(CRITERIA, "layerchop.prune.criteria", Criterion, "layer-selection criterion")
+    found = with_package(CRITERIA, PACKAGE, Criterion, "layer-selection criterion")
+    for name, cls in found.items():  # one file a criterion, named as it: params checks read the names from the files
+        if name not in CRITERIA and cls.__module__ != f"{PACKAGE}.{name}":
+            raise ValueError(f"{cls.__module__.rsplit('.', 1)[-1]}.py: layer-selection criterion {name!r} must be in "
+                             f"a file of its own name, {name}.py")
     taken = sorted(set(found) & set(LAYOUTS))
     if taken:
         raise ValueError(f"layer-selection criteria {taken}: the name of a fixed layout ({list(LAYOUTS)})")
@@ -228,11 +232,16 @@ def criteria() -> dict[str, type[Criterion]]:
 
 
 def criterion(name: str) -> Criterion:
-    """The criterion called ``name``."""
-    found = criteria()
-    if name not in found:
-        raise ValueError(f"criterion {name!r}: choose one of {list(found)}")
-    return found[name]()
+    """The criterion called ``name``: a built-in one, or the one of that file in ``layerchop.prune.criteria`` (only
+    that file is imported: a stage that scores with one criterion runs no other's code)."""
+    from layerchop.config import data_driven_layouts
+    from layerchop.plugins import CRITERIA as PACKAGE, load
+
+    if name in CRITERIA:
+        return CRITERIA[name]()
+    if name not in data_driven_layouts():
+        raise ValueError(f"criterion {name!r}: choose one of {list(data_driven_layouts())}")
+    return load(PACKAGE, name, Criterion, "layer-selection criterion")()
 
 
 def select_layers(name: str, scores: dict, num_layers: int, num_remove: int) -> list[int]:

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
+from layerchop.plugins import ONESHOT as PLUGINS  # the package of the methods
 from layerchop.prune.sparsity import Pattern
 
 
@@ -64,54 +65,36 @@ def smallest_over_matrix(score: torch.Tensor, ratio: float) -> torch.Tensor:
     return score <= thresh
 
 
-PLUGINS = "layerchop.prune.oneshot"
-BUILT_IN = ("magnitude", "wanda", "sparsegpt")
-"""The methods that come with the repository (each a file of ``layerchop.prune.oneshot``, like any other)."""
+def check_method(name: str, cls: type[OneShot]) -> None:
+    """A method's class is in the file of its name, has a label, and reads only keys of the prune section.
 
-
-def registry() -> dict[str, type[OneShot]]:
-    """Every one-shot method by name: each :class:`OneShot` subclass defined in a module of the package
-    ``layerchop.prune.oneshot``, one file a method, the file named as the method (``act-l1.py`` for ``act-l1``: the
-    ``prune@<method>-<pattern>`` stage depends on that file and no other method's)."""
+    Raises:
+        ValueError: naming the module.
+    """
     import dataclasses
 
     from layerchop.config import PruneConfig
-    from layerchop.plugins import with_package
 
-    found = with_package({}, PLUGINS, OneShot, "one-shot method")
-    keys = {f.name for f in dataclasses.fields(PruneConfig)}
-    for name, cls in found.items():
-        where = f"{PLUGINS}.{cls.__module__.rsplit('.', 1)[-1]}"
-        if cls.__module__ != f"{PLUGINS}.{name}":
-            raise ValueError(f"{where}: one-shot method {name!r} must be in a file of its own name, {name}.py")
-        if not cls.label:
-            raise ValueError(f"{where}: one-shot method {name!r} needs a label (its rows in Figure 1 and Table 2)")
-        unknown = sorted(set(cls.settings) - keys)
-        if unknown:
-            raise ValueError(f"{where}: one-shot method {name!r} reads {unknown}, not keys of the prune section "
-                             "(add them to PruneConfig, and to the prune stage's params in dvc.yaml)")
-    return found
+    where = f"{PLUGINS}.{cls.__module__.rsplit('.', 1)[-1]}"
+    if cls.__module__ != f"{PLUGINS}.{name}":
+        raise ValueError(f"{where}: one-shot method {name!r} must be in a file of its own name, {name}.py")
+    if not cls.label:
+        raise ValueError(f"{where}: one-shot method {name!r} needs a label (its rows in Figure 1 and Table 2)")
+    unknown = sorted(set(cls.settings) - {f.name for f in dataclasses.fields(PruneConfig)})
+    if unknown:
+        raise ValueError(f"{where}: one-shot method {name!r} reads {unknown}, not keys of the prune section "
+                         "(add them to PruneConfig, and to the prune stage's params in dvc.yaml)")
 
 
 def solver(name: str, key: str = "--method") -> type[OneShot]:
-    """The one-shot method called ``name`` (``key``: where the name was given, for the error)."""
-    methods = registry()
-    if name not in methods:
-        raise ValueError(f"{key} {name!r} is not a one-shot method: choose one of {sorted(methods)} (or add one: "
+    """The one-shot method called ``name`` (``key``: where the name was given, for the error). Only its own file is
+    imported: the ``prune@<method>-<pattern>`` stage runs, and depends on, no other method's code."""
+    from layerchop.plugins import load, names
+
+    known = names(PLUGINS)
+    if name not in known:
+        raise ValueError(f"{key} {name!r} is not a one-shot method: choose one of {known} (or add one: "
                          "a OneShot subclass in src/layerchop/prune/oneshot/, docs/bring-your-own.md)")
-    return methods[name]
-
-
-ONESHOT_EVAL = "oneshot"
-"""The folder of the evaluations' root that holds one evaluation per one-shot run (dvc.yaml's ``oneshot_evaluate``)."""
-
-
-def oneshot_rows(prune_cfg, listed: dict[str, str]) -> dict[str, str]:
-    """The rows of a table with one row per run of ``prune.methods`` × ``prune.patterns``: ``listed`` (evaluation
-    directory -> label, in order), then each run not among them as ``oneshot/<method>-<pattern>`` -> ``<label> N:M``."""
-    methods = registry()
-    rows = dict(listed)
-    for name in prune_cfg.methods:
-        for spec in prune_cfg.patterns:
-            rows.setdefault(f"{ONESHOT_EVAL}/{name}-{spec}", f"{methods[name].label} {Pattern.parse(spec)}")
-    return rows
+    cls = load(PLUGINS, name, OneShot, "one-shot method")
+    check_method(name, cls)
+    return cls

@@ -33,7 +33,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def score_layers(model, cfg, data: Path, tokenizer, model_dir: Path) -> tuple[list[int], dict]:
     """A data-driven layout: scores on calibration sequences, then the layers they select."""
     from layerchop.data.prepare import PackedDataset, check_data_matches_model
-    from layerchop.prune.calibrate import calibration_batch
+    from layerchop.data.prepare import calibration_batch
     from layerchop.prune.select import layer_scores, select_layers
 
     check_data_matches_model(data, model_dir, tokenizer)
@@ -45,8 +45,9 @@ def score_layers(model, cfg, data: Path, tokenizer, model_dir: Path) -> tuple[li
     model.to("cpu")
     remove = select_layers(cfg.layout, scores, model.config.num_hidden_layers, cfg.num_remove)
     scores.update(calibration={"split": "train", "num_sequences": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
-                               "seed": cfg.calibration_seed},
-                  score_wall_s=round(time.perf_counter() - t0, 1))
+                               "seed": cfg.calibration_seed})
+    # the time goes to the log, not into the model directory (a re-run writes the same bytes)
+    print(f"[chop] scored {cfg.layout} in {time.perf_counter() - t0:.1f} s", flush=True)
     return remove, scores
 
 

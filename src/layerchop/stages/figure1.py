@@ -15,7 +15,7 @@ from pathlib import Path
 
 from layerchop.config import load_params, section
 from layerchop.io import staged
-from layerchop.prune.solvers import oneshot_rows, registry
+from layerchop.prune.registry import oneshot_rows, registry
 from layerchop.prune.sparsity import Pattern
 from layerchop.report.oneshot import figure1, oneshot_table
 from layerchop.report.tables import accuracy_caption, load_rows, latex, markdown

@@ -50,7 +50,8 @@ def pipeline_commit(where: Path) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from layerchop.cards import push_card, render
+    from layerchop.cards import render
+    from layerchop.hub import push_card
     from layerchop.io import METADATA_FILE, check_model_dir, read_json
 
     model = check_model_dir(args.model, "--model")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from layerchop.config import load_params, section
 from layerchop.io import read_json, staged
-from layerchop.prune.solvers import oneshot_rows
+from layerchop.prune.registry import oneshot_rows
 from layerchop.report.tables import markdown
 
 

@@ -31,6 +31,10 @@ class ComputeMeter(Callback):
     optimizer steps (forward, backward, optimizer; not validation or checkpointing) times the number of
     devices. The time survives resumption through the callback's checkpoint state.
 
+    :meth:`summary` is what the steps computed (a function of the run's inputs: it goes into the exported
+    ``layerchop.json``); :meth:`timing` is how long they took on this machine (it goes to the run's metrics, never
+    into a model directory, so that a re-run of the same inputs writes the same bytes).
+
     Args:
         tokens_per_step: Tokens per optimizer step over all devices.
         flops_per_step: Training FLOPs per optimizer step over all devices (:mod:`layerchop.train.flops`).
@@ -62,13 +66,13 @@ class ComputeMeter(Callback):
         s = self.summary(trainer.global_step)
         pl_module.log("train/tokens", float(s["tokens"]), on_step=True, on_epoch=False)
         pl_module.log("train/flops", float(s["flops"]), on_step=True, on_epoch=False)
-        pl_module.log("train/device_s", s["device_s"], on_step=True, on_epoch=False)
+        pl_module.log("train/device_s", self.timing(trainer.global_step)["device_s"], on_step=True, on_epoch=False)
         pl_module.log("train/s_per_step", dt, on_step=True, on_epoch=False)
         pl_module.log("train/tokens_per_s", self.tokens_per_step / max(dt, 1e-9), prog_bar=True, on_step=True,
                       on_epoch=False)
 
     def summary(self, step: int) -> dict[str, Any]:
-        """Compute after ``step`` optimizer steps of this fit (plus the offset)."""
+        """Compute after ``step`` optimizer steps of this fit (plus the offset): steps, tokens, FLOPs; no time."""
         return {
             "steps": self.offset["steps"] + step,
             "tokens": self.offset["tokens"] + step * self.tokens_per_step,
@@ -76,12 +80,21 @@ class ComputeMeter(Callback):
             "flops_per_step": self.flops_per_step,
             "tokens_per_step": self.tokens_per_step,
             "devices": self.world,
+            "warm_start": ({k: v for k, v in self.offset.items() if k != "train_s"} if self.offset["flops"]
+                           else None),
+            "flop_convention": FLOP_CONVENTION,
+            **({"chop_schedule": self.schedule} if self.schedule else {}),
+        }
+
+    def timing(self, step: int) -> dict[str, Any]:
+        """Wall time after ``step`` optimizer steps of this fit: ``train_s`` (the optimizer steps, the offset's
+        included), ``device_s`` (that x devices), ``s_per_step`` (this fit's steps) and, after a warm start or
+        earlier phases, ``warm_start_train_s``."""
+        return {
             "train_s": round(self.offset["train_s"] + self.train_s, 3),
             "device_s": round((self.offset["train_s"] + self.train_s) * self.world, 3),
             "s_per_step": round(self.train_s / step, 4) if step else None,
-            "warm_start": dict(self.offset) if self.offset["flops"] else None,
-            "flop_convention": FLOP_CONVENTION,
-            **({"chop_schedule": self.schedule} if self.schedule else {}),
+            **({"warm_start_train_s": round(self.offset["train_s"], 3)} if self.offset["flops"] else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -125,6 +138,7 @@ class _Exporter(Callback):
     def __init__(self, tokenizer, metadata: dict, card: str, meter: ComputeMeter, masks_dir: Optional[Path] = None):
         self.tokenizer, self.metadata, self.card, self.meter = tokenizer, metadata, card, meter
         self.masks_dir = masks_dir
+        self.timing: dict[str, dict] = {}  # export directory name -> its wall times (rank 0; for the run's metrics)
 
     def export(self, trainer: L.Trainer, pl_module, out: Path) -> None:
         """Gather the full state (every rank), write ``out`` on rank 0, wait for it."""
@@ -134,9 +148,11 @@ class _Exporter(Callback):
             if masks is None and hasattr(pl_module, "export_masks"):  # masks grown in training (DimChop)
                 masks = pl_module.export_masks()
             step = trainer.global_step
-            compute = self.meter.summary(step)
+            compute, timing = self.meter.summary(step), self.meter.timing(step)
             if hasattr(pl_module, "scoring_compute"):  # DimChop: the cost of its importance scores
-                compute.update(pl_module.scoring_compute(compute["steps"], self.meter.world))
+                for k, v in pl_module.scoring_compute(compute["steps"], self.meter.world).items():
+                    (timing if k.endswith("_s") else compute)[k] = v
+            self.timing[out.name] = {"steps": compute["steps"], **timing}
             meta = dict(self.metadata)
             meta["steps"] = step
             meta["compute"] = compute
@@ -209,9 +225,10 @@ class Snapshots(_Exporter):
     names count the whole run."""
 
     def __init__(self, root: Path, steps: list[int], tokenizer, metadata: dict, card: str, meter: ComputeMeter,
-                 masks_dir: Optional[Path] = None, offset: int = 0):
+                 masks_dir: Optional[Path] = None, offset: int = 0, timing_dir: Optional[Path] = None):
         super().__init__(tokenizer, {**metadata, "snapshot": True}, card, meter, masks_dir)
         self.root, self.steps, self.offset = Path(root), set(steps), offset
+        self.timing_dir = timing_dir  # each snapshot's wall times, as a file that survives a resumed run
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = self.offset + trainer.global_step
@@ -220,6 +237,10 @@ class Snapshots(_Exporter):
             # rank 0 decides (the export is a collective; ranks on other hosts may see the directory later)
             if not trainer.strategy.broadcast(out.exists()):
                 self.export(trainer, pl_module, out)
+                if trainer.is_global_zero and self.timing_dir is not None:
+                    from layerchop.io import write_json
+
+                    write_json(self.timing_dir / f"{out.name}.json", self.timing[out.name])
 
 
 class KeepMasks(Callback):

@@ -7,6 +7,7 @@ Layout of a run directory (``--run-dir``)::
     <run_dir>/<fingerprint>/phase-logs/000/version_N/metrics.csv
     <run_dir>/<fingerprint>/logs/version_N/metrics.csv       # one CSV log per invocation
     <run_dir>/<fingerprint>/snapshots/step_XXXXXX/           # intermediate HF exports
+    <run_dir>/<fingerprint>/snapshot-timing/step_XXXXXX.json # their wall times (for the run's metrics)
 
 Everything a run writes sits under its fingerprint (configuration, initial weights, data, code), so a
 checkpoint is only ever resumed by the run that wrote it, and nothing of another configuration is deleted:
@@ -136,6 +137,7 @@ class RunLayout:
         self.checkpoints = self.root / "checkpoints"
         self.logs = self.root / "logs"
         self.snapshots = self.root / "snapshots"
+        self.snapshot_timing = self.root / "snapshot-timing"  # beside the exports, never inside them
         self.resume_allowed = True
 
     def phase(self, k: int) -> Path:

@@ -186,7 +186,7 @@ def _train_phase(plan: RunPlan, layout: RunLayout, k: int, alive: list[int], don
                      "removed_layers": removed_so_far, "phase": k,
                      "removed_later": [i for i in plan.removed_layers if i in alive]}
         callbacks.append(Snapshots(layout.snapshots, [done + s for s in inside], tokenizer, snap_meta, card, meter,
-                                   offset=done))
+                                   offset=done, timing_dir=layout.snapshot_timing))
     # after the snapshots: a checkpoint of a step means its snapshot exists (a resumed phase does not redo it)
     checkpoint = AtomicCheckpoint(where, cfg.ckpt_every, save_on_train_end=True)
     callbacks.append(checkpoint)
@@ -220,7 +220,7 @@ def _train_phase(plan: RunPlan, layout: RunLayout, k: int, alive: list[int], don
     # references to the kept layers' shards only: the removed layers, the module and its Trainer go
     weights = chop_state_keys(sharding.local_model_state(module.model), kept)
     optimizer = chop_state_keys(sharding.local_optimizer_state(module.model, trainer.optimizers[0]), kept)
-    spent = meter.summary(phase.steps)
+    spent = {**meter.summary(phase.steps), **meter.timing(phase.steps)}
     spent = {key: spent[key] for key in ("steps", "tokens", "flops", "train_s")}
     del trainer, module, dm
     gc.collect()

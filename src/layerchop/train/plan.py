@@ -286,7 +286,7 @@ class RunPlan:
             "dense": str(self.dense_dir) if self.dense_dir else None, "removed_layers": self.removed_layers,
             "teacher": str(self.teacher_dir) if self.teacher_dir else None, "layer_map": self.layer_map,
             "masks": str(self.masks) if self.masks else None, "snapshot_steps": self.snapshot_steps,
-            "strategy": self.cfg.strategy, "launcher": self.cfg.launcher,
+            "strategy": self.cfg.strategy,
             "activation_checkpointing": self.cfg.activation_checkpointing, "num_params": self.num_params,
             "memory_per_rank_gb": self.memory_per_rank_gb(),
         }
@@ -409,6 +409,14 @@ def resolve(
         num_params={k: count_params(c) for k, c in configs.items() if c is not None}, configs=configs,
         warm_only=warm_only, warm_from=warm_from, warm_identity=warm_id,
     )
+
+
+def train_keys() -> list[str]:
+    """The ``train`` keys a training stage depends on (its ``params`` in ``dvc.yaml``): all but :data:`LAUNCH_KEYS`,
+    so that changing how a job starts (launcher, rendezvous, restarts, loader workers) re-runs nothing."""
+    from layerchop.config import TrainConfig
+
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in LAUNCH_KEYS]
 
 
 def warm_train_keys() -> list[str]:

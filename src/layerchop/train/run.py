@@ -26,7 +26,7 @@ from layerchop.train.callbacks import (ComputeMeter, ExportHF, HostMemory, JobRe
 from layerchop.train.checkpoint import AtomicCheckpoint, RunLayout, RunLock, init_process_group
 from layerchop.train.data import PackedDataModule
 from layerchop.train.module import CausalLMModule, ShardState
-from layerchop.train.plan import RunPlan
+from layerchop.train.plan import LAUNCH_KEYS, RunPlan
 
 
 def merge_csv_logs(sources: Sequence[tuple[Path, int]], dest: Path) -> None:
@@ -103,7 +103,8 @@ def output_metadata(plan: RunPlan) -> tuple[dict, str]:
         "init": str(plan.init_dir),
         "objective": plan.objective,
         "tokens_before": int(plan.init_meta.get("tokens_trained", 0)),
-        "train": dataclasses.asdict(cfg),
+        # what the weights depend on: not how the job was started (a model's bytes do not change with it)
+        "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LAUNCH_KEYS},
         "plan": plan.describe(),
     }
     from layerchop.train.methods import method
@@ -123,6 +124,15 @@ def output_metadata(plan: RunPlan) -> tuple[dict, str]:
         "Training compute in `layerchop.json` (`compute`).\n"
     )
     return metadata, card
+
+
+def snapshot_timing(layout: RunLayout, steps: list[int]) -> dict[str, dict]:
+    """The wall times of the run's snapshots (``step_XXXXXX`` -> ``train_s``, ``device_s``, ...), from the files
+    the snapshots callback wrote beside them; a snapshot without one (a run dir of older code) is left out."""
+    from layerchop.io import read_json
+
+    files = (layout.snapshot_timing / f"step_{s:06d}.json" for s in sorted(steps))
+    return {f.stem: read_json(f) for f in files if f.exists()}
 
 
 def train(plan: RunPlan, *, resume: str = "auto", log_csv: Optional[str | Path] = None,
@@ -181,10 +191,11 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
         callbacks.append(KeepMasks(plan.masks))
     if plan.snapshot_steps:
         callbacks.append(Snapshots(layout.snapshots, plan.snapshot_steps, tokenizer, metadata, card, meter,
-                                   masks_dir=plan.init_dir if plan.masks else None, offset=steps.warm_steps))
-    callbacks += [ExportHF(plan.out, tokenizer, metadata, card, steps.main_steps, meter,
-                           masks_dir=plan.init_dir if plan.masks else None),
-                  TQDMProgressBar(refresh_rate=1)]
+                                   masks_dir=plan.init_dir if plan.masks else None, offset=steps.warm_steps,
+                                   timing_dir=layout.snapshot_timing))
+    exporter = ExportHF(plan.out, tokenizer, metadata, card, steps.main_steps, meter,
+                        masks_dir=plan.init_dir if plan.masks else None)
+    callbacks += [exporter, TQDMProgressBar(refresh_rate=1)]
     if cfg.ckpt_every:
         on_saved = None
         if steps.phases:  # the phases' last checkpoints are no longer the resume point
@@ -233,14 +244,18 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
         shutil.copytree(layout.snapshots, dest, copy_function=os.link)
     meta = read_metadata(plan.out)
     if metrics is not None:
+        from layerchop.machine import machine_record
+
         host_memory = {f"rank{r['rank']}": {k: v for k, v in r.items() if k != "rank" and not k.startswith("gpu_")}
                        for r in memory.report}
         gpu_memory = {f"rank{r['rank']}": {k: v for k, v in r.items() if k.startswith("gpu_")}
                       for r in memory.report if "gpu_peak_allocated_mb" in r}
-        write_json(Path(metrics), {"objective": plan.objective, **meta["compute"],
+        timing = exporter.timing.get(plan.out.name, {})
+        write_json(Path(metrics), {"objective": plan.objective, **meta["compute"], **timing,
+                                   "snapshots": snapshot_timing(layout, plan.snapshot_steps),
                                    "tokens_trained": meta["tokens_trained"], "train_loss_last": meta["train_loss_last"],
                                    "wall_s_this_invocation": round(wall, 1), "host_memory": host_memory,
-                                   **({"gpu_memory": gpu_memory} if gpu_memory else {})})
+                                   **({"gpu_memory": gpu_memory} if gpu_memory else {}), "machine": machine_record()})
     before = "while chopping gradually" if plan.chop_every else "warm"
     print(f"[train] {steps.warm_steps + trainer.global_step} steps ({steps.warm_steps} {before}), "
           f"{wall:.1f} s, {meta['compute']['flops']:.4g} FLOPs, exported {plan.out}", flush=True)
