@@ -107,7 +107,8 @@ def _train(tmp_path, overrides: dict, init: Path, data: Path, *extra: str):
 def test_train_plan_prints_the_resolved_run_and_writes_nothing(tmp_path, tiny_dir, tiny_prepared):
     import json
 
-    proc = _train(tmp_path, {"train.token_budget": 10 * 4 * 32, "train.warmup_steps": 2}, tiny_dir, tiny_prepared,
+    proc = _train(tmp_path, {"train.token_budget": 10 * 4 * 32, "train.warmup_steps": 2, "train.warm_start_steps": 0},
+                  tiny_dir, tiny_prepared,
                   "--plan")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])

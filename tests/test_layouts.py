@@ -275,7 +275,7 @@ def test_tables45_are_read_from_the_configs_and_the_evaluation_record(tmp_path, 
     w, f, h, kv = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"], \
         config["num_key_value_heads"]
     n6 = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
-    assert t4[2] == f"| Dense | {n6:,} | {w} | {f} | {h} ({kv}) | 6 | pretrained (tiny) | – | – | – | – | – | – | – |"
+    assert t4[2] == f"| Dense | {n6:,} | {w} | {f} | {h} ({kv}) | 6 | as released: tiny | – | – | – | – | – | – | – |"
     assert t4[3].startswith(f"| Chopped, no recovery | {sum(p.numel() for p in model.parameters()):,} | {w} |")
     assert "| 4 | no training: layers [2, 3] of 6 removed from dense |" in t4[3]
     assert t4[4].endswith("| 4 | from chopped | lm | 256 | 0.0007 | 2 | 10 | 2,560 | 1.5e+12 |")

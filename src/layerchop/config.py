@@ -689,6 +689,10 @@ class EvaluateConfig:
     output head in fp32); null: everything in ``dtype``. See ``experiments/LOG.md`` for its effect on the numbers."""
     device: str = "cpu"
     """Device for evaluation."""
+    shared_context: bool = True
+    """Score a multiple-choice item's context once for all its choices (its key/value cache reused:
+    :mod:`layerchop.evaluate.shared_context`); false: lm-eval's own ``HFLM``, which runs the context once per choice.
+    The log-likelihoods agree to float32 rounding (``tests/test_evaluate.py``)."""
 
     def __post_init__(self) -> None:
         if self.autocast not in (None, "bfloat16"):
@@ -740,10 +744,12 @@ class ArmsConfig:
         "layerchop": TrainedArm("data/models/chopped", "--warm-start --warm-from data/warm", "data/warm"),
         "dense_cpt": TrainedArm("data/models/dense", "--objective lm", "data/models/dense"),
         "sparsegpt-2of4_cpt": TrainedArm("data/models/sparsegpt-2of4", "--objective lm", "data/models/dense"),
+        "sparsegpt-2of4_cpt_flops": TrainedArm("data/models/sparsegpt-2of4", "--objective lm --flop-budget 8.52e13",
+                                               "data/models/dense"),
     })
     """Arm name -> how it trains: ``train@<name>`` writes ``data/models/<name>``."""
     evaluated: list[str] = field(default_factory=lambda: ["dense", "chopped", "layerchop", "dense_cpt",
-                                                          "sparsegpt-2of4_cpt"])
+                                                          "sparsegpt-2of4_cpt", "sparsegpt-2of4_cpt_flops"])
     """Models ``evaluate@<name>`` evaluates (``data/models/<name>`` into ``data/eval/<name>``); the one-shot runs
     have their own stage (``oneshot_evaluate``, from ``prune.methods`` × ``prune.patterns``)."""
 
@@ -770,6 +776,7 @@ class ReportConfig:
         "dense": "Dense",
         "layerchop": "LayerChop + continued pretraining",
         "sparsegpt-2of4_cpt": "SparseGPT 2:4 + continued pretraining",
+        "sparsegpt-2of4_cpt_flops": "SparseGPT 2:4 + continued pretraining, LayerChop's FLOPs",
     })
     """First rows of Figure 1 and ``paper/tables/oneshot.md`` (evaluation directory name -> label); a row for each
     run of ``prune.methods`` × ``prune.patterns`` follows (``oneshot/<method>-<pattern>``, labelled by its method

@@ -150,11 +150,14 @@ def zero_shot(
     device: str = "cpu",
     task_manager=None,
     autocast: Optional[str] = None,
+    shared_context: bool = False,
 ) -> dict[str, Any]:
     """Run ``lm_eval.simple_evaluate`` zero-shot on an in-memory HF model.
 
     ``task_manager``: from :func:`check_tasks` (checked and indexed already); built here when None.
     ``autocast``: dtype of lm-eval's mixed-precision forward (``mixed_precision_dtype``), or None.
+    ``shared_context``: score the choices of an item on one pass over its context
+    (:func:`layerchop.evaluate.shared_context.shared_context_lm`) instead of lm-eval's ``HFLM``.
 
     Returns:
         lm-eval's output (``results``, ``versions``, ``configs``, ...), made JSON-serialisable.
@@ -169,14 +172,67 @@ def zero_shot(
     with tempfile.TemporaryDirectory() as work:
         specs: list[Any] = [local_mirror_config(tm, name, local_tasks[name], Path(work)) if name in local_tasks
                             else name for name in tasks]
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                  mixed_precision_dtype=autocast)
+        if shared_context:
+            from layerchop.evaluate.shared_context import shared_context_lm as make_lm
+        else:
+            make_lm = HFLM
+        lm = make_lm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                     mixed_precision_dtype=autocast)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=specs, num_fewshot=0, limit=limit, task_manager=tm, bootstrap_iters=0,
-            log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
+    out["items"] = item_rows(out.pop("samples", {}))
     return json.loads(json.dumps(out, default=handle_non_serializable))
+
+
+ITEM_FIELDS = ("task", "doc_id", "doc_hash", "target", "pred", "acc", "acc_norm")
+"""The columns of an evaluation's per-item results (``items.csv``): the item (its task, its index in the task's
+split and a hash of its text, so two evaluations are paired only on the same items), the gold choice, the choice of
+highest log-likelihood, and whether each metric scored it correct (1/0; empty where the task has no such metric)."""
+
+
+def item_rows(samples: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """lm-eval's logged samples as compact per-item rows (:data:`ITEM_FIELDS`), by task and item."""
+    rows = []
+    for task in sorted(samples):
+        for s in sorted(samples[task], key=lambda x: x["doc_id"]):
+            lls = [float(r[0]) for r in s["filtered_resps"]]
+            rows.append({"task": task, "doc_id": int(s["doc_id"]), "doc_hash": str(s.get("doc_hash", ""))[:12],
+                         "target": s["target"], "pred": int(np.argmax(lls)) if lls else "",
+                         **{m: int(s[m]) if m in s else "" for m in ("acc", "acc_norm")}})
+    return rows
+
+
+def write_items(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Per-item results as CSV (:data:`ITEM_FIELDS`), written atomically."""
+    import csv
+    import io
+
+    from layerchop.io import write_text
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=ITEM_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def read_items(path: str | Path) -> list[dict[str, Any]]:
+    """The rows :func:`write_items` wrote (numbers as ints; an empty metric as None).
+
+    Raises:
+        ValueError: naming the file, when it is not an ``items.csv`` of ``layerchop evaluate``.
+    """
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != ITEM_FIELDS:
+            raise ValueError(f"{path}: not the per-item results of `layerchop evaluate` (columns {list(ITEM_FIELDS)})")
+        return [{k: (int(v) if k in ("doc_id", "pred", "acc", "acc_norm") and v != "" else
+                     None if v == "" else v) for k, v in row.items()} for row in reader]
 
 
 def binomial_stderr(p: float, n: int) -> float:

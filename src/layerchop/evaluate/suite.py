@@ -91,7 +91,7 @@ def evaluate_model(model_dir: str | Path, data: str | Path, cfg) -> tuple[dict[s
         with fp32_output_head(model, cfg.device, cfg.autocast is not None):  # lm-eval's own autocast runs the rest
             results = zero_shot(model, tokenizer, names, include_path=data / "tasks", local_tasks=cfg.local_tasks,
                                 batch_size=cfg.batch_size, limit=cfg.limit, seed=cfg.seed, device=cfg.device,
-                                task_manager=tasks, autocast=cfg.autocast)
+                                task_manager=tasks, autocast=cfg.autocast, shared_context=cfg.shared_context)
         metrics["eval_tasks_s"] = round(time.perf_counter() - t1, 1)
         metrics.update(flat_task_metrics(results))
     results["skipped_tasks"] = skipped

@@ -34,10 +34,20 @@ def model_row(model_dir: str | Path, label: str) -> dict[str, Any]:
     else:
         trained = (f"no training: layers {meta['removed_layers']} of {meta['num_layers_before']} removed from "
                    f"{Path(meta['chopped_from']).name}" if meta.get("stage") == "chop"
-                   else f"pretrained ({meta.get('hub_id') or meta.get('source', '?')})")
+                   else downloaded(meta))
         row.update(trained=trained, objective=None,
                    batch_tokens=None, lr=None, warmup=None, steps=None, tokens=None, flops=None)
     return row
+
+
+def downloaded(meta: dict) -> str:
+    """What a downloaded model is, for Table 4: the released checkpoint (its Hub id where known: the embedded default
+    is SmolLM2-135M-Instruct, an instruction-tuned release, not a base model) and how it was converted."""
+    from layerchop.cards import origin
+
+    who = origin(meta)[0] or meta.get("hub_id") or meta.get("source", "?")
+    how = f", dequantised from {meta['dequantized_from']}" if meta.get("dequantized_from") else ""
+    return f"as released: {who}{how}"
 
 
 def _fmt(x, f: str = "{}") -> str:

@@ -189,6 +189,8 @@ def _main(inp: Inputs) -> tuple[str, str]:
 def _figure1(inp: Inputs) -> tuple[str, str]:
     prune = inp.section("prune")
     runs = [f"oneshot/{m}-2of4" for m in prune.methods if "2of4" in prune.patterns] + ["sparsegpt-2of4_cpt"]
+    if (inp.eval / "sparsegpt-2of4_cpt_flops" / "metrics.json").exists():  # the same at LayerChop's FLOPs
+        runs.append("sparsegpt-2of4_cpt_flops")
     lc = inp.metrics("layerchop")
     parts, signs = [], []
     for run in runs:

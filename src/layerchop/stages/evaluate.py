@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from layerchop.config import section
+from layerchop.evaluate.harness import write_items
 from layerchop.evaluate.suite import evaluate_model
 from layerchop.config import check_device
 from layerchop.io import atomic_dir, check_model_dir, write_json
@@ -20,7 +21,8 @@ from layerchop.report.summary import summary
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--out", required=True, help="output directory (metrics.json, summary.json, results.json)")
+    p.add_argument("--out", required=True,
+                   help="output directory (metrics.json, summary.json, results.json, items.csv: per-item results)")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -29,7 +31,9 @@ def main(args: argparse.Namespace) -> None:
     check_model_dir(args.model, "--model")
     warn_slow_evaluation(cfg, "evaluate")
     metrics, results = evaluate_model(args.model, args.data, cfg)
+    items = results.pop("items", [])
     with atomic_dir(args.out) as tmp:
+        write_items(tmp / "items.csv", items)  # per item: paired comparisons between models (committed)
         write_json(tmp / "results.json", results)
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "summary.json", summary(metrics))  # the headline numbers (dvc metrics show)

@@ -61,6 +61,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-budget", type=int, default=None,
                    help="train this many tokens instead of train.token_budget (e.g. figure6.token_budget)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate instead of train.lr (e.g. figure2.lr)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed instead of train.seed (data order, initialisation of anything new): one arm per seed")
     p.add_argument("--warm-start", action="store_true",
                    help="the paper's warm optimizer: the first train.warm_start_steps steps on the uncompressed "
                         "model the chopped --init came from (LayerChop arms only)")
@@ -102,6 +104,10 @@ def main(args: argparse.Namespace) -> int:
         if not args.lr > 0:
             raise ValueError(f"--lr {args.lr} must be > 0")
         cfg = dataclasses.replace(cfg, lr=args.lr)
+    if args.seed is not None:
+        if args.seed < 0:
+            raise ValueError(f"--seed {args.seed} must be >= 0")
+        cfg = dataclasses.replace(cfg, seed=args.seed)
     if args.snapshots and args.snapshot_dir is None:
         raise ValueError(f"--snapshots {args.snapshots} needs --snapshot-dir")
     # the method's settings: its params section, with the stage flags it owns (DimChop's --structure)
