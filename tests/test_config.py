@@ -287,6 +287,15 @@ def test_training_stages_depend_on_every_train_key_but_how_the_job_starts():
             {"train"} | {f"train.{k}" for k in LAUNCH_KEYS}), name
 
 
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_the_equal_flops_sparsegpt_arm_stops_at_figure4s_budget(path):
+    """SparseGPT 2:4 + continued pretraining at LayerChop's FLOPs: its arm's --flop-budget is Figure 4's budget, the
+    LayerChop arm's (written in the flags, which DVC cannot interpolate from another key)."""
+    params = load_params(path)
+    args = dict(_train_arms(params))["train@sparsegpt-2of4_cpt_flops"]
+    assert args.flop_budget == section("figure4", params).flop_budget and args.init.endswith("sparsegpt-2of4")
+
+
 def test_the_shared_warm_start_stage_depends_on_the_train_keys_its_steps_use():
     """dvc.yaml's warm_start stage re-runs for a train key its dense steps depend on, and for no other (a
     budget change must not recompute 500 dense steps): its params are exactly train.warm_train_keys()."""

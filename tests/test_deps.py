@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 from layerchop.pipeline import code_closure, covering_deps, expand, interpolate, plugin_loads
@@ -39,6 +40,10 @@ def missing_code_deps(dvc: dict, params: dict, src: Path) -> dict[str, list[str]
                 named = [folder / f"{token}.py" for token in argv[2:] if (root / folder / f"{token}.py").is_file()]
                 if not covered(folder) and not any(covered(f) for f in named):
                     missing.append(str(named[0] if named else folder))
+                # and what the plugin itself imports (its helpers)
+                for f in named:
+                    missing += [str(p.relative_to(root)) for p in code_closure(f"{package}.{f.stem}", src)
+                                if not covered(p.relative_to(root)) and str(p.relative_to(root)) not in missing]
             if missing:
                 out[f"{name}@{key}" if key else name] = missing
     return out
@@ -115,3 +120,14 @@ def test_a_plugin_loaded_alone_needs_its_file_or_its_folder():
     prune["deps"] = [d for d in prune["deps"] if d != "src/layerchop/prune/oneshot/${item.method}.py"]
     missing = missing_code_deps(dvc, params, REPO / "src")
     assert missing["prune@wanda-2of4"] == ["src/layerchop/prune/oneshot/wanda.py"]
+
+
+def test_a_registry_whose_package_cannot_be_named_is_an_error(tmp_path):
+    """A ``with_package`` or ``load`` call whose package the analysis cannot resolve would drop the package out of
+    every closure without a word: it is an error naming the file and line."""
+    pkg = tmp_path / "src" / "layerchop"
+    (pkg / "stages").mkdir(parents=True)
+    (pkg / "stages" / "s.py").write_text("from layerchop.plugins import load\n\ndef main(p):\n    load(p, 'x', object, 'x')\n")
+    (pkg / "plugins.py").write_text("def load(package, name, base, what): pass\n")
+    with pytest.raises(ValueError, match=r"stages/s.py:4: the package of load\(...\) is not a string constant"):
+        plugin_loads("layerchop.stages.s", tmp_path / "src")

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from layerchop.cli import main
+from layerchop.evaluate.harness import read_items
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,8 +37,11 @@ def params(tmp_path) -> Path:
     p["prune"].update(num_calibration=4, batch_size=2)
     p["train"].update(batch_size=4, lr=3e-3, warmup_steps=1, precision="32-true", accelerator="cpu", ckpt_every=2,
                       val_batches=1, token_budget=4 * 4 * 32, seed=0)
-    p["evaluate"].update(ppl_max_sequences=2, limit=4, batch_size=2, tasks=["heldout_lastword"], optional_tasks=[],
-                         local_tasks={}, autocast=None)
+    from conftest import short_piqa_mirror  # a local mirror: converted into a temporary folder on every run
+
+    p["evaluate"].update(ppl_max_sequences=2, limit=4, batch_size=2, tasks=["heldout_lastword", "piqa"],
+                         optional_tasks=[], local_tasks={"piqa": str(short_piqa_mirror(tmp_path / "piqa"))},
+                         autocast=None)
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump(p))
     return f
@@ -61,6 +65,7 @@ def test_chop_prune_train_and_evaluate_write_the_same_bytes_twice(tmp_path, tiny
         assert differing(a / name, b / name) == [], name
     # an evaluation's cached result and its headline metrics too; its metrics.json is the record of the run
     assert differing(a / "eval", b / "eval") == ["metrics.json"]
+    assert {r["task"] for r in read_items(a / "eval" / "items.csv")} == {"heldout_lastword", "piqa"}
     from layerchop.io import read_json
 
     ma, mb = read_json(a / "eval" / "metrics.json"), read_json(b / "eval" / "metrics.json")

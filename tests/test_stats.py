@@ -77,7 +77,7 @@ def test_the_evaluate_stage_writes_per_item_results_that_read_back(tmp_path):
     assert [r["doc_id"] for r in rows] == [0, 1] and rows[1]["pred"] == 1 and rows[1]["doc_hash"] == "abcdef012345"
     write_items(tmp_path / "items.csv", rows)
     back = read_items(tmp_path / "items.csv")
-    assert back[0] == {"task": "piqa", "doc_id": 0, "doc_hash": "ffff", "target": "0", "pred": 0, "acc": 1,
+    assert back[0] == {"task": "piqa", "doc_id": 0, "doc_hash": "ffff", "target": 0, "pred": 0, "acc": 1,
                        "acc_norm": None}
     assert back[1]["acc_norm"] == 0 and back[1]["acc"] == 1
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")

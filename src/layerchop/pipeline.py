@@ -161,8 +161,11 @@ def _constant(path: Path, name: str, src: Path) -> Optional[str]:
     """The string a module-level name of ``path`` is bound to: ``NAME = "..."``, or ``from m import X as NAME``
     with ``X`` such a constant of ``m``."""
     for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            return node.value.value if isinstance(node.value, ast.Constant) else None
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) \
+            else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            value = node.value
+            return value.value if isinstance(value, ast.Constant) and isinstance(value.value, str) else None
     for node in _nodes(path):  # imported (at module level or in a function)
         if isinstance(node, ast.ImportFrom) and node.module and not node.level:
             for alias in node.names:
@@ -174,15 +177,46 @@ def _constant(path: Path, name: str, src: Path) -> Optional[str]:
 def _plugin_package(node, path: Path, src: Path, function: str, index: int) -> Optional[str]:
     """The package named by argument ``index`` of a call to ``function`` (:mod:`layerchop.plugins`' ``with_package``
     or ``load``) at ``node``, resolved to its string; None for any other node."""
-    if not isinstance(node, ast.Call) or len(node.args) <= index:
-        return None
-    callee = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
-    if callee != function:
+    if not isinstance(node, ast.Call) or len(node.args) <= index or not _is_plugins(node.func, path, function):
         return None
     arg = node.args[index]
     if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
         return arg.value
-    return _constant(path, arg.id, src) if isinstance(arg, ast.Name) else None
+    if isinstance(arg, ast.Name) and (found := _constant(path, arg.id, src)) is not None:
+        return found
+    if isinstance(arg, ast.Attribute) and isinstance(arg.value, ast.Name):  # plugins.ONESHOT
+        for imp in _nodes(path):
+            if isinstance(imp, ast.Import):
+                for alias in imp.names:
+                    if (alias.asname or alias.name.split(".")[-1]) == arg.value.id \
+                            and (origin := _module_file(alias.name, src)) is not None:
+                        if (found := _constant(origin, arg.attr, src)) is not None:
+                            return found
+            elif isinstance(imp, ast.ImportFrom) and imp.module and not imp.level:
+                for alias in imp.names:
+                    if (alias.asname or alias.name) == arg.value.id \
+                            and (origin := _module_file(f"{imp.module}.{alias.name}", src)) is not None:
+                        if (found := _constant(origin, arg.attr, src)) is not None:
+                            return found
+    # a package the analysis cannot name would drop out of every closure without a word
+    raise ValueError(f"{path}:{node.lineno}: the package of {function}(...) is not a string constant this analysis "
+                     "can resolve (write it as a literal or a module-level constant)")
+
+
+def _is_plugins(func, path: Path, function: str) -> bool:
+    """Whether ``func`` (a call's callee in ``path``) is ``layerchop.plugins.<function>``: a name imported from it, or
+    an attribute of the module imported (``json.load`` is not)."""
+    if isinstance(func, ast.Name) and func.id == function:
+        return any(isinstance(n, ast.ImportFrom) and n.module == "layerchop.plugins"
+                   and any((a.asname or a.name) == function and a.name == function for a in n.names)
+                   for n in _nodes(path))
+    if isinstance(func, ast.Attribute) and func.attr == function and isinstance(func.value, ast.Name):
+        return any((isinstance(n, ast.Import) and any(a.name == "layerchop.plugins" and
+                                                      (a.asname or "layerchop") == func.value.id for a in n.names))
+                   or (isinstance(n, ast.ImportFrom) and n.module == "layerchop"
+                       and any(a.name == "plugins" and (a.asname or a.name) == func.value.id for a in n.names))
+                   for n in _nodes(path))
+    return False
 
 
 def plugin_loads(module: str, src: str | Path = "src") -> set[str]:

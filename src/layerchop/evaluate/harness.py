@@ -183,6 +183,14 @@ def zero_shot(
             log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
+        # a mirror converted into the temporary folder names a file that is gone, and a new one every run: record
+        # the local release it came from instead (results.json stays the same bytes on a re-run)
+        for cfg in out.get("configs", {}).values():
+            files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+            for split, path in list(files.items()):
+                if isinstance(path, str) and path.startswith(work):
+                    name = cfg.get("task")
+                    files[split] = f"{local_tasks.get(name, '?')} ({split}, converted)"
     out["items"] = item_rows(out.pop("samples", {}))
     return json.loads(json.dumps(out, default=handle_non_serializable))
 
@@ -220,7 +228,8 @@ def write_items(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_items(path: str | Path) -> list[dict[str, Any]]:
-    """The rows :func:`write_items` wrote (numbers as ints; an empty metric as None).
+    """The rows :func:`write_items` wrote (integers as ints, a target that is text as text; an empty metric as
+    None).
 
     Raises:
         ValueError: naming the file, when it is not an ``items.csv`` of ``layerchop evaluate``.
@@ -231,8 +240,8 @@ def read_items(path: str | Path) -> list[dict[str, Any]]:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != ITEM_FIELDS:
             raise ValueError(f"{path}: not the per-item results of `layerchop evaluate` (columns {list(ITEM_FIELDS)})")
-        return [{k: (int(v) if k in ("doc_id", "pred", "acc", "acc_norm") and v != "" else
-                     None if v == "" else v) for k, v in row.items()} for row in reader]
+        return [{k: (int(v) if v.lstrip("-").isdigit() and k != "doc_hash" else None if v == "" else v)
+                 for k, v in row.items()} for row in reader]
 
 
 def binomial_stderr(p: float, n: int) -> float:

@@ -6,11 +6,14 @@ the model on ``context + continuation`` for each, so an item of four choices com
 ``_loglikelihood_tokens`` replaced: the requests of one context run the context once (its key/value cache kept),
 then all their continuations together on that cache. Tokenisation, request order, the result format, metrics and
 caching hooks stay lm-eval's; the log-likelihoods are lm-eval's up to floating-point rounding (``tests/test_evaluate.py``
-checks them against ``HFLM`` on the pipeline's tasks to 1e-5).
+checks them against ``HFLM`` on the pipeline's tasks: to 1e-9 in float64, and in float32 within a few times lm-eval's
+own change when only its batch size changes).
 
 A request whose context and continuation do not fit in the model's length goes to lm-eval's own path (it truncates
 from the left, which a shared context cannot), and so do the requests of a context not worth sharing
-(:func:`worth_sharing`: PIQA's two choices after a short question measured no faster shared).
+(:func:`worth_sharing`: PIQA's two choices after a short question measured no faster shared), and for a model
+with sliding-window layers a batch whose padded length reaches the window (the cache of a padded context keeps the
+last ``window`` keys by position, so a shorter context would lose real keys to padding).
 """
 
 from __future__ import annotations
@@ -43,17 +46,24 @@ def shared_context_lm(**hflm_kwargs):
                     groups[tuple(ctx)].append(i)
             for ctx in [c for c, members in groups.items() if not worth_sharing(c, [requests[i][2] for i in members])]:
                 long += groups.pop(ctx)
-            if long:  # lm-eval's own path: too long for the model (it truncates from the left), or not worth sharing
+            width = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 16
+            order = sorted(groups, key=len)  # similar context lengths share a batch (little padding)
+            batches = [order[start:start + width] for start in range(0, len(order), width)]  # contexts per pass
+            window = sliding_window(self.model.config)
+            if window is not None:  # padded, a batch must fit in the window: its cache keeps the last `window` keys
+                for batch in [b for b in batches if padded_length(b, groups, requests) >= window]:
+                    batches.remove(batch)
+                    long += [i for ctx in batch for i in groups.pop(ctx)]
+            if long:  # lm-eval's own path: too long for the model (it truncates from the left), not worth sharing,
+                # or beyond a sliding window once padded
                 for i, answer in zip(long, super()._loglikelihood_tokens([requests[i] for i in long], True,
                                                                           override_bs)):
                     res[i] = answer
-            width = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 16
-            order = sorted(groups, key=len)  # similar context lengths share a batch (little padding)
             with tqdm(total=len(requests) - len(long), disable=disable_tqdm or self.rank != 0,
                       desc="Running loglikelihood requests (shared contexts)") as bar:
-                for start in range(0, len(order), width):  # `batch_size` contexts per forward pass
-                    batch = [(list(ctx), [requests[i][2] for i in groups[ctx]]) for ctx in order[start:start + width]]
-                    for ctx, answers in zip(order[start:start + width], score_groups(self, batch)):
+                for contexts in batches:
+                    batch = [(list(ctx), [requests[i][2] for i in groups[ctx]]) for ctx in contexts]
+                    for ctx, answers in zip(contexts, score_groups(self, batch)):
                         for i, answer in zip(groups[ctx], answers):
                             res[i] = answer
                             if requests[i][0] is not None:
@@ -62,6 +72,20 @@ def shared_context_lm(**hflm_kwargs):
             return res
 
     return SharedContextLM(**hflm_kwargs)
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a model with sliding-window layers (Mistral, Gemma-2/3, Qwen2 with it on), else None."""
+    config = getattr(config, "text_config", None) or config
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def padded_length(contexts: list[tuple], groups: dict, requests) -> int:
+    """The cache length of one batch of contexts: the longest context, then the longest continuation input."""
+    return max(len(c) for c in contexts) + max(len(requests[i][2]) - 1 for c in contexts for i in groups[c])
 
 
 def worth_sharing(ctx: tuple, conts: list[list[int]]) -> bool:

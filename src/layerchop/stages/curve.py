@@ -54,6 +54,8 @@ def run_timing(record: Path, dirs: list[Path]) -> dict[Path, dict]:
     Raises:
         ValueError: naming ``--record`` when it lacks a point's times (not this run's metrics).
     """
+    if not record.is_file():
+        raise FileNotFoundError(f"--record {record}: no such file (the metrics `layerchop train --metrics` wrote)")
     rec = read_json(record)
     snaps = rec.get("snapshots") if isinstance(rec, dict) else None
     out = {}
