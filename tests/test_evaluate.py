@@ -121,15 +121,16 @@ def test_standard_piqa_on_local_mirror_scores_above_chance(smollm2_dir, piqa_dir
     """The standard ``piqa`` task (prompt, metrics) on the real validation items, offline."""
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    out = zero_shot(model, tok, ["piqa"], local_tasks={"piqa": str(piqa_dir)}, batch_size=16, limit=200)
+    out = zero_shot(model, tok, ["piqa"], local_tasks={"piqa": str(piqa_dir)}, batch_size=16, limit=100)
     res = out["results"]["piqa"]
-    assert out["n-samples"]["piqa"]["effective"] == 200
+    assert out["n-samples"]["piqa"]["effective"] == 100
     assert out["configs"]["piqa"]["doc_to_text"] == "Question: {{goal}}\nAnswer:"  # the standard prompt
     # the mirror's converted file is named by the release it came from, not a temporary path (results.json reproduces)
     assert out["configs"]["piqa"]["dataset_kwargs"]["data_files"] == {"validation": f"{piqa_dir} (validation, converted)"}
-    assert len(out["items"]) == 200 and {r["task"] for r in out["items"]} == {"piqa"}
-    print(f"PIQA (200 items) acc={res['acc,none']:.3f} acc_norm={res['acc_norm,none']:.3f}")
-    # chance is 0.5; SmolLM2-135M-Instruct scores ~0.67 acc_norm on the full split (n=200: SE 0.033)
+    assert len(out["items"]) == 100 and {r["task"] for r in out["items"]} == {"piqa"}
+    print(f"PIQA (100 items) acc={res['acc,none']:.3f} acc_norm={res['acc_norm,none']:.3f}")
+    # chance is 0.5; SmolLM2-135M-Instruct scores ~0.67 acc_norm on the full split and 0.69 on these 100 items
+    # (the same items and weights every run: deterministic, not a sample)
     assert res["acc_norm,none"] > 0.58
 
 
