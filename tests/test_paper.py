@@ -164,3 +164,48 @@ def test_a_missing_input_names_its_file_and_writes_nothing(tmp_path, monkeypatch
     assert rc == 2 and f"{missing}: not found" in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (root / "paper" / "README.md").exists()
+
+
+def _items(correct: dict[str, list[int]]) -> list[dict]:
+    """Per-item rows (``items.csv``) with each task's primary metric set from ``correct``."""
+    metric = {"piqa": "acc_norm", "heldout_continuation": "acc", "heldout_lastword": "acc_norm"}
+    return [{"task": t, "doc_id": i, "doc_hash": f"h{t}{i}", "target": 0, "pred": 0,
+             "acc": c if metric[t] == "acc" else None, "acc_norm": c if metric[t] == "acc_norm" else None}
+            for t, cs in correct.items() for i, c in enumerate(cs)]
+
+
+def test_comparisons_with_per_item_results_are_paired():
+    """Where both evaluations wrote ``items.csv``, a comparison is McNemar's test over the items they both answered:
+    two models 4 points apart on 1000 PIQA items are a tie unpaired (z = 1.8) but, when they disagree on 40 items
+    only, all in a's favour, a finding; when they disagree on 400 items, 220 against 180, a tie again."""
+    from layerchop.report.paper import ITEMS, compare
+
+    def pair(a_only: int, b_only: int) -> tuple[dict, dict]:
+        both = 560 - b_only  # a right on 600 items, b on 560
+        a = [1] * (both + a_only) + [0] * b_only + [0] * (1000 - both - a_only - b_only)
+        b = [1] * both + [0] * a_only + [1] * b_only + [0] * (1000 - both - a_only - b_only)
+        ma, mb = _m(50.0, sum(a) / 1000, 0.8), _m(50.0, sum(b) / 1000, 0.8)
+        return {**ma, ITEMS: _items({"piqa": a})}, {**mb, ITEMS: _items({"piqa": b})}
+
+    a, b = pair(40, 0)
+    unpaired = compare({k: v for k, v in a.items() if k != ITEMS}, b, "general")
+    assert unpaired.paired is None and unpaired.sign == 0 and round(unpaired.z, 1) == 1.8
+    c = compare(a, b, "general")
+    assert c.paired.test == "McNemar exact" and c.paired.items == 1000 and c.sign == 1
+    assert "paired over 1000 items, 40 vs 0 answered by one only: McNemar exact" in c.text()
+    a, b = pair(220, 180)
+    assert compare(a, b, "general").sign == 0  # p = 0.05: a tie
+    # a group whose task has no items in one of them falls back to the unpaired errors
+    assert compare(a, b, "in-domain").paired is None
+
+
+def test_the_stage_reads_items_csv_beside_the_metrics(tmp_path):
+    from layerchop.evaluate.harness import write_items
+    from layerchop.report.paper import ITEMS, Inputs
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "metrics.json").write_text(json.dumps(_m(50.0, 0.6, 0.8)))
+    inp = Inputs(tmp_path, tmp_path / "bench.json", {})
+    assert ITEMS not in inp.metrics("x")
+    write_items(tmp_path / "x" / "items.csv", _items({"piqa": [1, 0, 1]}))
+    assert [r["acc_norm"] for r in inp.metrics("x")[ITEMS]] == [1, 0, 1]

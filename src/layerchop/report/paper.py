@@ -2,9 +2,10 @@
 
 Each :class:`Artifact` names its generated table (with its caption), its figure, the stage that writes them and
 the paper's own result (from the fact sheet), and computes a verdict from the metrics files (:data:`VERDICTS`).
-An accuracy difference counts only beyond two standard errors (binomial over the items of each task; a
-difference's error is that of two independent estimates, which overstates it since both models answer the same
-items; one seed); within them it is **a tie**. Perplexity has no error here: a difference counts when it is
+An accuracy difference counts only when a paired test over the items both models answered says so (p < 0.05:
+McNemar's exact test, :mod:`layerchop.report.stats`, where both evaluations wrote ``items.csv``), or, for
+evaluations without per-item results, beyond two standard errors of independent binomial estimates (which
+overstates the error of a difference between correlated answers); otherwise it is **a tie**. Perplexity has no error here: a difference counts when it is
 larger than :data:`PPL_MARGIN` (relative). A verdict weighs every comparison the paper's claim makes.
 """
 
@@ -30,6 +31,8 @@ VERDICTS = {
 }
 PPL_MARGIN = 0.05
 """A perplexity difference counts when one model's is more than this fraction above the other's."""
+ITEMS = "_items"
+"""The key under which :meth:`Inputs.metrics` adds an evaluation's per-item results (``items.csv``)."""
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,16 @@ class Inputs:
     params: dict[str, Any]
 
     def metrics(self, name: str) -> Metrics:
-        """An evaluation's ``metrics.json`` (``data/eval/<name>``)."""
+        """An evaluation's ``metrics.json`` (``data/eval/<name>``), with its per-item results under :data:`ITEMS`
+        where the evaluation wrote ``items.csv`` (so that comparisons with it are paired)."""
         path = self.eval / name / "metrics.json"
         m = _read(path)
         if not isinstance(m, dict) or "val/ppl" not in m:
             raise ValueError(f"{path}: not an evaluation's metrics (no val/ppl)")
+        if (self.eval / name / "items.csv").is_file():
+            from layerchop.evaluate.harness import read_items
+
+            m = {**m, ITEMS: read_items(self.eval / name / "items.csv")}
         return m
 
     def final(self, name: str) -> Metrics:
@@ -84,11 +92,14 @@ def accuracy(m: Metrics, group: str, cols: Optional[list[tuple[str, str]]] = Non
 
 @dataclass(frozen=True)
 class Comparison:
-    """``a`` against ``b`` on one task group: the difference in points and its z (a tie when ``|z| < 2``)."""
+    """``a`` against ``b`` on one task group: the difference in points and, where both evaluations have per-item
+    results, a paired test over the items (:func:`layerchop.report.stats.paired_test`: a tie unless p < 0.05);
+    otherwise its z from two independent binomial errors (a tie when ``|z| < 2``)."""
 
     group: str
     a: tuple[float, float]
     b: tuple[float, float]
+    paired: Optional[Any] = None  # layerchop.report.stats.PairedResult over the group's items
 
     @property
     def diff(self) -> float:
@@ -103,11 +114,18 @@ class Comparison:
 
     @property
     def sign(self) -> int:
-        """+1 when ``a`` is better beyond two standard errors, -1 when worse, 0 for a tie."""
+        """+1 when ``a`` is better beyond noise (the paired test's p < 0.05, or two standard errors unpaired), -1
+        when worse, 0 for a tie."""
+        if self.paired is not None:
+            return {"better": 1, "worse": -1, "a tie": 0}[self.paired.verdict()]
         return 0 if abs(self.z) < 2 else (1 if self.diff > 0 else -1)
 
     def text(self) -> str:
         word = {1: "better", -1: "worse", 0: "a tie"}[self.sign]
+        if self.paired is not None:
+            r = self.paired
+            return (f"{self.group} {self.a[0]:.1f} vs {self.b[0]:.1f} ({self.diff:+.1f} points; paired over "
+                    f"{r.items} items, {r.a_only} vs {r.b_only} answered by one only: {r.test} p = {r.p:.2g}: {word})")
         return (f"{self.group} {self.a[0]:.1f} vs {self.b[0]:.1f} ({self.diff:+.1f} points, z = {self.z:.1f}: "
                 f"{word})")
 
@@ -117,7 +135,28 @@ def compare(a: Metrics, b: Metrics, group: str) -> Optional[Comparison]:
     cols = [c for c in task_columns([{"metrics": a}, {"metrics": b}])
             if f"eval/{c[0]}/{c[1]}" in a and f"eval/{c[0]}/{c[1]}" in b]
     ga, gb = accuracy(a, group, cols), accuracy(b, group, cols)
-    return None if ga is None or gb is None else Comparison(group, ga, gb)
+    if ga is None or gb is None:
+        return None
+    return Comparison(group, ga, gb, paired_over(a, b, group, cols))
+
+
+def paired_over(a: Metrics, b: Metrics, group: str, cols: list[tuple[str, str]]):
+    """The paired test of ``a`` against ``b`` over the items of ``group``'s tasks (each on its primary metric),
+    pooled; None unless both have per-item results for every one of those tasks."""
+    from layerchop.report.stats import aligned, paired_test
+
+    if ITEMS not in a or ITEMS not in b:
+        return None
+    in_domain, general = split_columns(cols)
+    xa, xb = [], []
+    for task, metric in (in_domain if group == "in-domain" else general):
+        try:
+            ta, tb = aligned(a[ITEMS], b[ITEMS], task, metric)
+        except ValueError:  # a task without items in one of them: no paired test for the group
+            return None
+        xa += ta
+        xb += tb
+    return paired_test(xa, xb) if xa else None
 
 
 def ppl(m: Metrics, where: str) -> float:
