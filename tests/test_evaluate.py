@@ -19,6 +19,7 @@ from layerchop.data.prepare import IGNORE_INDEX, PackedDataset
 from layerchop.evaluate.harness import flat_task_metrics, piqa_rows_from_release, zero_shot
 from layerchop.evaluate.perplexity import perplexity
 from conftest import SHARED, short_piqa_mirror
+from families import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -389,19 +390,6 @@ def _samples(make, model, tok, tasks, include, local, limit, batch_size=8):
     return out["results"], out["samples"]
 
 
-def _differences(a: dict, b: dict) -> tuple[int, float, float, int]:
-    """(requests, max |d loglik|, max relative, greedy flags differing) between two runs' samples."""
-    n, worst, rel, greedy = 0, 0.0, 0.0, 0
-    for task in a:
-        assert [s["doc_id"] for s in a[task]] == [s["doc_id"] for s in b[task]]
-        for sa, sb in zip(a[task], b[task]):
-            for ra, rb in zip(sa["resps"], sb["resps"], strict=True):
-                (la, ga), (lb, gb) = ra[0], rb[0]
-                n, worst = n + 1, max(worst, abs(la - lb))
-                rel, greedy = max(rel, abs(la - lb) / max(abs(la), 1e-12)), greedy + (ga != gb)
-    return n, worst, rel, greedy
-
-
 @pytest.mark.parametrize("dtype", ["float32"])  # float64 exactness: every family's tiny model, the test below
 def test_shared_context_scoring_equals_lm_evals_own_on_the_pipelines_tasks(smollm2_dir, tiny_prepared, dtype,
                                                                           monkeypatch):
@@ -413,7 +401,7 @@ def test_shared_context_scoring_equals_lm_evals_own_on_the_pipelines_tasks(smoll
     from lm_eval.models.huggingface import HFLM
 
     from layerchop.evaluate import shared_context
-    from layerchop.evaluate.shared_context import shared_context_lm
+    from layerchop.evaluate.shared_context import loglik_differences, shared_context_lm
 
     shared = []  # the requests scored on a shared context (PIQA's two choices after a short question are not)
     score = shared_context.score_groups
@@ -427,7 +415,7 @@ def test_shared_context_scoring_equals_lm_evals_own_on_the_pipelines_tasks(smoll
     args = (model, tok, tasks, tiny_prepared / "tasks", local, 8)
     res_a, a = _samples(HFLM, *args)
     res_b, b = _samples(shared_context_lm, *args)
-    n, worst, rel, greedy = _differences(a, b)
+    n, worst, rel, greedy = loglik_differences(a, b)
     assert n == sum(len(s["resps"]) for t in a for s in a[t]) >= 8 * 4 * 2  # every request compared
     assert len(shared) == 8 * 4 * 2  # the in-domain tasks' 4 choices on one context each
     assert greedy == 0
@@ -435,13 +423,13 @@ def test_shared_context_scoring_equals_lm_evals_own_on_the_pipelines_tasks(smoll
     if dtype == "float64":
         assert worst < 1e-9, (worst, rel)
     else:
-        _, own, own_rel, _ = _differences(a, _samples(HFLM, *args[:-1], 8, batch_size=1)[1])
+        _, own, own_rel, _ = loglik_differences(a, _samples(HFLM, *args[:-1], 8, batch_size=1)[1])
         # rounding of the same order as lm-eval's own when only its batch size changes (over 1000 requests of the
         # real tasks: 6.1e-5 absolute, 1.3e-5 relative here against lm-eval's own 3.1e-5, 5.0e-6; LOG 2026-12-07)
         assert worst <= max(4 * own, 1e-5) and rel <= max(4 * own_rel, 1e-5), (worst, rel, own, own_rel)
 
 
-@pytest.mark.parametrize("family", ["mistral-wide", *__import__("families").FAMILIES])
+@pytest.mark.parametrize("family", ["mistral-wide", *FAMILIES])
 def test_shared_context_scoring_equals_lm_evals_own_in_every_family(tiny_dir, tiny_prepared, family, monkeypatch):
     """Every supported decoder family (tests/families.py, in float64): the shared-context scores equal lm-eval's
     ``HFLM`` to 1e-9 on the in-domain tasks. The families with a 4-token sliding window go through lm-eval's own path
@@ -452,7 +440,7 @@ def test_shared_context_scoring_equals_lm_evals_own_in_every_family(tiny_dir, ti
 
     from families import family_config, family_model
     from layerchop.evaluate import shared_context
-    from layerchop.evaluate.shared_context import shared_context_lm, sliding_window
+    from layerchop.evaluate.shared_context import loglik_differences, shared_context_lm, sliding_window
 
     if family == "mistral-wide":
         config = family_config("mistral")
@@ -469,7 +457,7 @@ def test_shared_context_scoring_equals_lm_evals_own_in_every_family(tiny_dir, ti
     args = (model, tok, ["heldout_continuation", "heldout_lastword"], tiny_prepared / "tasks", {}, 6)
     _, a = _samples(HFLM, *args)
     _, b = _samples(shared_context_lm, *args)
-    n, worst, _, greedy = _differences(a, b)
+    n, worst, _, greedy = loglik_differences(a, b)
     assert n == 6 * 4 * 2 and greedy == 0 and worst < 1e-9, (family, worst)
     window = sliding_window(model.config)
     if window is not None and window < 16:

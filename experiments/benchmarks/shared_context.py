@@ -22,7 +22,7 @@ import torch
 
 from layerchop.config import section
 from layerchop.evaluate.harness import available_tasks, check_tasks, local_mirror_config, seed_everything
-from layerchop.evaluate.shared_context import shared_context_lm
+from layerchop.evaluate.shared_context import loglik_differences, shared_context_lm
 from layerchop.machine import cpu_model
 
 
@@ -40,20 +40,6 @@ def run(make, model, tok, cfg, tasks, tm, limit: int, batch: int):
                                       numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
                                       fewshot_random_seed=cfg.seed)
         return out, time.perf_counter() - t
-
-
-def compare(a: dict, b: dict) -> tuple[int, float, float, int]:
-    """(requests, max |difference|, max relative difference, greedy flags that differ) of two runs' samples."""
-    n, worst, rel, greedy = 0, 0.0, 0.0, 0
-    for task in a["samples"]:
-        for sa, sb in zip(a["samples"][task], b["samples"][task], strict=True):
-            for ra, rb in zip(sa["resps"], sb["resps"], strict=True):
-                (la, ga), (lb, gb) = ra[0], rb[0]
-                n += 1
-                worst = max(worst, abs(la - lb))
-                rel = max(rel, abs(la - lb) / max(abs(la), 1e-12))
-                greedy += ga != gb
-    return n, worst, rel, greedy
 
 
 def main() -> None:
@@ -84,7 +70,7 @@ def main() -> None:
                 for t, r in out["results"].items()}
         line = f"{name}: {seconds:.1f} s ({base_s / seconds:.2f}x lm-eval's)  {accs}"
         if out is not base:
-            n, worst, rel, greedy = compare(base, out)
+            n, worst, rel, greedy = loglik_differences(base["samples"], out["samples"])
             line += f"\n    vs lm-eval HFLM over {n} requests: max |d loglik| {worst:.3g}, max relative {rel:.3g}, " \
                     f"greedy flags differing {greedy}"
         print(line, flush=True)

@@ -104,13 +104,19 @@ def _runs_code(init: Path) -> bool:
 
 
 @lru_cache(maxsize=None)
-def _parsed(path: Path, mtime_ns: int) -> tuple:
-    return tuple(ast.walk(ast.parse(path.read_text())))
+def _parsed(path: Path, mtime_ns: int) -> tuple[ast.Module, tuple]:
+    tree = ast.parse(path.read_text())
+    return tree, tuple(ast.walk(tree))
 
 
 def _nodes(path: Path) -> tuple:
     """Every AST node of a source file (parsed once per version of the file)."""
-    return _parsed(path, path.stat().st_mtime_ns)
+    return _parsed(path, path.stat().st_mtime_ns)[1]
+
+
+def _body(path: Path) -> list:
+    """A source file's module-level statements (from the same parse as :func:`_nodes`)."""
+    return _parsed(path, path.stat().st_mtime_ns)[0].body
 
 
 def code_closure(module: str, src: str | Path = "src") -> set[Path]:
@@ -160,7 +166,7 @@ def code_closure(module: str, src: str | Path = "src") -> set[Path]:
 def _constant(path: Path, name: str, src: Path) -> Optional[str]:
     """The string a module-level name of ``path`` is bound to: ``NAME = "..."``, or ``from m import X as NAME``
     with ``X`` such a constant of ``m``."""
-    for node in ast.parse(path.read_text()).body:
+    for node in _body(path):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) \
             else []
         if any(isinstance(t, ast.Name) and t.id == name for t in targets):

@@ -25,6 +25,12 @@ def names(package: str) -> list[str]:
     return sorted(info.name for info in pkgutil.iter_modules(pkg.__path__))
 
 
+def _defined(module, base: type) -> list[type]:
+    """The subclasses of ``base`` that ``module`` defines (not those it imports)."""
+    return [obj for obj in vars(module).values()
+            if isinstance(obj, type) and issubclass(obj, base) and obj.__module__ == module.__name__]
+
+
 def load(package: str, name: str, base: type, what: str) -> type:
     """The plugin ``name`` of ``package``: the subclass of ``base`` called ``name`` in the module of that name, the
     only plugin module imported (a stage that runs one method runs no other method's code).
@@ -33,8 +39,8 @@ def load(package: str, name: str, base: type, what: str) -> type:
         ValueError: naming the file, when it defines no such class.
     """
     module = importlib.import_module(f"{package}.{name}")
-    for obj in vars(module).values():
-        if isinstance(obj, type) and issubclass(obj, base) and obj.__module__ == module.__name__ and obj.name == name:
+    for obj in _defined(module, base):
+        if obj.name == name:
             return obj
     raise ValueError(f"{module.__file__}: defines no {what} named {name!r} (a {what}'s file is named as it)")
 
@@ -49,9 +55,7 @@ def with_package(built_in: dict[str, type], package: str, base: type, what: str)
     pkg = importlib.import_module(package)
     for info in pkgutil.iter_modules(pkg.__path__):
         module = importlib.import_module(f"{package}.{info.name}")
-        for obj in vars(module).values():
-            if not (isinstance(obj, type) and issubclass(obj, base) and obj.__module__ == module.__name__):
-                continue
+        for obj in _defined(module, base):
             if not obj.name:
                 raise ValueError(f"{module.__file__}: {what} {obj.__qualname__} has no name")
             if obj.name in found and found[obj.name] is not obj:

@@ -151,3 +151,22 @@ def score_groups(lm, groups: list[tuple[list[int], list[list[int]]]]) -> list[li
         picked = rows.gather(1, targets.unsqueeze(1)).squeeze(1)
         answers[g].append((float(picked.sum()), bool((rows.argmax(-1) == targets).all())))
     return answers
+
+
+def loglik_differences(a: dict[str, list[dict]], b: dict[str, list[dict]]) -> tuple[int, float, float, int]:
+    """How far two runs' logged samples (lm-eval's ``samples``, the same tasks and items) are apart: (requests, max
+    |difference| of a log-likelihood, max relative difference, greedy flags that differ).
+
+    Raises:
+        ValueError: when the two did not score the same items.
+    """
+    n, worst, rel, greedy = 0, 0.0, 0.0, 0
+    for task in a:
+        if [x["doc_id"] for x in a[task]] != [x["doc_id"] for x in b.get(task, [])]:
+            raise ValueError(f"{task}: the two runs scored different items")
+        for sa, sb in zip(a[task], b[task]):
+            for ra, rb in zip(sa["resps"], sb["resps"], strict=True):
+                (la, ga), (lb, gb) = ra[0], rb[0]
+                n, worst = n + 1, max(worst, abs(la - lb))
+                rel, greedy = max(rel, abs(la - lb) / max(abs(la), 1e-12)), greedy + (ga != gb)
+    return n, worst, rel, greedy

@@ -17,7 +17,7 @@ difference whose p-value is not below ``alpha`` is called a tie.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -121,7 +121,3 @@ def stacked(per_seed: list[tuple[list[int], list[int]]]) -> tuple[np.ndarray, np
     if len(lengths) != 1:
         raise ValueError(f"the seeds scored different numbers of items: {sorted(lengths)}")
     return np.array([a for a, _ in per_seed]), np.array([b for _, b in per_seed])
-
-
-def describe(result: Optional[PairedResult]) -> str:
-    return "not evaluated on the same items" if result is None else result.text()
