@@ -131,7 +131,7 @@ def test_a_warm_start_setting_the_stage_ignores_is_reported_once(tmp_path, tiny_
     # the stages of dvc.yaml passing --warm-start, an arm's flags (arms.trained in params.yaml) resolved
     assert warnings == ["layerchop train: warning: train.warm_start_steps=2 is ignored by this run (no --warm-start); "
                         "only stages that pass --warm-start use it (dvc.yaml: warm_start, train@layerchop, "
-                        "fig4_train@layerchop, layout_train@*)"]
+                        "train@layerchop-seed1, train@layerchop-seed2, fig4_train@layerchop, layout_train@*)"]
     # a process that Lightning's launcher started beside the first says nothing
     from layerchop.stages.train import first_process
 

@@ -110,7 +110,8 @@ def test_every_evaluated_model_is_produced_by_a_stage():
 
 def _keys(node, prefix=""):
     if isinstance(node, dict) and not (prefix.endswith("rows") or prefix.endswith("local_tasks")
-                                       or prefix.endswith("labels") or prefix.endswith("jobs")):
+                                       or prefix.endswith("labels") or prefix.endswith("jobs")
+                                       or prefix in ("arms.trained", "arms.seeds", "figure4.arms")):  # names: content
         return {k for key, v in node.items() for k in _keys(v, f"{prefix}.{key}" if prefix else key)} | {prefix}
     return {prefix}
 
@@ -183,8 +184,10 @@ def test_every_training_stage_of_every_params_file_fits_its_budget(path):
     layouts = section("table6", params).layouts
     chop = section("chop", params)  # chop.layout's row of Table 6 is the main arm's: the table6 stage refuses it twice
     assert chop.indices is not None or chop.layout not in layouts
+    replicas = {r for rs in section("arms", params).seeds.values() for r in rs}  # LayerChop's train their own warm step
     assert sorted(warm_arms) == sorted(["fig4_train@layerchop", "train@layerchop"]
-                                       + [f"layout_train@{x}" for x in layouts])
+                                       + [f"layout_train@{x}" for x in layouts]
+                                       + [f"train@{r}" for r in replicas if r.startswith("layerchop-")])
     # the one-shot N:M patterns of the prune matrix divide every projection's input width
     assert yaml.safe_load(open(REPO / "dvc.yaml"))["stages"]["prune"]["matrix"]["pattern"] == "${prune.patterns}"
     patterns = section("prune", params).patterns
@@ -294,6 +297,58 @@ def test_the_equal_flops_sparsegpt_arm_stops_at_figure4s_budget(path):
     params = load_params(path)
     args = dict(_train_arms(params))["train@sparsegpt-2of4_cpt_flops"]
     assert args.flop_budget == section("figure4", params).flop_budget and args.init.endswith("sparsegpt-2of4")
+
+
+TRAINING_OF = {"train": "", "fig4_train": "fig4-"}  # a training stage -> the prefix of its model's directory name
+
+
+@pytest.mark.parametrize("path", [p for p in PARAM_FILES if section("arms", load_params(p)).seeds],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_seed_replicas_train_as_their_arm_with_only_the_seed_changed(path):
+    """``arms.seeds``: each replica's training is its arm's (method, start, teacher, warm start, budget in steps and
+    tokens) with ``--seed k`` for a k of its own, other than ``train.seed``; a LayerChop replica trains its own warm step
+    (the shared ``data/warm`` is seed 0's and refuses another seed)."""
+    import dataclasses
+
+    from layerchop.data.sources import known_config
+    from layerchop.prune.chop import removed_indices
+    from layerchop.train.plan import depth_config, plan_steps
+
+    params = load_params(path)
+    seeds = section("arms", params).seeds
+    arms = {}
+    for stage, args in _train_arms(params):
+        name, _, key = stage.partition("@")
+        if name in TRAINING_OF:
+            arms[TRAINING_OF[name] + key] = args
+    dense = known_config(section("download", params).model)
+    chop = section("chop", params)
+    removed = removed_indices(dense.num_hidden_layers, layout=chop.layout, num_remove=chop.num_remove,
+                              indices=chop.indices)
+    chopped = depth_config(dense, [i for i in range(dense.num_hidden_layers) if i not in removed])
+    cfg, seq_len = section("train", params), section("prepare", params).seq_len
+
+    def planned(args):
+        c = dataclasses.replace(cfg, **({"token_budget": None, "flop_budget": args.flop_budget} if args.flop_budget
+                                        else {"token_budget": args.token_budget or cfg.token_budget}))
+        init = chopped if args.init.endswith("chopped") else dense
+        s = plan_steps(c, seq_len, init, objective=args.objective, warm_steps=cfg.warm_start_steps
+                       if args.warm_start else 0, dense_config=dense, teacher_config=dense,
+                       distill_cfg=section("distill", params), mapping=[i for i in range(dense.num_hidden_layers)
+                                                                        if i not in removed])
+        return s.total_steps, s.total_steps * s.tokens_per_step
+
+    same = ("objective", "init", "teacher", "warm_start", "balance", "structure", "lr", "chop_every_tokens")
+    used = {}
+    for base, replicas in seeds.items():
+        assert base in arms, f"arms.seeds.{base}: no training stage writes data/models/{base}"
+        for r in replicas:
+            a, b = arms[base], arms[r]
+            assert {k: getattr(b, k) for k in same} == {k: getattr(a, k) for k in same}, (base, r)
+            assert a.seed is None and b.seed is not None and b.seed != cfg.seed, (base, r)
+            assert planned(b) == planned(a), (base, r)
+            assert used.setdefault((base, b.seed), r) == r, f"arms.seeds.{base}: seed {b.seed} twice"
+            assert b.warm_from is None or b.seed == cfg.seed, r
 
 
 def test_the_shared_warm_start_stage_depends_on_the_train_keys_its_steps_use():

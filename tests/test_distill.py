@@ -31,6 +31,7 @@ def chopped_setup(tmp_path, tiny_dir, train: dict, distill: dict | None = None, 
     params["train"].update({**dict(batch_size=4, lr=3e-3, warmup_steps=1, precision="32-true", accelerator="cpu",
                                    ckpt_every=0, val_batches=1), **train})
     params["distill"].update(distill or {})
+    params["arms"].update(seeds={}, replicas=[])  # one seed (params.yaml's replicas are not here)
     for name, values in sections.items():
         params[name].update(values)
     pfile = tmp_path / "params.yaml"
@@ -264,7 +265,8 @@ def test_distill_run_exports_student_snapshots_and_compute(tmp_path, tiny_dir, t
 
 
 def test_fsdp2_distill_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared):
-    """Teacher and student both sharded with FSDP2 (ModelParallelStrategy, 2 gloo ranks), via the CLI."""
+    """Teacher and student both sharded with FSDP2 (ModelParallelStrategy, 2 gloo ranks), via the CLI; balanced terms
+    (``--balance initial``: the scales measured on both ranks' first batches, averaged, the same on every rank)."""
     pfile, chopped = chopped_setup(tmp_path, tiny_dir, dict(token_budget=4 * 2 * 2 * 32, batch_size=2,
                                                              strategy="fsdp", devices=2, ckpt_every=2),
                                    {"chunk_tokens": 24})
@@ -272,7 +274,7 @@ def test_fsdp2_distill_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared):
     cmd = [sys.executable, "-m", "layerchop.cli", "train", "--params", str(pfile), "--objective", "distill",
            "--teacher", str(tiny_dir), "--init", str(chopped), "--data", str(tiny_prepared), "--out",
            str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--log", str(tmp_path / "log.csv"),
-           "--snapshots", "1", "--snapshot-dir", str(tmp_path / "snaps")]
+           "--snapshots", "1", "--snapshot-dir", str(tmp_path / "snaps"), "--balance", "initial"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr
@@ -281,6 +283,14 @@ def test_fsdp2_distill_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared):
     assert len(rows) == 4 and all(float(r["train/loss_kl"]) >= 0 for r in rows)
     assert float(rows[0]["train/loss_emb"]) == 0.0  # identity projection of an identical table at step 1
     assert float(rows[-1]["train/loss"]) < float(rows[0]["train/loss"])
+    from layerchop.io import read_metadata
+
+    scales = read_metadata(tmp_path / "out")["distill_term_scales"]
+    assert scales["lm"] == 1.0 and scales["emb"] == 1.0 and 0 < scales["hid"] != 1.0
+    weights = yaml.safe_load(open(pfile))["distill"]
+    for r in rows:  # rank 0 logs its own terms; the total is their weighted, scaled sum
+        total = sum(weights[f"w_{name}"] * scales[name] * float(r[f"train/loss_{name}"]) for name in TERMS)
+        assert float(r["train/loss"]) == pytest.approx(total, rel=1e-5), r
     from transformers import AutoModelForCausalLM
 
     for d in (tmp_path / "out", tmp_path / "snaps" / "step_000002"):
@@ -293,7 +303,8 @@ def test_fsdp2_distill_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared):
 
 
 def test_equal_flop_arms_curves_and_figure4(tmp_path, tiny_dir, tiny_prepared):
-    """The Figure 4 recipe end to end on the tiny model: two arms, one FLOP budget, curves, figure, table."""
+    """The Figure 4 recipe end to end on the tiny model: three arms (LayerChop, distillation with the paper's
+    unweighted sum and with balanced terms), one FLOP budget, curves, figure, table, and the caption's paired tests."""
     from layerchop.cli import main
     from layerchop.io import read_json, read_metadata
 
@@ -306,25 +317,26 @@ def test_equal_flop_arms_curves_and_figure4(tmp_path, tiny_dir, tiny_prepared):
     P = ["--params", str(pfile)]
     assert main(["evaluate", *P, "--model", str(chopped), "--data", str(tiny_prepared), "--out",
                  str(tmp_path / "eval" / "chopped")]) == 0
-    for arm, extra in (("layerchop", ["--objective", "lm"]), ("distill", ["--objective", "distill", "--teacher",
-                                                                          str(tiny_dir)])):
+    kd_flags = ["--objective", "distill", "--teacher", str(tiny_dir)]
+    for arm, extra in (("layerchop", ["--objective", "lm"]), ("distill", kd_flags),
+                       ("distill-balanced", [*kd_flags, "--balance", "initial"])):
         assert main(["train", *P, *extra, "--init", str(chopped), "--data", str(tiny_prepared), "--out",
                      str(tmp_path / arm), "--run-dir", str(tmp_path / "runs" / arm), "--flop-budget", "2.0e9",
                      "--snapshots", "2", "--snapshot-dir", str(tmp_path / "snaps" / arm),
                      "--metrics", str(tmp_path / f"{arm}.json")]) == 0
         assert main(["curve", *P, "--snapshots", str(tmp_path / "snaps" / arm), "--final", str(tmp_path / arm),
                      "--record", str(tmp_path / f"{arm}.json"), "--data", str(tiny_prepared), "--out",
-                     str(tmp_path / "eval" / arm)]) == 0
+                     str(tmp_path / "eval" / f"fig4-{arm}")]) == 0
     lm, kd = (read_metadata(tmp_path / a)["compute"] for a in ("layerchop", "distill"))
     # same budget, never exceeded; distillation steps cost more, so it takes fewer of them
     assert lm["flops"] <= 2.0e9 and kd["flops"] <= 2.0e9
     assert 2.0e9 - lm["flops"] < lm["flops_per_step"] and 2.0e9 - kd["flops"] < kd["flops_per_step"]
     assert kd["flops_per_step"] > lm["flops_per_step"] and kd["steps"] < lm["steps"]
-    curve = read_json(tmp_path / "eval" / "distill" / "curve.json")
+    curve = read_json(tmp_path / "eval" / "fig4-distill" / "curve.json")
     assert [p["step"] for p in curve["points"]][-1] == kd["steps"] and len(curve["points"]) == 3
     assert all(a["flops"] < b["flops"] for a, b in zip(curve["points"], curve["points"][1:]))
-    figure4 = ["figure4", *P, "--curves", str(tmp_path / "eval" / "layerchop" / "curve.json"),
-               str(tmp_path / "eval" / "distill" / "curve.json"), "--start",
+    figure4 = ["figure4", *P, "--curves", *(str(tmp_path / "eval" / f"fig4-{a}" / "curve.json")
+                                            for a in ("layerchop", "distill", "distill-balanced")), "--start",
                str(tmp_path / "eval" / "chopped" / "metrics.json"), "--tables", str(tmp_path / "tables"),
                "--figures", str(tmp_path / "figs")]
     # the dense reference line: any evaluation's metrics.json (the chopped one stands in); a missing one is refused
@@ -337,6 +349,14 @@ def test_equal_flop_arms_curves_and_figure4(tmp_path, tiny_dir, tiny_prepared):
     # in-domain and general accuracy, each with its item count, per arm and along the runs
     assert "in-domain: heldout_lastword (acc_norm, n=8)" in table and "general: piqa (acc_norm, n=8)" in table
     assert "| In-domain acc | General acc |" in table
+    # which arm follows the paper's protocol, the balanced arm's measured scales, and each claim's paired test
+    scales = read_json(tmp_path / "eval" / "fig4-distill-balanced" / "curve.json")["distill_term_scales"]
+    assert scales == read_metadata(tmp_path / "distill-balanced")["distill_term_scales"] and scales["lm"] == 1.0
+    assert "LayerChop + distill (the paper's unweighted sum)" in table
+    assert "LayerChop + distill (terms balanced at step 0)" in table and f"hid x{scales['hid']:.3g}" in table
+    for arm in ("the paper's unweighted sum", "terms balanced at step 0"):
+        assert f"CHOP + distill ({arm}) against LayerChop: general" in table
+    assert "McNemar exact" in table  # the curves wrote the final models' per-item results
     for ext in ("png", "pdf"):
         assert (tmp_path / "figs" / f"fig4_distill_vs_layerchop.{ext}").stat().st_size > 10_000
 
@@ -422,3 +442,59 @@ def test_activation_checkpointing_keeps_no_recomputed_activations(tiny_dir):
     assert set(terms) == {"lm", "kl", "hid", "att", "emb"}
     assert module.capture.hidden == {} and module.capture.attn == {} and module.capture.final is None
     assert all(p.grad is not None for p in student.parameters())
+
+
+def test_balance_scales_bring_every_term_to_the_lm_term():
+    from layerchop.train.distill import balance_scales
+
+    scales = balance_scales({"lm": 10.0, "kl": 2.0, "hid": 5.0e4, "emb": 0.0})
+    assert scales == {"lm": 1.0, "kl": 5.0, "hid": 2.0e-4, "emb": 1.0}  # a term at 0 keeps its weight
+    assert balance_scales({"kl": 4.0, "hid": 8.0}) == {"kl": 1.0, "hid": 0.5}  # no LM term: the first positive one
+    for bad in ({"lm": 1.0, "hid": float("nan")}, {"lm": 0.0, "kl": 0.0}, {"lm": 1.0, "kl": -1.0}):
+        with pytest.raises(ValueError, match="distill.balance"):
+            balance_scales(bad)
+    with pytest.raises(ValueError, match="distill.balance"):
+        DistillConfig(balance="magnitude")
+
+
+def test_balanced_run_starts_with_equal_weighted_terms_and_resumes_to_the_uninterrupted_result(
+        tmp_path, tiny_dir, tiny_prepared):
+    """``--balance initial``: the scales come from the first batch, so at step 1 every weighted term equals its
+    weight times the LM term; they are kept in the checkpoint (an interrupted run ends on the same weights) and in the
+    export's ``layerchop.json``; the logged total is the weighted, scaled sum at every step."""
+    from safetensors.torch import load_file
+
+    from layerchop.cli import main
+    from layerchop.io import read_metadata
+
+    pfile, chopped = chopped_setup(tmp_path, tiny_dir, {"token_budget": 5 * 4 * 32, "ckpt_every": 2},
+                                   {"chunk_tokens": 40, "w_kl": 0.5, "w_hid": 2.0, "w_att": 0.25})
+    weights = yaml.safe_load(open(pfile))["distill"]
+
+    def train(name, *extra):
+        return main(["train", "--params", str(pfile), "--objective", "distill", "--balance", "initial", "--teacher",
+                     str(tiny_dir), "--init", str(chopped), "--data", str(tiny_prepared), "--out", str(tmp_path / name),
+                     "--run-dir", str(tmp_path / f"run_{name}"), "--log", str(tmp_path / f"{name}.csv"), *extra])
+
+    assert train("a") == 0
+    assert train("b", "--stop-after", "3") == 0 and not (tmp_path / "b").exists()
+    assert train("b") == 0  # resumes from step 2's checkpoint: the scales come from it, not from a new batch
+    meta_a, meta_b = read_metadata(tmp_path / "a"), read_metadata(tmp_path / "b")
+    assert meta_a["distill"]["balance"] == "initial"
+    scales = meta_a["distill_term_scales"]
+    assert scales == meta_b["distill_term_scales"] and set(scales) == set(TERMS)
+    assert scales["lm"] == 1.0 and scales["hid"] != 1.0
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    with open(tmp_path / "a.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(rows) == 5
+    first = {name: float(rows[0][f"train/loss_{name}"]) for name in TERMS}
+    for name in TERMS:
+        if first[name] > 0:  # every weighted term starts at its weight times the LM term
+            assert weights[f"w_{name}"] * scales[name] * first[name] == pytest.approx(
+                weights[f"w_{name}"] * first["lm"], rel=1e-5), name
+    for r in rows:
+        total = sum(weights[f"w_{name}"] * scales[name] * float(r[f"train/loss_{name}"]) for name in TERMS)
+        assert float(r["train/loss"]) == pytest.approx(total, rel=1e-5), r

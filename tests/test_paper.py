@@ -58,6 +58,7 @@ def _tree(root: Path, fig4_distill: dict) -> Path:
     (root / "data" / "bench").mkdir(parents=True)
     (root / "data" / "bench" / "metrics.json").write_text(json.dumps(bench))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["arms"].update(seeds={}, replicas=[])  # one seed (params.yaml's replicas are not here)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
@@ -85,7 +86,7 @@ def test_verdicts_follow_the_comparisons():
                           (60.0, 1.5)), Comparison("general", (52.0, 1.5), (50.0, 1.5)))
     assert (better.sign, worse.sign, tie.sign) == (1, -1, 0)
     assert round(better.z, 3) == round(10 / math.hypot(1.5, 1.5), 3)
-    assert tie.text() == "general 52.0 vs 50.0 (+2.0 points, z = 0.9: a tie)"
+    assert tie.text() == "general 52.0 vs 50.0 (+2.0 points, z = 0.9, unpaired: a tie)"
     assert verdict_of([1, 1], +1) == "agrees" and verdict_of([1, 0], +1) == "partly"
     assert verdict_of([0, 0], +1) == "a tie" and verdict_of([1, -1], +1) == "differs"
     assert verdict_of([-1, -1], -1) == "agrees"
@@ -209,3 +210,40 @@ def test_the_stage_reads_items_csv_beside_the_metrics(tmp_path):
     assert ITEMS not in inp.metrics("x")
     write_items(tmp_path / "x" / "items.csv", _items({"piqa": [1, 0, 1]}))
     assert [r["acc_norm"] for r in inp.metrics("x")[ITEMS]] == [1, 0, 1]
+
+
+def test_the_paper_stage_depends_on_every_file_it_reads(tmp_path):
+    """Every metrics, curve, per-item and bench file the page reads is a dependency of dvc.yaml's paper stage (a
+    file, or a folder above it): a re-run evaluation must re-run the page."""
+    from layerchop.evaluate.harness import write_items
+    from layerchop.report.paper import Inputs, paper_readme
+
+    root = _tree(tmp_path, fig4_distill=_m(187.4, 0.54, 0.70))
+    ev = root / "data" / "eval"
+    for d in [p.parent for p in ev.rglob("metrics.json")] + [p.parent for p in ev.rglob("curve.json")]:
+        write_items(d / "items.csv", _items({"piqa": [1, 0, 1]}))
+    balanced = ev / "fig4-distill-balanced"
+    balanced.mkdir()
+    (balanced / "curve.json").write_text((ev / "fig4-distill" / "curve.json").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for replicas in params["arms"]["seeds"].values():  # each replica: a copy of its arm's evaluation
+        for r in replicas:
+            (ev / "seeds" / r).mkdir(parents=True, exist_ok=True)
+            write_items(ev / "seeds" / r / "items.csv", _items({"piqa": [1, 0, 1]}))
+            (ev / "seeds" / r / "metrics.json").write_text(json.dumps(_m(50.0, 0.6, 0.8)))
+    inputs = Inputs(eval=Path("data/eval"), bench=Path("data/bench/metrics.json"), params=params)
+    cwd = Path.cwd()
+    try:
+        import os
+
+        os.chdir(root)
+        paper_readme(Path("paper/tables"), Path("paper/figures"), inputs, relative_to=Path("paper"))
+    finally:
+        os.chdir(cwd)
+    deps = [str(d).split("#")[0].strip() for d in
+            yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["paper"]["deps"]]
+    read = sorted({p.as_posix() for p in inputs.read})
+    assert any(r.endswith("items.csv") for r in read) and "data/eval/fig4-distill-balanced/curve.json" in read
+    assert "data/eval/seeds/layerchop-seed1/items.csv" in read  # the replicas, where arms.seeds names them
+    missing = [r for r in read if not any(r == d or r.startswith(d.rstrip("/") + "/") for d in deps)]
+    assert not missing, f"dvc.yaml paper: deps miss {missing}"

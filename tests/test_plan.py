@@ -32,8 +32,9 @@ def test_every_profile_plans(capsys, path):
     arms = section("arms", load_params(path))
     end = next(i for i, line in enumerate(lines) if line.startswith("total: "))
     stages = {line.split()[0] for line in lines[3:end]}
-    assert {f"train@{k}" for k in arms.trained} <= stages and len(arms.trained) == 4
+    assert {f"train@{k}" for k in arms.trained} <= stages and len(set(arms.trained) - set(arms.replicas)) == 4
     assert {f"evaluate@{k}" for k in arms.evaluated} <= stages and len(arms.evaluated) == 6
+    assert {f"evaluate_seed@{k}" for k in arms.replicas} <= stages
 
 
 def test_paper_scale_numbers(capsys):

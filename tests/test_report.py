@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from layerchop.report.tables import accuracy_caption, control_sentence, latex, markdown, missing_tasks, table_rows
+from layerchop.report.compare import control_sentence
+from layerchop.report.tables import accuracy_caption, latex, markdown, missing_tasks, table_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,13 +64,12 @@ def test_in_domain_and_general_columns_carry_item_counts_and_standard_errors():
     assert body[0][6:] == ["40.0 ± 3.5", "50.0 ± 3.5", f"45.0 ± {100 * math.hypot(se_c, se_l) / 2:.1f}",
                            "62.0 ± 3.4"]
     assert body[1][-1] == "58.0 ± 1.6"
-    # the control's change on each group, with the error of a difference of two independent estimates
+    # the control's change on each group; without per-item results, z from two independent errors (said so)
     se_piqa = math.hypot(math.sqrt(0.62 * 0.38 / 200), math.sqrt(0.58 * 0.42 / 1000))
     assert control_sentence([dense, cpt]) == (
-        "Continued pretraining alone changes the dense model's accuracy by in-domain +0.0 "
-        f"(± {100 * math.hypot(se_c, se_l) / 2 * math.sqrt(2):.1f}) points, general -4.0 (± {100 * se_piqa:.1f}) points "
-        "(± the error of a difference of independent estimates; both models answer the same items, so this "
-        "overstates the error of the change).")
+        "Continued pretraining alone (the control against the dense model): general 58.0 vs 62.0 (-4.0 points, "
+        f"z = {-4.0 / (100 * se_piqa):.1f}, unpaired: a tie); in-domain 45.0 vs 45.0 (+0.0 points, z = 0.0, unpaired: "
+        "a tie).")
     assert control_sentence([dense]) == ""
     assert missing_tasks([dense, cpt], ["heldout_lastword", "piqa", "arc_easy"]) == {"arc_easy": None}
     del dense["metrics"]["eval/piqa/acc"], dense["metrics"]["eval/piqa/acc_norm"]
@@ -84,6 +84,7 @@ def test_in_domain_and_general_columns_carry_item_counts_and_standard_errors():
 def test_report_stage_from_metrics_files(tmp_path):
     rows = {"dense": "Dense", "layerchop": "LayerChop"}
     params = yaml.safe_load(open(REPO / "params.yaml"))
+    params["arms"].update(seeds={}, replicas=[])  # one seed (params.yaml's replicas are not here)
     params["report"]["rows"] = rows
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for name, layers in (("dense", 30), ("layerchop", 15)):
@@ -106,6 +107,7 @@ def test_report_stage_from_metrics_files(tmp_path):
 
 def test_figure1_stage_from_metrics_files(tmp_path):
     params = yaml.safe_load(open(REPO / "params.yaml"))
+    params["arms"].update(seeds={}, replicas=[])  # one seed (params.yaml's replicas are not here)
     params["report"]["oneshot_rows"] = {"dense": "Dense", "layerchop": "LayerChop"}
     params["prune"].update(methods=["wanda"], patterns=["2of4"])  # its row follows, labelled by the method
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -226,7 +228,8 @@ def test_the_headline_is_layerchops_summary_and_the_share_of_lost_points_it_reco
     assert recovered_share(metrics["dense"], metrics["chopped"], metrics["layerchop"]) == {
         "in_domain": 62.5, "general": 25.0}
     head = headline(metrics["dense"], metrics["chopped"], metrics["layerchop"])
-    assert head == {**summary(metrics["layerchop"]), "in_domain_recovered": 62.5, "general_recovered": 25.0}
+    assert head == {**summary(metrics["layerchop"]), "in_domain_recovered": 62.5, "general_recovered": 25.0,
+                    "seeds": 1}
     assert recovered_share(metrics["dense"], metrics["dense"], metrics["layerchop"]) == {
         "in_domain": None, "general": None}  # nothing lost: no share
     # a loss within noise has no share either: PIQA 0.66 -> 0.62 on 200 items (4 points, 2 SE = 9.6)
@@ -234,6 +237,7 @@ def test_the_headline_is_layerchops_summary_and_the_share_of_lost_points_it_reco
     assert recovered_share(metrics["dense"], near, metrics["layerchop"]) == {"in_domain": 62.5, "general": None}
 
     params = yaml.safe_load(open(REPO / "params.yaml"))
+    params["arms"].update(seeds={}, replicas=[])  # one seed (params.yaml's replicas are not here)
     params["report"]["rows"] = {k: k for k in accs}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for name, m in metrics.items():
@@ -253,3 +257,76 @@ def test_the_headline_is_layerchops_summary_and_the_share_of_lost_points_it_reco
     assert proc.returncode == 2 and "report.rows: --summary needs the rows ['dense', 'chopped', 'layerchop']" in \
         proc.stderr, proc.stderr
     assert not (tmp_path / "other.json").exists()
+
+
+def _items(correct: dict[str, list[int]]) -> list[dict]:
+    """Per-item rows (``items.csv``) with each task's primary metric (acc_norm for both tasks here) from ``correct``."""
+    return [{"task": t, "doc_id": i, "doc_hash": f"h{t}{i}", "target": 0, "pred": 0, "acc": c, "acc_norm": c}
+            for t, cs in correct.items() for i, c in enumerate(cs)]
+
+
+def test_main_table_shows_an_arm_with_seed_replicas_as_mean_and_spread_and_pairs_its_tests(tmp_path):
+    """``arms.seeds``: the LayerChop row is the mean ± sd over its three seeds (perplexity and accuracy, the row
+    marked [3 seeds]); the recovered share averages the seeds; the caption's comparison with the chopped model is a
+    paired permutation test over items x seeds (the one-seed chopped model paired with each seed)."""
+    import random
+
+    from layerchop.evaluate.harness import write_items
+
+    n = 200
+    rng = random.Random(0)
+    chopped_items = [int(rng.random() < 0.5) for _ in range(n)]
+    # each LayerChop seed answers the chopped model's items, plus some it got wrong: 10, 20 and 30 more of them
+    seeds = {}
+    for name, extra, ppl in (("layerchop", 20, 52.0), ("layerchop-seed1", 10, 50.0), ("layerchop-seed2", 30, 54.0)):
+        wrong = [i for i, c in enumerate(chopped_items) if not c][:extra]
+        seeds[name] = ([1 if i in wrong else c for i, c in enumerate(chopped_items)], ppl)
+    params = yaml.safe_load(open(REPO / "params.yaml"))
+    params["arms"].update(seeds={}, replicas=[])  # one seed (params.yaml's replicas are not here)
+    params["report"]["rows"] = {"dense": "Dense", "chopped": "Chopped", "layerchop": "LayerChop"}
+    params["arms"].update(seeds={"layerchop": ["layerchop-seed1", "layerchop-seed2"]},
+                          replicas=["layerchop-seed1", "layerchop-seed2"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    evals = {"dense": ([1] * n, 20.0, 30), "chopped": (chopped_items, 9000.0, 15),
+             **{k: (items, ppl, 15) for k, (items, ppl) in seeds.items()}}
+    for name, (items, ppl, layers) in evals.items():
+        d = tmp_path / "eval" / ("seeds/" if "-seed" in name else "") / name
+        d.mkdir(parents=True)
+        acc = sum(items) / n
+        (d / "metrics.json").write_text(json.dumps(_metrics(1e8, layers, 0, ppl, ppl, {"piqa": (acc, acc)}, n=n)))
+        write_items(d / "items.csv", _items({"piqa": items}))
+    cmd = [sys.executable, "-m", "layerchop.cli", "report", "--params", str(tmp_path / "params.yaml"),
+           "--eval", str(tmp_path / "eval"), "--tables", str(tmp_path / "tables"), "--summary",
+           str(tmp_path / "summary.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "tables" / "main.md").read_text()
+    base = sum(chopped_items) / n
+    accs = [100 * (base + e / n) for e in (20, 10, 30)]  # mean base + 10 points, sd 5 points
+    mean, sd = sum(accs) / 3, 5.0
+    assert f"| LayerChop [3 seeds] | 100.0 | 15 | 0 | 52.00 ± 2.00 | 52.00 ± 2.00 | {mean:.1f} ± {sd:.1f} |" in md, md
+    assert "A row marked [n seeds] is the arm trained with n seeds" in md
+    # 60 item-seeds only LayerChop got right, none the other way: the permutation test's smallest p
+    assert "LayerChop against the chopped model it starts from: general" in md
+    assert f"paired over {n} items x 3 seeds, 60 vs 0 answered by one only: paired permutation p = 0.0002: better" \
+        in md, md
+    # the share of the lost points: (mean LayerChop - chopped) / (dense - chopped), the mean over the seeds
+    head = json.loads((tmp_path / "summary.json").read_text())
+    assert head["seeds"] == 3 and head["general_recovered"] == round(100 * (mean - 100 * base) / (100 - 100 * base), 1)
+
+
+def test_comparisons_pair_seed_by_seed_and_a_one_seed_arm_with_each():
+    from layerchop.report.compare import SEEDS, compare, seed_pairs
+
+    a0, a1, b0, b1, c = ({"name": x} for x in ("a0", "a1", "b0", "b1", "c"))
+    a, b = {**a0, SEEDS: [a1]}, {**b0, SEEDS: [b1]}
+    def names(pairs):
+        return [(x["name"], y["name"]) for x, y in pairs]
+
+    assert names(seed_pairs(a, b)) == [("a0", "b0"), ("a1", "b1")]
+    assert names(seed_pairs(a, c)) == [("a0", "c"), ("a1", "c")] and names(seed_pairs(c, b)) == [("c", "b0"), ("c", "b1")]
+    assert names(seed_pairs({**a0, SEEDS: [a1, c]}, b)) == [("a0", "b0"), ("a1", "b1")]  # as many as the fewer has
+    # without per-item results in every run, no paired test: the unpaired errors of the seed means
+    m = _metrics(1e8, 15, 0, 50.0, 50.0, {"piqa": (0.6, 0.6)}, n=1000)
+    got = compare({**m, SEEDS: [m]}, m, "general")
+    assert got.paired is None and got.a[0] == got.b[0] and "unpaired: a tie" in got.text()

@@ -460,6 +460,10 @@ class TrainConfig:
                 _fail(f"train.{key}", v, "choose float32, bfloat16, float16 or null")
 
 
+BALANCE = ("none", "initial")
+"""``distill.balance``: how the distillation terms are weighted beyond ``w_*`` (see :class:`DistillConfig`)."""
+
+
 @dataclass
 class DistillConfig:
     """The ``distill`` section: CHOP + distill loss weights (the paper's terms; see ``train/distill.py``)."""
@@ -478,8 +482,15 @@ class DistillConfig:
     """Softmax temperature of the KL term (which is multiplied by temperature^2)."""
     chunk_tokens: int = 1024
     """Tokens per block of logits in the LM/KL computation (memory: chunk_tokens x vocabulary)."""
+    balance: str = "none"
+    """``none``: the weighted sum of the terms as they come (the paper's protocol). ``initial``: each term's weight
+    is also multiplied by (the LM term / that term), both measured on the run's first batch before any update
+    (averaged over ranks), so that every weighted term starts at its weight times the LM loss (``layerchop train
+    --balance initial``; the scales are kept in checkpoints and in the export's ``layerchop.json``)."""
 
     def __post_init__(self) -> None:
+        if self.balance not in BALANCE:
+            _fail("distill.balance", self.balance, f"choose one of {list(BALANCE)}")
         weights = ("w_lm", "w_kl", "w_hid", "w_att", "w_emb")
         for key in weights:
             if getattr(self, key) < 0:
@@ -490,6 +501,21 @@ class DistillConfig:
             _fail("distill.temperature", self.temperature, "must be > 0")
         if self.chunk_tokens <= 0:
             _fail("distill.chunk_tokens", self.chunk_tokens, "must be > 0")
+
+
+@dataclass
+class Figure4Arm:
+    """One entry of ``figure4.arms``: the stage ``fig4_train@<name>`` (``data/models/fig4-<name>``)."""
+
+    objective: str
+    """The train stage's flags beyond the shared ones (the method, its teacher, a warm start, a seed)."""
+    warm: str
+    """One more dependency: ``data/warm`` for the arm forking the shared warm start, the dense model otherwise."""
+
+    def __post_init__(self) -> None:
+        if (re.search(r"--warm-from[= ]+data/warm\b", self.objective) is not None) != (self.warm == "data/warm"):
+            _fail("figure4.arms.<arm>.warm", self.warm, "is data/warm exactly when the flags fork the shared warm "
+                  "start (--warm-from data/warm)")
 
 
 @dataclass
@@ -506,8 +532,19 @@ class Figure4Config:
     """Its dense bf16 peak (FLOP/s): A100 312 TFLOP/s."""
     mfu: float = 0.4
     """Assumed model-FLOPs utilisation for that conversion."""
+    arms: dict[str, Figure4Arm] = field(default_factory=lambda: {
+        "layerchop": Figure4Arm("--objective lm --warm-start --warm-from data/warm", "data/warm"),
+        "distill": Figure4Arm("--objective distill --teacher data/models/dense", "data/models/dense"),
+        "distill-balanced": Figure4Arm("--objective distill --teacher data/models/dense --balance initial",
+                                       "data/models/dense"),
+    })
+    """The arms dvc.yaml's ``fig4_train`` runs (``foreach``): the two the figure draws (``layerchop``, ``distill``: the
+    paper's unweighted sum), the balanced distillation arm, and seed replicas (``arms.seeds``)."""
 
     def __post_init__(self) -> None:
+        for name in ("layerchop", "distill", "distill-balanced"):
+            if name not in self.arms:
+                _fail("figure4.arms", sorted(self.arms), f"lacks {name} (the figure4 stage draws it)")
         for key in ("flop_budget", "gpu_peak_flops"):
             if not getattr(self, key) > 0:
                 _fail(f"figure4.{key}", getattr(self, key), "must be > 0")
@@ -752,6 +789,13 @@ class ArmsConfig:
                                                           "sparsegpt-2of4_cpt", "sparsegpt-2of4_cpt_flops"])
     """Models ``evaluate@<name>`` evaluates (``data/models/<name>`` into ``data/eval/<name>``); the one-shot runs
     have their own stage (``oneshot_evaluate``, from ``prune.methods`` × ``prune.patterns``)."""
+    replicas: list[str] = field(default_factory=list)
+    """Seed replicas ``evaluate_seed@<name>`` evaluates (``data/models/<name>`` into ``data/eval/seeds/<name>``): the
+    names of ``seeds``, in one list for dvc.yaml's ``foreach``."""
+    seeds: dict[str, list[str]] = field(default_factory=dict)
+    """An evaluation (``data/eval/<name>``) -> its seed replicas (``data/eval/seeds/<replica>``): the same training
+    again with ``layerchop train --seed k``. Tables show the mean and spread over the arm and its replicas; paired
+    tests pair them seed by seed (:mod:`layerchop.report.compare`). Empty: one seed."""
 
     def __post_init__(self) -> None:
         for name in self.trained:
@@ -759,6 +803,17 @@ class ArmsConfig:
                 _fail("arms.trained", name, "must be a directory name other than dense and chopped")
         if len(set(self.evaluated)) != len(self.evaluated):
             _fail("arms.evaluated", self.evaluated, "lists a model twice")
+        if len(set(self.replicas)) != len(self.replicas):
+            _fail("arms.replicas", self.replicas, "lists a replica twice")
+        for name, replicas in self.seeds.items():
+            if name in replicas or len(set(replicas)) != len(replicas):
+                _fail(f"arms.seeds.{name}", replicas, "lists a replica twice, or the arm itself")
+            for r in replicas:
+                if r not in self.replicas:
+                    _fail(f"arms.seeds.{name}", replicas, f"names {r}, which arms.replicas does not evaluate")
+        unused = sorted(set(self.replicas) - {r for rs in self.seeds.values() for r in rs})
+        if unused:
+            _fail("arms.replicas", self.replicas, f"{unused} is the replica of no arm of arms.seeds")
 
 
 @dataclass

@@ -12,6 +12,28 @@ from layerchop.train.flops import to_gpu_hours
 LABELS = {"lm": "LayerChop (continued pretraining)", "distill": "LayerChop + distill"}
 
 
+def arm_label(curve: dict[str, Any]) -> str:
+    """An arm's label from its ``curve.json``: the objective's, and for distillation how its terms were weighted."""
+    label = LABELS.get(curve["objective"], curve["objective"])
+    if curve["objective"] != "distill":
+        return label
+    balance = (curve.get("distill") or {}).get("balance", "none")
+    return label + (" (terms balanced at step 0)" if balance == "initial" else " (the paper's unweighted sum)")
+
+
+def balance_sentence(arms: list[dict[str, Any]]) -> str:
+    """The caption's sentence on the balanced distillation arms: their measured scales (empty without one)."""
+    parts = []
+    for arm in arms:
+        scales = arm.get("term_scales")
+        if scales:
+            parts.append(f"{arm['label']}: each weight also multiplied by the LM term over its own term on the first "
+                         "batch (" + ", ".join(f"{k} x{v:.3g}" for k, v in scales.items() if k != "lm") + ")")
+    return ("" if not parts else
+            "The paper's protocol is the unweighted sum; " + "; ".join(parts) + ", so that every term starts at the "
+            "LM loss's magnitude (not the paper's protocol). ")
+
+
 def arm_series(curve: dict[str, Any], start: dict[str, Any] | None, cols) -> list[dict[str, Any]]:
     """Points of one arm, starting at the shared chopped model (zero compute) when ``start`` is given."""
     pts = ([{"step": 0, "tokens": 0, "flops": 0, "device_s": 0.0, "metrics": start}] if start is not None else [])
@@ -159,8 +181,9 @@ def load_arms(curves: list[dict[str, Any]], start: dict[str, Any]) -> tuple[list
     cols = task_columns([{"metrics": start}] + [{"metrics": p["metrics"]} for c in curves for p in c["points"]])
     arms = []
     for c in curves:
-        arms.append({"label": LABELS.get(c["objective"], c["objective"]), "objective": c["objective"],
-                     "compute": c["compute"], "distill": c.get("distill"), "series": arm_series(c, start, cols)})
+        arms.append({"label": arm_label(c), "objective": c["objective"], "compute": c["compute"],
+                     "distill": c.get("distill"), "term_scales": c.get("distill_term_scales"),
+                     "series": arm_series(c, start, cols)})
     return arms, cols
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from layerchop.report.tables import (accuracy_cells, accuracy_header, fmt_ppl, mean_accuracy, save_figure,
-                                     split_columns, task_columns)
+from layerchop.report.tables import (accuracy_cells, accuracy_header, save_figure, seed_runs, seeds_acc, seeds_label,
+                                     seeds_ppl, split_columns, task_columns)
 
 
 def oneshot_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -18,8 +18,8 @@ def oneshot_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     for r in rows:
         m = r["metrics"]
         body.append([
-            r["label"], f"{m['params'] / 1e6:.1f}", f"{m.get('nonzero_params', m['params']) / 1e6:.1f}",
-            str(m["layers"]), f"{m['tokens_trained']:,}", fmt_ppl(m.get("val/ppl")), fmt_ppl(m.get("test/ppl")),
+            seeds_label(r["label"], m), f"{m['params'] / 1e6:.1f}", f"{m.get('nonzero_params', m['params']) / 1e6:.1f}",
+            str(m["layers"]), f"{m['tokens_trained']:,}", seeds_ppl(m, "val/ppl"), seeds_ppl(m, "test/ppl"),
         ] + accuracy_cells(m, cols))
     return header, body
 
@@ -63,13 +63,14 @@ def figure1(rows: list[dict[str, Any]], out_stem: Path) -> None:
     for ax, (group, gcols) in zip(axes[0], groups):
         for i, r in enumerate(rows):
             m, name = r["metrics"], r["name"]
-            acc = mean_accuracy(m, gcols)
-            if acc is None or m.get("val/ppl") is None:
+            acc = seeds_acc(m, gcols)  # an arm with seed replicas: the mean and the sd over its seeds
+            ppls = [x.get("val/ppl") for x in seed_runs(m)]
+            if acc is None or any(v is None for v in ppls):
                 continue
             marker = ("*" if name == "dense" else "o" if "layerchop" in name else "s" if name.endswith("_cpt")
                       else "^")
             handles[r["label"]] = ax.errorbar(
-                m["val/ppl"], 100 * acc[0], yerr=None if acc[1] is None else 100 * acc[1], fmt=marker,
+                sum(ppls) / len(ppls), 100 * acc[0], yerr=None if acc[1] is None else 100 * acc[1], fmt=marker,
                 color=f"C{i}", markersize=11 if marker == "*" else 7, capsize=3, zorder=3)
         ax.set_xscale("log")
         plain_log_ticks(ax.xaxis)
@@ -80,7 +81,7 @@ def figure1(rows: list[dict[str, Any]], out_stem: Path) -> None:
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, max(1, len(handles))),
                fontsize=8, frameon=False)
     fig.suptitle("One-shot pruning vs LayerChop: better models sit up and to the left "
-                 "(bars: ± 1 binomial standard error)", fontsize=10)
+                 "(bars: ± 1 binomial standard error; an arm with seeds: its mean, ± 1 sd over them)", fontsize=10)
     rows_of_legend = -(-len(handles) // 4)
     fig.tight_layout(rect=(0, 0.05 * rows_of_legend + 0.02, 1, 1))
     save_figure(fig, out_stem)

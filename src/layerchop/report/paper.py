@@ -2,24 +2,23 @@
 
 Each :class:`Artifact` names its generated table (with its caption), its figure, the stage that writes them and
 the paper's own result (from the fact sheet), and computes a verdict from the metrics files (:data:`VERDICTS`).
-An accuracy difference counts only when a paired test over the items both models answered says so (p < 0.05:
-McNemar's exact test, :mod:`layerchop.report.stats`, where both evaluations wrote ``items.csv``), or, for
-evaluations without per-item results, beyond two standard errors of independent binomial estimates (which
-overstates the error of a difference between correlated answers); otherwise it is **a tie**. Perplexity has no error here: a difference counts when it is
-larger than :data:`PPL_MARGIN` (relative). A verdict weighs every comparison the paper's claim makes.
+Comparisons are those of :mod:`layerchop.report.compare`: paired over items (and seeds, for arms with replicas in
+``arms.seeds``) where the evaluations wrote ``items.csv``, two independent binomial errors otherwise; a difference
+its test does not carry is **a tie**. Perplexity has no error here: a difference counts when it is larger than
+:data:`PPL_MARGIN` (relative). A verdict weighs every comparison the paper's claim makes.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from layerchop.report.tables import mean_accuracy, split_columns, task_columns
-
-Metrics = dict[str, Any]
+from layerchop.report.compare import (ITEMS, PPL_MARGIN, SEEDS, Comparison, Metrics, accuracy, compare,  # noqa: F401
+                                      comparisons, ppl, ppl_sign, ppl_text, with_seeds)
+from layerchop.report.tables import mean_accuracy, task_columns
 
 VERDICTS = {
     "agrees": "every comparison goes the paper's way beyond noise",
@@ -29,11 +28,6 @@ VERDICTS = {
     "not measured": "the run has nothing to compare",
     "descriptive": "the artifact describes; it claims nothing",
 }
-PPL_MARGIN = 0.05
-"""A perplexity difference counts when one model's is more than this fraction above the other's."""
-ITEMS = "_items"
-"""The key under which :meth:`Inputs.metrics` adds an evaluation's per-item results (``items.csv``)."""
-
 
 @dataclass(frozen=True)
 class Inputs:
@@ -42,28 +36,46 @@ class Inputs:
     eval: Path
     bench: Path
     params: dict[str, Any]
+    read: list[Path] = field(default_factory=list)
+    """Every file read so far, in order (a test checks that dvc.yaml's paper stage depends on each)."""
+
+    def _read(self, path: Path) -> Any:
+        self.read.append(path)
+        return _read(path)
 
     def metrics(self, name: str) -> Metrics:
         """An evaluation's ``metrics.json`` (``data/eval/<name>``), with its per-item results under :data:`ITEMS`
         where the evaluation wrote ``items.csv`` (so that comparisons with it are paired)."""
         path = self.eval / name / "metrics.json"
-        m = _read(path)
+        m = self._read(path)
         if not isinstance(m, dict) or "val/ppl" not in m:
             raise ValueError(f"{path}: not an evaluation's metrics (no val/ppl)")
+        return self._with_seeds(name, self._with_items(name, m))
+
+    def _with_seeds(self, name: str, m: Metrics) -> Metrics:
+        """``m`` with its seed replicas' metrics (``arms.seeds``) under :data:`SEEDS`."""
+        return with_seeds(m, [self.metrics(f"seeds/{r}") for r in self.section("arms").seeds.get(name, [])])
+
+    def _with_items(self, name: str, m: Metrics) -> Metrics:
         if (self.eval / name / "items.csv").is_file():
             from layerchop.evaluate.harness import read_items
 
+            self.read.append(self.eval / name / "items.csv")
             m = {**m, ITEMS: read_items(self.eval / name / "items.csv")}
         return m
 
-    def final(self, name: str) -> Metrics:
-        """The last point of a run's curve (``data/eval/<name>/curve.json``): the model at the end of training."""
+    def final(self, name: str, required: bool = True) -> Optional[Metrics]:
+        """The last point of a run's curve (``data/eval/<name>/curve.json``): the model at the end of training, with
+        its per-item results where ``layerchop curve`` wrote them; None when not ``required`` and there is no curve."""
         path = self.eval / name / "curve.json"
-        curve = _read(path)
+        if not required and not path.exists():
+            return None
+        curve = self._read(path)
         try:
-            return curve["points"][-1]["metrics"]
+            m = curve["points"][-1]["metrics"]
         except (KeyError, IndexError, TypeError):
             raise ValueError(f"{path}: not a curve with evaluated points (`layerchop curve` writes one)") from None
+        return self._with_seeds(name, self._with_items(name, m))
 
     def section(self, name: str):
         """A params section, typed and with its defaults (:func:`layerchop.config.section`)."""
@@ -78,111 +90,6 @@ def _read(path: Path) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found (run `dvc repro paper`, which builds every artifact first)")
     return read_json(path)
-
-
-def accuracy(m: Metrics, group: str, cols: Optional[list[tuple[str, str]]] = None) -> Optional[tuple[float, float]]:
-    """``(mean, se)`` in percent of the ``in-domain`` or ``general`` tasks' primary metrics (of ``cols``, default
-    ``m``'s own tasks); None without them."""
-    in_domain, general = split_columns(cols if cols is not None else task_columns([{"metrics": m}]))
-    got = mean_accuracy(m, in_domain if group == "in-domain" else general)
-    if got is None or got[1] is None:
-        return None
-    return 100 * got[0], 100 * got[1]
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """``a`` against ``b`` on one task group: the difference in points and, where both evaluations have per-item
-    results, a paired test over the items (:func:`layerchop.report.stats.paired_test`: a tie unless p < 0.05);
-    otherwise its z from two independent binomial errors (a tie when ``|z| < 2``)."""
-
-    group: str
-    a: tuple[float, float]
-    b: tuple[float, float]
-    paired: Optional[Any] = None  # layerchop.report.stats.PairedResult over the group's items
-
-    @property
-    def diff(self) -> float:
-        return self.a[0] - self.b[0]
-
-    @property
-    def z(self) -> float:
-        se = math.hypot(self.a[1], self.b[1])
-        if se:
-            return self.diff / se
-        return 0.0 if self.diff == 0 else math.copysign(math.inf, self.diff)
-
-    @property
-    def sign(self) -> int:
-        """+1 when ``a`` is better beyond noise (the paired test's p < 0.05, or two standard errors unpaired), -1
-        when worse, 0 for a tie."""
-        if self.paired is not None:
-            return {"better": 1, "worse": -1, "a tie": 0}[self.paired.verdict()]
-        return 0 if abs(self.z) < 2 else (1 if self.diff > 0 else -1)
-
-    def text(self) -> str:
-        word = {1: "better", -1: "worse", 0: "a tie"}[self.sign]
-        if self.paired is not None:
-            r = self.paired
-            return (f"{self.group} {self.a[0]:.1f} vs {self.b[0]:.1f} ({self.diff:+.1f} points; paired over "
-                    f"{r.items} items, {r.a_only} vs {r.b_only} answered by one only: {r.test} p = {r.p:.2g}: {word})")
-        return (f"{self.group} {self.a[0]:.1f} vs {self.b[0]:.1f} ({self.diff:+.1f} points, z = {self.z:.1f}: "
-                f"{word})")
-
-
-def compare(a: Metrics, b: Metrics, group: str) -> Optional[Comparison]:
-    """``a`` against ``b`` on the tasks of ``group`` that both were evaluated on."""
-    cols = [c for c in task_columns([{"metrics": a}, {"metrics": b}])
-            if f"eval/{c[0]}/{c[1]}" in a and f"eval/{c[0]}/{c[1]}" in b]
-    ga, gb = accuracy(a, group, cols), accuracy(b, group, cols)
-    if ga is None or gb is None:
-        return None
-    return Comparison(group, ga, gb, paired_over(a, b, group, cols))
-
-
-def paired_over(a: Metrics, b: Metrics, group: str, cols: list[tuple[str, str]]):
-    """The paired test of ``a`` against ``b`` over the items of ``group``'s tasks (each on its primary metric),
-    pooled; None unless both have per-item results for every one of those tasks."""
-    from layerchop.report.stats import aligned, paired_test
-
-    if ITEMS not in a or ITEMS not in b:
-        return None
-    in_domain, general = split_columns(cols)
-    xa, xb = [], []
-    for task, metric in (in_domain if group == "in-domain" else general):
-        try:
-            ta, tb = aligned(a[ITEMS], b[ITEMS], task, metric)
-        except ValueError:  # a task without items in one of them: no paired test for the group
-            return None
-        xa += ta
-        xb += tb
-    return paired_test(xa, xb) if xa else None
-
-
-def ppl(m: Metrics, where: str) -> float:
-    if "val/ppl" not in m:
-        raise ValueError(f"{where}: no val/ppl")
-    return float(m["val/ppl"])
-
-
-def ppl_sign(a: Metrics, b: Metrics) -> int:
-    """+1 when ``b``'s validation perplexity is more than :data:`PPL_MARGIN` above ``a``'s, -1 when ``a``'s is that
-    far above ``b``'s, 0 otherwise."""
-    pa, pb = ppl(a, "a"), ppl(b, "b")
-    if pb > pa * (1 + PPL_MARGIN):
-        return 1
-    if pa > pb * (1 + PPL_MARGIN):
-        return -1
-    return 0
-
-
-def ppl_text(a: Metrics, b: Metrics) -> str:
-    word = {1: "lower", -1: "higher", 0: f"within {PPL_MARGIN:.0%}"}[ppl_sign(a, b)]
-    return f"validation perplexity {ppl(a, 'a'):.1f} vs {ppl(b, 'b'):.1f} ({word})"
-
-
-def comparisons(a: Metrics, b: Metrics) -> list[Comparison]:
-    return [c for c in (compare(a, b, g) for g in ("general", "in-domain")) if c is not None]
 
 
 def verdict_of(signs: list[int], want: int) -> str:
@@ -262,7 +169,7 @@ def _table2(inp: Inputs) -> tuple[str, str]:
 def _table3(inp: Inputs) -> tuple[str, str]:
     from layerchop.report.efficiency import cell_at
 
-    bench = _read(inp.bench)
+    bench = inp._read(inp.bench)
     try:
         query = bench["query"]
         cell = cell_at(bench, query["batch"], query["prompt"])["models"]
@@ -299,8 +206,14 @@ def _figure3(inp: Inputs) -> tuple[str, str]:
 
 
 def _figure4(inp: Inputs) -> tuple[str, str]:
-    return versus(inp.final("fig4-distill"), inp.final("fig4-layerchop"), "CHOP + distill",
-                  "LayerChop (equal FLOPs)", -1)
+    verdict, text = versus(inp.final("fig4-distill"), inp.final("fig4-layerchop"), "CHOP + distill (the paper's "
+                           "unweighted sum)", "LayerChop (equal FLOPs)", -1)
+    balanced = inp.final("fig4-distill-balanced", required=False)
+    if balanced is not None:  # not the paper's protocol: it informs the reading, not the verdict
+        _, more = versus(balanced, inp.final("fig4-layerchop"), "CHOP + distill (terms balanced at step 0)",
+                         "LayerChop (equal FLOPs)", -1)
+        text += " " + more
+    return verdict, text
 
 
 FIXED_LAYOUTS = ("input", "output", "middle", "max-gap", "both")
@@ -412,9 +325,12 @@ def paper_readme(tables: Path, figures: Path, inputs: Inputs, relative_to: Path)
     head = ["# The paper's artifacts, regenerated", "",
             "Written by `layerchop paper` (`dvc repro paper`) from the tables, figures and metrics the pipeline "
             "produced; do not edit by hand. Each verdict compares this run with the paper's own result. An accuracy "
-            "difference counts beyond two standard errors of independent binomial estimates (the models answer the "
-            "same items, so this overstates the error), a perplexity difference beyond "
-            f"{PPL_MARGIN:.0%}. One seed, at the profile's scale.", "",
+            "difference counts when its paired test says so (p < 0.05: McNemar's exact test over the items both "
+            "models answered, or, for an arm with seed replicas (`arms.seeds`), a paired permutation test over items "
+            "of the difference averaged over seeds); an evaluation without per-item results falls back on two "
+            "standard errors of independent binomial estimates (which overstates the error). A perplexity difference "
+            f"counts beyond {PPL_MARGIN:.0%}. An arm with replicas is the mean over its seeds; the others are one "
+            "seed. At the profile's scale.", "",
             *[f"- **{name}**: {meaning}" for name, meaning in VERDICTS.items()], "",
             "| Artifact | What | Verdict | Rebuild |", "|---|---|---|---|", *rows, ""]
     return "\n".join(head + sections)

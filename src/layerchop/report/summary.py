@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from layerchop.report.tables import mean_accuracy, split_columns, task_columns
+from layerchop.report.tables import mean_accuracy, seed_runs, seeds_acc, split_columns, task_columns
 
 
 def summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -42,12 +42,12 @@ LayerChop, the chopped model after continued pretraining."""
 def recovered_share(dense: dict[str, Any], chopped: dict[str, Any], recovered: dict[str, Any]) -> dict[str, Any]:
     """Per task group (``in_domain``, ``general``): the share (%) of the accuracy points chopping lost that
     continued pretraining brought back, ``100 (recovered - chopped) / (dense - chopped)`` on the mean primary
-    metric; None where a group has no task, or where chopping lost no more than two standard errors of the
-    difference (a share of noise would be meaningless)."""
+    metric (``recovered``'s mean over its seeds where it has replicas); None where a group has no task, or where
+    chopping lost no more than two standard errors of the difference (a share of noise would be meaningless)."""
     rows = [{"metrics": m} for m in (dense, chopped, recovered)]
     out: dict[str, Any] = {}
     for name, cols in zip(("in_domain", "general"), split_columns(task_columns(rows))):
-        means = [mean_accuracy(m, cols) for m in (dense, chopped, recovered)]
+        means = [mean_accuracy(dense, cols), mean_accuracy(chopped, cols), seeds_acc(recovered, cols)]
         if any(x is None for x in means):
             out[name] = None
             continue
@@ -65,4 +65,5 @@ def headline(dense: dict[str, Any], chopped: dict[str, Any], recovered: dict[str
     model's) and the share of the lost points it recovered (:func:`recovered_share`), so that ``dvc exp show
     --keep paper/summary.json`` compares experiments by one row each."""
     share = recovered_share(dense, chopped, recovered)
-    return {**summary(recovered), "in_domain_recovered": share["in_domain"], "general_recovered": share["general"]}
+    return {**summary(recovered), "in_domain_recovered": share["in_domain"], "general_recovered": share["general"],
+            "seeds": len(seed_runs(recovered))}  # the summary is seed 0's; the shares average over the seeds

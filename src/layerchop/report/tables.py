@@ -4,26 +4,58 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Optional
 
 from layerchop.evaluate.harness import PRIMARY_METRIC, is_in_domain
 
 
-def load_rows(eval_dir: str | Path, rows: dict[str, str], key: str) -> list[dict[str, Any]]:
-    """``[{"name", "label", "metrics"}]`` from ``<eval_dir>/<name>/metrics.json`` for each row of ``key``."""
+ITEMS = "_items"
+"""The key under which an evaluation's per-item results (``items.csv``) travel with its metrics."""
+SEEDS = "_seeds"
+"""The key under which the metrics of an arm's seed replicas (``arms.seeds``) travel with the arm's own."""
+
+
+def seed_runs(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """An evaluation, then its seed replicas' (:data:`SEEDS`)."""
+    return [metrics, *metrics.get(SEEDS, [])]
+
+
+def with_seeds(metrics: dict[str, Any], replicas: list[dict[str, Any]]) -> dict[str, Any]:
+    """``metrics`` with its seed replicas' attached (nothing attached for none)."""
+    return {**metrics, SEEDS: list(replicas)} if replicas else metrics
+
+
+def spread(values: list[float]) -> tuple[float, Optional[float]]:
+    """``(mean, sample standard deviation)`` of one value per seed (None for one seed)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def load_rows(eval_dir: str | Path, rows: dict[str, str], key: str,
+              seeds: Optional[dict[str, list[str]]] = None) -> list[dict[str, Any]]:
+    """``[{"name", "label", "metrics"}]`` from ``<eval_dir>/<name>/metrics.json`` for each row of ``key``, each with
+    its per-item results (``items.csv``, where written) and its seed replicas' metrics (``seeds``: ``arms.seeds``)."""
+    return [{"name": name, "label": label, "metrics": load_evaluation(eval_dir, name, key, seeds)}
+            for name, label in rows.items()]
+
+
+def load_evaluation(eval_dir: str | Path, name: str, key: str,
+                    seeds: Optional[dict[str, list[str]]] = None) -> dict[str, Any]:
+    """``<eval_dir>/<name>/metrics.json`` with its ``items.csv`` and its replicas' (see :func:`load_rows`)."""
+    from layerchop.evaluate.harness import read_items
     from layerchop.io import read_json
 
-    out = []
-    for name, label in rows.items():
-        path = Path(eval_dir) / name / "metrics.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{key}: {name!r} has no {path}")
-        metrics = read_json(path)
-        if not isinstance(metrics, dict):
-            raise ValueError(f"{path}: an evaluation's metrics are a JSON object, not a {type(metrics).__name__}")
-        out.append({"name": name, "label": label, "metrics": metrics})
-    return out
+    path = Path(eval_dir) / name / "metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{key}: {name!r} has no {path}")
+    metrics = read_json(path)
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: an evaluation's metrics are a JSON object, not a {type(metrics).__name__}")
+    if (path.parent / "items.csv").is_file():
+        metrics = {**metrics, ITEMS: read_items(path.parent / "items.csv")}
+    replicas = (seeds or {}).get(name, [])
+    return with_seeds(metrics, [load_evaluation(eval_dir, f"seeds/{r}", f"arms.seeds.{name}") for r in replicas])
 
 
 def task_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -68,6 +100,40 @@ def fmt_acc(value: Optional[tuple[float, Optional[float]]]) -> str:
     return f"{100 * mean:.1f}" if se is None else f"{100 * mean:.1f} ± {100 * se:.1f}"
 
 
+def seeds_acc(metrics: dict[str, Any], cols: list[tuple[str, str]]) -> Optional[tuple[float, Optional[float]]]:
+    """:func:`mean_accuracy` of one evaluation, or, for an arm with seed replicas, ``(mean, standard deviation)``
+    over its seeds (:func:`fmt_acc` formats either)."""
+    runs = seed_runs(metrics)
+    if len(runs) == 1:
+        return mean_accuracy(metrics, cols)
+    values = [average_accuracy(r, cols) for r in runs]
+    if any(v is None for v in values):
+        return None
+    return spread(values)
+
+
+def seeds_ppl(metrics: dict[str, Any], key: str) -> str:
+    """A perplexity cell: the value, or ``mean ± sd`` over an arm's seeds."""
+    runs = seed_runs(metrics)
+    if len(runs) == 1:
+        return fmt_ppl(metrics.get(key))
+    values = [r.get(key) for r in runs]
+    if any(v is None or not math.isfinite(v) for v in values):
+        return "–"
+    mean, sd = spread(values)
+    return f"{fmt_ppl(mean)} ± {fmt_ppl(sd)}"
+
+
+def seeds_label(label: str, metrics: dict[str, Any]) -> str:
+    """A row's label, marked with its number of seeds when it has replicas."""
+    n = len(seed_runs(metrics))
+    return label if n == 1 else f"{label} [{n} seeds]"
+
+
+SEEDS_NOTE = ("A row marked [n seeds] is the arm trained with n seeds (`train --seed`, `arms.seeds`): each cell is the "
+              "mean ± standard deviation over the seeds; other cells show ± the binomial standard error. ")
+
+
 def _items(rows: list[dict[str, Any]], task: str) -> str:
     ns = sorted({int(r["metrics"][f"eval/{task}/n"]) for r in rows if f"eval/{task}/n" in r["metrics"]})
     return "" if not ns else f", n={ns[0]}" if len(ns) == 1 else f", n={ns[0]}–{ns[-1]}"
@@ -86,13 +152,14 @@ def accuracy_header(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> 
 
 
 def accuracy_cells(metrics: dict[str, Any], cols: list[tuple[str, str]]) -> list[str]:
-    """Accuracy ± binomial standard error (%) per task, then each group's average (see :func:`accuracy_header`)."""
+    """Accuracy ± binomial standard error (%) per task, then each group's average (see :func:`accuracy_header`);
+    for an arm with seed replicas, the mean ± standard deviation over its seeds."""
     in_domain, general = split_columns(cols)
     cells = []
     for gcols in (in_domain, general):
-        cells += [fmt_acc(mean_accuracy(metrics, [c])) for c in gcols]
+        cells += [fmt_acc(seeds_acc(metrics, [c])) for c in gcols]
         if len(gcols) > 1:
-            cells.append(fmt_acc(mean_accuracy(metrics, gcols)))
+            cells.append(fmt_acc(seeds_acc(metrics, gcols)))
     return cells
 
 
@@ -105,36 +172,15 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         m = r["metrics"]
         cells = [
-            r["label"],
+            seeds_label(r["label"], m),
             f"{m['params'] / 1e6:.1f}",
             str(m["layers"]),
             f"{m['tokens_trained']:,}",
-            fmt_ppl(m.get("val/ppl")),
-            fmt_ppl(m.get("test/ppl")),
+            seeds_ppl(m, "val/ppl"),
+            seeds_ppl(m, "test/ppl"),
         ]
         body.append(cells + accuracy_cells(m, cols))
     return header, body
-
-
-def control_sentence(rows: list[dict[str, Any]], base: str = "dense", control: str = "dense_cpt") -> str:
-    """What continued pretraining alone does to the dense model, per group of tasks, in points (empty when the
-    table has no such pair of rows)."""
-    by_name = {r["name"]: r["metrics"] for r in rows if "name" in r}
-    if base not in by_name or control not in by_name:
-        return ""
-    in_domain, general = split_columns(task_columns(rows))
-    parts = []
-    for group, gcols in (("in-domain", in_domain), ("general", general)):
-        a, b = mean_accuracy(by_name[base], gcols), mean_accuracy(by_name[control], gcols)
-        if a is None or b is None:
-            continue
-        se = (math.sqrt(a[1] ** 2 + b[1] ** 2) if a[1] is not None and b[1] is not None else None)
-        diff = 100 * (b[0] - a[0])
-        parts.append(f"{group} {diff:+.1f}" + ("" if se is None else f" (± {100 * se:.1f})") + " points")
-    return ("" if not parts else
-            "Continued pretraining alone changes the dense model's accuracy by " + ", ".join(parts) + " (± the "
-            "error of a difference of independent estimates; both models answer the same items, so this overstates "
-            "the error of the change).")
 
 
 CORPUS_PHRASES = {
@@ -147,7 +193,8 @@ CORPUS_PHRASES = {
 
 def accuracy_caption(corpus, rows: list[dict[str, Any]], evaluate) -> str:
     """The caption sentences on what the accuracy columns measure: the recovery corpus (``download.corpus``
-    section), in-domain vs general tasks, the standard error, the control's change and any task not evaluated."""
+    section), in-domain vs general tasks, the standard error and any task not evaluated (the comparisons, with their
+    tests: :func:`layerchop.report.compare.comparison_sentences`)."""
     if corpus.source in CORPUS_PHRASES:
         what = CORPUS_PHRASES[corpus.source]
     elif corpus.source == "hub":
@@ -159,7 +206,6 @@ def accuracy_caption(corpus, rows: list[dict[str, Any]], evaluate) -> str:
             "were independent), 0-shot, lm-evaluation-harness, metric in brackets. "
             "In-domain tasks are built from held-out documents of the recovery corpus (recovery on the training "
             "domain); general tasks are standard benchmarks from outside it (general ability, the paper's question). ")
-    text += control_sentence(rows)
     missing = missing_tasks(rows, evaluate.tasks)
     nowhere = [t for t, labels in missing.items() if labels is None]
     if nowhere:

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from layerchop.config import section
+from layerchop.evaluate.harness import write_items
 from layerchop.evaluate.suite import evaluate_model
 from layerchop.io import atomic_dir, check_model_dir, read_json, read_metadata, write_json
 from layerchop.machine import warn_slow_evaluation
@@ -35,7 +36,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="the run's metrics (`layerchop train --metrics`): the wall times of the final model and of "
                         "each snapshot")
     p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--out", required=True, help="output directory (curve.json, metrics.json of the final model)")
+    p.add_argument("--out", required=True,
+                   help="output directory (curve.json; metrics.json and items.csv, per-item results, of the final model)")
 
 
 def run_points(snapshots: Path, final: Path) -> list[Path]:
@@ -75,7 +77,7 @@ def main(args: argparse.Namespace) -> None:
     warn_slow_evaluation(cfg, "curve")
     points = []
     for d in tqdm(dirs, desc="curve", unit="model"):
-        metrics, _ = evaluate_model(d, args.data, cfg)
+        metrics, results = evaluate_model(d, args.data, cfg)
         machine = metrics.pop("machine")
         meta = read_metadata(d)
         compute = meta.get("compute")
@@ -90,6 +92,9 @@ def main(args: argparse.Namespace) -> None:
                                          if isinstance(v, (int, float))}, "machine": machine}
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "curve.json", {"objective": final_meta.get("objective", "lm"), "points": points,
-                                        "compute": compute, "distill": final_meta.get("distill")})
+                                        "compute": compute, "distill": final_meta.get("distill"),
+                                        "distill_term_scales": final_meta.get("distill_term_scales")})
         write_json(tmp / "metrics.json", final)
         write_json(tmp / "summary.json", summary(final))  # the final model's headline numbers
+        # the final model's per-item results, for paired comparisons (as `layerchop evaluate` writes them)
+        write_items(tmp / "items.csv", results.pop("items", []))

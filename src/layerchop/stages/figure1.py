@@ -18,7 +18,8 @@ from layerchop.io import staged
 from layerchop.prune.registry import oneshot_rows, registry
 from layerchop.prune.sparsity import Pattern
 from layerchop.report.oneshot import figure1, oneshot_table
-from layerchop.report.tables import accuracy_caption, load_rows, latex, markdown
+from layerchop.report.compare import comparison_sentences
+from layerchop.report.tables import SEEDS_NOTE, accuracy_caption, latex, load_rows, markdown, seed_runs
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,8 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     cfg, train = section("report", params), section("train", params)
     prune = section("prune", params)
-    rows = load_rows(args.eval, oneshot_rows(prune, cfg.oneshot_rows), "report.oneshot_rows / prune.methods x prune.patterns")
+    rows = load_rows(args.eval, oneshot_rows(prune, cfg.oneshot_rows), "report.oneshot_rows / prune.methods x prune.patterns",
+                     seeds=section("arms", params).seeds)
     methods = registry()
     patterns = [Pattern.parse(p) for p in prune.patterns]
     trained = [r["label"] for r in rows if r["name"].endswith("_cpt")]
@@ -44,6 +46,12 @@ def main(args: argparse.Namespace) -> None:
            else "")
         + ". Non-zero counts include embeddings and norms. "
     ) + accuracy_caption(section("download", params).corpus, rows, section("evaluate", params))
+    if any(len(seed_runs(r["metrics"])) > 1 for r in rows):
+        caption += " " + SEEDS_NOTE.strip()
+    lc = [r["name"] for r in rows if r["name"] == "layerchop"]
+    caption += ("" if not lc else " " + comparison_sentences(
+        rows, [("layerchop", r["name"], f"LayerChop against {r['label']}") for r in rows
+               if r["name"] not in ("layerchop", "dense")]))
     header, body = oneshot_table(rows)
     with staged(args.tables, args.figures) as (tables, figures):  # all outputs or none
         (tables / "oneshot.md").write_text(markdown(header, body, caption))

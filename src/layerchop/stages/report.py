@@ -14,7 +14,9 @@ from layerchop.config import load_params, section
 from layerchop.io import staged, write_json
 from layerchop.prune.chop import removed_indices
 from layerchop.report.summary import HEADLINE, headline, recovered_share
-from layerchop.report.tables import accuracy_caption, load_rows, latex, markdown, table_rows, training_curves
+from layerchop.report.compare import comparison_sentences, control_sentence
+from layerchop.report.tables import (SEEDS_NOTE, accuracy_caption, latex, load_rows, markdown, seed_runs, table_rows,
+                                     training_curves)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +33,7 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     cfg = section("report", params)
     chop, train = section("chop", params), section("train", params)
-    rows = load_rows(args.eval, cfg.rows, "report.rows")
+    rows = load_rows(args.eval, cfg.rows, "report.rows", seeds=section("arms", params).seeds)
     dense_layers = max(r["metrics"]["layers"] for r in rows)
     removed = removed_indices(dense_layers, layout=chop.layout, num_remove=chop.num_remove, indices=chop.indices)
     how = f"layout `{chop.layout}`" if chop.indices is None else "explicit indices"
@@ -40,6 +42,13 @@ def main(args: argparse.Namespace) -> None:
         f"Continued pretraining budget: {train.token_budget:,} tokens (AdamW, peak lr {train.lr}, "
         f"cosine to {train.min_lr_ratio}x). "
     ) + accuracy_caption(section("download", params).corpus, rows, section("evaluate", params))
+    if any(len(seed_runs(r["metrics"])) > 1 for r in rows):
+        caption += " " + SEEDS_NOTE.strip()
+    more = " ".join(x for x in (control_sentence(rows), comparison_sentences(rows, [
+        ("layerchop", "chopped", "LayerChop against the chopped model it starts from"),
+        ("layerchop", "dense_cpt", "LayerChop against the control")])) if x)
+    if more:
+        caption += " " + more
     by_name = {r["name"]: r["metrics"] for r in rows}
     share = recovered_share(*(by_name[n] for n in HEADLINE)) if set(HEADLINE) <= set(by_name) else None
     got = [] if share is None else [(g, share[k]) for g, k in (("in-domain", "in_domain"), ("general", "general"))

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from layerchop.config import DIMCHOP_STRUCTURES, load_params, section
+from layerchop.config import BALANCE, DIMCHOP_STRUCTURES, load_params, section
 
 
 def first_process() -> bool:
@@ -55,6 +55,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "section 'dimchop')")
     p.add_argument("--structure", default=None, choices=DIMCHOP_STRUCTURES,
                    help="--objective dimchop: this instead of dimchop.structure (one dvc stage per structure)")
+    p.add_argument("--balance", default=None, choices=BALANCE,
+                   help="--objective distill: distill.balance for this run (initial: every term scaled to the LM "
+                        "term's magnitude on the first batch)")
     p.add_argument("--teacher", default=None, help="uncompressed teacher (HF directory) for --objective distill")
     p.add_argument("--flop-budget", type=float, default=None,
                    help="train to this many FLOPs instead of train.token_budget")
@@ -111,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
     if args.snapshots and args.snapshot_dir is None:
         raise ValueError(f"--snapshots {args.snapshots} needs --snapshot-dir")
     # the method's settings: its params section, with the stage flags it owns (DimChop's --structure)
-    settings = method(args.objective).settings(params, {"structure": args.structure})
+    settings = method(args.objective).settings(params, {"structure": args.structure, "balance": args.balance})
     plan = resolve(args.init, args.data, args.out, args.run_dir, cfg, objective=args.objective,
                    teacher_dir=args.teacher, method_cfg=settings, warm_start=args.warm_start,
                    snapshots=args.snapshots, chop_every_tokens=args.chop_every_tokens, warm_only=args.warm_only,

@@ -160,6 +160,8 @@ class _Exporter(Callback):
             meta["tokens_trained"] = int(meta.get("tokens_before", 0)) + compute["tokens"]
             if pl_module.warm_optimizer is not None:
                 meta["warm_start_optimizer"] = pl_module.warm_optimizer
+            if hasattr(pl_module, "export_record"):  # what the method measured in the run (distill's scales)
+                meta.update(pl_module.export_record())
             last = getattr(self, "last_loss", None)  # a run resumed at its last step logged no loss
             meta["train_loss_last"] = float(trainer.callback_metrics.get("train/loss",
                                                                          last if last is not None else float("nan")))

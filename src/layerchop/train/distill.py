@@ -176,6 +176,18 @@ class DistillStudent(nn.Module):
         self.hid_proj = nn.ModuleList([_identity_or_default(d_s, teacher_hidden) for _ in range(n)])
         self.emb_proj = _identity_or_default(d_s, teacher_hidden)
         self.capture = Capture(student, range(n), hidden=bool(cfg.w_hid), attention=bool(cfg.w_att))
+        self.term_scales: Optional[dict[str, float]] = None
+        """``distill.balance: initial``: each term's factor beyond its weight (None: not measured yet, or not
+        balanced); a plain attribute, kept in the Lightning checkpoint by :class:`DistillModule`."""
+
+    def weight(self, name: str) -> float:
+        """The weight of term ``name`` (``lm``, ``kl``, ``hid``, ``att``, ``emb``): ``w_<name>``, times its
+        balancing scale when there is one."""
+        w = float(getattr(self.cfg, f"w_{name}"))
+        return w * self.term_scales.get(name, 1.0) if self.term_scales else w
+
+    def needs_scales(self) -> bool:
+        return self.cfg.balance == "initial" and self.term_scales is None
 
     @property
     def config(self):
@@ -206,7 +218,7 @@ class DistillStudent(nn.Module):
                 h_s, _scaled(self.student.get_output_embeddings().weight, logit_scale(self.student.config)),
                 targets_BT.reshape(-1),
                 h_t_ND=h_t, w_t_VD=teacher.head_VD, kl_mask_N=real_BT.reshape(-1),
-                temperature=cfg.temperature, w_lm=cfg.w_lm, w_kl=cfg.w_kl, chunk=cfg.chunk_tokens,
+                temperature=cfg.temperature, w_lm=self.weight("lm"), w_kl=self.weight("kl"), chunk=cfg.chunk_tokens,
             )
             if cfg.w_lm:
                 terms["lm"] = lm
@@ -222,10 +234,32 @@ class DistillStudent(nn.Module):
             terms["emb"] = embedding_mse(teacher.embed_VD, self.student.get_input_embeddings().weight, self.emb_proj)
         for name in ("hid", "att", "emb"):
             if name in terms:
-                weighted = getattr(cfg, f"w_{name}") * terms[name]
+                weighted = self.weight(name) * terms[name]
                 total = weighted if total is None else total + weighted
         cap_s.clear()
         return total, {k: v.detach() for k, v in terms.items()}
+
+
+def balance_scales(terms: dict[str, float]) -> dict[str, float]:
+    """``distill.balance: initial``: each term's scale, (reference term / that term), from the terms' values on the
+    first batch; the reference is the LM term (the first positive term when ``w_lm`` is 0), whose scale is 1. A term
+    that starts at exactly 0 (the embedding term of a student that kept the teacher's table) keeps scale 1: there is
+    no magnitude to balance.
+
+    Raises:
+        ValueError: when a term is negative or not finite, or no term is positive.
+    """
+    import math
+
+    for name, value in terms.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"distill.balance: initial: the {name} term is {value} on the first batch; it cannot be "
+                             "balanced (use distill.balance: none)")
+    positive = [k for k, v in terms.items() if v > 0]
+    if not positive:
+        raise ValueError("distill.balance: initial: every term is 0 on the first batch (nothing to balance)")
+    ref = terms["lm" if "lm" in positive else positive[0]]
+    return {name: (ref / value if value > 0 else 1.0) for name, value in terms.items()}
 
 
 def _fsdp_call(module: nn.Module, name: str) -> None:
@@ -368,14 +402,50 @@ class DistillModule(CausalLMModule):
 
         if not isinstance(self.teacher, FSDPModule):  # FSDP2 already placed the shards
             self.teacher.to(self.device)
+        loaded = getattr(self, "_loaded_scales", None)
+        if loaded is not None:  # a resumed balanced run: the scales its first step measured
+            self.model.term_scales = dict(loaded)
+
+    def measure_scales(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``distill.balance: initial``: the unweighted terms on ``batch`` before any update (no gradient), averaged
+        over ranks, turned into :func:`balance_scales` (every rank gets the same)."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            _, terms = distill_step(self.model, self.teacher, self.teacher_capture, batch["input_ids"],
+                                    batch["labels"])
+        names = sorted(terms)
+        values = torch.stack([terms[k].float() for k in names])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            values /= dist.get_world_size()
+        return balance_scales({k: float(v) for k, v in zip(names, values.tolist())})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.model.needs_scales():  # the first step of a balanced run (a resumed one has them)
+            self.model.term_scales = self.measure_scales(batch)
+            if self.trainer.is_global_zero:
+                print("[distill] balance: initial: term scales " +
+                      ", ".join(f"{k} {v:.4g}" for k, v in self.model.term_scales.items()), flush=True)
         total, terms = distill_step(self.model, self.teacher, self.teacher_capture, batch["input_ids"],
                                     batch["labels"])
         self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False)
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value, on_step=True, on_epoch=False)
         return total
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["distill_term_scales"] = self.model.term_scales
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        object.__setattr__(self, "_loaded_scales", checkpoint.get("distill_term_scales"))
+
+    def export_record(self) -> dict:
+        """What the export's ``layerchop.json`` records beyond the plan: the balancing scales (when measured)."""
+        scales = self.model.term_scales if self.model is not None else None
+        return {} if not scales else {"distill_term_scales": scales}
 
     def export_state(self):
         """The student alone (no projections): ``(config, full state dict)``; a collective under FSDP2."""

@@ -111,6 +111,16 @@ class Distill(Method):
     phases = False
     masked_init = False
 
+    def settings(self, params, overrides):
+        from layerchop.config import section
+
+        balance = overrides.pop("balance", None) if overrides else None
+        settings = section("distill", params)
+        super().settings(params, overrides)  # any other flag is not ours
+        if balance is None or settings is None:
+            return settings
+        return dataclasses.replace(settings, balance=balance)  # checked again by DistillConfig
+
     def check_args(self, cfg, settings, teacher_dir) -> None:
         if teacher_dir is None or settings is None:
             raise ValueError("--objective distill needs --teacher (the uncompressed model) and a distill section")
