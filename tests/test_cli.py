@@ -131,7 +131,8 @@ def test_a_warm_start_setting_the_stage_ignores_is_reported_once(tmp_path, tiny_
     # the stages of dvc.yaml passing --warm-start, an arm's flags (arms.trained in params.yaml) resolved
     assert warnings == ["layerchop train: warning: train.warm_start_steps=2 is ignored by this run (no --warm-start); "
                         "only stages that pass --warm-start use it (dvc.yaml: warm_start, train@layerchop, "
-                        "train@layerchop-seed1, train@layerchop-seed2, fig4_train@layerchop, layout_train@*)"]
+                        "train@layerchop-seed1, train@layerchop-seed2, lr_sweep@layerchop-lr3e-3, "
+                        "lr_sweep@layerchop-lr3e-4, long_train@layerchop, fig4_train@layerchop, layout_train@*)"]
     # a process that Lightning's launcher started beside the first says nothing
     from layerchop.stages.train import first_process
 
@@ -193,7 +194,7 @@ def test_help_lists_every_command_in_its_group_as_plain_text():
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "``" not in text and "::" not in text and ":func:" not in text
-    assert sorted(STAGES) == sorted(set(STAGES)) and len(STAGES) == 24
+    assert sorted(STAGES) == sorted(set(STAGES)) and len(STAGES) == 26
     groups = text.split("pipeline stages (dvc.yaml runs them):")[1]
     for group, names in GROUPS.items():
         block = groups.split(f"{group}:")[1] if group in groups else groups

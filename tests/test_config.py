@@ -111,7 +111,8 @@ def test_every_evaluated_model_is_produced_by_a_stage():
 def _keys(node, prefix=""):
     if isinstance(node, dict) and not (prefix.endswith("rows") or prefix.endswith("local_tasks")
                                        or prefix.endswith("labels") or prefix.endswith("jobs")
-                                       or prefix in ("arms.trained", "arms.seeds", "figure4.arms")):  # names: content
+                                       or prefix in ("arms.trained", "arms.seeds", "figure4.arms", "lr_sweep.arms",
+                                                     "lr_sweep.runs", "long.arms")):  # names: a profile's content
         return {k for key, v in node.items() for k in _keys(v, f"{prefix}.{key}" if prefix else key)} | {prefix}
     return {prefix}
 
@@ -132,7 +133,8 @@ def _train_arms(params: dict):
     """Every training stage of dvc.yaml with this params file: (name, parsed arguments)."""
     dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
     parser = build_parser()
-    for name in ("train", "fig4_train", "fig2_train", "layout_train", "fig6_train", "fig3_train"):
+    for name in ("train", "fig4_train", "fig2_train", "layout_train", "fig6_train", "fig3_train", "lr_sweep",
+                 "long_train"):
         for key, st in _expand(dvc["stages"][name], params):
             yield f"{name}@{key}" if key else name, parser.parse_args(
                 shlex.split(_interpolate_params(st["cmd"], params))[1:])
@@ -185,9 +187,12 @@ def test_every_training_stage_of_every_params_file_fits_its_budget(path):
     chop = section("chop", params)  # chop.layout's row of Table 6 is the main arm's: the table6 stage refuses it twice
     assert chop.indices is not None or chop.layout not in layouts
     replicas = {r for rs in section("arms", params).seeds.values() for r in rs}  # LayerChop's train their own warm step
+    sweep = [f"lr_sweep@{k}" for k, r in section("lr_sweep", params).runs.items() if r.arm == "layerchop"]
     assert sorted(warm_arms) == sorted(["fig4_train@layerchop", "train@layerchop"]
                                        + [f"layout_train@{x}" for x in layouts]
-                                       + [f"train@{r}" for r in replicas if r.startswith("layerchop-")])
+                                       + [f"train@{r}" for r in replicas if r.startswith("layerchop-")]
+                                       + sweep + [f"long_train@{k}" for k in section("long", params).arms
+                                                  if k == "layerchop"])
     # the one-shot N:M patterns of the prune matrix divide every projection's input width
     assert yaml.safe_load(open(REPO / "dvc.yaml"))["stages"]["prune"]["matrix"]["pattern"] == "${prune.patterns}"
     patterns = section("prune", params).patterns
@@ -280,7 +285,8 @@ def test_training_stages_depend_on_every_train_key_but_how_the_job_starts():
     stages = {name: s.get("do", s) for name, s in yaml.safe_load(open(REPO / "dvc.yaml"))["stages"].items()}
     trains = {name: s for name, s in stages.items() if " ".join(s["cmd"].split()).startswith("layerchop train ")
               and "--warm-only" not in s["cmd"]}
-    assert set(trains) == {"train", "fig4_train", "fig3_train", "layout_train", "fig2_train", "fig6_train"}
+    assert set(trains) == {"train", "fig4_train", "fig3_train", "layout_train", "fig2_train", "fig6_train",
+                           "lr_sweep", "long_train"}
     for name, stage in trains.items():
         listed = [p for p in stage["params"] if isinstance(p, str) and p.split(".")[0] == "train"]
         assert listed == [f"train.{k}" for k in train_keys()], name
@@ -351,6 +357,31 @@ def test_seed_replicas_train_as_their_arm_with_only_the_seed_changed(path):
             assert b.warm_from is None or b.seed == cfg.seed, r
 
 
+@pytest.mark.parametrize("path", [p for p in PARAM_FILES if section("lr_sweep", load_params(p)).runs],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_lr_sweep_runs_train_as_their_arm_with_only_the_lr_changed(path):
+    """``lr_sweep.runs``: each run is its arm's training (method, start, teacher, budget, warm start) at another peak
+    LR, and the arm's record is the one its training stage writes."""
+    params = load_params(path)
+    sweep = section("lr_sweep", params)
+    arms, records = {}, {}
+    for stage, args in _train_arms(params):
+        name, _, key = stage.partition("@")
+        if name in TRAINING_OF:
+            arms[TRAINING_OF[name] + key] = args
+            records[TRAINING_OF[name] + key] = args.metrics
+    cfg = section("train", params)
+    # with the same method and start, the same budget and warm start plan the same steps and tokens
+    same = ("objective", "init", "teacher", "balance", "structure", "seed", "chop_every_tokens", "flop_budget",
+            "token_budget", "warm_start")
+    sweeps = {k: a for k, a in _train_arms(params) if k.startswith("lr_sweep@")}
+    for name, run in sweep.runs.items():
+        a, b = arms[run.arm], sweeps[f"lr_sweep@{name}"]
+        assert sweep.arms[run.arm] == records[run.arm], run.arm  # the record its training stage writes
+        assert {k: getattr(b, k) for k in same} == {k: getattr(a, k) for k in same}, name
+        assert b.lr == run.lr and a.lr is None and run.lr != cfg.lr, name  # the arm itself runs at train.lr
+
+
 def test_the_shared_warm_start_stage_depends_on_the_train_keys_its_steps_use():
     """dvc.yaml's warm_start stage re-runs for a train key its dense steps depend on, and for no other (a
     budget change must not recompute 500 dense steps): its params are exactly train.warm_train_keys()."""
@@ -359,3 +390,18 @@ def test_the_shared_warm_start_stage_depends_on_the_train_keys_its_steps_use():
     stage = yaml.safe_load(open(REPO / "dvc.yaml"))["stages"]["warm_start"]
     assert stage["params"] == [f"train.{k}" for k in warm_train_keys()]
     assert "token_budget" not in warm_train_keys() and "warm_start_steps" in warm_train_keys()
+
+
+def test_the_long_runs_are_the_main_arms_with_a_longer_budget():
+    """``long.arms``: each long run trains as the arm of the same name in ``arms.trained`` (start, flags, warm start),
+    only longer, and its first snapshot falls near the other figures' 80 steps."""
+    params = load_params(REPO / "params.yaml")
+    long, trained = section("long", params), section("arms", params).trained
+    assert set(long.arms) == {"layerchop", "sparsegpt-2of4_cpt", "dense_cpt"}
+    for name, arm in long.arms.items():
+        assert (arm.init, arm.flags, arm.warm) == (trained[name].init, trained[name].flags, trained[name].warm), name
+    train = section("train", params)
+    tokens_per_step = train.batch_size * train.accumulate * section("prepare", params).seq_len
+    steps = long.token_budget // tokens_per_step
+    assert long.token_budget % tokens_per_step == 0 and steps > 5 * train.token_budget // tokens_per_step
+    assert 70 <= steps // (long.snapshots + 1) <= 90  # the first snapshot (evenly spaced) near step 80

@@ -238,6 +238,8 @@ def test_distill_run_exports_student_snapshots_and_compute(tmp_path, tiny_dir, t
     assert meta["compute"]["tokens"] == 6 * 4 * 32 and "device_s" not in meta["compute"]  # no wall time in it
     m = read_json(tmp_path / "m.json")
     assert m["flops"] == 6 * per_step and m["tokens"] == 768 and m["s_per_step"] > 0 and m["device_s"] > 0
+    # the peak LR and the validation at the end (what the LR sweep's table reads)
+    assert m["lr"] == 3e-3 and m["val_ppl_last"] == pytest.approx(meta["val_ppl_last"]) and m["val_ppl_last"] > 1
     # each snapshot's wall times, and the machine, in the run's metrics
     assert sorted(m["snapshots"]) == ["step_000002", "step_000004"]
     assert 0 < m["snapshots"]["step_000002"]["device_s"] < m["snapshots"]["step_000004"]["device_s"] < m["device_s"]

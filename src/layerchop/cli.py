@@ -25,7 +25,8 @@ GROUPS = {
     "pipeline stages (dvc.yaml runs them)": ("download", "prepare", "chop", "scratch", "prune", "train", "shrink",
                                             "benchmarks", "evaluate", "curve", "bench"),
     "reports (tables and figures from metrics files)": ("report", "figure1", "figure2", "figure3", "figure4",
-                                                        "figure6", "table2", "table3", "table6", "tables45", "paper"),
+                                                        "figure6", "table2", "table3", "table6", "tables45", "sweep", "long",
+                                                        "paper"),
     "tools": ("plan", "push"),
 }
 STAGES = tuple(name for names in GROUPS.values() for name in names)

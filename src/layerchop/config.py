@@ -555,6 +555,77 @@ class Figure4Config:
 
 
 @dataclass
+class SweepRun:
+    """One entry of ``lr_sweep.runs``: the stage ``lr_sweep@<name>``, an arm trained again at another peak LR."""
+
+    arm: str
+    """The arm it re-trains (a key of ``lr_sweep.arms``)."""
+    init: str
+    """The model it starts from, as the arm's."""
+    flags: str
+    """The arm's training flags (its method, budget, warm start of its own)."""
+    warm: str
+    """One more dependency, as ``arms.trained.<arm>.warm`` (the dense model: a sweep run trains its own warm start)."""
+    lr: float
+    """The peak learning rate of this run."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            _fail("lr_sweep.runs.<run>.lr", self.lr, "must be > 0")
+        if re.search(r"--lr\b", self.flags):
+            _fail("lr_sweep.runs.<run>.flags", self.flags, "must not set --lr (the run's lr key does)")
+
+
+@dataclass
+class LRSweepConfig:
+    """The ``lr_sweep`` section: the peak-LR rule applied to every headline arm. Each arm is trained again at the
+    sweep's other peak LRs (``lr_sweep@<run>``); ``layerchop lr-sweep`` tabulates the validation perplexity at the end
+    of every run against its LR and says, per arm, whether the LR it is reported at is its best."""
+
+    arms: dict[str, str] = field(default_factory=dict)
+    """Arm -> the training record (``layerchop train --metrics``) of its reported run, at its configured LR."""
+    runs: dict[str, SweepRun] = field(default_factory=dict)
+    """Run name -> the arm at another LR (``data/runs/lr-sweep/<name>.json``)."""
+    margin: float = 0.02
+    """A configured LR whose perplexity is within this fraction of the best LR's counts as best (a tie)."""
+
+    def __post_init__(self) -> None:
+        for name, run in self.runs.items():
+            if run.arm not in self.arms:
+                _fail(f"lr_sweep.runs.{name}.arm", run.arm, f"is not one of lr_sweep.arms {sorted(self.arms)}")
+        if not 0 <= self.margin < 1:
+            _fail("lr_sweep.margin", self.margin, "must be in [0, 1)")
+
+
+@dataclass
+class LongArm:
+    """One entry of ``long.arms``: the stage ``long_train@<name>`` (``data/models/long-<name>``)."""
+
+    init: str
+    flags: str
+    warm: str
+
+
+@dataclass
+class LongConfig:
+    """The ``long`` section: the long-budget curve, the headline arms trained for one pass over the train split
+    (``long_train@<arm>``) with snapshots evaluated along the way (``long_curve@<arm>``, ``layerchop long``)."""
+
+    token_budget: int = 940_032
+    """Tokens of each run: one pass over the embedded corpus's train split (459 steps of 2,048 tokens)."""
+    snapshots: int = 5
+    """Intermediate models per run, evenly spaced (the first near the 80-step budget of the other figures)."""
+    arms: dict[str, LongArm] = field(default_factory=dict)
+    """Arm -> how it trains (as ``arms.trained``); ``layerchop long`` compares ``layerchop`` with the others."""
+
+    def __post_init__(self) -> None:
+        if self.token_budget <= 0:
+            _fail("long.token_budget", self.token_budget, "must be > 0")
+        if self.snapshots < 1:
+            _fail("long.snapshots", self.snapshots, "must be >= 1 (the curve needs points along the run)")
+
+
+@dataclass
 class Figure2Config:
     """The ``figure2`` section: LayerChop against the same half-depth architecture trained from scratch. The
     scratch arm trains on the same data with the same batch, schedule shape and snapshots as Figure 4's LayerChop
@@ -1131,6 +1202,8 @@ SECTIONS = {
     "figure4": Figure4Config,
     "figure3": Figure3Config,
     "figure2": Figure2Config,
+    "lr_sweep": LRSweepConfig,
+    "long": LongConfig,
     "figure6": Figure6Config,
     "table6": Table6Config,
     "evaluate": EvaluateConfig,

@@ -261,3 +261,19 @@ def covering_deps(files: set[Path], src: str | Path = "src") -> list[str]:
         if str(dep) not in out:
             out.append(str(dep))
     return out
+
+
+def stage_code_deps(command: str, src: str | Path = "src") -> list[str]:
+    """The code ``deps`` of a stage that runs ``layerchop <command>``: :func:`covering_deps` of its entry point's
+    import closure and the CLI that runs it (what ``tests/test_deps.py`` checks ``dvc.yaml`` against)."""
+    src = Path(src)
+    return sorted(covering_deps(code_closure(f"layerchop.stages.{command}", src) | {src / "layerchop" / "cli.py"},
+                                src))
+
+
+if __name__ == "__main__":  # `python -m layerchop.pipeline <command>...`: the deps lines to paste into dvc.yaml
+    import sys
+
+    for command in sys.argv[1:]:
+        print(f"# layerchop {command}")
+        print("\n".join(f"- {d}" for d in stage_code_deps(command)))

@@ -187,7 +187,9 @@ def load_arms(curves: list[dict[str, Any]], start: dict[str, Any]) -> tuple[list
     return arms, cols
 
 
-def figure2(arms: list[dict[str, Any]], out_stem: Path, reference: Optional[dict[str, Any]] = None) -> None:
+def figure2(arms: list[dict[str, Any]], out_stem: Path, reference: Optional[dict[str, Any]] = None,
+            title: str = "LayerChop vs the same half-depth architecture pretrained from scratch (same data, tokens, "
+                         "batch)") -> None:
     """Val perplexity (log) and each group's accuracy against training tokens, one line per arm (LayerChop starts at
     the chopped model, the scratch arm at its first snapshot), ± 1 standard error at each evaluation; ``reference``
     (a point of :func:`arm_series` with a ``label``, the dense model) as a dotted horizontal line in every panel."""
@@ -220,8 +222,7 @@ def figure2(arms: list[dict[str, Any]], out_stem: Path, reference: Optional[dict
         ax.set_xlabel("training tokens (thousands)")
         ax.grid(alpha=0.3, which="both")
     axes[0, 0].legend(fontsize=8, loc="best")
-    fig.suptitle("LayerChop vs the same half-depth architecture pretrained from scratch (same data, tokens, batch)"
-                 + ("; dotted: dense" if reference is not None else ""), fontsize=10)
+    fig.suptitle(title + ("; dotted: dense" if reference is not None else ""), fontsize=10)
     fig.tight_layout()
     save_figure(fig, out_stem)
 

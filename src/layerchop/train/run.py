@@ -254,6 +254,8 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
         write_json(Path(metrics), {"objective": plan.objective, **meta["compute"], **timing,
                                    "snapshots": snapshot_timing(layout, plan.snapshot_steps),
                                    "tokens_trained": meta["tokens_trained"], "train_loss_last": meta["train_loss_last"],
+                                   "lr": plan.cfg.lr,  # the peak LR (the LR sweep reads it beside val_ppl_last)
+                                   **({"val_ppl_last": meta["val_ppl_last"]} if "val_ppl_last" in meta else {}),
                                    "wall_s_this_invocation": round(wall, 1), "host_memory": host_memory,
                                    **({"gpu_memory": gpu_memory} if gpu_memory else {}), "machine": machine_record()})
     before = "while chopping gradually" if plan.chop_every else "warm"
