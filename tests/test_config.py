@@ -305,7 +305,7 @@ def test_the_equal_flops_sparsegpt_arm_stops_at_figure4s_budget(path):
     assert args.flop_budget == section("figure4", params).flop_budget and args.init.endswith("sparsegpt-2of4")
 
 
-TRAINING_OF = {"train": "", "fig4_train": "fig4-"}  # a training stage -> the prefix of its model's directory name
+TRAINING_OF = {"train": "", "fig4_train": "fig4-", "fig2_train": "fig2-scratch"}  # stage -> its model's name (prefix)
 
 
 @pytest.mark.parametrize("path", [p for p in PARAM_FILES if section("arms", load_params(p)).seeds],
@@ -379,7 +379,7 @@ def test_lr_sweep_runs_train_as_their_arm_with_only_the_lr_changed(path):
         a, b = arms[run.arm], sweeps[f"lr_sweep@{name}"]
         assert sweep.arms[run.arm] == records[run.arm], run.arm  # the record its training stage writes
         assert {k: getattr(b, k) for k in same} == {k: getattr(a, k) for k in same}, name
-        assert b.lr == run.lr and a.lr is None and run.lr != cfg.lr, name  # the arm itself runs at train.lr
+        assert b.lr == run.lr != (a.lr or cfg.lr), name  # the arm itself runs at its own --lr, or train.lr
 
 
 def test_the_shared_warm_start_stage_depends_on_the_train_keys_its_steps_use():

@@ -131,3 +131,17 @@ def test_a_registry_whose_package_cannot_be_named_is_an_error(tmp_path):
     (pkg / "plugins.py").write_text("def load(package, name, base, what): pass\n")
     with pytest.raises(ValueError, match=r"stages/s.py:4: the package of load\(...\) is not a string constant"):
         plugin_loads("layerchop.stages.s", tmp_path / "src")
+
+
+def test_dvc_yaml_lists_exactly_the_code_deps_the_tool_computes():
+    """``python -m layerchop.pipeline --write dvc.yaml`` rewrites every stage's code deps from its import closure;
+    the committed ``dvc.yaml`` is its fixed point (no missing dep, and none left over from code that moved)."""
+    from layerchop.pipeline import rewrite_code_deps
+
+    text = (REPO / "dvc.yaml").read_text()
+    assert rewrite_code_deps(text, REPO / "src") == text, "run `python -m layerchop.pipeline --write dvc.yaml`"
+    # a dropped dep comes back, an extra one goes
+    broken = text.replace("      - src/layerchop/evaluate/perplexity.py\n", "", 1).replace(
+        "      - src/layerchop/stages/report.py\n", "      - src/layerchop/stages/report.py\n      - src/layerchop/hub.py\n",
+        1)
+    assert broken != text and rewrite_code_deps(broken, REPO / "src") == text

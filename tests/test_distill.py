@@ -277,9 +277,17 @@ def test_fsdp2_distill_two_cpu_processes(tmp_path, tiny_dir, tiny_prepared):
            "--teacher", str(tiny_dir), "--init", str(chopped), "--data", str(tiny_prepared), "--out",
            str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--log", str(tmp_path / "log.csv"),
            "--snapshots", "1", "--snapshot-dir", str(tmp_path / "snaps"), "--balance", "initial"]
+    # interrupted after step 2's checkpoint, then resumed: FSDP2 restores the checkpoint after on_fit_start, and the
+    # resumed run must take the scales from it on both ranks rather than measure new ones on a trained model
+    first = subprocess.run(cmd + ["--stop-after", "2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    assert not (tmp_path / "out").exists()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr
+    measured = [line for out in (first.stdout, proc.stdout) for line in out.splitlines() if "term scales" in line]
+    assert len(measured) == 1, measured  # measured once, by the first invocation
     with open(tmp_path / "log.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(rows) == 4 and all(float(r["train/loss_kl"]) >= 0 for r in rows)
@@ -451,7 +459,10 @@ def test_balance_scales_bring_every_term_to_the_lm_term():
 
     scales = balance_scales({"lm": 10.0, "kl": 2.0, "hid": 5.0e4, "emb": 0.0})
     assert scales == {"lm": 1.0, "kl": 5.0, "hid": 2.0e-4, "emb": 1.0}  # a term at 0 keeps its weight
-    assert balance_scales({"kl": 4.0, "hid": 8.0}) == {"kl": 1.0, "hid": 0.5}  # no LM term: the first positive one
+    # ... and one at 0 up to rounding (bf16 autocast: ~1e-9), whose inverse would blow up once it moves
+    assert balance_scales({"lm": 10.0, "emb": 1.08e-9, "att": 2e-5})["emb"] == 1.0
+    assert balance_scales({"lm": 10.0, "att": 2e-5})["att"] == pytest.approx(5e5)  # 2e-6 of LM: still balanced
+    assert balance_scales({"kl": 4.0, "hid": 8.0}) == {"kl": 2.0, "hid": 1.0}  # no LM term: the largest one
     for bad in ({"lm": 1.0, "hid": float("nan")}, {"lm": 0.0, "kl": 0.0}, {"lm": 1.0, "kl": -1.0}):
         with pytest.raises(ValueError, match="distill.balance"):
             balance_scales(bad)

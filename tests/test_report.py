@@ -308,25 +308,26 @@ def test_main_table_shows_an_arm_with_seed_replicas_as_mean_and_spread_and_pairs
     assert "A row marked [n seeds] is the arm trained with n seeds" in md
     # 60 item-seeds only LayerChop got right, none the other way: the permutation test's smallest p
     assert "LayerChop against the chopped model it starts from: general" in md
-    assert f"paired over {n} items x 3 seeds, 60 vs 0 answered by one only: paired permutation p = 0.0002: better" \
-        in md, md
+    assert (f"paired over {n} items, 3 vs 1 seeds, 20 vs 0 answered by one only on average: paired bootstrap over "
+            "items and seeds p = 0.0002: better") in md, md
     # the share of the lost points: (mean LayerChop - chopped) / (dense - chopped), the mean over the seeds
     head = json.loads((tmp_path / "summary.json").read_text())
     assert head["seeds"] == 3 and head["general_recovered"] == round(100 * (mean - 100 * base) / (100 - 100 * base), 1)
 
 
-def test_comparisons_pair_seed_by_seed_and_a_one_seed_arm_with_each():
-    from layerchop.report.compare import SEEDS, compare, seed_pairs
+def test_comparisons_use_every_seed_of_each_arm():
+    from layerchop.report.compare import ITEMS, SEEDS, compare
 
-    a0, a1, b0, b1, c = ({"name": x} for x in ("a0", "a1", "b0", "b1", "c"))
-    a, b = {**a0, SEEDS: [a1]}, {**b0, SEEDS: [b1]}
-    def names(pairs):
-        return [(x["name"], y["name"]) for x, y in pairs]
+    m = _metrics(1e8, 15, 0, 50.0, 50.0, {"piqa": (0.5, 0.5)}, n=4)
 
-    assert names(seed_pairs(a, b)) == [("a0", "b0"), ("a1", "b1")]
-    assert names(seed_pairs(a, c)) == [("a0", "c"), ("a1", "c")] and names(seed_pairs(c, b)) == [("c", "b0"), ("c", "b1")]
-    assert names(seed_pairs({**a0, SEEDS: [a1, c]}, b)) == [("a0", "b0"), ("a1", "b1")]  # as many as the fewer has
-    # without per-item results in every run, no paired test: the unpaired errors of the seed means
-    m = _metrics(1e8, 15, 0, 50.0, 50.0, {"piqa": (0.6, 0.6)}, n=1000)
-    got = compare({**m, SEEDS: [m]}, m, "general")
-    assert got.paired is None and got.a[0] == got.b[0] and "unpaired: a tie" in got.text()
+    def run(correct):
+        return {**m, ITEMS: _items({"piqa": correct})}
+
+    a = {**run([1, 1, 0, 0]), SEEDS: [run([1, 1, 1, 0]), run([1, 0, 0, 0])]}
+    b = {**run([0, 0, 0, 0]), SEEDS: [run([1, 1, 0, 0])]}
+    got = compare(a, b, "general")
+    assert got.paired.seeds == (3, 2) and got.paired.items == 4  # no seed dropped to make the counts equal
+    # without per-item results in every run, no paired test: the unpaired z, with one run's binomial error
+    plain = _metrics(1e8, 15, 0, 50.0, 50.0, {"piqa": (0.6, 0.6)}, n=1000)
+    got = compare({**plain, SEEDS: [plain]}, plain, "general")
+    assert got.paired is None and got.a == got.b and "unpaired: a tie" in got.text()

@@ -579,7 +579,7 @@ class SweepRun:
 @dataclass
 class LRSweepConfig:
     """The ``lr_sweep`` section: the peak-LR rule applied to every headline arm. Each arm is trained again at the
-    sweep's other peak LRs (``lr_sweep@<run>``); ``layerchop lr-sweep`` tabulates the validation perplexity at the end
+    sweep's other peak LRs (``lr_sweep@<run>``); ``layerchop sweep`` tabulates the validation perplexity at the end
     of every run against its LR and says, per arm, whether the LR it is reported at is its best."""
 
     arms: dict[str, str] = field(default_factory=dict)

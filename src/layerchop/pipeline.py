@@ -271,9 +271,48 @@ def stage_code_deps(command: str, src: str | Path = "src") -> list[str]:
                                 src))
 
 
-if __name__ == "__main__":  # `python -m layerchop.pipeline <command>...`: the deps lines to paste into dvc.yaml
+def rewrite_code_deps(text: str, src: str | Path = "src") -> str:
+    """``dvc.yaml``'s text with every stage's code deps (its ``- src/...`` lines without ``${``: a plugin file named
+    by an item stays) replaced by :func:`stage_code_deps` of the command it runs, in place of the first of them (a
+    comment on a replaced line goes with it); other lines are kept as they are. A stage whose command is not
+    ``layerchop <command>`` is left."""
+    src = Path(src)
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    cache: dict[str, list[str]] = {}
+    while i < len(lines):
+        line = lines[i]
+        if re.match(r"^  [A-Za-z0-9_]+:", line):  # a stage: its block runs to the next one
+            j = i + 1
+            while j < len(lines) and not re.match(r"^  [A-Za-z0-9_]+:|^[A-Za-z]", lines[j]):
+                j += 1
+            block = lines[i:j]
+            command = re.search(r"\blayerchop ([a-z0-9_]+)", "\n".join(block))
+            code = [k for k, b in enumerate(block) if re.match(rf"^\s+- {re.escape(src.name)}/", b) and "${" not in b]
+            if command and code:
+                name = command.group(1)
+                if name not in cache:
+                    cache[name] = stage_code_deps(name, src)
+                indent = block[code[0]][:len(block[code[0]]) - len(block[code[0]].lstrip())]
+                block = (block[:code[0]] + [f"{indent}- {d}" for d in cache[name]]
+                         + [b for k, b in enumerate(block) if k > code[0] and k not in code])
+            out += block
+            i = j
+            continue
+        out.append(line)
+        i += 1
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # `python -m layerchop.pipeline [--write dvc.yaml] [<command>...]`
     import sys
 
-    for command in sys.argv[1:]:
-        print(f"# layerchop {command}")
-        print("\n".join(f"- {d}" for d in stage_code_deps(command)))
+    args = sys.argv[1:]
+    if args[:1] == ["--write"]:  # every stage's code deps, recomputed in place (tests/test_deps.py checks them)
+        path = Path(args[1] if len(args) > 1 else "dvc.yaml")
+        path.write_text(rewrite_code_deps(path.read_text()))
+    else:  # the deps lines of each command, to paste
+        for command in args:
+            print(f"# layerchop {command}")
+            print("\n".join(f"- {d}" for d in stage_code_deps(command)))

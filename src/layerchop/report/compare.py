@@ -2,12 +2,11 @@
 
 An arm's metrics (``metrics.json``) may carry its per-item results under :data:`ITEMS` (``items.csv``) and the
 metrics of its seed replicas under :data:`SEEDS` (``arms.seeds``: the same training with ``train --seed k``). An
-accuracy or a perplexity of an arm is then the mean over its seeds, and a comparison between two arms is paired: over
-the items both answered, seed by seed where both have seeds (a one-seed arm, e.g. the dense model, is paired with each
-seed of the other), with :func:`layerchop.report.stats.paired_test` (McNemar's exact test for one seed, a paired
-permutation test over items of the per-item difference averaged over seeds for several). Without per-item results a
-comparison falls back on two independent binomial errors (``|z| >= 2``), which overstates the error of a difference
-between correlated answers. A difference that its test does not carry is **a tie**.
+accuracy or a perplexity of an arm is then the mean over its seeds, and a comparison between two arms is paired over
+the items both answered, with every seed of each (:func:`layerchop.report.stats.paired_test`: McNemar's exact test
+for one run each, a two-level paired bootstrap over seeds and items otherwise). Without per-item results a comparison
+falls back on two independent binomial errors (``|z| >= 2``), which overstates the error of a difference between
+correlated answers. A difference that its test does not carry is **a tie**.
 """
 
 from __future__ import annotations
@@ -28,14 +27,15 @@ PPL_MARGIN = 0.05
 
 def accuracy(m: Metrics, group: str, cols: Optional[list[tuple[str, str]]] = None) -> Optional[tuple[float, float]]:
     """``(mean, se)`` in percent of the ``in-domain`` or ``general`` tasks' primary metrics (of ``cols``, default
-    ``m``'s own tasks), averaged over the arm's seeds (the error: the binomial one of a mean over seeds,
-    ``sqrt(mean se^2 / seeds)``); None without them."""
+    ``m``'s own tasks), averaged over the arm's seeds; the error is one run's binomial error (``sqrt(mean se^2)``: the
+    seeds answer the same items, so averaging them does not shrink the item error; the seed spread is not in it, which
+    is what the paired bootstrap adds); None without them."""
     in_domain, general = split_columns(cols if cols is not None else task_columns([{"metrics": m}]))
     got = [mean_accuracy(r, in_domain if group == "in-domain" else general) for r in runs(m)]
     if any(g is None or g[1] is None for g in got):
         return None
     mean = statistics.fmean(g[0] for g in got)
-    se = math.sqrt(statistics.fmean(g[1] ** 2 for g in got) / len(got))
+    se = math.sqrt(statistics.fmean(g[1] ** 2 for g in got))
     return 100 * mean, 100 * se
 
 
@@ -73,10 +73,10 @@ class Comparison:
         word = {1: "better", -1: "worse", 0: "a tie"}[self.sign]
         if self.paired is not None:
             r = self.paired
-            over = f"{r.items} items" + (f" x {r.seeds} seeds" if r.seeds > 1 else "")
             return (f"{self.group} {self.a[0]:.1f} vs {self.b[0]:.1f} ({self.diff:+.1f} points, 95 % CI "
-                    f"[{r.ci[0]:+.1f}, {r.ci[1]:+.1f}]; paired over {over}, {r.a_only} vs {r.b_only} answered by one "
-                    f"only: {r.test} p = {r.p:.2g}: {word})")
+                    f"[{r.ci[0]:+.1f}, {r.ci[1]:+.1f}]; paired over {r.design()}, {r.a_only:.0f} vs {r.b_only:.0f} "
+                    f"answered by one only{' on average' if r.seeds != (1, 1) else ''}: {r.test} p = {r.p:.2g}: "
+                    f"{word})")
         return (f"{self.group} {self.a[0]:.1f} vs {self.b[0]:.1f} ({self.diff:+.1f} points, z = {self.z:.1f}, "
                 f"unpaired: {word})")
 
@@ -91,42 +91,26 @@ def compare(a: Metrics, b: Metrics, group: str) -> Optional[Comparison]:
     return Comparison(group, ga, gb, paired_over(a, b, group, cols))
 
 
-def seed_pairs(a: Metrics, b: Metrics) -> list[tuple[Metrics, Metrics]]:
-    """The runs a paired test sets side by side: seed k of ``a`` with seed k of ``b`` where both have seeds (as many
-    as the fewer has), each seed of one with the other's single run otherwise."""
-    ra, rb = runs(a), runs(b)
-    if len(ra) > 1 and len(rb) > 1:
-        return list(zip(ra, rb))
-    return [(x, y) for x in ra for y in rb]
-
-
 def paired_over(a: Metrics, b: Metrics, group: str, cols: list[tuple[str, str]]):
     """The paired test of ``a`` against ``b`` over the items of ``group``'s tasks (each on its primary metric),
-    pooled, and over their seeds (:func:`seed_pairs`); None unless every run has per-item results for every one of
-    those tasks."""
-    from layerchop.report.stats import aligned, paired_test, stacked
+    pooled, with every seed of each (:func:`layerchop.report.stats.paired_test`); None unless every run has per-item
+    results for every one of those tasks."""
+    from layerchop.report.stats import aligned_runs, paired_test
 
-    in_domain, general = split_columns(cols)
-    per_seed = []
-    for x, y in seed_pairs(a, b):
-        if ITEMS not in x or ITEMS not in y:
-            return None
-        xa, xb = [], []
-        for task, metric in (in_domain if group == "in-domain" else general):
-            try:
-                ta, tb = aligned(x[ITEMS], y[ITEMS], task, metric)
-            except ValueError:  # a task without items in one of them: no paired test for the group
-                return None
-            xa += ta
-            xb += tb
-        if not xa:
-            return None
-        per_seed.append((xa, xb))
-    try:
-        A, B = stacked(per_seed)
-    except ValueError:  # seeds scored different items: not one paired design
+    ra, rb = runs(a), runs(b)
+    if any(ITEMS not in r for r in (*ra, *rb)):
         return None
-    return paired_test(A, B)
+    in_domain, general = split_columns(cols)
+    A: list[list[int]] = [[] for _ in ra]
+    B: list[list[int]] = [[] for _ in rb]
+    for task, metric in (in_domain if group == "in-domain" else general):
+        try:
+            ta, tb = aligned_runs([r[ITEMS] for r in ra], [r[ITEMS] for r in rb], task, metric)
+        except ValueError:  # a task without items in one of them: no paired test for the group
+            return None
+        for row, more in zip(A + B, ta + tb):
+            row += more
+    return paired_test(A, B) if A[0] else None
 
 
 def ppl(m: Metrics, where: str) -> float:
@@ -180,3 +164,17 @@ def control_sentence(rows: list[dict[str, Any]], base: str = "dense", control: s
     table has no such pair of rows)."""
     return comparison_sentences(rows, [(control, base, "Continued pretraining alone (the control against the dense "
                                                        "model)")])
+
+
+def curve_comparisons(pairs: list[tuple[str, str, str]]) -> str:
+    """:func:`comparison_sentences` between runs' final models, each named by its ``curve.json`` (``layerchop curve``
+    writes the final model's ``metrics.json`` and ``items.csv`` beside it): ``(curve a, curve b, what)``."""
+    from pathlib import Path
+
+    from layerchop.report.tables import load_evaluation
+
+    rows = []
+    for path in dict.fromkeys(p for a, b, _ in pairs for p in (a, b)):
+        curve = Path(path)
+        rows.append({"name": path, "metrics": load_evaluation(curve.parent.parent, curve.parent.name, path)})
+    return comparison_sentences(rows, pairs)

@@ -43,14 +43,15 @@ class Inputs:
         self.read.append(path)
         return _read(path)
 
-    def metrics(self, name: str) -> Metrics:
+    def metrics(self, name: str, seeds: bool = True) -> Metrics:
         """An evaluation's ``metrics.json`` (``data/eval/<name>``), with its per-item results under :data:`ITEMS`
         where the evaluation wrote ``items.csv`` (so that comparisons with it are paired)."""
         path = self.eval / name / "metrics.json"
         m = self._read(path)
         if not isinstance(m, dict) or "val/ppl" not in m:
             raise ValueError(f"{path}: not an evaluation's metrics (no val/ppl)")
-        return self._with_seeds(name, self._with_items(name, m))
+        m = self._with_items(name, m)
+        return self._with_seeds(name, m) if seeds else m
 
     def _with_seeds(self, name: str, m: Metrics) -> Metrics:
         """``m`` with its seed replicas' metrics (``arms.seeds``) under :data:`SEEDS`."""
@@ -64,9 +65,10 @@ class Inputs:
             m = {**m, ITEMS: read_items(self.eval / name / "items.csv")}
         return m
 
-    def final(self, name: str, required: bool = True) -> Optional[Metrics]:
+    def final(self, name: str, required: bool = True, seeds: bool = True) -> Optional[Metrics]:
         """The last point of a run's curve (``data/eval/<name>/curve.json``): the model at the end of training, with
-        its per-item results where ``layerchop curve`` wrote them; None when not ``required`` and there is no curve."""
+        its per-item results where ``layerchop curve`` wrote them and (``seeds``) its seed replicas; None when not
+        ``required`` and there is no curve."""
         path = self.eval / name / "curve.json"
         if not required and not path.exists():
             return None
@@ -75,7 +77,8 @@ class Inputs:
             m = curve["points"][-1]["metrics"]
         except (KeyError, IndexError, TypeError):
             raise ValueError(f"{path}: not a curve with evaluated points (`layerchop curve` writes one)") from None
-        return self._with_seeds(name, self._with_items(name, m))
+        m = self._with_items(name, m)
+        return self._with_seeds(name, m) if seeds else m
 
     def section(self, name: str):
         """A params section, typed and with its defaults (:func:`layerchop.config.section`)."""
@@ -191,11 +194,12 @@ def _table3(inp: Inputs) -> tuple[str, str]:
 
 
 def _figure2(inp: Inputs) -> tuple[str, str]:
-    return versus(inp.final("fig4-layerchop"), inp.final("fig2-scratch"), "LayerChop", "from scratch", +1)
+    # one seed each, as the figure's table (the LayerChop replicas are the main arm's, not this figure's runs)
+    return versus(inp.final("fig4-layerchop", seeds=False), inp.final("fig2-scratch"), "LayerChop", "from scratch", +1)
 
 
 def _figure3(inp: Inputs) -> tuple[str, str]:
-    dim, lc = inp.final("fig3-dimchop"), inp.final("fig4-layerchop")
+    dim, lc = inp.final("fig3-dimchop"), inp.final("fig4-layerchop", seeds=False)  # one seed each, as its table
     cs = comparisons(dim, lc)
     text = (f"DimChop (columns, equal FLOPs) against LayerChop: {ppl_text(dim, lc)}; "
             + "; ".join(c.text() for c in cs) + ". The paper reports similar accuracy: a tie here is consistent "
@@ -216,6 +220,14 @@ def _figure4(inp: Inputs) -> tuple[str, str]:
     return verdict, text
 
 
+def _long(inp: Inputs) -> tuple[str, str]:
+    lc = inp.final("long/layerchop", required=False)
+    if lc is None:
+        return "not measured", "No long-budget runs in this profile (long.arms is empty)."
+    return versus(lc, inp.final("long/sparsegpt-2of4_cpt"), "LayerChop after one pass of the train split",
+                  "SparseGPT 2:4 + continued pretraining after the same", +1)
+
+
 FIXED_LAYOUTS = ("input", "output", "middle", "max-gap", "both")
 
 
@@ -223,7 +235,8 @@ def _table6(inp: Inputs) -> tuple[str, str]:
     main = inp.section("chop").layout
     names = sorted({x for x in inp.section("table6").layouts if x in FIXED_LAYOUTS} |
                    ({main} if main in FIXED_LAYOUTS else set()))
-    ppls = {n: ppl(inp.metrics("layerchop" if n == main else f"layouts/{n}/recovered"), n) for n in names}
+    ppls = {n: ppl(inp.metrics("layerchop" if n == main else f"layouts/{n}/recovered", seeds=False), n)  # seed 0, as
+            for n in names}  # its table
     ranked = sorted(ppls, key=ppls.get)
     text = ("Fixed layouts by validation perplexity after recovery: " + ", ".join(f"{n} {ppls[n]:.1f}" for n in ranked)
             + " (the paper: input best at 1.1B and 7B, max-gap at 300M; output worst at both scales; perplexity "
@@ -235,7 +248,7 @@ def _table6(inp: Inputs) -> tuple[str, str]:
 
 
 def _figure6(inp: Inputs) -> tuple[str, str]:
-    at_once = inp.final("fig4-layerchop")
+    at_once = inp.final("fig4-layerchop", seeds=False)  # one seed each, as the figure's table
     parts, signs = [], []
     for n in inp.section("figure6").every_tokens:
         g = inp.final(f"fig6/every{n}")
@@ -296,6 +309,13 @@ ARTIFACTS = [
              "Input is best at 1.1B and for Llama-2-7B, max-gap at 300M; output is worst at both scales.", _table6),
     Artifact("Figure 6", "All layers at once against gradual chopping", "figure6", "gradual.md", "fig6_gradual.png",
              "Removing all layers at once is marginally best.", _figure6),
+    Artifact("Long budget", "LayerChop against SparseGPT 2:4 + continued pretraining as recovery grows", "long",
+             "long.md", "long_budget.png",
+             "After one epoch of C4 (160B tokens) LayerChop beats 2:4 semi-structured pruning on zero-shot accuracy at "
+             "7B (the claim; the paper shows no curve of the gap).", _long),
+    Artifact("LR rule", "Each arm's peak learning rate, by one rule (protocol, not a paper artifact)",
+             "lr_sweep_table", "lr_sweep.md", "lr_sweep.png",
+             "One peak LR per model size (3e-4 at 7B) for every recovery; no sweep per arm is reported."),
 ]
 
 

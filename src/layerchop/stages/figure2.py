@@ -16,6 +16,7 @@ from pathlib import Path
 from layerchop.config import load_params, section
 from layerchop.io import read_json, staged
 from layerchop.report.compute import arm_series, figure2, points_table
+from layerchop.report.compare import curve_comparisons
 from layerchop.report.tables import accuracy_caption, accuracy_cells, accuracy_header, fmt_ppl, markdown, task_columns
 
 
@@ -57,6 +58,8 @@ def main(args: argparse.Namespace) -> None:
         f"{train.min_lr_ratio}x): LayerChop from the chopped pretrained weights at lr {train.lr}, the other from "
         f"transformers' standard random initialisation (seed {fig2.seed}) at lr {fig2.lr}. "
     ) + accuracy_caption(section("download", params).corpus, finals, section("evaluate", params))
+    caption += " " + curve_comparisons([(args.layerchop, args.scratch, "LayerChop against the same architecture from "
+                                                                       "scratch, at the end (one seed each)")])
     pheader, points = points_table(arms, cols)
     text = markdown(header, body, caption)
     text += "\n### Evaluations along the runs\n\n" + markdown(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from layerchop.config import load_params, section
 from layerchop.io import check_model_dir, read_json, staged
+from layerchop.report.compare import curve_comparisons
 from layerchop.report.tables import accuracy_caption, markdown
 
 ARMS = (  # (argument, label, expected objective)
@@ -143,6 +144,12 @@ def main(args: argparse.Namespace) -> None:
         f"processes: rank 0's time x the processes). "
     ) + accuracy_caption(section("download", params).corpus, [{"metrics": arm["series"][-1]["metrics"]}
                                                               for arm in arms], section("evaluate", params))
+    caption += " " + curve_comparisons([(args.dimchop, args.layerchop, "DimChop (columns, equal FLOPs) against "
+                                                                       "LayerChop, at the end (one seed each)"),
+                                        (args.structured, args.layerchop, "DimChop (channels + heads, equal FLOPs) "
+                                                                          "against LayerChop"),
+                                        (args.dimchop_tokens, args.layerchop, "DimChop (columns, LayerChop's tokens) "
+                                                                              "against LayerChop")])
     text = markdown(header, body, caption)
     text += "\n### Compression cost\n\n" + markdown(cost_header, cost, (
         "The cost of compressing: every training step of each arm. DimChop's scoring (PLATON's moving averages every "

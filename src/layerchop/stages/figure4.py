@@ -20,7 +20,7 @@ from layerchop.config import load_params, section
 from layerchop.io import read_json, staged
 from layerchop.report.compute import arm_series, balance_sentence, distill_tables, figure4, load_arms
 from layerchop.report.compare import comparison_sentences
-from layerchop.report.tables import accuracy_caption, load_evaluation, markdown, seed_runs
+from layerchop.report.tables import SEEDS_NOTE, accuracy_caption, load_evaluation, markdown, seed_runs, table_rows
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +68,11 @@ def main(args: argparse.Namespace) -> None:
         (("fig4-distill", "CHOP + distill (the paper's unweighted sum)"),
          ("fig4-distill-balanced", "CHOP + distill (terms balanced at step 0)")) if d in names])
     text = markdown(header, body, caption)
+    if any(len(seed_runs(r["metrics"])) > 1 for r in rows):  # the claims' numbers: each arm over its seeds
+        labels = {Path(c).parent.name: arm["label"] for c, arm in zip(args.curves, arms)}
+        eh, eb = table_rows([{**r, "label": labels[r["name"]]} for r in rows])
+        text += "\n### At the end of training, over seeds\n\n" + markdown(eh, eb, SEEDS_NOTE.strip() + (
+            " The rows above and the curves are seed 0's (the runs with snapshots)."))
     text += "\n### Evaluations along the runs\n\n" + markdown(pheader, points, "Step 0 is the shared chopped model.")
     with staged(args.tables, args.figures) as (tables, figures):  # all outputs or none
         (tables / "distill.md").write_text(text)

@@ -16,6 +16,7 @@ from pathlib import Path
 from layerchop.config import load_params, section
 from layerchop.io import read_json, staged
 from layerchop.report.compute import arm_series, figure6, points_table
+from layerchop.report.compare import curve_comparisons
 from layerchop.report.tables import accuracy_caption, accuracy_cells, accuracy_header, fmt_ppl, markdown, task_columns
 
 
@@ -86,6 +87,9 @@ def main(args: argparse.Namespace) -> None:
         f"batch and schedule (peak lr {train.lr}, warmup {train.warmup_steps}, cosine to {train.min_lr_ratio}x). "
         "FLOPs count every step at the depth the model had then (the ratio column). "
     ) + accuracy_caption(section("download", params).corpus, finals, section("evaluate", params))
+    caption += " " + curve_comparisons([(str(Path(args.gradual) / f"every{n}" / "curve.json"), args.at_once,
+                                         f"One layer every {n:,} tokens against all at once, at the end (one seed each)")
+                                        for n in fig6.every_tokens])
     pheader, points = points_table(arms, cols)
     text = markdown(header, body, caption)
     text += "\n### Evaluations along the runs\n\n" + markdown(

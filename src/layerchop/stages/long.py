@@ -35,18 +35,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--figures", required=True, help="output directory for long_budget.{png,pdf}")
 
 
+MATCH = 0.02
+"""Two arms' evaluations are set side by side when their token counts differ by at most this fraction (LayerChop's
+warm step shifts its snapshots by one step: 77 against 76)."""
+
+
 def gaps(lc: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """LayerChop's gap to another arm at each step both evaluated: perplexity ratio and accuracy differences
-    (points), with the unpaired error of each difference (snapshots have no per-item results)."""
+    """LayerChop's gap to another arm at each evaluation of LayerChop's with one of the other's at about the same
+    tokens (:data:`MATCH`): perplexity ratio and accuracy differences (points), with the unpaired error of each
+    difference (snapshots have no per-item results)."""
     import math
 
-    theirs = {p["step"]: p for p in other}
     out = []
     for p in lc:
-        q = theirs.get(p["step"])
-        if q is None or p["val_ppl"] is None or q["val_ppl"] is None:
+        if not p["tokens"] or p["val_ppl"] is None:
             continue
-        row: dict[str, Any] = {"step": p["step"], "tokens": p["tokens"], "ppl_ratio": p["val_ppl"] / q["val_ppl"]}
+        q = min(other, key=lambda x: abs(x["tokens"] - p["tokens"]), default=None)
+        if q is None or q["val_ppl"] is None or abs(q["tokens"] - p["tokens"]) > MATCH * p["tokens"]:
+            continue
+        row: dict[str, Any] = {"step": p["step"], "other_step": q["step"], "tokens": p["tokens"],
+                               "ppl_ratio": p["val_ppl"] / q["val_ppl"]}
         for g in ("in_domain", "general"):
             if p[g] is not None and q[g] is not None:
                 se = (math.hypot(p[g][1], q[g][1]) if p[g][1] is not None and q[g][1] is not None else None)
@@ -103,10 +111,10 @@ def main(args: argparse.Namespace) -> None:
 
         for other in (a for a in arms if a["name"] != "layerchop"):
             rows = gaps(by_name["layerchop"]["series"], other["series"])
-            header = ["Step", "Tokens", "Val PPL ratio (LayerChop / other)", "In-domain gap (points)",
-                      "General gap (points)"]
-            body = [[str(r["step"]), f"{r['tokens']:,}", f"{r['ppl_ratio']:.3f}", _diff(r.get("in_domain")),
-                     _diff(r.get("general"))] for r in rows]
+            header = ["Step (LayerChop / other)", "Tokens (LayerChop)", "Val PPL ratio (LayerChop / other)",
+                      "In-domain gap (points)", "General gap (points)"]
+            body = [[f"{r['step']} / {r['other_step']}", f"{r['tokens']:,}", f"{r['ppl_ratio']:.3f}",
+                     _diff(r.get("in_domain")), _diff(r.get("general"))] for r in rows]
             finals = [{"name": a["name"], "metrics": load_evaluation(Path(args.curves), a["name"], "--curves")}
                       for a in (by_name["layerchop"], other)]
             end = comparison_sentences(finals, [("layerchop", other["name"], f"At the end, LayerChop against "

@@ -44,7 +44,8 @@ def record(path: Path, key: str) -> tuple[float, float]:
 
 def verdicts(points: dict[str, dict[float, float]], reported: dict[str, float], margin: float) -> dict[str, str]:
     """Per arm: ``best`` when its reported LR has the lowest perplexity of its sweep, ``within <margin>`` when it is
-    within ``margin`` of the lowest, else ``not best`` naming the best LR."""
+    within ``margin`` of the lowest, else ``not best`` naming the best LR; said when the best is the sweep's lowest or
+    highest LR (the optimum may lie beyond it)."""
     out = {}
     for arm, ppls in points.items():
         best_lr = min(ppls, key=ppls.get)
@@ -55,6 +56,8 @@ def verdicts(points: dict[str, dict[float, float]], reported: dict[str, float], 
             out[arm] = f"within {margin:.0%} of the best ({best_lr:g})"
         else:
             out[arm] = f"not best: {best_lr:g} gives {ppls[best_lr]:.2f}"
+        if len(ppls) > 1 and best_lr in (min(ppls), max(ppls)):  # the optimum may lie beyond the swept range
+            out[arm] += "; the best is at the edge of the sweep"
     return out
 
 

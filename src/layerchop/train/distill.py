@@ -240,11 +240,16 @@ class DistillStudent(nn.Module):
         return total, {k: v.detach() for k, v in terms.items()}
 
 
+NEGLIGIBLE = 1e-6
+"""``distill.balance: initial``: a term at most this fraction of the reference term on the first batch counts as 0."""
+
+
 def balance_scales(terms: dict[str, float]) -> dict[str, float]:
     """``distill.balance: initial``: each term's scale, (reference term / that term), from the terms' values on the
-    first batch; the reference is the LM term (the first positive term when ``w_lm`` is 0), whose scale is 1. A term
-    that starts at exactly 0 (the embedding term of a student that kept the teacher's table) keeps scale 1: there is
-    no magnitude to balance.
+    first batch; the reference is the LM term (the largest term when ``w_lm`` is 0), whose scale is 1. A term that
+    starts at 0 up to rounding (at most :data:`NEGLIGIBLE` of the reference: the embedding term of a student that kept
+    the teacher's table, which bf16 autocast makes ~1e-9 instead of 0) keeps scale 1: it has no magnitude to balance,
+    and its inverse would blow up once the term moves.
 
     Raises:
         ValueError: when a term is negative or not finite, or no term is positive.
@@ -255,11 +260,10 @@ def balance_scales(terms: dict[str, float]) -> dict[str, float]:
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"distill.balance: initial: the {name} term is {value} on the first batch; it cannot be "
                              "balanced (use distill.balance: none)")
-    positive = [k for k, v in terms.items() if v > 0]
-    if not positive:
+    if not any(v > 0 for v in terms.values()):
         raise ValueError("distill.balance: initial: every term is 0 on the first batch (nothing to balance)")
-    ref = terms["lm" if "lm" in positive else positive[0]]
-    return {name: (ref / value if value > 0 else 1.0) for name, value in terms.items()}
+    ref = terms["lm"] if terms.get("lm", 0) > 0 else max(terms.values())
+    return {name: (ref / value if value > NEGLIGIBLE * ref else 1.0) for name, value in terms.items()}
 
 
 def _fsdp_call(module: nn.Module, name: str) -> None:
@@ -403,7 +407,7 @@ class DistillModule(CausalLMModule):
         if not isinstance(self.teacher, FSDPModule):  # FSDP2 already placed the shards
             self.teacher.to(self.device)
         loaded = getattr(self, "_loaded_scales", None)
-        if loaded is not None:  # a resumed balanced run: the scales its first step measured
+        if loaded is not None and self.model.term_scales is None:  # a resumed balanced run: its first step's scales
             self.model.term_scales = dict(loaded)
 
     def measure_scales(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -440,7 +444,12 @@ class DistillModule(CausalLMModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        object.__setattr__(self, "_loaded_scales", checkpoint.get("distill_term_scales"))
+        scales = checkpoint.get("distill_term_scales")
+        # FSDP2 (ModelParallelStrategy) restores the checkpoint after on_fit_start, one device before it: set the
+        # scales on the model where it exists already, and keep them for on_fit_start otherwise
+        object.__setattr__(self, "_loaded_scales", scales)
+        if scales is not None and self.model is not None:
+            self.model.term_scales = dict(scales)
 
     def export_record(self) -> dict:
         """What the export's ``layerchop.json`` records beyond the plan: the balancing scales (when measured)."""
