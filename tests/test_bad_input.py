@@ -138,7 +138,8 @@ def test_every_shipped_params_file_passes_the_type_checks():
     for path in [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*/params.yaml"))]:
         params = load_params(path)
         assert set(params) == {"download", "prepare", "chop", "prune", "train", "distill", "dimchop", "figure3", "figure4",
-                               "figure2", "figure6", "table6", "evaluate", "report", "arms", "bench", "table2", "slurm"}, path
+                               "figure2", "figure6", "table6", "evaluate", "report", "arms", "bench", "table2", "slurm",
+                               "lr_sweep", "long"}, path
 
 
 # ------------------------------------------------------------------ model directories, one check for every stage

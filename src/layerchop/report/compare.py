@@ -167,14 +167,19 @@ def control_sentence(rows: list[dict[str, Any]], base: str = "dense", control: s
 
 
 def curve_comparisons(pairs: list[tuple[str, str, str]]) -> str:
-    """:func:`comparison_sentences` between runs' final models, each named by its ``curve.json`` (``layerchop curve``
-    writes the final model's ``metrics.json`` and ``items.csv`` beside it): ``(curve a, curve b, what)``."""
+    """:func:`comparison_sentences` between runs' final models, each named by its ``curve.json``: the curve's last
+    point, with the final model's ``items.csv`` where ``layerchop curve`` wrote one beside it (paired tests; without
+    it, the unpaired errors): ``(curve a, curve b, what)``."""
     from pathlib import Path
 
-    from layerchop.report.tables import load_evaluation
+    from layerchop.evaluate.harness import read_items
+    from layerchop.io import read_json
 
     rows = []
     for path in dict.fromkeys(p for a, b, _ in pairs for p in (a, b)):
         curve = Path(path)
-        rows.append({"name": path, "metrics": load_evaluation(curve.parent.parent, curve.parent.name, path)})
+        metrics = read_json(curve)["points"][-1]["metrics"]
+        if (curve.parent / "items.csv").is_file():
+            metrics = {**metrics, ITEMS: read_items(curve.parent / "items.csv")}
+        rows.append({"name": path, "metrics": metrics})
     return comparison_sentences(rows, pairs)

@@ -13,12 +13,14 @@ LABELS = {"lm": "LayerChop (continued pretraining)", "distill": "LayerChop + dis
 
 
 def arm_label(curve: dict[str, Any]) -> str:
-    """An arm's label from its ``curve.json``: the objective's, and for distillation how its terms were weighted."""
+    """An arm's label from its ``curve.json``: the objective's, and for a run with distillation settings how its
+    terms were weighted."""
     label = LABELS.get(curve["objective"], curve["objective"])
-    if curve["objective"] != "distill":
+    settings = curve.get("distill")
+    if not settings:
         return label
-    balance = (curve.get("distill") or {}).get("balance", "none")
-    return label + (" (terms balanced at step 0)" if balance == "initial" else " (the paper's unweighted sum)")
+    return label + (" (terms balanced at step 0)" if settings.get("balance") == "initial"
+                    else " (the paper's unweighted sum)")
 
 
 def balance_sentence(arms: list[dict[str, Any]]) -> str:
@@ -28,7 +30,7 @@ def balance_sentence(arms: list[dict[str, Any]]) -> str:
         scales = arm.get("term_scales")
         if scales:
             parts.append(f"{arm['label']}: each weight also multiplied by the LM term over its own term on the first "
-                         "batch (" + ", ".join(f"{k} x{v:.3g}" for k, v in scales.items() if k != "lm") + ")")
+                         "batch (" + ", ".join(f"{k} x{v:.3g}" for k, v in scales.items() if v != 1.0) + ")")
     return ("" if not parts else
             "The paper's protocol is the unweighted sum; " + "; ".join(parts) + ", so that every term starts at the "
             "LM loss's magnitude (not the paper's protocol). ")
