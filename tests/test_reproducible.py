@@ -88,3 +88,33 @@ def test_a_wall_time_in_a_model_directory_would_be_caught(tmp_path, tiny_dir):
     meta = tmp_path / "b" / "config.json"
     meta.write_bytes(meta.read_bytes() + b" ")
     assert differing(tmp_path / "a", tmp_path / "b") == ["config.json"]
+
+
+def test_the_shared_warm_start_writes_the_same_bytes_twice(tmp_path, tiny_dir, tiny_prepared, params):
+    """``warm_start`` (``train --warm-only``) publishes a Lightning checkpoint that every warm-started arm forks
+    from: its wall time goes to the stage's metrics, not into the checkpoint, so a re-run hashes the same and
+    leaves the forked arms current; the arm forked from it then trains the same bytes."""
+    p = yaml.safe_load(params.read_text())
+    p["train"].update(warm_start_steps=1)
+    params.write_text(yaml.safe_dump(p))
+    P, data = ["--params", str(params)], ["--data", str(tiny_prepared)]
+    out = tmp_path / "w"
+    assert main(["chop", *P, "--model", str(tiny_dir), *data, "--out", str(tmp_path / "chopped")]) == 0
+    for run in ("a", "b"):
+        assert main(["train", *P, "--warm-start", "--warm-only", "--init", str(tmp_path / "chopped"), *data,
+                     "--out", str(out / "warm"), "--run-dir", str(out / "warm-run"),
+                     "--metrics", str(out / "warm.json")]) == 0
+        assert main(["train", *P, "--warm-start", "--warm-from", str(out / "warm"), "--init",
+                     str(tmp_path / "chopped"), *data, "--out", str(out / "trained"), "--run-dir", str(out / "run"),
+                     "--metrics", str(out / "run.json")]) == 0
+        out.rename(tmp_path / run)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for name in ("warm", "trained"):
+        assert tree(a / name), name
+        assert differing(a / name, b / name) == [], name
+    from layerchop.io import read_json
+
+    warm, rec = read_json(a / "warm.json"), read_json(a / "run.json")
+    assert warm["train_s"] > 0 and warm["machine"]["cpu"]  # the warm steps' time is in the stage's record
+    # the forked arm did not time the warm steps: its record says so rather than count them as free
+    assert rec["warm_start_train_s"] is None and rec["train_s"] > 0

@@ -42,16 +42,23 @@ class ComputeMeter(Callback):
         offset: Compute spent before this fit's first step (the phases on deeper models before it):
             ``{"steps", "tokens", "flops", "train_s"}``.
         schedule: Gradual chopping's schedule (``layerchop.json``'s ``chop_schedule``), copied into the summary.
+        keep_time: Keep the wall time in the checkpoint state (a resumed run goes on counting). ``False`` for the
+            shared warm start (``train --warm-only``), whose checkpoint is a DVC output that every warm-started arm
+            forks from: its bytes must not depend on this machine's speed, so the time goes to the stage's metrics
+            alone. A fit restored from such a state does not know the restored steps' time: :meth:`timing` says
+            ``None`` for it rather than count the steps as free.
     """
 
     def __init__(self, tokens_per_step: int, flops_per_step: int, world: int, offset: Optional[dict] = None,
-                 schedule: Optional[dict] = None):
+                 schedule: Optional[dict] = None, keep_time: bool = True):
         self.schedule = schedule  # gradual chopping: when the layers went (recorded with the compute)
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
         self.world = world
         self.offset = {"steps": 0, "tokens": 0, "flops": 0, "train_s": 0.0, **(offset or {})}
         self.train_s = 0.0  # this run's optimizer-step wall time, all invocations
+        self.keep_time = keep_time
+        self.untimed = False  # restored from a state without its time (the shared warm start's checkpoint)
         self._t0: Optional[float] = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -66,7 +73,9 @@ class ComputeMeter(Callback):
         s = self.summary(trainer.global_step)
         pl_module.log("train/tokens", float(s["tokens"]), on_step=True, on_epoch=False)
         pl_module.log("train/flops", float(s["flops"]), on_step=True, on_epoch=False)
-        pl_module.log("train/device_s", self.timing(trainer.global_step)["device_s"], on_step=True, on_epoch=False)
+        device_s = self.timing(trainer.global_step)["device_s"]
+        if device_s is not None:
+            pl_module.log("train/device_s", device_s, on_step=True, on_epoch=False)
         pl_module.log("train/s_per_step", dt, on_step=True, on_epoch=False)
         pl_module.log("train/tokens_per_s", self.tokens_per_step / max(dt, 1e-9), prog_bar=True, on_step=True,
                       on_epoch=False)
@@ -89,19 +98,28 @@ class ComputeMeter(Callback):
     def timing(self, step: int) -> dict[str, Any]:
         """Wall time after ``step`` optimizer steps of this fit: ``train_s`` (the optimizer steps, the offset's
         included), ``device_s`` (that x devices), ``s_per_step`` (this fit's steps) and, after a warm start or
-        earlier phases, ``warm_start_train_s``."""
+        earlier phases, ``warm_start_train_s``.
+
+        A time that is not known is ``None``: this fit's, when it was restored from a state without its time
+        (``keep_time=False``); the offset's, when the steps before this fit were (a shared warm start's steps:
+        ``warm_start_train_s`` is then ``None`` and ``train_s`` counts this fit's steps alone; the warm steps' time
+        is in the ``warm_start`` stage's metrics)."""
+        own = None if self.untimed else self.train_s
+        before = self.offset["train_s"]
+        total = None if own is None else own + (before or 0.0)
         return {
-            "train_s": round(self.offset["train_s"] + self.train_s, 3),
-            "device_s": round((self.offset["train_s"] + self.train_s) * self.world, 3),
-            "s_per_step": round(self.train_s / step, 4) if step else None,
-            **({"warm_start_train_s": round(self.offset["train_s"], 3)} if self.offset["flops"] else {}),
+            "train_s": None if total is None else round(total, 3),
+            "device_s": None if total is None else round(total * self.world, 3),
+            "s_per_step": round(own / step, 4) if own is not None and step else None,
+            **({"warm_start_train_s": None if before is None else round(before, 3)} if self.offset["flops"] else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_s": self.train_s, "offset": dict(self.offset)}
+        return {"train_s": self.train_s if self.keep_time and not self.untimed else None, "offset": dict(self.offset)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.train_s = float(state_dict["train_s"])
+        self.untimed = state_dict["train_s"] is None
+        self.train_s = 0.0 if self.untimed else float(state_dict["train_s"])
         self.offset = {"steps": 0, **state_dict["offset"]}
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+from pathlib import Path
 from typing import Callable, Optional
 
 import lightning as L
@@ -95,22 +96,27 @@ def run_phases(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[], di
     return start, spent
 
 
-def run_warm_only(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[], dict]) -> dict:
+def run_warm_only(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[], dict],
+                  metrics: Optional[str] = None) -> dict:
     """``train --warm-only``: train the warm start (phase 0) and publish its end checkpoint, with the identity of
     what it depends on, to ``plan.out``: the stage every warm-started arm forks from (``--warm-from``), so that
     the same dense steps are computed once. Files are hard-linked from the run directory where the file system
-    allows (a copy otherwise)."""
+    allows (a copy otherwise). The checkpoint holds no wall time (its bytes are a function of the inputs, so a
+    re-run hashes the same): the time goes to ``metrics`` with the machine record (``None`` for steps restored
+    from a checkpoint of an interrupted invocation)."""
     import json
+    import time
 
-    from layerchop.io import atomic_dir
+    from layerchop.io import atomic_dir, write_json
     from layerchop.train.checkpoint import global_rank
 
     if plan.chop_every or len(plan.steps.phases) > 1:
         raise RuntimeError("--warm-only: a warm start has one phase")
-    end = None
+    end, spent, t0 = None, {}, time.perf_counter()
     if plan.steps.phases:  # trained, or restored from its own end checkpoint (a re-run after an interruption)
-        _train_phase(plan, layout, 0, list(range(_dense_config(plan).num_hidden_layers)), 0,
-                     {"steps": 0, "tokens": 0, "flops": 0, "train_s": 0.0}, [], trainer_kwargs, None, None, "")
+        _, spent = _train_phase(plan, layout, 0, list(range(_dense_config(plan).num_hidden_layers)), 0,
+                                {"steps": 0, "tokens": 0, "flops": 0, "train_s": 0.0}, [], trainer_kwargs, None,
+                                None, "")
         end = rank0_decides(lambda: newest_complete(layout.phase(0)))
     if global_rank() != 0:
         return {}
@@ -125,6 +131,15 @@ def run_warm_only(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[],
         elif end is not None:
             _link_or_copy(str(end), str(tmp / end.name))
         (tmp / "warm.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if metrics is not None:
+        from layerchop.machine import machine_record
+
+        train_s = spent.get("train_s")
+        write_json(Path(metrics), {**{k: meta[k] for k in ("stage", "steps", "tokens", "flops")},
+                                   "train_s": train_s, "device_s": None if train_s is None else
+                                   round(train_s * plan.world, 3),
+                                   "wall_s_this_invocation": round(time.perf_counter() - t0, 1),
+                                   "machine": machine_record()})
     print(f"[train] shared warm start: {plan.steps.warm_steps} steps on the uncompressed model -> {plan.out}",
           flush=True)
     return meta
@@ -177,7 +192,7 @@ def _train_phase(plan: RunPlan, layout: RunLayout, k: int, alive: list[int], don
                                 config=depth_config(_dense_config(plan), alive))
     del start
     meter = ComputeMeter(steps.tokens_per_step, phase.flops_per_step, plan.world, offset=spent,
-                         schedule=(metadata or {}).get("chop_schedule"))
+                         schedule=(metadata or {}).get("chop_schedule"), keep_time=not plan.warm_only)
     callbacks = [meter]
     inside = [s - done for s in plan.snapshot_steps if done < s <= done + phase.steps]
     if inside and tokenizer is not None:

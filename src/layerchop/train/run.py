@@ -176,7 +176,7 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
     if plan.warm_only:  # the shared warm start's stage
         from layerchop.train.phases import run_warm_only
 
-        return run_warm_only(plan, layout, lambda: trainer_kwargs(cfg))
+        return run_warm_only(plan, layout, lambda: trainer_kwargs(cfg), metrics)
     metadata, card = output_metadata(plan)
     start, spent = None, None
     if steps.phases and ckpt_path is None:
