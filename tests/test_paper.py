@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from layerchop.report.paper import ARTIFACTS, Comparison, verdict_of
+from layerchop.report.compare import Comparison
+from layerchop.report.paper import ARTIFACTS, verdict_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,7 +180,8 @@ def test_comparisons_with_per_item_results_are_paired():
     """Where both evaluations wrote ``items.csv``, a comparison is McNemar's test over the items they both answered:
     two models 4 points apart on 1000 PIQA items are a tie unpaired (z = 1.8) but, when they disagree on 40 items
     only, all in a's favour, a finding; when they disagree on 400 items, 220 against 180, a tie again."""
-    from layerchop.report.paper import ITEMS, compare
+    from layerchop.report.compare import compare
+    from layerchop.report.tables import ITEMS
 
     def pair(a_only: int, b_only: int) -> tuple[dict, dict]:
         both = 560 - b_only  # a right on 600 items, b on 560
@@ -202,7 +204,8 @@ def test_comparisons_with_per_item_results_are_paired():
 
 def test_the_stage_reads_items_csv_beside_the_metrics(tmp_path):
     from layerchop.evaluate.harness import write_items
-    from layerchop.report.paper import ITEMS, Inputs
+    from layerchop.report.paper import Inputs
+    from layerchop.report.tables import ITEMS
 
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "metrics.json").write_text(json.dumps(_m(50.0, 0.6, 0.8)))

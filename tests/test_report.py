@@ -316,7 +316,8 @@ def test_main_table_shows_an_arm_with_seed_replicas_as_mean_and_spread_and_pairs
 
 
 def test_comparisons_use_every_seed_of_each_arm():
-    from layerchop.report.compare import ITEMS, SEEDS, compare
+    from layerchop.report.compare import compare
+    from layerchop.report.tables import ITEMS, SEEDS
 
     m = _metrics(1e8, 15, 0, 50.0, 50.0, {"piqa": (0.5, 0.5)}, n=4)
 

@@ -16,8 +16,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from layerchop.report.tables import (ITEMS, SEEDS, mean_accuracy, seed_runs as runs, split_columns, spread,  # noqa: F401
-                                     task_columns, with_seeds)
+from layerchop.report.tables import ITEMS, mean_accuracy, seed_runs, split_columns, task_columns, with_items
 
 Metrics = dict[str, Any]
 
@@ -31,7 +30,7 @@ def accuracy(m: Metrics, group: str, cols: Optional[list[tuple[str, str]]] = Non
     seeds answer the same items, so averaging them does not shrink the item error; the seed spread is not in it, which
     is what the paired bootstrap adds); None without them."""
     in_domain, general = split_columns(cols if cols is not None else task_columns([{"metrics": m}]))
-    got = [mean_accuracy(r, in_domain if group == "in-domain" else general) for r in runs(m)]
+    got = [mean_accuracy(r, in_domain if group == "in-domain" else general) for r in seed_runs(m)]
     if any(g is None or g[1] is None for g in got):
         return None
     mean = statistics.fmean(g[0] for g in got)
@@ -97,7 +96,7 @@ def paired_over(a: Metrics, b: Metrics, group: str, cols: list[tuple[str, str]])
     results for every one of those tasks."""
     from layerchop.report.stats import aligned_runs, paired_test
 
-    ra, rb = runs(a), runs(b)
+    ra, rb = seed_runs(a), seed_runs(b)
     if any(ITEMS not in r for r in (*ra, *rb)):
         return None
     in_domain, general = split_columns(cols)
@@ -116,7 +115,7 @@ def paired_over(a: Metrics, b: Metrics, group: str, cols: list[tuple[str, str]])
 def ppl(m: Metrics, where: str) -> float:
     """Validation perplexity, the mean over the arm's seeds."""
     values = []
-    for r in runs(m):
+    for r in seed_runs(m):
         if "val/ppl" not in r:
             raise ValueError(f"{where}: no val/ppl")
         values.append(float(r["val/ppl"]))
@@ -136,7 +135,7 @@ def ppl_sign(a: Metrics, b: Metrics) -> int:
 
 def ppl_text(a: Metrics, b: Metrics) -> str:
     word = {1: "lower", -1: "higher", 0: f"within {PPL_MARGIN:.0%}"}[ppl_sign(a, b)]
-    seeds = max(len(runs(a)), len(runs(b)))
+    seeds = max(len(seed_runs(a)), len(seed_runs(b)))
     return (f"validation perplexity {ppl(a, 'a'):.1f} vs {ppl(b, 'b'):.1f}"
             + (" (means over seeds, " if seeds > 1 else " (") + f"{word})")
 
@@ -172,14 +171,8 @@ def curve_comparisons(pairs: list[tuple[str, str, str]]) -> str:
     it, the unpaired errors): ``(curve a, curve b, what)``."""
     from pathlib import Path
 
-    from layerchop.evaluate.harness import read_items
     from layerchop.io import read_json
 
-    rows = []
-    for path in dict.fromkeys(p for a, b, _ in pairs for p in (a, b)):
-        curve = Path(path)
-        metrics = read_json(curve)["points"][-1]["metrics"]
-        if (curve.parent / "items.csv").is_file():
-            metrics = {**metrics, ITEMS: read_items(curve.parent / "items.csv")}
-        rows.append({"name": path, "metrics": metrics})
+    rows = [{"name": path, "metrics": with_items(read_json(path)["points"][-1]["metrics"], Path(path).parent)}
+            for path in dict.fromkeys(p for a, b, _ in pairs for p in (a, b))]
     return comparison_sentences(rows, pairs)

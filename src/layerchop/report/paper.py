@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from layerchop.report.compare import (ITEMS, PPL_MARGIN, SEEDS, Comparison, Metrics, accuracy, compare,  # noqa: F401
-                                      comparisons, ppl, ppl_sign, ppl_text, with_seeds)
-from layerchop.report.tables import mean_accuracy, task_columns
+from layerchop.report.compare import PPL_MARGIN, Metrics, comparisons, ppl, ppl_sign, ppl_text
+from layerchop.report.tables import mean_accuracy, task_columns, with_items, with_seeds
 
 VERDICTS = {
     "agrees": "every comparison goes the paper's way beyond noise",
@@ -50,20 +49,12 @@ class Inputs:
         m = self._read(path)
         if not isinstance(m, dict) or "val/ppl" not in m:
             raise ValueError(f"{path}: not an evaluation's metrics (no val/ppl)")
-        m = self._with_items(name, m)
+        m = with_items(m, self.eval / name, self.read)
         return self._with_seeds(name, m) if seeds else m
 
     def _with_seeds(self, name: str, m: Metrics) -> Metrics:
         """``m`` with its seed replicas' metrics (``arms.seeds``) under :data:`SEEDS`."""
         return with_seeds(m, [self.metrics(f"seeds/{r}") for r in self.section("arms").seeds.get(name, [])])
-
-    def _with_items(self, name: str, m: Metrics) -> Metrics:
-        if (self.eval / name / "items.csv").is_file():
-            from layerchop.evaluate.harness import read_items
-
-            self.read.append(self.eval / name / "items.csv")
-            m = {**m, ITEMS: read_items(self.eval / name / "items.csv")}
-        return m
 
     def final(self, name: str, required: bool = True, seeds: bool = True) -> Optional[Metrics]:
         """The last point of a run's curve (``data/eval/<name>/curve.json``): the model at the end of training, with
@@ -77,7 +68,7 @@ class Inputs:
             m = curve["points"][-1]["metrics"]
         except (KeyError, IndexError, TypeError):
             raise ValueError(f"{path}: not a curve with evaluated points (`layerchop curve` writes one)") from None
-        m = self._with_items(name, m)
+        m = with_items(m, self.eval / name, self.read)
         return self._with_seeds(name, m) if seeds else m
 
     def section(self, name: str):

@@ -27,6 +27,19 @@ def with_seeds(metrics: dict[str, Any], replicas: list[dict[str, Any]]) -> dict[
     return {**metrics, SEEDS: list(replicas)} if replicas else metrics
 
 
+def with_items(metrics: dict[str, Any], where: str | Path, read: Optional[list[Path]] = None) -> dict[str, Any]:
+    """``metrics`` with the per-item results of ``<where>/items.csv`` under :data:`ITEMS` (unchanged without that
+    file); ``read``, where given, records the file read."""
+    path = Path(where) / "items.csv"
+    if not path.is_file():
+        return metrics
+    from layerchop.evaluate.harness import read_items
+
+    if read is not None:
+        read.append(path)
+    return {**metrics, ITEMS: read_items(path)}
+
+
 def spread(values: list[float]) -> tuple[float, Optional[float]]:
     """``(mean, sample standard deviation)`` of one value per seed (None for one seed)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
@@ -43,7 +56,6 @@ def load_rows(eval_dir: str | Path, rows: dict[str, str], key: str,
 def load_evaluation(eval_dir: str | Path, name: str, key: str,
                     seeds: Optional[dict[str, list[str]]] = None) -> dict[str, Any]:
     """``<eval_dir>/<name>/metrics.json`` with its ``items.csv`` and its replicas' (see :func:`load_rows`)."""
-    from layerchop.evaluate.harness import read_items
     from layerchop.io import read_json
 
     path = Path(eval_dir) / name / "metrics.json"
@@ -52,8 +64,7 @@ def load_evaluation(eval_dir: str | Path, name: str, key: str,
     metrics = read_json(path)
     if not isinstance(metrics, dict):
         raise ValueError(f"{path}: an evaluation's metrics are a JSON object, not a {type(metrics).__name__}")
-    if (path.parent / "items.csv").is_file():
-        metrics = {**metrics, ITEMS: read_items(path.parent / "items.csv")}
+    metrics = with_items(metrics, path.parent)
     replicas = (seeds or {}).get(name, [])
     return with_seeds(metrics, [load_evaluation(eval_dir, f"seeds/{r}", f"arms.seeds.{name}") for r in replicas])
 
