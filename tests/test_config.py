@@ -129,6 +129,30 @@ def test_rehearsal_is_the_paper_scale_file_key_for_key():
     assert t.warm_start_steps > 0 and t.accumulate > 1 and t.max_restarts >= 1
 
 
+def _flat(node, prefix=""):
+    if isinstance(node, dict):
+        return {k: v for key, val in node.items() for k, v in _flat(val, f"{prefix}.{key}" if prefix else key).items()}
+    return {prefix: node}
+
+
+def test_the_quick_profile_is_the_default_cut_down_and_nothing_else():
+    """experiments/quick (README command 1's quick check) is params.yaml with the main table's chain made small:
+    every other value is the default's, so a change to params.yaml that the quick profile misses fails here."""
+    default = load_params(REPO / "params.yaml")
+    quick = load_params(REPO / "experiments" / "quick" / "params.yaml")
+    a, b = _flat(default), _flat(quick)
+    replicas = set(default["arms"]["replicas"])
+    seeds_of = {k for k in a if k.startswith(("arms.seeds.", "figure4.arms.distill-seed"))}
+    seeds_of |= {k for k in a if k.split(".")[:2] == ["arms", "trained"] and k.split(".")[2] in replicas}
+    cut = {"prepare.tasks.num_items", "train.token_budget", "train.warmup_steps", "train.ckpt_every",
+           "evaluate.limit", "arms.replicas"}
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == cut | seeds_of
+    assert quick["arms"]["replicas"] == [] and quick["arms"]["seeds"] == {}
+    assert b["train.token_budget"] < a["train.token_budget"] and b["evaluate.limit"] == 200
+    t = section("train", quick)
+    assert t.warm_start_steps <= t.warmup_steps  # the shared warm start stays valid
+
+
 def _train_arms(params: dict):
     """Every training stage of dvc.yaml with this params file: (name, parsed arguments)."""
     dvc = yaml.safe_load(open(REPO / "dvc.yaml"))
