@@ -337,8 +337,8 @@ def paper_readme(tables: Path, figures: Path, inputs: Inputs, relative_to: Path)
             "Written by `layerchop paper` (`dvc repro paper`) from the tables, figures and metrics the pipeline "
             "produced; do not edit by hand. Each verdict compares this run with the paper's own result. An accuracy "
             "difference counts when its paired test says so (p < 0.05: McNemar's exact test over the items both "
-            "models answered, or, for an arm with seed replicas (`arms.seeds`), a paired permutation test over items "
-            "of the difference averaged over seeds); an evaluation without per-item results falls back on two "
+            "models answered, or, where an arm has seed replicas (`arms.seeds`), a two-level paired bootstrap that draws "
+            "each arm's seeds, then the items both answered); an evaluation without per-item results falls back on two "
             "standard errors of independent binomial estimates (which overstates the error). A perplexity difference "
             f"counts beyond {PPL_MARGIN:.0%}. An arm with replicas is the mean over its seeds; the others are one "
             "seed. At the profile's scale.", "",
