@@ -90,6 +90,29 @@ def test_a_wall_time_in_a_model_directory_would_be_caught(tmp_path, tiny_dir):
     assert differing(tmp_path / "a", tmp_path / "b") == ["config.json"]
 
 
+def test_a_code_change_that_leaves_the_weights_alone_leaves_the_model_bytes_alone(tmp_path, tiny_dir, tiny_prepared,
+                                                                                  params, monkeypatch):
+    """The run's fingerprint hashes the training code (a resumed run must not mix code versions), so it names the run
+    directory; it stays out of the model directory, whose DVC hash is then the same after such a change, and its
+    evaluations stay current. The run's record (``--metrics``) keeps it."""
+    import layerchop.train.plan as plan_module
+
+    P, data = ["--params", str(params)], ["--data", str(tiny_prepared)]
+    out = tmp_path / "w"
+    for run, code in (("a", "code-a"), ("b", "code-b")):
+        monkeypatch.setattr(plan_module, "code_fingerprint", lambda code=code: code)
+        assert main(["train", *P, "--init", str(tiny_dir), *data, "--out", str(out / "trained"),
+                     "--run-dir", str(out / "run"), "--metrics", str(out / "run.json")]) == 0
+        out.rename(tmp_path / run)
+    from layerchop.io import read_json
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert differing(a / "trained", b / "trained") == []
+    fa, fb = read_json(a / "run.json")["fingerprint"], read_json(b / "run.json")["fingerprint"]
+    assert fa != fb and (a / "run" / fa).is_dir() and (b / "run" / fb).is_dir()
+    assert "fingerprint" not in read_json(a / "trained" / "layerchop.json")["plan"]
+
+
 def test_the_shared_warm_start_writes_the_same_bytes_twice(tmp_path, tiny_dir, tiny_prepared, params):
     """``warm_start`` (``train --warm-only``) publishes a Lightning checkpoint that every warm-started arm forks
     from: its wall time goes to the stage's metrics, not into the checkpoint, so a re-run hashes the same and

@@ -89,6 +89,13 @@ def chop_schedule(plan: RunPlan) -> dict:
             "removal_tokens": [s * steps.tokens_per_step for s in steps.removal_steps], "removal_flops": flops}
 
 
+RUN_ONLY = ("run_dir", "fingerprint", "memory_per_rank_gb")
+"""Keys of the run's plan that go to its record (``--metrics``), not into the model's ``layerchop.json``: where its
+checkpoints are (the fingerprint hashes the training code too) and the memory estimate (``layerchop.estimate``'s
+code). In the model directory they would change its bytes, and so its DVC hash and every evaluation of it, on a code
+change that leaves the weights alone."""
+
+
 def output_metadata(plan: RunPlan) -> tuple[dict, str]:
     """``layerchop.json`` and model card of the exported model (compute is added at export)."""
     import dataclasses
@@ -105,7 +112,7 @@ def output_metadata(plan: RunPlan) -> tuple[dict, str]:
         "tokens_before": int(plan.init_meta.get("tokens_trained", 0)),
         # what the weights depend on: not how the job was started (a model's bytes do not change with it)
         "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LAUNCH_KEYS},
-        "plan": plan.describe(),
+        "plan": {k: v for k, v in plan.describe().items() if k not in RUN_ONLY},
     }
     from layerchop.train.methods import method
 
@@ -257,6 +264,7 @@ def _train(plan: RunPlan, resume: str, log_csv, metrics, stop_after, snapshot_di
                                    "lr": plan.cfg.lr,  # the peak LR (the LR sweep reads it beside val_ppl_last)
                                    **({"val_ppl_last": meta["val_ppl_last"]} if "val_ppl_last" in meta else {}),
                                    "wall_s_this_invocation": round(wall, 1), "host_memory": host_memory,
+                                   **{k: v for k, v in plan.describe().items() if k in RUN_ONLY},
                                    **({"gpu_memory": gpu_memory} if gpu_memory else {}), "machine": machine_record()})
     before = "while chopping gradually" if plan.chop_every else "warm"
     print(f"[train] {steps.warm_steps + trainer.global_step} steps ({steps.warm_steps} {before}), "
