@@ -114,9 +114,9 @@ def run_warm_only(plan: RunPlan, layout: RunLayout, trainer_kwargs: Callable[[],
         raise RuntimeError("--warm-only: a warm start has one phase")
     end, spent, t0 = None, {}, time.perf_counter()
     if plan.steps.phases:  # trained, or restored from its own end checkpoint (a re-run after an interruption)
-        spent = _train_phase(plan, layout, 0, list(range(_dense_config(plan).num_hidden_layers)), 0,
-                             {"steps": 0, "tokens": 0, "flops": 0, "train_s": 0.0}, [], trainer_kwargs, None,
-                             None, "")[1]  # the shard state goes at once: only its compute record is kept
+        _, spent = _train_phase(plan, layout, 0, list(range(_dense_config(plan).num_hidden_layers)), 0,
+                                {"steps": 0, "tokens": 0, "flops": 0, "train_s": 0.0}, [], trainer_kwargs, None,
+                                None, "")
         end = rank0_decides(lambda: newest_complete(layout.phase(0)))
     if global_rank() != 0:
         return {}
